@@ -1,0 +1,94 @@
+"""Spectral gap of a dense row-stochastic attention matrix.
+
+``P`` is row-stochastic, so ``λ_1 = 1`` (eigenvector ``1``); the gap is ``γ = 1 − |λ_2|`` with
+``λ_2`` the eigenvalue of second-largest modulus. Causal attention is lower-triangular, so its
+eigenvalues are its diagonal and ``γ = 1 − max_{i≥1} P_ii`` exactly, without an eigen-solver.
+"""
+from __future__ import annotations
+
+import torch
+
+from .stats import prepare_probs
+from .validation import first_index
+
+__all__ = ["spectral_gap", "gap_from_eigenvalues", "causal_spectral_gap", "is_lower_triangular", "valid_block"]
+
+
+def gap_from_eigenvalues(eigenvalues: torch.Tensor) -> torch.Tensor:
+    """``1 − |λ_2|`` from all eigenvalues ``[..., N]`` of a row-stochastic matrix (N = 1 gives 1)."""
+    n = eigenvalues.shape[-1]
+    if n == 1:
+        return torch.ones(eigenvalues.shape[:-1], dtype=eigenvalues.abs().dtype, device=eigenvalues.device)
+    mod = eigenvalues.abs().sort(dim=-1, descending=True).values
+    return 1.0 - mod[..., 1]
+
+
+def causal_spectral_gap(diagonal: torch.Tensor) -> torch.Tensor:
+    """Exact gap of lower-triangular row-stochastic attention from its diagonal ``[..., N]``.
+
+    The eigenvalues of a triangular matrix are its diagonal, with ``P_00 = 1``: ``γ = 1 − max_{i≥1} P_ii``.
+    A single token (N = 1) has no second eigenvalue; its gap is 1.
+    """
+    if diagonal.shape[-1] == 1:
+        return torch.ones(diagonal.shape[:-1], dtype=diagonal.dtype, device=diagonal.device)
+    return 1.0 - diagonal[..., 1:].amax(-1)
+
+
+def is_lower_triangular(x: torch.Tensor) -> torch.Tensor:
+    """Per matrix of ``x: [..., N, N]``: True where every entry above the diagonal is exactly 0."""
+    upper = torch.triu(torch.ones(x.shape[-2:], dtype=torch.bool, device=x.device), diagonal=1)
+    return ~((x != 0) & upper).flatten(-2).any(-1)
+
+
+def valid_block(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """The square block of one matrix ``x: [N, N]`` over the tokens that are valid as keys and queries.
+
+    Padding removes a token's column (no query attends to it) and may remove its row (no valid
+    entry). What stays must still be row-stochastic: a mask that sends valid attention outside the
+    block is not a padding (+ causal) mask, and the block's spectrum would not be a spectral gap.
+    """
+    keep = m.any(-2) & m.any(-1)
+    idx = torch.nonzero(keep, as_tuple=False)[:, 0]
+    block = x[idx][:, idx]
+    sums = block.sum(-1)
+    off = (sums - 1).abs() > 1e-6
+    if bool(off.any()):
+        row = int(idx[first_index(off)[0]])
+        raise ValueError(
+            f"mask: row {row} puts probability {1 - sums[first_index(off)].item():.3g} on tokens that are not "
+            "valid queries; spectral_gap expects a padding (and/or causal) mask whose valid tokens form a square block"
+        )
+    return block
+
+
+def _dense_gap(x: torch.Tensor) -> torch.Tensor:
+    """Gap of each matrix of ``x: [M, N, N]``; triangular ones by the diagonal rule, others by eigvals."""
+    out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+    tri = is_lower_triangular(x)
+    if bool(tri.any()):
+        out[tri] = causal_spectral_gap(torch.diagonal(x[tri], dim1=-2, dim2=-1))
+    if bool((~tri).any()):
+        out[~tri] = gap_from_eigenvalues(torch.linalg.eigvals(x[~tri])).to(x.dtype)
+    return out
+
+
+def spectral_gap(p: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Spectral gap ``1 − |λ_2|`` of each attention matrix.
+
+    Args:
+        p: ``[..., N, N]`` row-stochastic attention.
+        mask: bool, broadcastable to ``p``, True = attend. Padded tokens (columns no query attends
+            to, rows with no valid entry) are removed and the valid square block is analysed.
+
+    Returns:
+        ``[...]``, in ``[0, 1]``. Lower-triangular (causal) matrices use the exact diagonal rule
+        ``1 − max_{i≥1} P_ii``; others a dense eigen-solver (LAPACK ``geev``, ``O(N³)``).
+    """
+    x, m = prepare_probs(p, mask)
+    batch = x.shape[:-2]
+    flat = x.reshape(-1, *x.shape[-2:])
+    if m is None:
+        return _dense_gap(flat).reshape(batch)
+    mflat = m.reshape(-1, *m.shape[-2:])
+    gaps = [_dense_gap(valid_block(flat[i], mflat[i])[None])[0] for i in range(flat.shape[0])]
+    return torch.stack(gaps).reshape(batch)
