@@ -1,0 +1,379 @@
+"""Statistics of softmax attention computed from ``q`` and ``k`` without the N×N matrix.
+
+All per-row statistics come from one online-softmax pass over blocks of keys (THEORY.md §5). For
+row ``i`` and its valid keys ``j``, with ``s_ij = scale · q_i·k_j`` and a running maximum ``m_i``,
+the pass keeps
+
+    l_i = Σ e^{s−m},   t_i = Σ e^{s−m}·(s−m),   u_i = Σ e^{2(s−m)},   n_i, mean and M2 of s_ij
+
+(rescaled whenever ``m_i`` grows), which give exactly
+
+    LSE_i = m_i + ln l_i,   H_i = ln l_i − t_i / l_i,   Σ_j P_ij² = u_i / l_i²,
+    ln P_ij = s_ij − LSE_i  (so the mean/variance of ln P over a row are those of s, shifted).
+
+Memory is ``O(N·d + block²)`` per matrix. Two implementations compute the same thing: the PyTorch
+path in this module (CPU and GPU, float64 on the CPU, float32 on a GPU) and a fused Triton kernel
+(:mod:`attnstats.streaming_triton`) used automatically on CUDA when Triton is installed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .stats import EntryMoments
+from .validation import check_finite, check_tensor, compute_dtype
+
+__all__ = [
+    "StreamingStats",
+    "RowAccumulators",
+    "streaming_stats",
+    "streaming_row_accumulators",
+    "prepare_qk",
+    "moments_from_rows",
+    "sample_log_probs",
+    "streaming_lognormal_fit",
+]
+
+
+@dataclass(frozen=True)
+class StreamingStats:
+    """Statistics of the softmax attention of ``q, k``, computed without the N×N matrix.
+
+    Row fields are ``[..., Nq]`` (the broadcast batch shape of q and k, then queries), in the
+    compute dtype (float64 on the CPU, float32 on a GPU); a row with no valid key is NaN.
+
+    Attributes:
+        entropy: ``H_i = −Σ_j P_ij ln P_ij`` in nats (as :func:`attnstats.row_entropy`).
+        lse: ``LSE_i = ln Σ_j exp(s_ij)``, the log of the softmax normaliser.
+        sum_p2: ``Σ_j P_ij²`` (the inverse of the row's effective number of keys).
+        row_count: ``[..., Nq]`` int64, valid keys per row.
+        entry_moments: :class:`attnstats.EntryMoments` per matrix (fields ``[...]``, float64), as
+            :func:`attnstats.entry_moments` gives for the dense matrix. ``ln P = s − LSE`` is exact
+            here, so no entry underflows and ``zero_count`` is 0.
+        backend: ``"torch"`` or ``"triton"``, the path that computed the pass.
+    """
+
+    entropy: torch.Tensor
+    lse: torch.Tensor
+    sum_p2: torch.Tensor
+    row_count: torch.Tensor
+    entry_moments: EntryMoments
+    backend: str
+
+
+@dataclass(frozen=True)
+class RowAccumulators:
+    """Per-row results of the online pass, before they are turned into statistics (all ``[..., Nq]``).
+
+    Attributes:
+        lse: ``LSE_i`` (nats); NaN where ``count`` is 0.
+        entropy: ``H_i`` (nats).
+        sum_p2: ``Σ_j P_ij²``.
+        count: valid keys of the row (int64).
+        s_mean: mean of ``s_ij`` over the row's valid keys.
+        s_m2: ``Σ_j (s_ij − s_mean_i)²`` over the row's valid keys.
+    """
+
+    lse: torch.Tensor
+    entropy: torch.Tensor
+    sum_p2: torch.Tensor
+    count: torch.Tensor
+    s_mean: torch.Tensor
+    s_m2: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# input checks
+
+
+def prepare_qk(q, k, scale=None, mask=None, causal=False):
+    """Check ``q, k`` (and ``mask``) and return them in the shapes every path uses.
+
+    Args:
+        q: ``[..., Hq, Nq, d]`` (or ``[Nq, d]``) queries, any float dtype.
+        k: ``[..., Hk, Nk, d]`` keys. Batch dims broadcast against q's; with grouped-query attention
+            (GQA) ``Hq`` is a multiple of ``Hk`` and query head ``h`` uses key head ``h // (Hq/Hk)``.
+        scale: positive float, default ``1/sqrt(d)``.
+        mask: bool, broadcastable to ``[..., Hq, Nq, Nk]``, True = attend, or None.
+        causal: query ``i`` attends to keys ``j ≤ i`` only (needs ``Nq == Nk``).
+
+    Returns:
+        ``(q, k, scale, mask, batch)``: q ``[B, Hq, Nq, d]``, k ``[B, Hk, Nk, d]`` (views, expanded
+        over broadcast batch dims), the scale as float, the mask as a ``[B, Hq, Nq|1, Nk]`` bool view
+        or None, and the batch shape ``[..., Hq]`` of the results.
+    """
+    check_tensor(q, "q")
+    check_tensor(k, "k")
+    if q.dim() < 2 or k.dim() < 2:
+        raise ValueError(f"q, k: expected shape [..., N, d], got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q, k: head dims differ, q has d = {q.shape[-1]} and k has d = {k.shape[-1]}")
+    if q.shape[-2] == 0 or k.shape[-2] == 0:
+        raise ValueError(f"q, k: empty sequence, got Nq = {q.shape[-2]} and Nk = {k.shape[-2]}; expected N >= 1")
+    if q.shape[-1] == 0:
+        raise ValueError("q, k: head dim d = 0, expected d >= 1")
+    if q.device != k.device:
+        raise ValueError(f"q, k: on different devices, {q.device} and {k.device}")
+    nq, nk, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    if causal and nq != nk:
+        raise ValueError(f"causal: expects as many queries as keys, got Nq = {nq} and Nk = {nk}")
+    # Heads: the dim before N, with GQA allowed; everything before it broadcasts.
+    q4 = q.reshape(1, 1, nq, d) if q.dim() == 2 else q
+    k4 = k.reshape(1, 1, nk, d) if k.dim() == 2 else k
+    hq, hk = q4.shape[-3], k4.shape[-3]
+    if hq != hk and hk != 1 and hq % hk != 0:
+        raise ValueError(
+            f"q, k: {hq} query heads and {hk} key heads; expected equal counts, 1 key head, "
+            f"or a query head count that is a multiple of the key head count (GQA)"
+        )
+    try:
+        outer = torch.broadcast_shapes(q4.shape[:-3], k4.shape[:-3])
+    except RuntimeError:
+        raise ValueError(f"q, k: batch dims {tuple(q.shape[:-3])} and {tuple(k.shape[:-3])} do not broadcast") from None
+    hq_out = max(hq, hk)
+    if hk > hq:  # one query head against several key heads: broadcast the query
+        q4 = q4.expand(*q4.shape[:-3], hk, nq, d)
+        hq = hk
+    qb = q4.expand(*outer, hq, nq, d).reshape(-1, hq, nq, d)
+    kb = k4.expand(*outer, hk, nk, d).reshape(-1, hk, nk, d)
+    batch = () if q.dim() == 2 and k.dim() == 2 else (*outer, hq_out)
+    check_finite(q, "q")
+    check_finite(k, "k")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale: expected a positive finite float, got {scale!r}")
+    m = None
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask: expected a bool torch.Tensor or None, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask: expected dtype torch.bool (True = attend), got {mask.dtype}")
+        full = (*batch, nq, nk)
+        # A mask with one row ([..., 1, Nk]: key padding) stays one row: O(N) instead of O(N²).
+        rows = nq if mask.dim() >= 2 and mask.shape[-2] != 1 else 1
+        try:
+            if mask.dim() > len(full):
+                raise RuntimeError
+            m = mask.to(q.device).expand(*batch, rows, nk)
+        except RuntimeError:
+            raise ValueError(f"mask: shape {tuple(mask.shape)} does not broadcast to the attention shape {full}") from None
+        m = m.reshape(qb.shape[0], hq, rows, nk)
+    return qb, kb, float(scale), m, batch
+
+
+# ----------------------------------------------------------------------------------------------
+# the PyTorch path
+
+
+def _block_valid(mask, causal, i0, i1, j0, j1, device):
+    """Valid entries of the tile rows ``i0:i1`` × keys ``j0:j1`` (None when every entry is valid)."""
+    valid = None
+    if causal and j1 - 1 > i0:
+        rows = torch.arange(i0, i1, device=device)[:, None]
+        cols = torch.arange(j0, j1, device=device)[None, :]
+        valid = cols <= rows
+    if mask is not None:
+        mt = mask[..., i0:i1, j0:j1] if mask.shape[-2] != 1 else mask[..., :, j0:j1]
+        valid = mt if valid is None else (mt & valid)
+    return valid
+
+
+def _default_block(n_matrices: int, nq: int, nk: int, itemsize: int) -> int:
+    # Tiles of about 32 MiB over all matrices at once: large enough that PyTorch's per-call
+    # overhead vanishes, small enough to be O(block²) next to O(N·d).
+    per = max(1, (32 * 1024**2) // (itemsize * max(1, n_matrices)))
+    b = int(math.sqrt(per))
+    b = max(16, 1 << (b.bit_length() - 1))
+    return min(b, max(nq, nk))
+
+
+def _torch_row_accumulators(q, k, scale, mask, causal, block=None) -> RowAccumulators:
+    """The online pass in PyTorch on ``q [B, Hq, Nq, d]``, ``k [B, Hk, Nk, d]`` (see module doc)."""
+    dt = compute_dtype(q)
+    B, Hq, Nq, d = q.shape
+    Hk, Nk = k.shape[1], k.shape[2]
+    if Hk != Hq:  # GQA: query head h reads key head h // g (the repeat_kv layout)
+        k = k.repeat_interleave(Hq // Hk, dim=1)
+    if block is None:
+        block = _default_block(B * Hq, Nq, Nk, torch.finfo(dt).bits // 8)
+    dev = q.device
+    shape = (B, Hq)
+    lse = torch.empty(*shape, Nq, dtype=dt, device=dev)
+    ent, sp2, s_mean, s_m2 = (torch.empty_like(lse) for _ in range(4))
+    cnt = torch.empty(*shape, Nq, dtype=torch.int64, device=dev)
+    for i0 in range(0, Nq, block):
+        i1 = min(Nq, i0 + block)
+        qi = q[:, :, i0:i1].to(dt)
+        R = i1 - i0
+        m = torch.full((*shape, R), -math.inf, dtype=dt, device=dev)
+        l, t, u, mean, m2 = (torch.zeros(*shape, R, dtype=dt, device=dev) for _ in range(5))
+        n = torch.zeros(*shape, R, dtype=dt, device=dev)
+        jend = min(Nk, i1) if causal else Nk
+        for j0 in range(0, jend, block):
+            j1 = min(jend, j0 + block)
+            s = (qi @ k[:, :, j0:j1].to(dt).transpose(-1, -2)) * scale  # [B, Hq, R, C]
+            valid = _block_valid(mask, causal, i0, i1, j0, j1, dev)
+            if valid is None:
+                nb = torch.full_like(n, j1 - j0)
+                s_valid = s
+                s_for_max = s
+            else:
+                valid = valid.expand(s.shape)
+                nb = valid.sum(-1).to(dt)
+                s_valid = s.masked_fill(~valid, 0)
+                s_for_max = s.masked_fill(~valid, -math.inf)
+            m_new = torch.maximum(m, s_for_max.amax(-1))
+            m_use = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+            # Rescale what was accumulated against the old maximum (nothing to rescale if n == 0).
+            seen = n > 0
+            alpha = torch.where(seen, torch.exp(m - m_use), torch.zeros_like(m))
+            delta = torch.where(seen, m - m_use, torch.zeros_like(m))
+            dlt = s - m_use[..., None]
+            e = torch.exp(s_for_max - m_use[..., None])  # 0 on invalid entries
+            if valid is not None:
+                dlt = dlt.masked_fill(~valid, 0)
+            t = alpha * (t + delta * l) + (e * dlt).sum(-1)
+            l = alpha * l + e.sum(-1)
+            u = alpha * alpha * u + (e * e).sum(-1)
+            # Mean and M2 of s merged block by block (Chan et al.): no cancellation.
+            nb_safe = nb.clamp_min(1)
+            bmean = s_valid.sum(-1) / nb_safe
+            dev_b = s - bmean[..., None]
+            if valid is not None:
+                dev_b = dev_b.masked_fill(~valid, 0)
+            bm2 = (dev_b * dev_b).sum(-1)
+            tot = n + nb
+            tot_safe = tot.clamp_min(1)
+            diff = bmean - mean
+            mean = torch.where(nb > 0, mean + diff * nb / tot_safe, mean)
+            m2 = torch.where(nb > 0, m2 + bm2 + diff * diff * n * nb / tot_safe, m2)
+            n = tot
+            m = torch.where(nb > 0, m_use, m)
+        empty = n == 0
+        nan = torch.full_like(l, math.nan)
+        l_safe = torch.where(empty, torch.ones_like(l), l)
+        lse[..., i0:i1] = torch.where(empty, nan, m + torch.log(l_safe))
+        ent[..., i0:i1] = torch.where(empty, nan, torch.log(l_safe) - t / l_safe)
+        sp2[..., i0:i1] = torch.where(empty, nan, u / (l_safe * l_safe))
+        s_mean[..., i0:i1] = torch.where(empty, nan, mean)
+        s_m2[..., i0:i1] = torch.where(empty, nan, m2)
+        cnt[..., i0:i1] = n.round().to(torch.int64)
+    return RowAccumulators(lse=lse, entropy=ent, sum_p2=sp2, count=cnt, s_mean=s_mean, s_m2=s_m2)
+
+
+# ----------------------------------------------------------------------------------------------
+# from rows to matrices
+
+
+def moments_from_rows(rows: RowAccumulators) -> EntryMoments:
+    """Per-matrix :class:`EntryMoments` from per-row accumulators ``[..., Nq]`` (float64).
+
+    Rows are merged with the parallel-variance rule, so that no step subtracts two large numbers:
+    ``Σ_j (P_ij − 1/n_i)² = Σ_j P_ij² − 1/n_i`` within a row, then the spread of row means.
+    """
+    n = rows.count.to(torch.float64)
+    has = n > 0
+    count = n.sum(-1)
+    zero = lambda x: torch.where(has, x.to(torch.float64), torch.zeros_like(n))  # noqa: E731
+    inv_n = torch.where(has, 1.0 / n.clamp_min(1), torch.zeros_like(n))
+    mean = has.to(torch.float64).sum(-1) / count
+    # Within-row spread of P around the row mean 1/n_i, then between rows.
+    within_p = zero(rows.sum_p2 - inv_n).clamp_min(0).sum(-1)
+    between_p = (n * (inv_n - mean[..., None]) ** 2).sum(-1)
+    var = (within_p + between_p) / count
+    row_log_mean = zero(rows.s_mean - rows.lse)
+    log_mean = (n * row_log_mean).sum(-1) / count
+    within_l = zero(rows.s_m2).sum(-1)
+    between_l = (n * (row_log_mean - log_mean[..., None]) ** 2).sum(-1)
+    log_var = (within_l + between_l) / count
+    return EntryMoments(
+        mean=mean,
+        var=var,
+        log_mean=log_mean,
+        log_var=log_var,
+        count=count.round().to(torch.int64),
+        zero_count=torch.zeros_like(count, dtype=torch.int64),
+    )
+
+
+def _use_triton(q: torch.Tensor, mask) -> bool:
+    if q.device.type != "cuda":
+        return False
+    if mask is not None and mask.shape[-2] != 1:
+        return False  # full [Nq, Nk] masks stay on the PyTorch path; key-padding masks are fused
+    from . import streaming_triton
+
+    return streaming_triton.available()
+
+
+def streaming_row_accumulators(q, k, *, scale=None, mask=None, causal=False, backend="auto", block_size=None):
+    """The per-row pass behind :func:`streaming_stats`; returns ``(RowAccumulators, batch, backend)``."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
+    qb, kb, scale, m, batch = prepare_qk(q, k, scale, mask, causal)
+    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"block_size: expected a positive int or None, got {block_size!r}")
+    if backend == "auto":
+        backend = "triton" if _use_triton(qb, m) else "torch"
+    if backend == "triton":
+        from . import streaming_triton
+
+        if m is not None and m.shape[-2] != 1:
+            raise ValueError(
+                "mask: the Triton path takes a key-padding mask of shape [..., 1, Nk]; "
+                f"got a full mask with {m.shape[-2]} rows (use backend='torch')"
+            )
+        rows = streaming_triton.row_accumulators(qb, kb, scale, m, causal)
+    else:
+        rows = _torch_row_accumulators(qb, kb, scale, m, causal, block_size)
+    return rows, batch, backend
+
+
+def _reshape_rows(rows: RowAccumulators, batch) -> RowAccumulators:
+    nq = rows.lse.shape[-1]
+    return RowAccumulators(**{f: getattr(rows, f).reshape(*batch, nq) for f in RowAccumulators.__dataclass_fields__})
+
+
+def streaming_stats(q, k, *, scale=None, mask=None, causal=False, backend="auto", block_size=None) -> StreamingStats:
+    """Row entropy, LSE, ``Σ P²`` and entry moments of ``softmax(scale · q kᵀ)`` without building it.
+
+    Args:
+        q: ``[..., Hq, Nq, d]`` queries (any float dtype; computed in float64 on the CPU, float32 on
+            a GPU).
+        k: ``[..., Hk, Nk, d]`` keys; batch dims broadcast, and ``Hq`` may be a multiple of ``Hk``
+            (grouped-query attention: query head ``h`` uses key head ``h // (Hq/Hk)``).
+        scale: positive logit scale, default ``1/sqrt(d)``.
+        mask: bool, broadcastable to ``[..., Hq, Nq, Nk]``, True = attend. A key-padding mask
+            ``[..., 1, Nk]`` costs ``O(N)``; a full ``[..., Nq, Nk]`` mask is read tile by tile.
+        causal: query ``i`` attends to keys ``j ≤ i`` (with ``mask``, both apply).
+        backend: ``"auto"`` (the Triton kernel on CUDA when Triton imports, else PyTorch),
+            ``"torch"`` or ``"triton"``.
+        block_size: tile edge of the PyTorch path (default: tiles of about 32 MiB).
+
+    Returns:
+        :class:`StreamingStats`; memory ``O(N·d + block²)``, time ``O(N²·d)``.
+
+    Example:
+        >>> q, k = torch.randn(2, 4, 1024, 64), torch.randn(2, 4, 1024, 64)
+        >>> st = streaming_stats(q, k, causal=True)
+        >>> st.entropy.shape, st.entry_moments.log_var.shape
+        (torch.Size([2, 4, 1024]), torch.Size([2, 4]))
+    """
+    rows, batch, used = streaming_row_accumulators(
+        q, k, scale=scale, mask=mask, causal=causal, backend=backend, block_size=block_size
+    )
+    rows = _reshape_rows(rows, batch)
+    if bool((rows.count.reshape(-1, rows.count.shape[-1]).sum(-1) == 0).any()):
+        bad = (rows.count.sum(-1) == 0).nonzero()[0].tolist()
+        raise ValueError(f"mask: no valid entry in the matrix at batch index {tuple(bad)}; expected at least one True")
+    return StreamingStats(
+        entropy=rows.entropy,
+        lse=rows.lse,
+        sum_p2=rows.sum_p2,
+        row_count=rows.count,
+        entry_moments=moments_from_rows(rows),
+        backend=used,
+    )

@@ -1,0 +1,241 @@
+"""Fused Triton kernel for :func:`attnstats.streaming_stats`: one pass over the keys, nothing N×N.
+
+One program owns ``BLOCK_M`` query rows of one head and walks over the keys ``BLOCK_N`` at a time,
+as a flash-attention forward does, but without the ``P·V`` product. It works in base 2
+(``y = s·log2 e``) and keeps per row, against the running maximum ``m``:
+
+    l = Σ 2^{y−m},  t = Σ 2^{y−m}·(y−m),  u = Σ 2^{2(y−m)},  a = Σ (y−m),  b = Σ (y−m)²,  n
+
+Every sum is rescaled when ``m`` grows (``a`` and ``b`` by the shift ``m_old − m_new``, the others by
+``2^{m_old−m_new}``). The same quantities in nats are what the PyTorch path keeps; the conversion
+is in :func:`row_accumulators`. ``e·e`` replaces a second exponential, and all of ``t, u, a, b``
+reuse ``y − m``, which the exponential needs anyway.
+
+Triton is optional (``pip install 'attnstats[triton]'``). The kernel runs on CUDA tensors, and on CPU
+tensors under ``TRITON_INTERPRET=1`` (set before Triton is first imported), which is how the tests
+check it on machines without a GPU.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .streaming import RowAccumulators
+
+__all__ = ["available", "row_accumulators"]
+
+_LN2 = math.log(2.0)
+_LOG2E = 1.0 / _LN2
+
+try:  # Triton is an optional extra: without it the kernel is simply unavailable.
+    import triton
+    import triton.language as tl
+
+    _HAVE_TRITON = True
+except Exception:  # pragma: no cover - depends on the environment
+    _HAVE_TRITON = False
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def available() -> bool:
+    """True when the fused kernel can run here: Triton imports, and a GPU or the interpreter."""
+    return _HAVE_TRITON and (torch.cuda.is_available() or _interpreting())
+
+
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _tile(
+        acc_m, acc_l, acc_t, acc_u, acc_a, acc_b, acc_n,
+        q, k_ptrs, km_ptrs, offs_m, start_n, N_K, qk_scale,
+        BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+        HAS_KMASK: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if MASKED:
+            k = tl.load(k_ptrs, mask=offs_n[None, :] < N_K, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        if IEEE:
+            x = tl.dot(q, k, input_precision="ieee")
+        else:
+            x = tl.dot(q, k)
+        # scale > 0, so the row maximum of s is the maximum of q·k times the scale; y − m is then
+        # one fused multiply-add per entry.
+        if MASKED:
+            valid = offs_n[None, :] < N_K
+            if CAUSAL:
+                valid = valid & (offs_n[None, :] <= offs_m[:, None])
+            if HAS_KMASK:
+                km = tl.load(km_ptrs + offs_n, mask=offs_n < N_K, other=0)
+                valid = valid & (km[None, :] != 0)
+            x = tl.where(valid, x, float("-inf"))
+            n_blk = tl.sum(valid.to(tl.float32), 1)
+        m_blk = tl.max(x, 1) * qk_scale
+        if not MASKED:
+            n_blk = tl.zeros_like(m_blk) + BLOCK_N
+        m_new = tl.maximum(acc_m, m_blk)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        seen = acc_n > 0
+        delta = tl.where(seen, acc_m - m_use, 0.0)
+        alpha = tl.math.exp2(delta)
+        alpha = tl.where(seen, alpha, 0.0)
+        d = x * qk_scale - m_use[:, None]
+        if MASKED:
+            d = tl.where(valid, d, 0.0)
+            e = tl.where(valid, tl.math.exp2(d), 0.0)
+        else:
+            e = tl.math.exp2(d)
+        # Shift the sums of (y − m) and (y − m)² to the new maximum before adding this tile.
+        acc_b = acc_b + 2.0 * delta * acc_a + acc_n * delta * delta + tl.sum(d * d, 1)
+        acc_a = acc_a + acc_n * delta + tl.sum(d, 1)
+        acc_t = alpha * (acc_t + delta * acc_l) + tl.sum(e * d, 1)
+        acc_l = alpha * acc_l + tl.sum(e, 1)
+        acc_u = alpha * alpha * acc_u + tl.sum(e * e, 1)
+        acc_n = acc_n + n_blk
+        acc_m = tl.where(n_blk > 0, m_use, acc_m)
+        return acc_m, acc_l, acc_t, acc_u, acc_a, acc_b, acc_n
+
+    @triton.jit
+    def _streaming_kernel(
+        Q, K, KM, OUT,
+        sq_b, sq_h, sq_n, sq_d,
+        sk_b, sk_h, sk_n, sk_d,
+        skm_b, skm_h,
+        so_f, so_bh,
+        H, N_Q, N_K, GROUP, qk_scale,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        hk = h // GROUP
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        q_ptrs = Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d
+        q = tl.load(q_ptrs, mask=offs_m[:, None] < N_Q, other=0.0)
+        kbase = K + b * sk_b + hk * sk_h + offs_d[:, None] * sk_d
+        km_base = KM + b * skm_b + h * skm_h
+
+        acc_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        acc_l = tl.zeros([BLOCK_M], tl.float32)
+        acc_t = tl.zeros([BLOCK_M], tl.float32)
+        acc_u = tl.zeros([BLOCK_M], tl.float32)
+        acc_a = tl.zeros([BLOCK_M], tl.float32)
+        acc_b = tl.zeros([BLOCK_M], tl.float32)
+        acc_n = tl.zeros([BLOCK_M], tl.float32)
+
+        # Tiles that need no mask (fully below the diagonal, inside N_K, no key padding) first.
+        if CAUSAL:
+            hi_full = (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N
+            hi = tl.minimum((pid_m + 1) * BLOCK_M, N_K)
+        else:
+            hi_full = N_K // BLOCK_N * BLOCK_N
+            hi = N_K
+        if HAS_KMASK:
+            hi_full = 0
+        for start_n in range(0, hi_full, BLOCK_N):
+            k_ptrs = kbase + (start_n + tl.arange(0, BLOCK_N))[None, :] * sk_n
+            acc_m, acc_l, acc_t, acc_u, acc_a, acc_b, acc_n = _tile(
+                acc_m, acc_l, acc_t, acc_u, acc_a, acc_b, acc_n,
+                q, k_ptrs, km_base, offs_m, start_n, N_K, qk_scale,
+                BLOCK_N, False, CAUSAL, HAS_KMASK, IEEE,
+            )
+        for start_n in range(hi_full, hi, BLOCK_N):
+            k_ptrs = kbase + (start_n + tl.arange(0, BLOCK_N))[None, :] * sk_n
+            acc_m, acc_l, acc_t, acc_u, acc_a, acc_b, acc_n = _tile(
+                acc_m, acc_l, acc_t, acc_u, acc_a, acc_b, acc_n,
+                q, k_ptrs, km_base, offs_m, start_n, N_K, qk_scale,
+                BLOCK_N, True, CAUSAL, HAS_KMASK, IEEE,
+            )
+
+        out = OUT + bh * so_bh + offs_m
+        keep = offs_m < N_Q
+        tl.store(out + 0 * so_f, acc_m, mask=keep)
+        tl.store(out + 1 * so_f, acc_l, mask=keep)
+        tl.store(out + 2 * so_f, acc_t, mask=keep)
+        tl.store(out + 3 * so_f, acc_u, mask=keep)
+        tl.store(out + 4 * so_f, acc_a, mask=keep)
+        tl.store(out + 5 * so_f, acc_b, mask=keep)
+        tl.store(out + 6 * so_f, acc_n, mask=keep)
+
+
+def _config(d: int, interpreting: bool):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for head dim ``d``."""
+    if interpreting:
+        return 16, 16, 1, 1
+    if d <= 64:
+        return 128, 64, 4, 3
+    return 128, 64, 8, 2
+
+
+def raw_accumulators(q, k, scale, mask, causal, config=None) -> torch.Tensor:
+    """Run the kernel; return the ``[7, B·Hq, Nq]`` float32 sums ``m, l, t, u, a, b, n`` (base 2).
+
+    ``q: [B, Hq, Nq, d]``, ``k: [B, Hk, Nk, d]`` and ``mask: [B, Hq, 1, Nk]`` bool or None, as
+    :func:`attnstats.streaming.prepare_qk` returns them.
+    """
+    if not _HAVE_TRITON:
+        raise ImportError("the fused streaming kernel needs Triton: pip install 'attnstats[triton]'")
+    B, Hq, Nq, d = q.shape
+    Hk, Nk = k.shape[1], k.shape[2]
+    if d not in (16, 32, 64, 128, 256):
+        raise ValueError(f"q: the Triton path supports head dims 16, 32, 64, 128, 256; got d = {d} (use backend='torch')")
+    if q.dtype != k.dtype:
+        k = k.to(q.dtype)
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        q, k = q.float(), k.float()
+    interp = _interpreting()
+    bm, bn, warps, stages = config or _config(d, interp)
+    out = torch.empty(7, B * Hq, Nq, dtype=torch.float32, device=q.device)
+    if mask is not None:
+        km = mask[:, :, 0, :].to(torch.int8).contiguous()
+        skm_b, skm_h = km.stride(0), km.stride(1)
+    else:
+        km = torch.empty(1, dtype=torch.int8, device=q.device)
+        skm_b = skm_h = 0
+    grid = (triton.cdiv(Nq, bm), B * Hq)
+    kwargs = {} if interp else {"num_warps": warps, "num_stages": stages}
+    _streaming_kernel[grid](
+        q, k, km, out,
+        *q.stride(), *k.stride(), skm_b, skm_h, out.stride(0), out.stride(1),
+        Hq, Nq, Nk, Hq // Hk, float(scale * _LOG2E),
+        D=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=bool(causal), HAS_KMASK=mask is not None,
+        IEEE=q.dtype == torch.float32,
+        **kwargs,
+    )
+    return out
+
+
+def row_accumulators(q, k, scale, mask, causal, config=None) -> RowAccumulators:
+    """The fused pass as :class:`attnstats.streaming.RowAccumulators` (float32 rows, ``[B, Hq, Nq]``)."""
+    B, Hq, Nq, _ = q.shape
+    raw = raw_accumulators(q, k, scale, mask, causal, config).double()
+    m, l, t, u, a, b, n = raw.unbind(0)
+    empty = n == 0
+    l_safe = torch.where(empty, torch.ones_like(l), l)
+    n_safe = torch.where(empty, torch.ones_like(n), n)
+    nan = torch.full_like(l, math.nan)
+    log2l = torch.log2(l_safe)
+    lse = torch.where(empty, nan, _LN2 * (m + log2l))
+    entropy = torch.where(empty, nan, _LN2 * (log2l - t / l_safe))
+    sum_p2 = torch.where(empty, nan, u / (l_safe * l_safe))
+    s_mean = torch.where(empty, nan, _LN2 * (m + a / n_safe))
+    s_m2 = torch.where(empty, nan, (_LN2 * _LN2) * (b - a * a / n_safe).clamp_min(0))
+    shape = (B, Hq, Nq)
+    f32 = lambda x: x.to(torch.float32).reshape(shape)  # noqa: E731
+    return RowAccumulators(
+        lse=f32(lse),
+        entropy=f32(entropy),
+        sum_p2=f32(sum_p2),
+        count=n.round().to(torch.int64).reshape(shape),
+        s_mean=s_mean.reshape(shape),
+        s_m2=s_m2.reshape(shape),
+    )
