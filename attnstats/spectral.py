@@ -6,21 +6,13 @@ eigenvalues are its diagonal and ``γ = 1 − max_{i≥1} P_ii`` exactly, withou
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .stats import prepare_probs
 from .validation import first_index
 
-__all__ = ["spectral_gap", "gap_from_eigenvalues", "causal_spectral_gap", "is_lower_triangular", "valid_block"]
-
-
-def gap_from_eigenvalues(eigenvalues: torch.Tensor) -> torch.Tensor:
-    """``1 − |λ_2|`` from all eigenvalues ``[..., N]`` of a row-stochastic matrix (N = 1 gives 1)."""
-    n = eigenvalues.shape[-1]
-    if n == 1:
-        return torch.ones(eigenvalues.shape[:-1], dtype=eigenvalues.abs().dtype, device=eigenvalues.device)
-    mod = eigenvalues.abs().sort(dim=-1, descending=True).values
-    return 1.0 - mod[..., 1]
+__all__ = ["spectral_gap", "deflated", "causal_spectral_gap", "is_lower_triangular", "valid_block"]
 
 
 def causal_spectral_gap(diagonal: torch.Tensor) -> torch.Tensor:
@@ -61,14 +53,37 @@ def valid_block(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return block
 
 
+def deflated(x: torch.Tensor) -> torch.Tensor:
+    """``[..., N−1, N−1]`` matrix whose eigenvalues are those of row-stochastic ``x`` less one copy of 1.
+
+    ``x`` maps the vector ``1`` to itself, so it acts on the quotient space modulo ``1``; in the basis
+    ``e_1 … e_{N−1}`` (with ``e_N ≡ −Σ e_i``) that action is ``A_ij = x_ij − x_Nj``. Removing the known
+    Perron eigenvalue exactly makes ``|λ_2|`` the spectral radius of ``A``, and spares LAPACK the
+    highly degenerate spectra (uniform rows: all eigenvalues but one are 0) on which it can fail.
+    """
+    return x[..., :-1, :-1] - x[..., -1:, :-1]
+
+
+def _eigvals(a: torch.Tensor) -> torch.Tensor:
+    try:
+        return torch.linalg.eigvals(a)
+    except RuntimeError:  # LAPACK did not converge in torch's build; scipy's driver balances first
+        import scipy.linalg
+
+        ev = [scipy.linalg.eigvals(m) for m in a.detach().cpu().double().numpy()]
+        return torch.from_numpy(np.stack(ev)).to(a.device)
+
+
 def _dense_gap(x: torch.Tensor) -> torch.Tensor:
     """Gap of each matrix of ``x: [M, N, N]``; triangular ones by the diagonal rule, others by eigvals."""
-    out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+    out = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
+    if x.shape[-1] == 1:
+        return out
     tri = is_lower_triangular(x)
     if bool(tri.any()):
         out[tri] = causal_spectral_gap(torch.diagonal(x[tri], dim1=-2, dim2=-1))
     if bool((~tri).any()):
-        out[~tri] = gap_from_eigenvalues(torch.linalg.eigvals(x[~tri])).to(x.dtype)
+        out[~tri] = (1.0 - _eigvals(deflated(x[~tri])).abs().amax(-1)).to(x.dtype)
     return out
 
 
@@ -82,7 +97,8 @@ def spectral_gap(p: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Ten
 
     Returns:
         ``[...]``, in ``[0, 1]``. Lower-triangular (causal) matrices use the exact diagonal rule
-        ``1 − max_{i≥1} P_ii``; others a dense eigen-solver (LAPACK ``geev``, ``O(N³)``).
+        ``1 − max_{i≥1} P_ii``; others a dense eigen-solver (LAPACK ``geev``, ``O(N³)``) on the
+        matrix deflated of its Perron eigenvalue (:func:`deflated`). A single token gives 1.
     """
     x, m = prepare_probs(p, mask)
     batch = x.shape[:-2]

@@ -34,7 +34,7 @@ def _positive(x, name: str):
     arr = np.asarray(x, dtype=float)
     if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
         bad = np.argwhere(~(np.isfinite(arr) & (arr > 0)))
-        where = f" at index {tuple(bad[0])}" if arr.ndim else ""
+        where = f" at index {tuple(int(i) for i in bad[0])}" if arr.ndim else ""
         raise ValueError(f"{name}: expected positive finite values, got {arr if not arr.ndim else arr[tuple(bad[0])]}{where}")
     return arr
 

@@ -1,0 +1,80 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as sps
+
+import attnstats
+from attnstats.lognormal import fit_log_values, log_entries
+from helpers import gaussian_qk, softmax_attention
+
+
+def scipy_reference(values):
+    v = np.asarray(values, dtype=np.float64)
+    mu, sigma = v.mean(), v.std()
+    ks = sps.kstest(v, sps.norm(mu, sigma).cdf)
+    # Anderson–Darling statistic computed by hand (Stephens' A² for a normal with estimated mean/std, ddof=1)
+    z = np.sort((v - v.mean()) / v.std(ddof=1))
+    n = v.size
+    i = np.arange(1, n + 1)
+    logcdf, logsf = sps.norm.logcdf(z), sps.norm.logsf(z)
+    a2 = -n - np.sum((2 * i - 1) / n * (logcdf + logsf[::-1]))
+    return mu, sigma, ks.statistic, ks.pvalue, a2, sps.skew(v), sps.kurtosis(v)
+
+
+def test_fit_matches_scipy_on_the_same_values():
+    q, k = gaussian_qk((2,), 40, 16, seed=0)
+    mask = torch.ones(40, 40, dtype=torch.bool).tril()
+    p = softmax_attention(q, k, mask)
+    fit = attnstats.lognormal_fit(p, mask)
+    for b in range(2):
+        vals = np.log(p[b].numpy()[mask.numpy()])  # independent: numpy log of the valid entries
+        mu, sigma, ks, ksp, a2, skew, kurt = scipy_reference(vals)
+        assert fit.n[b].item() == vals.size == 40 * 41 // 2
+        assert math.isclose(fit.mu[b].item(), mu, rel_tol=1e-12)
+        assert math.isclose(fit.sigma[b].item(), sigma, rel_tol=1e-12)
+        assert math.isclose(fit.ks_statistic[b].item(), ks, rel_tol=1e-9)
+        assert math.isclose(fit.ks_pvalue[b].item(), ksp, rel_tol=1e-6)
+        assert math.isclose(fit.ad_statistic[b].item(), a2, rel_tol=1e-6)
+        assert math.isclose(fit.skew[b].item(), skew, rel_tol=1e-9)
+        assert math.isclose(fit.excess_kurtosis[b].item(), kurt, rel_tol=1e-9)
+
+
+def test_gaussian_softmax_is_close_to_log_normal():
+    # Proposition 3.1 inside its regime: ln P is nearly normal with log-variance ≈ σ² = 1
+    q, k = gaussian_qk((), 512, 64, seed=1)
+    fit = attnstats.lognormal_fit(softmax_attention(q, k), max_samples=20_000)
+    assert abs(fit.sigma.item() ** 2 - 1.0) < 0.05
+    assert abs(fit.skew.item()) < 0.1 and abs(fit.excess_kurtosis.item()) < 0.2
+    assert fit.ks_statistic.item() < 0.02
+
+
+def test_subsample_is_uniform_reproducible_and_bounded():
+    q, k = gaussian_qk((3,), 64, 8, seed=2)
+    p = softmax_attention(q, k)
+    a = log_entries(p, max_samples=500, seed=7)
+    b = log_entries(p, max_samples=500, seed=7)
+    c = log_entries(p, max_samples=500, seed=8)
+    assert [v.numel() for v in a] == [500, 500, 500]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+    full = set(np.log(p[0].numpy().ravel()).tolist())
+    assert set(a[0].tolist()) <= full
+    fit = attnstats.lognormal_fit(p, max_samples=500, seed=7)
+    assert fit.n.tolist() == [500, 500, 500]
+    assert math.isclose(fit.mu[1].item(), a[1].mean().item(), rel_tol=1e-12)
+    # uniform: the sample mean of ln P is an unbiased estimate of the full mean (4096 entries)
+    full_mean = np.log(p.numpy()).reshape(3, -1).mean(1)
+    assert np.all(np.abs(fit.mu.numpy() - full_mean) < 4 * np.log(p.numpy()).reshape(3, -1).std(1) / math.sqrt(500))
+
+
+def test_fit_log_values_rejects_bad_input():
+    with pytest.raises(ValueError, match="at least 3 values"):
+        fit_log_values([0.0, 1.0])
+    with pytest.raises(ValueError, match=r"log_values: expected finite values, found -inf at index 1"):
+        fit_log_values([0.0, -np.inf, 1.0])
+    with pytest.raises(ValueError, match="sigma = 0"):
+        fit_log_values([2.0, 2.0, 2.0])
+    with pytest.raises(ValueError, match="max_samples"):
+        attnstats.lognormal_fit(torch.full((4, 4), 0.25), max_samples=0)

@@ -1,0 +1,136 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnstats
+from attnstats.spectral import causal_spectral_gap, deflated
+from helpers import gaussian_qk, softmax_attention
+
+
+def numpy_gap(p):
+    ev = np.linalg.eigvals(np.asarray(p, dtype=np.float64))
+    return 1.0 - np.sort(np.abs(ev))[::-1][1]
+
+
+def test_dense_gap_matches_numpy_eigvals():
+    q, k = gaussian_qk((2, 3), 48, 8, seed=0)
+    p = softmax_attention(q, k, scale=0.6)
+    gap = attnstats.spectral_gap(p)
+    assert gap.shape == (2, 3)
+    for idx in np.ndindex(2, 3):
+        assert math.isclose(gap[idx].item(), numpy_gap(p[idx].numpy()), abs_tol=1e-10)
+
+
+def test_causal_gap_uses_diagonal_and_matches_eigvals():
+    n = 40
+    q, k = gaussian_qk((3,), n, 8, seed=1)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    p = softmax_attention(q, k, causal)
+    gap = attnstats.spectral_gap(p, causal)
+    for b in range(3):
+        assert math.isclose(gap[b].item(), numpy_gap(p[b].numpy()), abs_tol=1e-10)
+        assert math.isclose(gap[b].item(), 1 - p[b].diagonal()[1:].max().item(), abs_tol=1e-15)
+    # the same matrix without a mask is recognised as lower-triangular too
+    torch.testing.assert_close(attnstats.spectral_gap(p), gap, rtol=0, atol=0)
+
+
+def test_padded_tokens_are_removed():
+    n = 20
+    q, k = gaussian_qk((2,), n, 8, seed=2)
+    lengths = [20, 11]
+    mask = (torch.arange(n)[None] < torch.tensor(lengths)[:, None])[:, None, :]  # [B, 1, N] keys
+    p = softmax_attention(q, k, mask)
+    gap = attnstats.spectral_gap(p, mask)
+    for b, length in enumerate(lengths):
+        block = p[b, :length, :length].numpy()
+        assert math.isclose(gap[b].item(), numpy_gap(block), abs_tol=1e-10)
+
+
+def test_padded_causal_block():
+    n, length = 16, 9
+    q, k = gaussian_qk((), n, 4, seed=3)
+    mask = torch.ones(n, n, dtype=torch.bool).tril() & (torch.arange(n) < length)[None, :]
+    p = softmax_attention(q, k, mask)
+    expect = 1 - p[:length, :length].diagonal()[1:].max().item()
+    assert math.isclose(attnstats.spectral_gap(p, mask).item(), expect, abs_tol=1e-15)
+
+
+def test_mask_that_is_not_padding_is_rejected():
+    # token 1 is no valid query, yet valid query 0 attends to it: no square block is row-stochastic
+    p = torch.tensor([[0.5, 0.5], [0.5, 0.5]], dtype=torch.float64)
+    mask = torch.tensor([[True, True], [False, False]])
+    with pytest.raises(ValueError, match="mask: row 0 puts probability 0.5 on tokens that are not valid queries"):
+        attnstats.spectral_gap(p, mask)
+
+
+def test_deflation_keeps_the_other_eigenvalues():
+    q, k = gaussian_qk((), 30, 4, seed=5)
+    p = softmax_attention(q, k).numpy()
+    full = np.sort_complex(np.linalg.eigvals(p))
+    rest = np.sort_complex(np.linalg.eigvals(deflated(torch.from_numpy(p)).numpy()))
+    one = np.argmin(np.abs(full - 1))
+    np.testing.assert_allclose(np.sort_complex(np.delete(full, one)), rest, atol=1e-10)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(2, 40))
+def test_uniform_rows_have_gap_one(n):
+    p = torch.full((n, n), 1.0 / n, dtype=torch.float64)
+    assert math.isclose(attnstats.spectral_gap(p).item(), 1.0, abs_tol=1e-10)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(2, 40), seed=st.integers(0, 10_000))
+def test_permutation_matrix_has_gap_zero(n, seed):
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    p = torch.eye(n, dtype=torch.float64)[perm]
+    assert math.isclose(attnstats.spectral_gap(p).item(), 0.0, abs_tol=1e-10)
+
+
+def test_single_token_gap_is_one():
+    assert attnstats.spectral_gap(torch.ones(1, 1)).item() == 1.0
+    assert causal_spectral_gap(torch.ones(3, 1)).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_gap_rises_with_temperature():
+    # Theorem 3.3: the gap rises with temperature; averaged over heads it is monotone on a coarse grid.
+    q, k = gaussian_qk((8,), 128, 32, seed=4)
+    taus = [0.3, 0.5, 0.8, 1.3, 2.0, 4.0]
+    gaps = [attnstats.spectral_gap(softmax_attention(q, k, scale=1 / (32**0.5 * t))).mean().item() for t in taus]
+    assert all(a < b for a, b in zip(gaps, gaps[1:])), gaps
+
+
+def toy(n, columns_of_row, logit=5.0):
+    s = torch.zeros(n, n, dtype=torch.float64)
+    for i, cols in enumerate(columns_of_row):
+        s[i, cols] = logit
+    return torch.softmax(s, -1)
+
+
+def test_biased_vs_unbiased_concentration():
+    n, e5 = 256, math.exp(5.0)
+    # biased: every row on the same 4 columns -> rank one, |λ2| = 0, gap 1, low entropy
+    biased = toy(n, [[0, 1, 2, 3]] * n)
+    z = 4 * e5 + n - 4
+    assert math.isclose(attnstats.row_entropy(biased).mean().item(), math.log(z) - 4 * 5 * e5 / z, rel_tol=1e-12)
+    assert round(attnstats.row_entropy(biased).mean().item(), 2) == 3.23
+    assert math.isclose(attnstats.spectral_gap(biased).item(), 1.0, abs_tol=1e-10)
+    assert math.isclose(numpy_gap(biased.numpy()), 1.0, abs_tol=1e-10)
+    # unbiased: each row on one column of a random permutation. P = (J + (e^5 − 1)Π)/Z, and Π commutes
+    # with J, so every eigenvalue off the vector 1 has modulus (e^5 − 1)/Z whatever the permutation.
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    unbiased = toy(n, [[int(j)] for j in perm])
+    z = e5 + n - 1
+    assert math.isclose(attnstats.row_entropy(unbiased).mean().item(), math.log(z) - 5 * e5 / z, rel_tol=1e-12)
+    assert round(attnstats.row_entropy(unbiased).mean().item(), 2) == 4.16
+    expect_gap = 1 - (e5 - 1) / z
+    assert math.isclose(attnstats.spectral_gap(unbiased).item(), expect_gap, abs_tol=1e-9)
+    assert math.isclose(numpy_gap(unbiased.numpy()), expect_gap, abs_tol=1e-9)
+    assert round(expect_gap, 3) == 0.635
+    # lower entropy, yet the biased matrix has the larger gap: entropy alone does not tell them apart
+    assert attnstats.row_entropy(biased).mean() < attnstats.row_entropy(unbiased).mean()
+    assert attnstats.spectral_gap(biased) > attnstats.spectral_gap(unbiased)
