@@ -1,0 +1,26 @@
+"""Attention kernels that run on captured queries and keys: softmax, LLN, block-diagonal, LLN+Diag,
+and linearised attention with ReLU, elu+1, exp and Performer (FAVOR+) feature maps.
+
+Every kernel maps ``q, k: [B, H, N, d]``, ``v: [B, H, N, d_v]`` to ``[B, H, N, d_v]`` and exposes
+``matrix(q, k)`` (dense row-stochastic ``[B, H, N, N]``) and ``spectral_gap(q, k)`` (``[B, H]``).
+Get one by name with :func:`get_kernel`; :data:`KERNEL_NAMES` lists the names.
+"""
+from .base import KERNEL_NAMES, Kernel, get_kernel
+from .block_diagonal import BlockDiagonalAttention
+from .linear import FEATURE_MAPS, LinearAttention
+from .lln import LLNAttention
+from .lln_diag import LLN_DIAG_MODES, LLNPlusDiagAttention
+from .softmax import SoftmaxAttention
+
+__all__ = [
+    "KERNEL_NAMES",
+    "FEATURE_MAPS",
+    "LLN_DIAG_MODES",
+    "Kernel",
+    "get_kernel",
+    "SoftmaxAttention",
+    "LLNAttention",
+    "BlockDiagonalAttention",
+    "LLNPlusDiagAttention",
+    "LinearAttention",
+]

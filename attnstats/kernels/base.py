@@ -1,0 +1,202 @@
+"""The common interface of attnstats attention kernels, input checks and the name registry.
+
+A kernel maps queries, keys and values ``q, k: [B, H, N, d]``, ``v: [B, H, N, d_v]`` to the
+attention output ``[B, H, N, d_v]`` and exposes, for analysis, the dense row-stochastic matrix it
+applies to ``v`` and that matrix's spectral gap. Masks are bool, broadcastable to ``[B, H, N, N]``,
+True = attend.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..validation import broadcast_mask, check_finite, check_tensor, first_index
+
+__all__ = [
+    "Kernel",
+    "KERNEL_NAMES",
+    "get_kernel",
+    "check_qkv",
+    "check_qk4",
+    "full_mask",
+    "padding_parts",
+    "result_dtype",
+    "matrix_dtype",
+]
+
+
+class Kernel(nn.Module):
+    """Base class of every attnstats attention kernel (an ``nn.Module``, so kernels can learn).
+
+    Subclasses implement :meth:`forward` (the attention output), :meth:`matrix` (the dense
+    row-stochastic matrix, guarded by the memory budget) and :meth:`spectral_gap`.
+    """
+
+    name: str = "kernel"
+
+    def forward(self, q, k, v, *, causal: bool = False, mask=None) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def matrix(self, q, k, *, causal: bool = False, mask=None) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def spectral_gap(self, q, k, *, causal: bool = False, mask=None) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}"
+
+
+def _check_4d(x, name: str) -> torch.Tensor:
+    check_tensor(x, name)
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected shape [B, H, N, d], got a {x.dim()}-d tensor of shape {tuple(x.shape)}")
+    if x.shape[-2] == 0:
+        raise ValueError(f"{name}: empty sequence (N = 0), expected N >= 1")
+    return x
+
+
+def check_qk4(q, k, causal: bool = False, square: bool = False) -> None:
+    """Raise unless ``q: [B, H, N, d]`` and ``k: [B, H, M, d]`` are finite and match.
+
+    ``N == M`` is required when ``causal`` or ``square`` (a spectral gap needs a square matrix).
+    """
+    _check_4d(q, "q")
+    _check_4d(k, "k")
+    if q.shape[:2] != k.shape[:2]:
+        raise ValueError(
+            f"q, k: batch and head dims differ, q is {tuple(q.shape)} and k is {tuple(k.shape)}; "
+            "expected the same [B, H] (repeat shared key heads before calling a kernel)"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q, k: head dims differ, q has d = {q.shape[-1]} and k has d = {k.shape[-1]}")
+    if (causal or square) and q.shape[-2] != k.shape[-2]:
+        why = "causal attention" if causal else "a spectral gap"
+        raise ValueError(
+            f"q, k: {why} needs as many queries as keys, got N = {q.shape[-2]} queries and {k.shape[-2]} keys"
+        )
+    if q.device != k.device:
+        raise ValueError(f"q, k: on different devices, {q.device} and {k.device}")
+    check_finite(q, "q")
+    check_finite(k, "k")
+
+
+def check_qkv(q, k, v, causal: bool = False) -> None:
+    """Raise unless ``q, k, v`` are finite ``[B, H, N, d]``, ``[B, H, M, d]``, ``[B, H, M, d_v]``."""
+    check_qk4(q, k, causal=causal)
+    _check_4d(v, "v")
+    if v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"v: batch and head dims {tuple(v.shape[:2])} differ from k's {tuple(k.shape[:2])}")
+    if v.shape[-2] != k.shape[-2]:
+        raise ValueError(
+            f"v: has N = {v.shape[-2]} tokens but k has {k.shape[-2]}; expected one value per key"
+        )
+    if v.device != k.device:
+        raise ValueError(f"v: on device {v.device}, expected k's device {k.device}")
+    check_finite(v, "v")
+
+
+def result_dtype(*xs: torch.Tensor) -> torch.dtype:
+    """dtype of a kernel's output: the promoted dtype of its inputs."""
+    dt = xs[0].dtype
+    for x in xs[1:]:
+        dt = torch.promote_types(dt, x.dtype)
+    return dt
+
+
+def work_dtype(dt: torch.dtype) -> torch.dtype:
+    """dtype the output path computes in: float32 for half inputs (and float32), float64 for float64."""
+    return torch.float64 if dt == torch.float64 else torch.float32
+
+
+def matrix_dtype(q: torch.Tensor) -> torch.dtype:
+    """dtype of :meth:`Kernel.matrix`: float64 for float64 input, float32 otherwise."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def full_mask(mask, shape, causal: bool, device) -> torch.Tensor | None:
+    """Combined bool mask ``[B, H, N, M]`` (expanded, True = attend) of ``mask`` and the causal rule."""
+    m = broadcast_mask(mask, torch.Size(shape))
+    if causal:
+        tril = torch.ones(shape[-2], shape[-1], dtype=torch.bool, device=device).tril()
+        m = tril.expand(shape) if m is None else m & tril
+    return m
+
+
+def padding_parts(mask, shape, causal: bool, kernel: str):
+    """Split a padding mask into ``(query_valid [B, H, N] | None, key_valid [B, H, M] | None)``.
+
+    Linearised kernels factorise ``P`` through features, so they support masks that only remove
+    tokens: ``mask_ij = query_valid_i & key_valid_j`` (``& j <= i`` when causal). A key-padding mask
+    ``[B, 1, 1, M]`` is the usual case. Any other mask raises a ValueError that names the first entry
+    that breaks the rule.
+    """
+    m = broadcast_mask(mask, torch.Size(shape))
+    if m is None:
+        return None, None
+    if m.shape[-2] == 1 or m.stride(-2) == 0:
+        # constant along the query axis: a pure key-padding mask (cheap, no N×M work)
+        key_valid = m[..., 0, :]
+        if not causal:
+            return None, key_valid
+    eff = m
+    tril = None
+    if causal:
+        tril = torch.ones(shape[-2], shape[-1], dtype=torch.bool, device=m.device).tril()
+        eff = m & tril
+    key_valid = eff.any(-2)
+    query_valid = eff.any(-1)
+    expected = query_valid[..., :, None] & key_valid[..., None, :]
+    if tril is not None:
+        expected = expected & tril
+    bad = expected != eff
+    if bool(bad.any()):
+        idx = first_index(bad)
+        raise ValueError(
+            f"mask: kernel {kernel!r} is linearised and supports only padding masks (True exactly where query "
+            f"i and key j are both real tokens{', j <= i' if causal else ''}), such as a key-padding mask of shape "
+            f"[B, 1, 1, N]; entry {idx} is {bool(eff[idx])}, expected {bool(expected[idx])}"
+        )
+    if bool(query_valid.all()):
+        query_valid = None
+    return query_valid, key_valid
+
+
+# name -> (constructor, fixed keyword arguments); filled by the kernel modules through _register
+_REGISTRY: dict = {}
+
+
+def _register(name: str, factory, **fixed) -> None:
+    _REGISTRY[name] = (factory, fixed)
+
+
+KERNEL_NAMES: tuple = (
+    "softmax",
+    "lln",
+    "lln_no_mm",
+    "block_diag",
+    "lln_diag",
+    "relu",
+    "elu_plus_one",
+    "exp",
+    "performer",
+)
+
+
+def get_kernel(name: str, **kwargs) -> Kernel:
+    """A new kernel by name (one of :data:`KERNEL_NAMES`), with keyword arguments for its class.
+
+    ``softmax`` → :class:`SoftmaxAttention`; ``lln`` → :class:`LLNAttention`; ``lln_no_mm`` →
+    LLN with ``α = β = 1``; ``block_diag`` → :class:`BlockDiagonalAttention`; ``lln_diag`` →
+    :class:`LLNPlusDiagAttention`; ``relu``, ``elu_plus_one``, ``exp``, ``performer`` →
+    :class:`LinearAttention` with that feature map.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name: expected a kernel name (str), got {type(name).__name__}")
+    if name not in _REGISTRY:
+        raise ValueError(f"name: unknown kernel {name!r}, expected one of {', '.join(KERNEL_NAMES)}")
+    factory, fixed = _REGISTRY[name]
+    clash = sorted(set(fixed) & set(kwargs))
+    if clash:
+        raise ValueError(f"{clash[0]}: fixed by kernel name {name!r} ({clash[0]}={fixed[clash[0]]!r}), cannot be set")
+    return factory(**fixed, **kwargs)

@@ -1,0 +1,462 @@
+"""Linearised attention ``P_ij ∝ φ_Q(q_i)·φ_K(k_j)`` (THEORY.md §1, §4) and its feature maps.
+
+Every feature map here is non-negative, so the engine works with the *logarithm* of the features,
+``lq = log φ_Q(q)``, ``lk = log φ_K(k)`` (``-inf`` for a zero feature). Shifts taken in log space
+cancel in the normalisation, and they are chosen so that no denominator can underflow:
+
+- keys: ``exp(lk_jl − m_l)`` with ``m_l`` the maximum of feature ``l`` over the valid keys, so the
+  key sums ``z_l = Σ_j exp(lk_jl − m_l)`` are ≥ 1;
+- queries: ``exp(lq_il + m_l − M_i)`` with ``M_i = max_l (lq_il + m_l)``, so each row has a term
+  equal to 1 against a ``z_l ≥ 1``: every denominator is ≥ 1 before ``eps`` is added.
+
+This is a stronger form of the shifts of THEORY.md §4 (one maximum per token for queries, one per
+head for keys); it keeps outputs finite and accurate for |q|, |k| in the tens.
+
+Costs: non-causal output ``O(N·r·d_v)`` time, ``O(N·r + r·d_v)`` memory; causal output by chunks of
+``C`` tokens (exact log-space products inside a chunk, a carried ``r × d_v`` state between chunks),
+``O(N·(C + d_v)·r)`` time and ``O(N·r + C²·r)`` memory; spectral gap from the ``r × r`` matrix
+``Φ_Kᵀ D⁻¹ Φ_Q`` (never the N×N one).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..budget import check_dense_fits
+from ..spectral import causal_spectral_gap
+from ..validation import compute_dtype, first_index
+from .base import (
+    Kernel,
+    _register,
+    check_qk4,
+    check_qkv,
+    matrix_dtype,
+    padding_parts,
+    result_dtype,
+    work_dtype,
+)
+
+__all__ = [
+    "FEATURE_MAPS",
+    "LinearAttention",
+    "linear_attention",
+    "linear_attention_causal",
+    "linear_matrix",
+    "linear_spectral_gap",
+    "performer_projection",
+]
+
+FEATURE_MAPS = ("relu", "elu_plus_one", "exp", "performer")
+
+_NEG_INF = float("-inf")
+
+
+# --------------------------------------------------------------------------------------------
+# log-space engine, shared by LinearAttention and LLNAttention
+# --------------------------------------------------------------------------------------------
+
+
+def _mask_keys(lk: torch.Tensor, key_valid) -> torch.Tensor:
+    """``lk`` with padded keys at -inf (a zero feature vector: they receive no attention)."""
+    if key_valid is None:
+        return lk
+    return lk.masked_fill(~key_valid[..., None], _NEG_INF)
+
+
+def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _shifted_features(lq: torch.Tensor, lk: torch.Tensor):
+    """``(qt [B,H,N,r], kt [B,H,M,r])`` with ``P = D̃⁻¹ qt ktᵀ`` exactly and every ``qt·Σ kt ≥ 1``.
+
+    ``lk`` must already hold -inf at padded keys.
+    """
+    m = lk.amax(-2, keepdim=True)  # [B,H,1,r], -inf for a feature no valid key has
+    kt = torch.exp(lk - _finite_or_zero(m))
+    w = lq + m  # a feature no key has stays at -inf: it carries no weight
+    big = _finite_or_zero(w.amax(-1, keepdim=True))
+    qt = torch.exp(w - big)
+    return qt, kt
+
+
+def linear_attention(lq, lk, v, key_valid=None, query_valid=None, eps: float = 1e-8) -> torch.Tensor:
+    """Non-causal linearised attention from log-features, ``O(N·r·d_v)``.
+
+    Args:
+        lq: ``[B, H, N, r]`` log query features (``-inf`` = zero feature).
+        lk: ``[B, H, M, r]`` log key features.
+        v: ``[B, H, M, d_v]`` values.
+        key_valid: ``[B, H, M]`` bool or None; query_valid: ``[B, H, N]`` bool or None.
+        eps: added to each denominator (which the shifts keep ≥ 1 when the row has weight).
+
+    Returns:
+        ``[B, H, N, d_v]``; rows with no weight (no valid key, an invalid query, an all-zero ReLU
+        feature) are 0.
+    """
+    qt, kt = _shifted_features(lq, _mask_keys(lk, key_valid))
+    kv = kt.transpose(-2, -1) @ v  # [B,H,r,dv]
+    z = kt.sum(-2)  # [B,H,r]
+    num = qt @ kv
+    den = (qt * z[..., None, :]).sum(-1, keepdim=True)
+    out = num / (den + eps)
+    if query_valid is not None:
+        out = out * query_valid[..., None]
+    return out
+
+
+def _chunk_size(shape, r: int, requested: int | None) -> int:
+    """Tokens per chunk: the requested size, or the largest power of two ≤ 64 whose
+    ``[B, H, C, C, r]`` intra-chunk tensor stays under 32 Mi elements."""
+    if requested is not None:
+        return int(requested)
+    bh = shape[0] * shape[1]
+    c = 64
+    while c > 8 and bh * c * c * r > 32 * 2**20:
+        c //= 2
+    return c
+
+
+def linear_attention_causal(
+    lq, lk, v, key_valid=None, query_valid=None, eps: float = 1e-8, chunk: int | None = None
+) -> torch.Tensor:
+    """Causal linearised attention from log-features, chunked, ``O(N)`` memory in ``N``.
+
+    Output row ``i`` uses keys ``j <= i`` only. Inside a chunk the weights ``log A_ij =
+    logsumexp_l(lq_il + lk_jl)`` are computed exactly in log space; earlier chunks enter through a
+    carried state ``S_l = Σ_j exp(lk_jl − m_l) v_j``, ``z_l = Σ_j exp(lk_jl − m_l)`` with ``m_l`` the
+    running maximum of feature ``l``, rescaled when the maximum grows (as an online softmax does).
+
+    Args: as :func:`linear_attention` (``N == M``), plus ``chunk``: tokens per chunk (default:
+        chosen from the memory of the ``[B, H, C, C, r]`` intra-chunk tensor).
+    """
+    lk = _mask_keys(lk, key_valid)
+    b, h, n, r = lq.shape
+    dv = v.shape[-1]
+    c = _chunk_size(lq.shape, r, chunk)
+    if c < 1:
+        raise ValueError(f"chunk: expected a positive number of tokens per chunk, got {chunk}")
+    dev, dt = lq.device, lq.dtype
+    state = torch.zeros(b, h, r, dv, dtype=dt, device=dev)
+    zsum = torch.zeros(b, h, r, dtype=dt, device=dev)
+    m = torch.full((b, h, 1, r), _NEG_INF, dtype=dt, device=dev)
+    tril = torch.ones(c, c, dtype=torch.bool, device=dev).tril()
+    outs = []
+    for s in range(0, n, c):
+        e = min(s + c, n)
+        lq_c, lk_c, v_c = lq[:, :, s:e], lk[:, :, s:e], v[:, :, s:e]
+        cl = e - s
+        log_a = torch.logsumexp(lq_c[..., :, None, :] + lk_c[..., None, :, :], dim=-1)  # [B,H,cl,cl]
+        log_a = log_a.masked_fill(~tril[:cl, :cl], _NEG_INF)
+        w = lq_c + m  # inter-chunk log weights per feature, [B,H,cl,r]
+        big = torch.maximum(w.amax(-1), log_a.amax(-1))
+        big = _finite_or_zero(big)[..., None]
+        qt = torch.exp(w - big)
+        a = torch.exp(log_a - big)
+        num = qt @ state + a @ v_c
+        den = (qt * zsum[..., None, :]).sum(-1, keepdim=True) + a.sum(-1, keepdim=True)
+        outs.append(num / (den + eps))
+        # carry the chunk's keys into the state, rescaled to the new running maximum
+        m_new = torch.maximum(m, lk_c.amax(-2, keepdim=True))
+        m_safe = _finite_or_zero(m_new)
+        decay = torch.exp(m - m_safe)  # 0 where m was -inf
+        kt = torch.exp(lk_c - m_safe)
+        state = state * decay[..., 0, :, None] + kt.transpose(-2, -1) @ v_c
+        zsum = zsum * decay[..., 0, :] + kt.sum(-2)
+        m = m_new
+    out = torch.cat(outs, dim=-2)
+    if query_valid is not None:
+        out = out * query_valid[..., None]
+    return out
+
+
+def _log_row_weights(lq_rows: torch.Tensor, lk_b: torch.Tensor) -> torch.Tensor:
+    """Exact ``log A_j = logsumexp_l(lq_l + lk_jl)`` for a few rows: ``[R, r]`` × ``[R, M, r]`` → ``[R, M]``."""
+    return torch.logsumexp(lq_rows[:, None, :] + lk_b, dim=-1)
+
+
+def linear_matrix(lq, lk, valid, kernel: str) -> torch.Tensor:
+    """Dense row-stochastic ``P = D⁻¹ Φ_Q Φ_Kᵀ`` from log-features, in ``lq``'s dtype.
+
+    Args:
+        lq: ``[B, H, N, r]``; lk: ``[B, H, M, r]`` (compute dtype).
+        valid: ``[B, H, N, M]`` bool (padding and causal rule combined) or None.
+        kernel: name used in error messages.
+
+    Rows whose shifted sum is too small to trust (possible only for causal rows, whose shift uses
+    later keys) are recomputed exactly in log space. Rows with no valid entry are 0. A row whose
+    valid weights are all exactly zero (ReLU features) has no attention distribution: ValueError.
+    """
+    key_valid = None if valid is None else valid.any(-2)
+    qt, kt = _shifted_features(lq, _mask_keys(lk, key_valid))
+    a = qt @ kt.transpose(-2, -1)
+    if valid is not None:
+        a = a.masked_fill(~valid, 0)
+    s = a.sum(-1, keepdim=True)
+    has_row = torch.ones_like(s[..., 0], dtype=torch.bool) if valid is None else valid.any(-1)
+    small = (s[..., 0] < math.sqrt(torch.finfo(a.dtype).tiny)) & has_row
+    if bool(small.any()):
+        idx = torch.nonzero(small, as_tuple=False)
+        for start in range(0, idx.shape[0], 64):
+            bi, hi, ii = idx[start : start + 64].unbind(-1)
+            log_rows = _log_row_weights(lq[bi, hi, ii], lk[bi, hi])
+            if valid is not None:
+                log_rows = log_rows.masked_fill(~valid[bi, hi, ii], _NEG_INF)
+            lse = torch.logsumexp(log_rows, dim=-1, keepdim=True)
+            zero = ~torch.isfinite(lse[:, 0])
+            if bool(zero.any()):
+                at = tuple(int(t) for t in idx[start + int(torch.nonzero(zero)[0, 0])])
+                raise ValueError(
+                    f"q: row {at} (batch, head, query) has zero weight on every valid key under kernel "
+                    f"{kernel!r} (all its features are 0), so its attention distribution is undefined"
+                )
+            a[bi, hi, ii] = torch.exp(log_rows - lse)
+            s[bi, hi, ii] = 1.0
+    s = torch.where(has_row[..., None], s, torch.ones_like(s))
+    return a / s
+
+
+def linear_spectral_gap(lq, lk, valid_tokens, causal: bool, kernel: str) -> torch.Tensor:
+    """Spectral gap ``1 − |λ_2|`` of linearised attention without the N×N matrix.
+
+    Non-causal: the nonzero eigenvalues of ``P = D̃⁻¹ qt ktᵀ`` are those of the ``r × r`` matrix
+    ``ktᵀ D̃⁻¹ qt`` (``O(N·r²)``, then an ``r × r`` eigen-solver). Causal: ``P`` is lower-triangular,
+    its eigenvalues are ``P_ii = A_ii / D_i`` with ``log D_i = logsumexp_l(lq_il + logcumsumexp_j
+    lk_jl)``; the gap is ``1 − max`` over the valid tokens after the first (``O(N·r)``).
+
+    Args:
+        lq, lk: ``[B, H, N, r]`` log-features in the compute dtype.
+        valid_tokens: ``[B, H, N]`` bool, tokens valid as both query and key (padding removed, the
+            square block the dense :func:`attnstats.spectral_gap` analyses), or None.
+
+    Returns:
+        ``[B, H]``; 1 for a matrix with a single valid token.
+    """
+    lk = _mask_keys(lk, valid_tokens)
+    b, h, n, r = lq.shape
+    if causal:
+        log_den = torch.logsumexp(lq + torch.logcumsumexp(lk, dim=-2), dim=-1)  # [B,H,N]
+        log_diag = torch.logsumexp(lq + lk, dim=-1)
+        bad = ~torch.isfinite(log_den)
+        if valid_tokens is not None:
+            bad = bad & valid_tokens
+        if bool(bad.any()):
+            raise ValueError(
+                f"q: row {first_index(bad)} (batch, head, query) has zero weight on every valid key under "
+                f"kernel {kernel!r}, so its attention distribution is undefined"
+            )
+        diag = torch.exp(log_diag - _finite_or_zero(log_den))
+        if valid_tokens is None:
+            return causal_spectral_gap(diag)
+        # the first valid token's row is (1, 0, ...): drop it, as the dense rule drops P_00
+        first = valid_tokens & (valid_tokens.cumsum(-1) == 1)
+        d = diag.masked_fill(~valid_tokens | first, _NEG_INF)
+        top = d.amax(-1)
+        return torch.where(torch.isfinite(top), 1.0 - top, torch.ones_like(top))
+    qt, kt = _shifted_features(lq, lk)
+    z = kt.sum(-2)
+    den = (qt * z[..., None, :]).sum(-1)  # [B,H,N]
+    bad = den <= 0
+    if valid_tokens is not None:
+        bad = bad & valid_tokens
+    if bool(bad.any()):
+        raise ValueError(
+            f"q: row {first_index(bad)} (batch, head, query) has zero weight on every valid key under kernel "
+            f"{kernel!r}, so its attention distribution is undefined"
+        )
+    qd = qt / torch.where(den > 0, den, torch.ones_like(den))[..., None]
+    if valid_tokens is not None:
+        qd = qd * valid_tokens[..., None]
+    small = kt.transpose(-2, -1) @ qd  # [B,H,r,r]
+    gap = _second_modulus_gap(small).to(lq.dtype)
+    if valid_tokens is not None:
+        count = valid_tokens.sum(-1)
+        gap = torch.where(count <= 1, torch.ones_like(gap), gap)
+    elif n == 1:
+        gap = torch.ones_like(gap)
+    return gap
+
+
+def _second_modulus_gap(small: torch.Tensor) -> torch.Tensor:
+    """``1 − |λ_2|`` of each ``[..., r, r]`` matrix whose largest eigenvalue is 1 (r = 1 gives 1)."""
+    if small.shape[-1] == 1:
+        return torch.ones(small.shape[:-2], dtype=small.dtype, device=small.device)
+    try:
+        eig = torch.linalg.eigvals(small)
+    except RuntimeError:  # LAPACK did not converge in torch's build; scipy's driver balances first
+        import numpy as np
+        import scipy.linalg
+
+        flat = small.detach().cpu().double().reshape(-1, *small.shape[-2:]).numpy()
+        eig = torch.from_numpy(np.stack([scipy.linalg.eigvals(x) for x in flat])).reshape(*small.shape[:-1])
+    mod = eig.abs().sort(dim=-1, descending=True).values
+    return (1.0 - mod[..., 1]).to(device=small.device)
+
+
+# --------------------------------------------------------------------------------------------
+# feature maps
+# --------------------------------------------------------------------------------------------
+
+
+def performer_projection(d: int, num_features: int, seed: int = 0) -> torch.Tensor:
+    """FAVOR+ random projection ``[num_features, d]`` (float64, CPU), seeded.
+
+    Blocks of ``d`` orthogonal directions (QR of a Gaussian matrix) with lengths drawn as the norms
+    of ``d``-dimensional Gaussian vectors, so every row is marginally ``N(0, I_d)`` and rows within a
+    block are orthogonal (Choromanski et al., 2021).
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    blocks = []
+    for _ in range(math.ceil(num_features / d)):
+        qmat, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+        blocks.append(qmat.T)
+    w = torch.cat(blocks, 0)[:num_features]
+    lengths = torch.randn(num_features, d, generator=g, dtype=torch.float64).norm(dim=-1)
+    return w * lengths[:, None]
+
+
+def _log_relu(x):
+    return torch.where(x > 0, torch.log(x.clamp_min(torch.finfo(x.dtype).tiny)), torch.full_like(x, _NEG_INF))
+
+
+def _log_elu_plus_one(x):
+    # log(elu(x) + 1) is x for x <= 0 and log1p(x) above: exact, never -inf
+    return torch.where(x > 0, torch.log1p(x.clamp_min(0)), x)
+
+
+class LinearAttention(Kernel):
+    """Linearised attention with a fixed feature map, ``P_ij ∝ φ(q_i)·φ(k_j)``.
+
+    Args:
+        feature_map: ``"relu"`` (``max(x, 0)``), ``"elu_plus_one"`` (``elu(x) + 1``), ``"exp"``
+            (``exp(x)`` element-wise, on q and k as given), or ``"performer"`` (FAVOR+ positive random
+            features ``exp(ωᵀx − |x|²/2)/sqrt(m)`` of ``x = q·d^{-1/4}``, an unbiased estimate of the
+            softmax kernel ``exp(q·k/sqrt(d))``).
+        num_features: Performer only, number ``m`` of random features (default ``int(d·ln d)``,
+            at least ``d``).
+        seed: Performer only, seed of the random projection.
+        eps: added to each denominator.
+        chunk: tokens per chunk of the causal algorithm (default: chosen from memory).
+
+    ``relu`` rows can have zero weight everywhere (a query with no positive feature): their output
+    is 0 and ``matrix``/``spectral_gap`` raise a ValueError naming the row.
+    """
+
+    def __init__(self, feature_map: str = "elu_plus_one", *, num_features: int | None = None, seed: int = 0,
+                 eps: float = 1e-8, chunk: int | None = None):
+        super().__init__()
+        if not isinstance(feature_map, str) or feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map: unknown feature map {feature_map!r}, expected one of {', '.join(FEATURE_MAPS)}")
+        if num_features is not None and (not isinstance(num_features, int) or num_features < 1):
+            raise ValueError(f"num_features: expected a positive int, got {num_features!r}")
+        if num_features is not None and feature_map != "performer":
+            raise ValueError(f"num_features: only the 'performer' feature map has random features, not {feature_map!r}")
+        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"chunk: expected a positive int number of tokens, got {chunk!r}")
+        if not eps >= 0:
+            raise ValueError(f"eps: expected a non-negative number, got {eps!r}")
+        self.name = feature_map
+        self.feature_map = feature_map
+        self.num_features = num_features
+        self.seed = seed
+        self.eps = float(eps)
+        self.chunk = chunk
+        self._projections: dict = {}
+
+    def extra_repr(self) -> str:
+        extra = f", num_features={self.num_features}, seed={self.seed}" if self.feature_map == "performer" else ""
+        return f"feature_map={self.feature_map!r}{extra}, eps={self.eps}"
+
+    def projection(self, d: int, device, dtype) -> torch.Tensor:
+        """The Performer projection ``[m, d]`` used for head dim ``d`` (drawn once per ``d``)."""
+        m = self.num_features if self.num_features is not None else max(d, int(d * math.log(d)))
+        if d not in self._projections:
+            self._projections[d] = performer_projection(d, m, self.seed)
+        return self._projections[d].to(device=device, dtype=dtype)
+
+    def log_features(self, q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype):
+        """``(log φ(q), log φ(k))`` in ``dtype``, ``[B, H, N, r]``; ``-inf`` marks a zero feature."""
+        q, k = q.to(dtype), k.to(dtype)
+        f = self.feature_map
+        if f == "relu":
+            return _log_relu(q), _log_relu(k)
+        if f == "elu_plus_one":
+            return _log_elu_plus_one(q), _log_elu_plus_one(k)
+        if f == "exp":
+            return q, k
+        d = q.shape[-1]
+        w = self.projection(d, q.device, dtype)
+        scale = d ** -0.25
+
+        def favor(x):
+            x = x * scale
+            # the constant −log(m)/2 cancels in the normalisation and is left out
+            return x @ w.T - 0.5 * (x * x).sum(-1, keepdim=True)
+
+        return favor(q), favor(k)
+
+    def forward(self, q, k, v, *, causal: bool = False, mask=None) -> torch.Tensor:
+        """Attention output ``[B, H, N, d_v]`` (same dtype as the inputs; float32 compute for half)."""
+        check_qkv(q, k, v, causal)
+        out_dt = result_dtype(q, k, v)
+        dt = work_dtype(out_dt)
+        shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
+        query_valid, key_valid = padding_parts(mask, shape, causal, self.name)
+        lq, lk = self.log_features(q, k, dt)
+        vv = v.to(dt)
+        if causal:
+            out = linear_attention_causal(lq, lk, vv, key_valid, query_valid, self.eps, self.chunk)
+        else:
+            out = linear_attention(lq, lk, vv, key_valid, query_valid, self.eps)
+        return out.to(out_dt)
+
+    def matrix(self, q, k, *, causal: bool = False, mask=None) -> torch.Tensor:
+        """Dense row-stochastic matrix ``[B, H, N, N]`` (float64 for float64 input, else float32).
+
+        Guarded by the memory budget. Rows with no valid key (all padded) are 0.
+        """
+        check_qk4(q, k, causal)
+        shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
+        cd = compute_dtype(q)
+        check_dense_fits(shape, torch.finfo(cd).bits // 8, f"the {self.name} attention matrix")
+        query_valid, key_valid = padding_parts(mask, shape, causal, self.name)
+        valid = _valid_dense(shape, query_valid, key_valid, causal, q.device)
+        lq, lk = self.log_features(q, k, cd)
+        return linear_matrix(lq, lk, valid, self.name).to(matrix_dtype(q))
+
+    def spectral_gap(self, q, k, *, causal: bool = False, mask=None) -> torch.Tensor:
+        """Spectral gap ``[B, H]`` from the ``r × r`` matrix of THEORY.md §4 (causal: diagonal rule)."""
+        check_qk4(q, k, causal, square=True)
+        shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
+        query_valid, key_valid = padding_parts(mask, shape, causal, self.name)
+        tokens = _valid_tokens(query_valid, key_valid)
+        lq, lk = self.log_features(q, k, compute_dtype(q))
+        return linear_spectral_gap(lq, lk, tokens, causal, self.name)
+
+
+def _valid_dense(shape, query_valid, key_valid, causal: bool, device):
+    """``[B, H, N, M]`` bool from the padding parts and the causal rule, or None when all valid."""
+    if query_valid is None and key_valid is None and not causal:
+        return None
+    v = torch.ones(shape, dtype=torch.bool, device=device)
+    if key_valid is not None:
+        v = v & key_valid[..., None, :]
+    if query_valid is not None:
+        v = v & query_valid[..., :, None]
+    if causal:
+        v = v & torch.ones(shape[-2:], dtype=torch.bool, device=device).tril()
+    return v
+
+
+def _valid_tokens(query_valid, key_valid):
+    """Tokens valid as both query and key (the square block a spectral gap is taken on), or None."""
+    if query_valid is None:
+        return key_valid
+    if key_valid is None:
+        return query_valid
+    return query_valid & key_valid
+
+
+for _name in FEATURE_MAPS:
+    _register(_name, LinearAttention, feature_map=_name)

@@ -1,0 +1,133 @@
+"""Linear Log-Normal (LLN) attention (THEORY.md §4).
+
+Feature maps ``φ_Q(q) = exp(α q)``, ``φ_K(k) = exp(β k)`` element-wise (``r = d``). With moment
+matching, ``α`` and ``β`` make the log-variance of the LLN matrix equal that of softmax attention
+on the same q, k: ``σ̃ = sqrt((σ² − b)/(2a))``, ``α = σ̃/σ_q``, ``β = σ̃/σ_k``, where ``σ_q, σ_k`` are
+the standard deviations of the whole q and k tensors (no gradient) and ``σ² = σ_q²σ_k²`` is the
+score variance of softmax attention at its default scale ``1/sqrt(d)``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import theory
+from ..budget import check_dense_fits
+from ..validation import compute_dtype
+from .base import Kernel, _register, check_qk4, check_qkv, matrix_dtype, padding_parts, result_dtype, work_dtype
+from .linear import (
+    _valid_dense,
+    _valid_tokens,
+    linear_attention,
+    linear_attention_causal,
+    linear_matrix,
+    linear_spectral_gap,
+)
+
+__all__ = ["LLNAttention"]
+
+
+class LLNAttention(Kernel):
+    """Linear Log-Normal attention ``P_ij ∝ Σ_l exp(α q_il + β k_jl)``.
+
+    Args:
+        moment_matching: if True, ``α, β`` from the moment-matching rule (see :meth:`alpha_beta`);
+            if False, ``α = β = 1`` ("before moment matching").
+        a, b: constants of the moment-matching regression ``σ_sm² = a·σ_t² + b`` (defaults: the
+            paper's values for d = 64; refit for another head dim with
+            :func:`attnstats.fit_moment_matching`).
+        eps: added to each denominator (the stabilising shifts keep denominators ≥ 1).
+        scale: the softmax scale whose score variance is matched; None = ``1/sqrt(d)``. With another
+            scale ``c`` the matched variance is ``c²·d·σ_q²σ_k²``.
+        chunk: tokens per chunk of the causal algorithm (default: chosen from memory).
+
+    Computation is float32 for half and float32 inputs (float64 for float64); non-causal in
+    ``O(N·d·d_v)``; causal by a chunked pure-PyTorch algorithm with ``O(N)`` memory; key-padding
+    masks supported (padded keys get no attention, padded queries give 0).
+    """
+
+    def __init__(self, moment_matching: bool = True, a: float = theory.LLN_A, b: float = theory.LLN_B,
+                 eps: float = 1e-8, scale: float | None = None, chunk: int | None = None):
+        super().__init__()
+        if not (isinstance(a, (int, float)) and a > 0):
+            raise ValueError(f"a: expected a positive slope, got {a!r}")
+        if not isinstance(b, (int, float)):
+            raise TypeError(f"b: expected a float, got {type(b).__name__}")
+        if not eps >= 0:
+            raise ValueError(f"eps: expected a non-negative number, got {eps!r}")
+        if scale is not None and not scale > 0:
+            raise ValueError(f"scale: expected a positive softmax scale or None, got {scale!r}")
+        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"chunk: expected a positive int number of tokens, got {chunk!r}")
+        self.moment_matching = bool(moment_matching)
+        self.name = "lln" if self.moment_matching else "lln_no_mm"
+        self.a, self.b = float(a), float(b)
+        self.eps = float(eps)
+        self.scale = scale
+        self.chunk = chunk
+
+    def extra_repr(self) -> str:
+        return f"moment_matching={self.moment_matching}, a={self.a}, b={self.b}, eps={self.eps}"
+
+    @torch.no_grad()
+    def alpha_beta(self, q: torch.Tensor, k: torch.Tensor) -> tuple[float, float]:
+        """The temperatures ``(α, β)`` used for these q, k (Python floats).
+
+        ``σ_q, σ_k`` are the standard deviations of all entries of ``q`` and ``k`` (population, in
+        float64). Without moment matching, ``(1.0, 1.0)``. A constant tensor (σ = 0) gives features
+        that do not depend on it, so its σ is replaced by 1.
+        """
+        if not self.moment_matching:
+            return 1.0, 1.0
+        sq = float(q.detach().to(torch.float64).std(correction=0))
+        sk = float(k.detach().to(torch.float64).std(correction=0))
+        sq = sq if sq > 0 else 1.0
+        sk = sk if sk > 0 else 1.0
+        d = q.shape[-1]
+        # a softmax scale c gives scores of variance c²·d·σ_q²σ_k²: match that by rescaling σ_q, σ_k
+        c = 1.0 if self.scale is None else float(self.scale) * d**0.5
+        alpha, beta = theory.lln_alpha_beta(sq * c**0.5, sk * c**0.5, self.a, self.b)
+        return float(alpha) * c**0.5, float(beta) * c**0.5
+
+    def log_features(self, q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype):
+        """``(α q, β k)`` in ``dtype``: the logarithms of the LLN features."""
+        alpha, beta = self.alpha_beta(q, k)
+        return q.to(dtype) * alpha, k.to(dtype) * beta
+
+    def forward(self, q, k, v, *, causal: bool = False, mask=None) -> torch.Tensor:
+        """Attention output ``[B, H, N, d_v]`` in the inputs' dtype."""
+        check_qkv(q, k, v, causal)
+        out_dt = result_dtype(q, k, v)
+        dt = work_dtype(out_dt)
+        shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
+        query_valid, key_valid = padding_parts(mask, shape, causal, self.name)
+        lq, lk = self.log_features(q, k, dt)
+        vv = v.to(dt)
+        if causal:
+            out = linear_attention_causal(lq, lk, vv, key_valid, query_valid, self.eps, self.chunk)
+        else:
+            out = linear_attention(lq, lk, vv, key_valid, query_valid, self.eps)
+        return out.to(out_dt)
+
+    def matrix(self, q, k, *, causal: bool = False, mask=None) -> torch.Tensor:
+        """Dense row-stochastic LLN matrix ``[B, H, N, N]`` (float64 for float64 input, else float32)."""
+        check_qk4(q, k, causal)
+        shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
+        cd = compute_dtype(q)
+        check_dense_fits(shape, torch.finfo(cd).bits // 8, f"the {self.name} attention matrix")
+        query_valid, key_valid = padding_parts(mask, shape, causal, self.name)
+        valid = _valid_dense(shape, query_valid, key_valid, causal, q.device)
+        lq, lk = self.log_features(q, k, cd)
+        return linear_matrix(lq, lk, valid, self.name).to(matrix_dtype(q))
+
+    def spectral_gap(self, q, k, *, causal: bool = False, mask=None) -> torch.Tensor:
+        """Spectral gap ``[B, H]`` from the ``d × d`` matrix ``Φ_Kᵀ D⁻¹ Φ_Q`` (causal: diagonal rule)."""
+        check_qk4(q, k, causal, square=True)
+        shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
+        query_valid, key_valid = padding_parts(mask, shape, causal, self.name)
+        tokens = _valid_tokens(query_valid, key_valid)
+        lq, lk = self.log_features(q, k, compute_dtype(q))
+        return linear_spectral_gap(lq, lk, tokens, causal, self.name)
+
+
+_register("lln", LLNAttention, moment_matching=True)
+_register("lln_no_mm", LLNAttention, moment_matching=False)

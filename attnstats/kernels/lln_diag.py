@@ -1,0 +1,122 @@
+"""LLN+Diag attention: LLN attention plus exact softmax inside blocks of ``d`` tokens (THEORY.md §4)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import theory
+from ..spectral import spectral_gap as dense_spectral_gap
+from .base import Kernel, _register, check_qk4, check_qkv, full_mask
+from .block_diagonal import BlockDiagonalAttention
+from .lln import LLNAttention
+
+__all__ = ["LLNPlusDiagAttention", "LLN_DIAG_MODES"]
+
+LLN_DIAG_MODES = ("average", "learnable_scale", "learnable_ratio")
+
+
+class LLNPlusDiagAttention(Kernel):
+    """``w_L ⊙ LLN(q, k, v) + w_D ⊙ BlockDiag(q, k, v)``, weights per head and value channel.
+
+    Args:
+        mode: ``"average"``: ``w_L = w_D = 1/2`` (fixed); ``"learnable_scale"``: two learnable
+            tensors ``w_L = r``, ``w_D = p`` (initial 1/2); ``"learnable_ratio"``: one learnable
+            ``w_L = r``, ``w_D = 1 − r`` (initial 1/2).
+        num_heads, head_dim: shape ``[H, d_v]`` of the learnable weights (needed by the learnable
+            modes only).
+        block: tokens per softmax block; None = head dim.
+        moment_matching, a, b, eps, scale, chunk: passed to :class:`LLNAttention` (``scale`` also
+            to the block softmax).
+
+    :meth:`matrix` returns ``w_L P_LLN + w_D P_Diag``, the matrix applied to value channel
+    ``channel`` (weights equal over channels need no ``channel``). It is row-stochastic for
+    ``average`` and ``learnable_ratio``; under ``learnable_scale`` its rows sum to ``r + p``.
+    """
+
+    def __init__(self, mode: str = "average", *, num_heads: int | None = None, head_dim: int | None = None,
+                 block: int | None = None, moment_matching: bool = True, a: float = theory.LLN_A,
+                 b: float = theory.LLN_B, eps: float = 1e-8, scale: float | None = None, chunk: int | None = None):
+        super().__init__()
+        if mode not in LLN_DIAG_MODES:
+            raise ValueError(f"mode: unknown mode {mode!r}, expected one of {', '.join(LLN_DIAG_MODES)}")
+        self.name = "lln_diag"
+        self.mode = mode
+        self.lln = LLNAttention(moment_matching=moment_matching, a=a, b=b, eps=eps, scale=scale, chunk=chunk)
+        self.diag = BlockDiagonalAttention(block=block, scale=scale)
+        if mode != "average":
+            for label, val in (("num_heads", num_heads), ("head_dim", head_dim)):
+                if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                    raise ValueError(f"{label}: mode {mode!r} learns weights of shape [num_heads, head_dim]; "
+                                     f"expected a positive int, got {val!r}")
+            self.r = nn.Parameter(torch.full((num_heads, head_dim), 0.5))
+            if mode == "learnable_scale":
+                self.p = nn.Parameter(torch.full((num_heads, head_dim), 0.5))
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}"
+
+    def weights(self) -> tuple:
+        """``(w_L, w_D)``: floats for ``average``, tensors ``[H, d_v]`` for the learnable modes."""
+        if self.mode == "average":
+            return 0.5, 0.5
+        if self.mode == "learnable_ratio":
+            return self.r, 1 - self.r
+        return self.r, self.p
+
+    def _check_heads(self, q, v=None):
+        if self.mode == "average":
+            return
+        h, dv = self.r.shape
+        if q.shape[1] != h or (v is not None and v.shape[-1] != dv):
+            got = f"{q.shape[1]} heads" + ("" if v is None else f" and d_v = {v.shape[-1]}")
+            raise ValueError(f"q, v: the learnable weights are for {h} heads and d_v = {dv}, got {got}")
+
+    def forward(self, q, k, v, *, causal: bool = False, mask=None) -> torch.Tensor:
+        """Attention output ``[B, H, N, d_v]``."""
+        check_qkv(q, k, v, causal=True)
+        self._check_heads(q, v)
+        out_l = self.lln(q, k, v, causal=causal, mask=mask)
+        out_d = self.diag(q, k, v, causal=causal, mask=mask)
+        wl, wd = self.weights()
+        if self.mode != "average":
+            wl, wd = wl[None, :, None, :], wd[None, :, None, :]
+        return (wl * out_l + wd * out_d).to(out_l.dtype)
+
+    def _channel_weights(self, channel):
+        """``(w_L, w_D)`` as ``[H]`` tensors (or floats) for one value channel."""
+        if self.mode == "average":
+            return 0.5, 0.5
+        wl, wd = (w.detach() for w in self.weights())
+        if channel is None:
+            if not (bool((wl == wl[:, :1]).all()) and bool((wd == wd[:, :1]).all())):
+                raise ValueError("channel: the learned weights differ across value channels, so each channel has "
+                                 "its own matrix; pass channel=c (0 <= c < head_dim)")
+            channel = 0
+        if isinstance(channel, bool) or not isinstance(channel, int) or not 0 <= channel < wl.shape[1]:
+            raise ValueError(f"channel: expected an int in [0, {wl.shape[1]}), got {channel!r}")
+        return wl[:, channel], wd[:, channel]
+
+    def matrix(self, q, k, *, causal: bool = False, mask=None, channel: int | None = None) -> torch.Tensor:
+        """Dense ``w_L P_LLN + w_D P_Diag`` ``[B, H, N, N]`` for value channel ``channel``."""
+        check_qk4(q, k, causal=True)
+        self._check_heads(q)
+        wl, wd = self._channel_weights(channel)
+        pl = self.lln.matrix(q, k, causal=causal, mask=mask)
+        pd = self.diag.matrix(q, k, causal=causal, mask=mask)
+        if not isinstance(wl, float):
+            wl = wl.to(pl.dtype)[None, :, None, None]
+            wd = wd.to(pl.dtype)[None, :, None, None]
+        return wl * pl + wd * pd
+
+    def spectral_gap(self, q, k, *, causal: bool = False, mask=None, channel: int | None = None) -> torch.Tensor:
+        """Spectral gap ``[B, H]`` of the dense :meth:`matrix` (:func:`attnstats.spectral_gap`)."""
+        if self.mode == "learnable_scale":
+            raise ValueError("mode: 'learnable_scale' makes a matrix whose rows sum to r + p, not 1; "
+                             "a spectral gap needs a row-stochastic matrix ('average' or 'learnable_ratio')")
+        p = self.matrix(q, k, causal=causal, mask=mask, channel=channel)
+        shape = p.shape
+        valid = full_mask(mask, shape, causal, q.device)
+        return dense_spectral_gap(p, valid)
+
+
+_register("lln_diag", LLNPlusDiagAttention)
