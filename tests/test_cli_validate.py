@@ -1,0 +1,59 @@
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from attnstats.claims import run_claims
+from attnstats.cli import main
+
+
+def test_claims_inside_their_regime_hold_on_sections_2_and_3():
+    results = run_claims(quick=True, sections=("§2", "§3"))
+    assert len(results) >= 20
+    broken = [r.claim for r in results if r.expected and not r.holds]
+    assert broken == []
+    # the variance prediction is reported outside its regime too, and fails there
+    outside = [r for r in results if r.claim.startswith("N²·Var[P]") and not r.expected]
+    assert outside and not any(r.holds for r in outside)
+
+
+def test_validate_prints_table_and_writes_csv(tmp_path, capsys, monkeypatch):
+    import attnstats.claims as claims
+
+    real = claims.run_claims
+    monkeypatch.setattr(claims, "run_claims", lambda quick, seed: real(quick=True, seed=seed, sections=("§2",)))
+    out = tmp_path / "v" / "claims.csv"
+    assert main(["validate", "--quick", "--csv", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "claim" in printed and "N²·Var[P] = e^σ² − 1" in printed and "outside regime" in printed
+    frame = pd.read_csv(out)
+    assert list(frame.columns) == ["section", "claim", "prediction", "measurement", "tolerance", "holds", "expected", "regime"]
+    assert len(frame) == 16
+
+
+def test_validate_exit_code_is_non_zero_when_a_claim_breaks(monkeypatch, capsys):
+    import attnstats.claims as claims
+
+    bad = claims.ClaimResult("§2", "a claim that breaks", 1.0, 2.0, "rel 0.1", False, True, "test")
+    monkeypatch.setattr(claims, "run_claims", lambda quick, seed: [bad])
+    assert main(["validate"]) == 1
+    assert "FAILED: 1 claim(s)" in capsys.readouterr().err
+
+
+def test_unwritable_csv_is_a_user_error(tmp_path, capsys, monkeypatch):
+    import attnstats.claims as claims
+
+    monkeypatch.setattr(claims, "run_claims", lambda quick, seed: [])
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["validate", "--csv", str(blocker / "sub" / "c.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "error: cannot create the output folder" in err and "Traceback" not in err
+
+
+def test_console_entry_point_help():
+    r = subprocess.run([sys.executable, "-m", "attnstats", "validate", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--quick" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "attnstats", "nonsense"], capture_output=True, text=True)
+    assert r.returncode == 2 and "invalid choice" in r.stderr
