@@ -9,5 +9,7 @@ from .budget import DenseTooLargeError, get_memory_budget, memory_budget, set_me
 from .lognormal import LogNormalFit, lognormal_fit
 from .spectral import spectral_gap
 from .stats import EntryMoments, entry_moments, row_entropy
+from .streaming import StreamingStats, sample_log_probs, streaming_lognormal_fit, streaming_stats
+from .eigen import SpectralGap, linear_spectral_gap, spectral_gap_from_qk
 
 __version__ = "0.1.0"

@@ -139,8 +139,10 @@ def prepare_qk(q, k, scale=None, mask=None, causal=False):
     qb = q4.expand(*outer, hq, nq, d).reshape(-1, hq, nq, d)
     kb = k4.expand(*outer, hk, nk, d).reshape(-1, hk, nk, d)
     batch = () if q.dim() == 2 and k.dim() == 2 else (*outer, hq_out)
-    check_finite(q, "q")
-    check_finite(k, "k")
+    for name, x in (("q", q), ("k", k)):
+        # One reduction instead of an N·d bool tensor; the detailed search only when it fails.
+        if not bool(torch.isfinite(torch.sum(x, dtype=torch.float32 if x.dtype != torch.float64 else x.dtype))):
+            check_finite(x, name)
     if scale is None:
         scale = 1.0 / math.sqrt(d)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
@@ -377,3 +379,121 @@ def streaming_stats(q, k, *, scale=None, mask=None, causal=False, backend="auto"
         entry_moments=moments_from_rows(rows),
         backend=used,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# samples of ln P for the log-normal fit
+
+
+def _triangle_index(f: torch.Tensor):
+    """Row and column of flat index ``f`` into the lower triangle ``j ≤ i`` enumerated row by row."""
+    i = torch.floor((torch.sqrt(8.0 * f.double() + 1.0) - 1.0) / 2.0).to(torch.int64)
+    # float64 rounding can put i one off near row boundaries: correct it exactly in integers.
+    i = torch.where(i * (i + 1) // 2 > f, i - 1, i)
+    i = torch.where((i + 1) * (i + 2) // 2 <= f, i + 1, i)
+    return i, f - i * (i + 1) // 2
+
+
+def _valid_entries(i, j, mask_bh, causal):
+    ok = torch.ones_like(i, dtype=torch.bool)
+    if causal:
+        ok &= j <= i
+    if mask_bh is not None:
+        ok &= mask_bh[i if mask_bh.shape[0] != 1 else torch.zeros_like(i), j]
+    return ok
+
+
+def sample_log_probs(q, k, *, scale=None, mask=None, causal=False, lse=None, max_samples=100_000, seed=0):
+    """Values of ``ln P_ij = s_ij − LSE_i`` at valid entries, one 1-d float64 tensor per matrix.
+
+    Where a matrix has at most ``max_samples`` valid entries, all of them in row-major order (the
+    values :func:`attnstats.lognormal.log_entries` takes from the dense matrix); beyond that, a uniform
+    sample of ``max_samples`` distinct valid entries in row-major order, drawn by rejection from one
+    generator seeded with ``seed`` (reproducible, but not the same entries the dense sampler picks).
+
+    Args:
+        q, k, scale, mask, causal: as :func:`streaming_stats`.
+        lse: ``[..., Nq]`` row log-normalisers if already known (e.g. ``streaming_stats(...).lse``),
+            else computed by one streaming pass.
+        max_samples: values per matrix at most (int ≥ 3).
+        seed: seed of the sample.
+
+    Returns:
+        A list over the flattened batch ``[...]`` of float64 CPU tensors. Memory ``O(max_samples·d)``.
+    """
+    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 3:
+        raise ValueError(f"max_samples: expected an int >= 3, got {max_samples!r}")
+    qb, kb, scale, m, batch = prepare_qk(q, k, scale, mask, causal)
+    B, Hq, Nq, d = qb.shape
+    Nk = kb.shape[2]
+    g = Hq // kb.shape[1]
+    if lse is None:
+        rows, _, _ = streaming_row_accumulators(qb, kb, scale=scale, mask=m, causal=causal)
+        lse_b = rows.lse
+    else:
+        if not isinstance(lse, torch.Tensor) or lse.shape != (*batch, Nq):
+            raise ValueError(f"lse: expected a tensor of shape {(*batch, Nq)}, got {getattr(lse, 'shape', type(lse))}")
+        lse_b = lse.reshape(B, Hq, Nq)
+    gen = torch.Generator().manual_seed(seed)
+    total = Nq * (Nq + 1) // 2 if causal else Nq * Nk
+    out = []
+    for b in range(B):
+        for h in range(Hq):
+            mask_bh = None if m is None else m[b, h].cpu()
+            if total <= max_samples:
+                f = torch.arange(total)
+                i, j = _triangle_index(f) if causal else (f // Nk, f % Nk)
+                ok = _valid_entries(i, j, mask_bh, causal)
+                i, j = i[ok], j[ok]
+            else:
+                picked = torch.empty(0, dtype=torch.int64)
+                for _ in range(64):
+                    need = max_samples - picked.numel()
+                    if need <= 0:
+                        break
+                    f = torch.randint(0, total, (2 * need + 16,), generator=gen)
+                    i, j = _triangle_index(f) if causal else (f // Nk, f % Nk)
+                    f = f[_valid_entries(i, j, mask_bh, causal)]
+                    # Keep draw order while dropping repeats, so that the sample stays uniform.
+                    cand = torch.cat([picked, f])
+                    uniq, inverse = torch.unique(cand, return_inverse=True)
+                    first = torch.full((uniq.numel(),), cand.numel(), dtype=torch.int64)
+                    first.scatter_reduce_(0, inverse, torch.arange(cand.numel()), reduce="amin")
+                    picked = cand[first.sort().values][:max_samples]
+                if picked.numel() < max_samples:
+                    raise ValueError(
+                        f"mask: too few valid entries found by sampling in matrix {(b, h)}; "
+                        "expected the mask to keep a reasonable fraction of entries"
+                    )
+                f = picked.sort().values
+                i, j = _triangle_index(f) if causal else (f // Nk, f % Nk)
+            dev = qb.device
+            qi = qb[b, h].index_select(0, i.to(dev)).double()
+            kj = kb[b, h // g].index_select(0, j.to(dev)).double()
+            vals = (qi * kj).sum(-1) * scale - lse_b[b, h].double().index_select(0, i.to(dev))
+            out.append(vals.cpu())
+    return out
+
+
+def streaming_lognormal_fit(q, k, *, scale=None, mask=None, causal=False, lse=None, max_samples=100_000, seed=0):
+    """Log-normal fit of the entries of ``softmax(scale · q kᵀ)`` per matrix, without the matrix.
+
+    Args: as :func:`sample_log_probs`.
+
+    Returns:
+        :class:`attnstats.LogNormalFit` with float64 tensor fields of the batch shape ``[...]``
+        (``n`` int64), each from :func:`attnstats.lognormal.fit_log_values` on that matrix's sample.
+    """
+    from .lognormal import LogNormalFit, fit_log_values
+
+    _, _, _, _, batch = prepare_qk(q, k, scale, None, causal)
+    fits = [fit_log_values(v) for v in sample_log_probs(
+        q, k, scale=scale, mask=mask, causal=causal, lse=lse, max_samples=max_samples, seed=seed)]
+
+    def field(name, dtype=torch.float64):
+        return torch.tensor([getattr(f, name) for f in fits], dtype=dtype).reshape(batch)
+
+    return LogNormalFit(**{
+        name: field(name, torch.int64 if name == "n" else torch.float64)
+        for name in LogNormalFit.__dataclass_fields__
+    })

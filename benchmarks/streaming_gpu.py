@@ -1,0 +1,273 @@
+"""GPU check and timings of the streaming statistics (fused Triton kernel) and the matrix-free spectral gap.
+
+Run on a CUDA machine from the repository root:
+
+    PYTHONUNBUFFERED=1 python benchmarks/streaming_gpu.py --out results/streaming_gpu.json
+
+Parts (each can be skipped with --skip):
+  check   the Triton kernel against a dense float64 computation on the same (bf16 / fp32) inputs,
+          causal, key-padded and GQA, at sizes that are not multiples of the tile; and against the
+          PyTorch path at N = 16k.
+  configs tile configurations of the kernel at N = 16k.
+  speed   streaming statistics vs F.scaled_dot_product_attention forward on the same q, k, v (the
+          baseline, timed in the same process) and vs materialising P in fp32; peak extra memory.
+  eigen   matrix-free spectral gap vs the dense eigen-solver at N = 4096; time per head at N = 16k.
+Every timing is the median of triton.testing.do_bench (CUDA events).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from attnstats import streaming_triton  # noqa: E402
+from attnstats.eigen import spectral_gap_from_qk  # noqa: E402
+from attnstats.streaming import prepare_qk, streaming_stats  # noqa: E402
+
+
+def bench(fn, target_ms=300):
+    from triton.testing import do_bench
+
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    est = (time.perf_counter() - t0) * 1e3
+    rep = max(target_ms, 3 * est)
+    return float(do_bench(fn, warmup=max(10, est), rep=rep, return_mode="median"))
+
+
+def dense_reference(q, k, scale, mask, causal):
+    """float64 dense statistics of one batch of heads (small N only)."""
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    valid = torch.ones(s.shape, dtype=torch.bool, device=s.device)
+    if causal:
+        valid &= torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
+    if mask is not None:
+        valid &= mask
+    s = s.masked_fill(~valid, -math.inf)
+    lse = torch.logsumexp(s, -1)
+    logp = s - lse[..., None]
+    p = logp.exp()
+    ent = -(p * logp.masked_fill(~valid, 0)).sum(-1)
+    sp2 = (p * p).sum(-1)
+    w = valid.double()
+    cnt = w.sum((-2, -1))
+    mean = (p * w).sum((-2, -1)) / cnt
+    var = (((p - mean[..., None, None]) * w) ** 2).sum((-2, -1)) / cnt
+    lp = logp.masked_fill(~valid, 0)
+    lmean = lp.sum((-2, -1)) / cnt
+    lvar = (((lp - lmean[..., None, None]) * w) ** 2).sum((-2, -1)) / cnt
+    return dict(entropy=ent, lse=lse, sum_p2=sp2, mean=mean, var=var, log_mean=lmean, log_var=lvar)
+
+
+def rel_err(a, b):
+    a, b = a.double().flatten(), b.double().flatten()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def part_check(dev):
+    rows = []
+    g = torch.Generator(device=dev).manual_seed(0)
+    cases = [
+        dict(n=1000, d=64, hq=4, hk=4, causal=False, pad=False, dtype=torch.bfloat16),
+        dict(n=1000, d=64, hq=4, hk=4, causal=True, pad=False, dtype=torch.bfloat16),
+        dict(n=1000, d=128, hq=4, hk=2, causal=True, pad=True, dtype=torch.bfloat16),
+        dict(n=777, d=64, hq=6, hk=2, causal=False, pad=True, dtype=torch.float16),
+        dict(n=1000, d=64, hq=4, hk=4, causal=True, pad=True, dtype=torch.float32),
+        dict(n=2048, d=128, hq=2, hk=2, causal=False, pad=False, dtype=torch.float32),
+    ]
+    for c in cases:
+        q = (torch.randn(2, c["hq"], c["n"], c["d"], device=dev, generator=g) * 1.2).to(c["dtype"])
+        k = (torch.randn(2, c["hk"], c["n"], c["d"], device=dev, generator=g) * 1.2).to(c["dtype"])
+        mask = None
+        if c["pad"]:
+            mask = torch.ones(2, 1, 1, c["n"], dtype=torch.bool, device=dev)
+            mask[1, ..., c["n"] * 3 // 4:] = False
+        st = streaming_stats(q, k, mask=mask, causal=c["causal"])
+        assert st.backend == "triton", st.backend
+        kr = k.repeat_interleave(c["hq"] // c["hk"], dim=1)
+        ref = dense_reference(q, kr, c["d"] ** -0.5, mask, c["causal"])
+        em = st.entry_moments
+        errs = dict(
+            entropy=rel_err(st.entropy, ref["entropy"]), lse=rel_err(st.lse, ref["lse"]),
+            sum_p2=rel_err(st.sum_p2, ref["sum_p2"]), mean=rel_err(em.mean, ref["mean"]),
+            var=rel_err(em.var, ref["var"]), log_mean=rel_err(em.log_mean, ref["log_mean"]),
+            log_var=rel_err(em.log_var, ref["log_var"]),
+        )
+        row = {**{k_: (str(v) if k_ == "dtype" else v) for k_, v in c.items()}, **errs, "max_rel_err": max(errs.values())}
+        rows.append(row)
+        print(f"check n={c['n']} d={c['d']} hq={c['hq']} hk={c['hk']} causal={c['causal']} pad={c['pad']} "
+              f"{c['dtype']}: max rel err vs float64 dense = {row['max_rel_err']:.2e}", flush=True)
+    # Large N: Triton vs the PyTorch path (float32 on the GPU), same bf16 inputs.
+    for causal in (False, True):
+        q = torch.randn(1, 4, 16384, 64, device=dev, generator=g).to(torch.bfloat16)
+        k = torch.randn(1, 4, 16384, 64, device=dev, generator=g).to(torch.bfloat16)
+        a = streaming_stats(q, k, causal=causal, backend="triton")
+        b = streaming_stats(q, k, causal=causal, backend="torch")
+        errs = dict(entropy=rel_err(a.entropy, b.entropy), lse=rel_err(a.lse, b.lse), sum_p2=rel_err(a.sum_p2, b.sum_p2),
+                    var=rel_err(a.entry_moments.var, b.entry_moments.var),
+                    log_var=rel_err(a.entry_moments.log_var, b.entry_moments.log_var))
+        rows.append(dict(n=16384, d=64, causal=causal, vs="torch path fp32", **errs, max_rel_err=max(errs.values())))
+        print(f"check n=16384 causal={causal}: triton vs torch path max rel err {max(errs.values()):.2e}", flush=True)
+    return rows
+
+
+def qkv(h, n, d, dev, seed=0):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    return [torch.randn(1, h, n, d, device=dev, generator=g, dtype=torch.bfloat16) for _ in range(3)]
+
+
+def part_configs(dev):
+    rows = []
+    for d in (64, 128):
+        q, k, _ = qkv(16, 16384, d, dev)
+        qb, kb, scale, _, _ = prepare_qk(q, k)
+        for cfg in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3),
+                    (64, 128, 4, 3), (128, 64, 4, 2), (256, 64, 8, 3)]:
+            if d == 128 and cfg[0] * cfg[1] > 128 * 128:
+                continue
+            try:
+                ms = bench(lambda: streaming_triton.raw_accumulators(qb, kb, scale, None, False, cfg))
+            except Exception as err:  # a tile that does not fit shared memory / registers
+                print(f"config d={d} {cfg}: failed {type(err).__name__}: {str(err)[:120]}", flush=True)
+                continue
+            rows.append(dict(d=d, n=16384, config=list(cfg), kernel_ms=ms))
+            print(f"config d={d} BLOCK_M,BLOCK_N,warps,stages={cfg}: {ms:.3f} ms", flush=True)
+    return rows
+
+
+def dense_fp32(q, k, scale, causal):
+    """Materialise P in fp32 head by head and compute the same statistics (the naive route)."""
+    out = []
+    for h in range(q.shape[1]):
+        s = (q[0, h].float() @ k[0, h].float().T) * scale
+        if causal:
+            s = s.masked_fill(~torch.ones_like(s, dtype=torch.bool).tril(), -math.inf)
+        logp = torch.log_softmax(s, -1)
+        p = logp.exp()
+        ent = -(p * logp.nan_to_num(neginf=0)).sum(-1)
+        sp2 = (p * p).sum(-1)
+        lp = logp if not causal else logp.masked_fill(torch.isinf(logp), 0)
+        out.append((ent, sp2, p.mean(), p.var(), lp.mean(), lp.var()))
+    return out
+
+
+def part_speed(dev, ns, ds):
+    rows = []
+    for d in ds:
+        for n in ns:
+            for causal in (False, True):
+                q, k, v = qkv(16, n, d, dev)
+                qb, kb, scale, _, _ = prepare_qk(q, k)
+                t_sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+                t_kernel = bench(lambda: streaming_triton.raw_accumulators(qb, kb, scale, None, causal))
+                t_stream = bench(lambda: streaming_stats(q, k, causal=causal))
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                streaming_stats(q, k, causal=causal)
+                torch.cuda.synchronize()
+                peak_extra = torch.cuda.max_memory_allocated() - base
+                one_nn = 4 * n * n
+                row = dict(d=d, n=n, heads=16, causal=causal, sdpa_ms=t_sdpa, kernel_ms=t_kernel, stream_ms=t_stream,
+                           kernel_over_sdpa=t_kernel / t_sdpa, stream_over_sdpa=t_stream / t_sdpa,
+                           peak_extra_bytes=peak_extra, peak_extra_over_one_fp32_nn=peak_extra / one_nn)
+                if 16 * n * n * 4 <= 4 * 1024**3 * 4:  # dense fp32 route where 16 heads fit head by head
+                    t_dense = bench(lambda: dense_fp32(q, k, scale, causal), target_ms=100)
+                    row.update(dense_fp32_ms=t_dense, dense_over_stream=t_dense / t_stream)
+                rows.append(row)
+                extra = f" dense fp32 {row['dense_fp32_ms']:.2f} ms ({row['dense_over_stream']:.1f}x slower)" if "dense_fp32_ms" in row else ""
+                print(f"speed d={d} N={n} causal={causal}: SDPA {t_sdpa:.3f} ms, kernel {t_kernel:.3f} ms "
+                      f"({t_kernel / t_sdpa:.2f}x), streaming_stats {t_stream:.3f} ms ({t_stream / t_sdpa:.2f}x), "
+                      f"peak extra {peak_extra / 2**20:.1f} MiB = {100 * peak_extra / one_nn:.3f}% of one fp32 NxN{extra}",
+                      flush=True)
+                del q, k, v, qb, kb
+                torch.cuda.empty_cache()
+    return rows
+
+
+def part_eigen(dev):
+    rows = []
+    for sigma2 in (1.0, 4.0):
+        s = sigma2 ** 0.25
+        g = torch.Generator(device=dev).manual_seed(1)
+        q = torch.randn(2, 4096, 64, device=dev, generator=g) * s
+        k = torch.randn(2, 4096, 64, device=dev, generator=g) * s
+        t0 = time.perf_counter()
+        r = spectral_gap_from_qk(q, k)
+        t_mf = (time.perf_counter() - t0) / 2
+        t0 = time.perf_counter()
+        dense = []
+        for h in range(2):
+            p = torch.softmax((q[h].double() @ k[h].double().T) / 8.0, -1)
+            ev = torch.linalg.eigvals(p).abs().sort(descending=True).values
+            dense.append(1 - float(ev[1]))
+        torch.cuda.synchronize()
+        t_dense = (time.perf_counter() - t0) / 2
+        diff = max(abs(float(r.gap[h]) - dense[h]) for h in range(2))
+        rows.append(dict(n=4096, sigma2=sigma2, gap_matrix_free=r.gap.tolist(), gap_dense=dense, max_abs_diff=diff,
+                         iterations=r.iterations.tolist(), residual=r.residual.tolist(), converged=r.converged.tolist(),
+                         s_per_head_matrix_free=t_mf, s_per_head_dense_fp64_gpu=t_dense))
+        print(f"eigen N=4096 sigma2={sigma2}: |gap - dense| = {diff:.2e}; matrix-free {t_mf:.3f} s/head "
+              f"(iterations {r.iterations.tolist()}), dense fp64 eigvals {t_dense:.2f} s/head", flush=True)
+    for sigma2 in (1.0, 4.0):
+        s = sigma2 ** 0.25
+        g = torch.Generator(device=dev).manual_seed(2)
+        q = torch.randn(2, 16384, 64, device=dev, generator=g) * s
+        k = torch.randn(2, 16384, 64, device=dev, generator=g) * s
+        t0 = time.perf_counter()
+        r = spectral_gap_from_qk(q, k)
+        t = (time.perf_counter() - t0) / 2
+        rows.append(dict(n=16384, sigma2=sigma2, gap=r.gap.tolist(), iterations=r.iterations.tolist(),
+                         residual=r.residual.tolist(), converged=r.converged.tolist(), s_per_head=t))
+        print(f"eigen N=16384 sigma2={sigma2}: {t:.3f} s/head, gap {r.gap.tolist()}, iterations {r.iterations.tolist()}, "
+              f"residual {r.residual.tolist()}, converged {r.converged.tolist()}", flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="results/streaming_gpu.json")
+    ap.add_argument("--skip", nargs="*", default=[])
+    ap.add_argument("--ns", nargs="*", type=int, default=[4096, 16384, 65536, 131072])
+    ap.add_argument("--ds", nargs="*", type=int, default=[64, 128])
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    import triton
+
+    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+               python=platform.python_version(), cuda=torch.version.cuda)
+    print(env, flush=True)
+    res = dict(env=env, command=" ".join(sys.argv))
+    parts = [("check", lambda: part_check(dev)), ("configs", lambda: part_configs(dev)),
+             ("speed", lambda: part_speed(dev, args.ns, args.ds)), ("eigen", lambda: part_eigen(dev))]
+    for name, fn in parts:
+        if name in args.skip:
+            continue
+        t0 = time.perf_counter()
+        try:
+            res[name] = fn()
+        except Exception as err:
+            import traceback
+
+            traceback.print_exc()
+            res[name + "_error"] = f"{type(err).__name__}: {err}"
+        print(f"[{name}] {time.perf_counter() - t0:.1f} s", flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+    print(json.dumps(res)[:0])
+
+
+if __name__ == "__main__":
+    main()
