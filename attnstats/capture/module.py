@@ -1,0 +1,72 @@
+"""The ``module`` backend: a user function reads q, k off any module, for attention computed by hand.
+
+``capture(module, args, kwargs, output)`` runs as a forward hook on the chosen modules (every module of
+the model by default). It returns None for modules that are not attention, else
+``(q, k, mask, causal, scale)``: ``q: [B, H, Nq, d]``, ``k: [B, H|Hkv, Nk, d]``, ``mask`` None, bool
+(True = attend) or additive float, broadcastable to ``[B, H, Nq, Nk]``, ``causal`` bool, ``scale``
+float or None (``1/sqrt(d)``). SDPA calls made inside modules selected with ``modules=`` are left to
+this function, so they are not captured twice.
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+
+import torch
+from torch import nn
+
+__all__ = ["install_module_capture"]
+
+
+def _chosen(recorder):
+    spec = recorder._modules_filter
+    for name, module in recorder.model.named_modules():
+        if spec is None:
+            yield name, module
+        elif isinstance(spec, str):
+            if fnmatch.fnmatchcase(name, spec):
+                yield name, module
+        elif isinstance(spec, type) or (isinstance(spec, tuple) and all(isinstance(t, type) for t in spec)):
+            if isinstance(module, spec):
+                yield name, module
+        else:
+            raise TypeError(
+                f"modules: expected None, a module class, a tuple of classes or a str glob over module paths, "
+                f"got {type(spec).__name__}"
+            )
+
+
+def install_module_capture(recorder, stack: contextlib.ExitStack) -> None:
+    """Register ``recorder._capture_fn`` as a forward hook (with kwargs) on the chosen modules."""
+    fn = recorder._capture_fn
+
+    def hook(module, args, kwargs, output):
+        name = recorder.module_name(module)
+        if name is None or not recorder._active:
+            return None
+        with torch.no_grad():
+            got = fn(module, args, kwargs, output)
+        if got is None:
+            return None
+        if not isinstance(got, (tuple, list)) or len(got) != 5:
+            raise TypeError(
+                f"capture: for module {name!r} expected None or a tuple (q, k, mask, causal, scale), "
+                f"got {type(got).__name__}{'' if not isinstance(got, (tuple, list)) else f' of length {len(got)}'}"
+            )
+        q, k, mask, causal, scale = got
+        for arg, t in (("q", q), ("k", k)):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise TypeError(f"capture: for module {name!r}, {arg} must be a floating-point tensor, got {type(t).__name__}")
+        if q.dim() != 4 or k.dim() != 4:
+            raise ValueError(
+                f"capture: for module {name!r}, expected q [B, H, Nq, d] and k [B, H, Nk, d], "
+                f"got {tuple(q.shape)} and {tuple(k.shape)}"
+            )
+        recorder.capture(name, q, k, mask, bool(causal), scale, backend="module")
+        return None
+
+    for name, module in _chosen(recorder):
+        if recorder._modules_filter is not None:
+            recorder._owned.add(id(module))
+        stack.callback(module.register_forward_hook(hook, with_kwargs=True).remove)
+    stack.callback(recorder._owned.clear)

@@ -1,0 +1,261 @@
+"""One captured attention call: :class:`AttentionRecord`, and the mask rules shared by every backend.
+
+A record keeps what defines the attention matrix, not the matrix: queries and keys ``[B, H, N, d]``
+(O(N·d)), the mask, the causal flag and the scale. :meth:`AttentionRecord.probs` rebuilds the dense
+``[B, H, Nq, Nk]`` matrix on demand, under the memory budget of :mod:`attnstats.budget`.
+
+Masks are normalised to one form for every backend: bool, True = attend, broadcastable to
+``[B, H, Nq, Nk]``. A padding mask is kept as ``[B, 1, 1, Nk]`` and a causal pattern as
+``is_causal=True`` (row ``i`` attends keys ``j ≤ i``), so that streaming statistics and linearised
+kernels, which accept only key padding plus causality, can run on the record. Additive float masks are
+split into a bool mask (entries at ``-inf`` or at most half the dtype's minimum, the value transformers
+uses for "masked") and a finite ``bias`` (e.g. ALiBi), kept only when it is not all zero.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from ..budget import check_dense_fits
+from ..validation import compute_dtype
+
+__all__ = ["AttentionRecord", "normalize_mask", "expand_kv_heads", "to_4d", "valid_tokens"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AttentionRecord:
+    """The inputs of one attention call, captured from a model.
+
+    Attributes:
+        name: stable module path of the attention module, e.g. ``"encoder.layer.3.attention.self"``
+            (``""`` when the call came from the root module or from no module of the model).
+        layer: index of the attention module in the order modules were first called (the same module
+            keeps its index over repeated forward passes).
+        q: ``[B, H, Nq, d]`` queries, detached copy, dtype of the model (None with ``store="stats"``).
+        k: ``[B, H, Nk, d]`` keys, grouped-query heads expanded to ``H`` (None with ``store="stats"``).
+        mask: bool, True = attend, broadcastable to ``[B, H, Nq, Nk]``, or None (no mask besides
+            ``is_causal``). Padding masks are ``[B, 1, 1, Nk]``.
+        is_causal: row ``i`` attends only keys ``j ≤ i`` (top-left aligned, as in
+            ``F.scaled_dot_product_attention``), on top of ``mask``.
+        scale: the factor applied to ``q·k`` (``1/sqrt(d)`` unless the layer used another).
+        bias: float32 additive term broadcastable to ``[B, H, Nq, Nk]`` (e.g. ALiBi), or None.
+        softcap: ``s → softcap·tanh(s/softcap)`` applied to the scaled scores before bias and mask, or None.
+        backend: which backend captured it (``"sdpa"``, ``"hf"``, ``"mha"``, ``"module"``).
+        call: position in :attr:`Recorder.records`.
+        sigma_q, sigma_k: ``[B, H]`` float64 standard deviations of the valid q and k entries (see
+            :func:`attnstats.capture.head_sigmas`); the temperature is ``1/(sigma_q·sigma_k)``.
+        stats: with ``store="stats"``, the statistics computed during the forward pass, else None.
+    """
+
+    name: str
+    layer: int
+    q: torch.Tensor | None
+    k: torch.Tensor | None
+    mask: torch.Tensor | None
+    is_causal: bool
+    scale: float
+    bias: torch.Tensor | None = None
+    softcap: float | None = None
+    backend: str = "sdpa"
+    call: int = 0
+    sigma_q: torch.Tensor | None = None
+    sigma_k: torch.Tensor | None = None
+    stats: object | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(B, H, Nq, Nk)`` of the attention matrix."""
+        if self.q is None:
+            return tuple(self.stats.shape)  # type: ignore[union-attr]  # store="stats"
+        b = max(self.q.shape[0], self.k.shape[0])
+        return (b, self.q.shape[1], self.q.shape[2], self.k.shape[2])
+
+    def full_mask(self) -> torch.Tensor | None:
+        """Bool ``[B, H, Nq, Nk]`` (expanded view) combining ``mask`` and ``is_causal``; None if neither."""
+        if self.mask is None and not self.is_causal:
+            return None
+        b, h, nq, nk = self.shape
+        device = self.mask.device if self.mask is not None else self.q.device
+        m = torch.ones((1, 1, nq, nk), dtype=torch.bool, device=device)
+        if self.is_causal:
+            m = torch.ones((nq, nk), dtype=torch.bool, device=device).tril()[None, None]
+        if self.mask is not None:
+            m = m & self.mask
+        return m.expand(b, h, nq, nk)
+
+    def scores(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``[B, H, Nq, Nk]`` pre-softmax scores ``scale·q·kᵀ`` (+ softcap, + bias), masked entries ``-inf``."""
+        self._need_qk("scores()")
+        b, h, nq, nk = self.shape
+        check_dense_fits((b, h, nq, nk), 8 if dtype == torch.float64 else 4, f"record {self.name!r}: the scores")
+        dtype = dtype or compute_dtype(self.q)
+        s = torch.matmul(self.q.to(dtype), self.k.to(dtype).transpose(-1, -2)) * self.scale
+        s = s.expand(b, h, nq, nk)
+        if self.softcap is not None:
+            s = torch.tanh(s / self.softcap) * self.softcap
+        if self.bias is not None:
+            s = s + self.bias.to(dtype)
+        m = self.full_mask()
+        if m is not None:
+            s = s.masked_fill(~m, -math.inf)
+        return s
+
+    def query_valid(self) -> torch.Tensor | None:
+        """Bool ``[B, H, Nq]``: the query rows statistics use (see :func:`valid_tokens`), or None for all."""
+        qv, _ = valid_tokens(self.mask, self.is_causal, self.shape, None if self.q is None else self.q.device)
+        return None if bool(qv.all()) else qv
+
+    def stats_mask(self) -> torch.Tensor | None:
+        """Bool ``[B, H, Nq, Nk]``: :meth:`full_mask` without the rows of padded queries, or None.
+
+        This is the mask every statistic of :meth:`Recorder.frame` uses: masked entries, rows with no
+        valid key, and in self-attention with a key-padding mask the rows of pad tokens are absent.
+        """
+        m = self.full_mask()
+        qv = self.query_valid()
+        if qv is None:
+            return m
+        b, h, nq, nk = self.shape
+        rows = qv[..., None].expand(b, h, nq, nk)
+        return rows if m is None else m & rows
+
+    def probs(self, kernel=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dense attention ``[B, H, Nq, Nk]`` in float32, as the layer computed it (before dropout).
+
+        Computed in float64 on the CPU (float32 on a GPU) and rounded to ``dtype`` (float32 unless
+        asked otherwise). Masked entries are 0;
+        a row with no valid key (e.g. a left-padding query under a causal mask) is all 0, and it is
+        absent from every statistic. ``kernel``: a name or :class:`attnstats.kernels` kernel to evaluate
+        on the same q, k (mask reduced to key padding + causality) instead of the captured softmax.
+
+        Raises:
+            attnstats.DenseTooLargeError: if ``B·H·Nq·Nk`` float32 numbers exceed the memory budget
+                (default 2 GiB, :func:`attnstats.set_memory_budget`); use the streaming statistics then.
+        """
+        self._need_qk("probs()")
+        b, h, nq, nk = self.shape
+        nbytes = max(4, torch.finfo(dtype).bits // 8)
+        check_dense_fits((b, h, nq, nk), nbytes, f"record {self.name!r} (layer {self.layer}): the dense attention matrix")
+        if kernel is not None:
+            from .alongside import kernel_probs
+
+            return kernel_probs(self, kernel).to(dtype)
+        s = self.scores()
+        valid_row = torch.isfinite(s).any(-1, keepdim=True)
+        p = torch.softmax(s.masked_fill(~valid_row, 0.0), dim=-1).masked_fill(~valid_row, 0.0)
+        return p.to(dtype)
+
+    def key_padding(self) -> torch.Tensor | None:
+        """Bool ``[B, 1, 1, Nk]`` key mask when ``mask`` is pure key padding (or None); else ValueError."""
+        if self.mask is None:
+            return None
+        if self.mask.shape[-2] != 1:
+            raise ValueError(
+                f"record {self.name!r}: its mask of shape {tuple(self.mask.shape)} is not a key-padding mask "
+                f"[B, 1, 1, Nk] (plus is_causal); linearised kernels and streaming statistics accept only those"
+            )
+        return self.mask
+
+    def _need_qk(self, what: str) -> None:
+        if self.q is None or self.k is None:
+            raise ValueError(
+                f"record {self.name!r}: {what} needs q and k, but this record was captured with store='stats', "
+                f"which keeps no q, k; use record(..., store='qk') to keep them"
+            )
+
+
+def to_4d(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``[..., N, d]`` as ``[B, H, N, d]``: missing leading dims become 1, extra ones fold into B."""
+    if x.dim() < 2:
+        raise ValueError(f"{name}: expected shape [..., N, d], got {tuple(x.shape)}")
+    while x.dim() < 4:
+        x = x.unsqueeze(0)
+    if x.dim() > 4:
+        x = x.reshape(-1, *x.shape[-3:])
+    return x
+
+
+def expand_kv_heads(k: torch.Tensor, heads: int, name: str = "key") -> torch.Tensor:
+    """``k: [B, Hkv, N, d]`` with its heads repeated to ``heads`` (query head ``h`` uses kv head ``h // (heads/Hkv)``)."""
+    hk = k.shape[1]
+    if hk == heads:
+        return k
+    if heads % hk != 0:
+        raise ValueError(f"{name}: {hk} key/value heads do not divide the {heads} query heads")
+    return k.repeat_interleave(heads // hk, dim=1)
+
+
+def valid_tokens(mask, is_causal: bool, shape, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which queries and keys of an attention call statistics use: ``(qv [B, H, Nq], kv [B, H, Nk])`` bool.
+
+    Valid keys are those some query attends. Valid queries are rows with at least one valid key and,
+    in self-attention with a key-padding mask (``Nq == Nk``, mask ``[..., 1, Nk]``), not at a padded
+    position: BERT-style models let pad tokens attend, but a pad token is no query of interest. (A
+    cross-attention whose query count happens to equal the key count would be misread by this rule;
+    give it a full mask.)
+    """
+    b, h, nq, nk = shape
+    device = mask.device if mask is not None else device
+    qv = torch.ones((b, h, nq), dtype=torch.bool, device=device)
+    if mask is not None and mask.shape[-2] == 1:
+        kv = mask[..., 0, :].expand(b, h, nk)
+        if is_causal:
+            qv = (kv.cumsum(-1)[..., :nq] > 0) if nq <= nk else qv
+        if nq == nk:
+            qv = qv & kv
+        return qv, kv
+    if mask is None and not is_causal:
+        return qv, torch.ones((b, h, nk), dtype=torch.bool, device=device)
+    full = torch.ones((nq, nk), dtype=torch.bool, device=device)
+    if is_causal:
+        full = full.tril()
+    full = full[None, None]
+    if mask is not None:
+        full = full & mask
+    full = full.expand(b, h, nq, nk)
+    return full.any(-1), full.any(-2)
+
+
+def _mask_to_4d(m: torch.Tensor) -> torch.Tensor:
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    if m.dim() > 4:
+        m = m.reshape(-1, *m.shape[-3:])
+    return m
+
+
+def normalize_mask(attn_mask, is_causal: bool, nq: int, nk: int):
+    """Split an SDPA-style ``attn_mask`` into ``(mask, bias, is_causal)`` in the record's canonical form.
+
+    Args:
+        attn_mask: None, bool (True = attend) or float additive, broadcastable to ``[B, H, Nq, Nk]``.
+        is_causal: the causal flag of the call.
+
+    Returns:
+        ``mask``: bool ``[B|1, H|1, 1, Nk]`` for pure key padding, bool ``[B|1, H|1, Nq, Nk]`` otherwise,
+        or None; ``bias``: finite float32 additive term or None; ``is_causal``: True when the call was
+        causal or when ``attn_mask`` is exactly a causal pattern (times key padding), with ``Nq == Nk``.
+    """
+    if attn_mask is None:
+        return None, None, bool(is_causal)
+    m = _mask_to_4d(attn_mask.detach())
+    bias = None
+    if m.dtype != torch.bool:
+        masked = torch.isneginf(m) | (m <= torch.finfo(m.dtype).min / 2)
+        finite = m.masked_fill(masked, 0.0)
+        if bool((finite != 0).any()):
+            bias = finite.to(torch.float32).clone()
+        m = ~masked
+    if bool(m.all()):
+        return None, bias, bool(is_causal)
+    m = m.expand(*m.shape[:2], nq, nk)
+    last = m[..., -1:, :]
+    if bool((m == last).all()):
+        return last.clone(), bias, bool(is_causal)
+    if nq == nk and not is_causal:
+        tril = torch.ones((nq, nk), dtype=torch.bool, device=m.device).tril()
+        if bool((m == (tril & last)).all()):
+            return (None if bool(last.all()) else last.clone()), bias, True
+    return m.clone(), bias, bool(is_causal)

@@ -1,0 +1,371 @@
+"""``attnstats.record``: capture every attention call of a model inside a ``with`` block.
+
+One :class:`Recorder` drives several backends (one module each, see :mod:`attnstats.capture`):
+``sdpa`` (a ``TorchFunctionMode`` over ``F.scaled_dot_product_attention``), ``hf`` (transformers'
+attention-function registry and each model file's ``eager_attention_forward``), ``mha``
+(``nn.MultiheadAttention``, fast path included) and ``module`` (a user function on module outputs).
+The recorder owns what they share: the stack of module paths that names each call, the layer numbering,
+the ``layers=`` selection, and the copy of q and k into an :class:`AttentionRecord`.
+
+Nothing that the model computes is changed: the backends read the arguments of the attention call
+and pass them on untouched; every hook, mode and patch is removed when the block exits, also when the
+forward raises.
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import re
+import warnings
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .record import AttentionRecord, expand_kv_heads, normalize_mask, to_4d, valid_tokens
+
+__all__ = ["record", "Recorder", "NothingCapturedWarning", "BACKENDS", "head_sigmas"]
+
+BACKENDS = ("sdpa", "hf", "mha", "module")
+STORES = ("qk", "stats")
+
+
+class NothingCapturedWarning(UserWarning):
+    """A ``record()`` block ended without capturing any attention call."""
+
+
+def record(
+    model: nn.Module,
+    *,
+    layers=None,
+    backend="auto",
+    capture: Callable | None = None,
+    modules=None,
+    store: str = "qk",
+    alongside: Iterable | None = None,
+) -> "Recorder":
+    """Capture the attention of ``model``: ``with attnstats.record(model) as rec: model(**inputs)``.
+
+    Args:
+        model: any ``nn.Module``.
+        layers: which attention modules to keep (others are seen but not copied): None for all; an int
+            (layer index, in the order the attention modules are first called), a ``str`` glob over the
+            module path (``"encoder.layer.*.attention.self"``), a compiled regex, or a list of these.
+        backend: ``"auto"`` (``sdpa`` always; ``hf`` for transformers models; ``mha`` when the model has
+            ``nn.MultiheadAttention`` layers; ``module`` when ``capture`` is given) or one name / a list
+            of names from ``"sdpa", "hf", "mha", "module"``.
+        capture: for the ``module`` backend: ``capture(module, args, kwargs, output)`` returning None
+            (not an attention module) or ``(q, k, mask, causal, scale)`` with ``q: [B, H, Nq, d]``,
+            ``k: [B, H|Hkv, Nk, d]``, ``mask`` None / bool (True = attend) / float additive,
+            broadcastable to ``[B, H, Nq, Nk]``, ``causal`` bool, ``scale`` float or None (1/sqrt(d)).
+        modules: for the ``module`` backend, which modules ``capture`` is called on: None (every module),
+            a module class or tuple of classes, or a glob over module paths.
+        store: ``"qk"`` keeps detached copies of q and k (``probs()`` works); ``"stats"`` computes the
+            streaming statistics during the forward pass and keeps no q, k (O(N) memory per layer).
+        alongside: kernel names (``"lln"``, ``"relu"``, …, see :func:`attnstats.kernels.get_kernel`) or
+            kernel objects evaluated on every captured q, k; :meth:`Recorder.frame` then has a ``kernel``
+            column with ``"softmax"`` for the captured attention.
+
+    Returns:
+        A :class:`Recorder`, to be used as a context manager; its ``records`` list the captured calls.
+    """
+    return Recorder(
+        model, layers=layers, backend=backend, capture=capture, modules=modules, store=store, alongside=alongside
+    )
+
+
+def _selector(layers):
+    """``layers=`` as a predicate ``(name, layer) -> bool``."""
+    if layers is None:
+        return lambda name, layer: True
+    items = list(layers) if isinstance(layers, (list, tuple, set, frozenset)) else [layers]
+    for i, item in enumerate(items):
+        if isinstance(item, bool) or not isinstance(item, (int, str, re.Pattern)):
+            raise TypeError(
+                f"layers[{i}]: expected an int layer index, a str glob over module paths or a compiled regex, "
+                f"got {type(item).__name__}"
+            )
+        if isinstance(item, int) and item < 0:
+            raise ValueError(f"layers[{i}]: expected a layer index >= 0, got {item}")
+
+    def select(name: str, layer: int) -> bool:
+        for item in items:
+            if isinstance(item, int) and item == layer:
+                return True
+            if isinstance(item, str) and fnmatch.fnmatchcase(name, item):
+                return True
+            if isinstance(item, re.Pattern) and item.search(name):
+                return True
+        return False
+
+    return select
+
+
+def head_sigmas(q: torch.Tensor, k: torch.Tensor, mask, is_causal: bool):
+    """Standard deviations ``(sigma_q, sigma_k)``, each ``[B, H]`` float64, of the valid q and k entries.
+
+    ``q: [B, H, Nq, d]``, ``k: [B, H, Nk, d]``; valid tokens as :func:`attnstats.capture.record.valid_tokens`
+    (pad tokens left out). Unbiased (``torch.std``) convention. The temperature of THEORY.md §1 is
+    ``1/(sigma_q·sigma_k)``.
+    """
+    b = max(q.shape[0], k.shape[0])
+    qv, kv = valid_tokens(mask, is_causal, (b, q.shape[1], q.shape[2], k.shape[2]), q.device)
+    return _masked_std(q.expand(b, *q.shape[1:]), qv), _masked_std(k.expand(b, *k.shape[1:]), kv)
+
+
+def _masked_std(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    x = x.to(torch.float64)
+    w = valid.to(torch.float64)[..., None]
+    n = w.sum((-2, -1)) * x.shape[-1]
+    mean = (x * w).sum((-2, -1)) / n
+    ss = (((x - mean[..., None, None]) ** 2) * w).sum((-2, -1))
+    return torch.sqrt(ss / (n - 1))
+
+
+class Recorder:
+    """The context manager returned by :func:`record`; see there. ``records`` lists the captured calls."""
+
+    def __init__(self, model, *, layers=None, backend="auto", capture=None, modules=None, store="qk", alongside=None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if store not in STORES:
+            raise ValueError(f"store: expected one of {STORES}, got {store!r}")
+        if capture is not None and not callable(capture):
+            raise TypeError(f"capture: expected a callable (module, args, kwargs, output) -> tuple, got {type(capture).__name__}")
+        self.model = model
+        self.store = store
+        self.records: list[AttentionRecord] = []
+        self._select = _selector(layers)
+        self._capture_fn = capture
+        self._modules_filter = modules
+        self.backends = self._choose_backends(backend, capture)
+        from .alongside import resolve_kernels
+
+        self.kernels = resolve_kernels(alongside)
+        if self.kernels and store == "stats":
+            raise ValueError(
+                "alongside: kernels run on the captured q, k, which store='stats' does not keep; use store='qk'"
+            )
+        self._names = {id(m): name for name, m in model.named_modules()}
+        self._layer_of: dict[str, int] = {}
+        self._stack: list[str] = []
+        self._calls_in_forward: dict[str, int] = {}
+        self._hf_context: list[dict] = []  # innermost transformers attention call in progress
+        self._owned: set[int] = set()  # ids of modules a backend captures itself (sdpa calls inside are skipped)
+        self._owned_depth = 0
+        self._exit_stack: contextlib.ExitStack | None = None
+        self._active = False
+        self.forward_calls = 0
+
+    # ----- backends -----------------------------------------------------------------------------
+    def _choose_backends(self, backend, capture) -> tuple[str, ...]:
+        if backend == "auto":
+            chosen = ["sdpa"]
+            if _is_transformers_model(self.model):
+                chosen.append("hf")
+            if any(isinstance(m, nn.MultiheadAttention) for m in self.model.modules()):
+                chosen.append("mha")
+            if capture is not None:
+                chosen.append("module")
+            return tuple(chosen)
+        names = [backend] if isinstance(backend, str) else list(backend)
+        for i, name in enumerate(names):
+            if name not in BACKENDS:
+                raise ValueError(f"backend[{i}]: expected 'auto' or one of {BACKENDS}, got {name!r}")
+        if "module" in names and capture is None:
+            raise ValueError("capture: the 'module' backend needs capture=fn(module, args, kwargs, output)")
+        if not names:
+            raise ValueError("backend: expected 'auto' or at least one backend name, got an empty list")
+        return tuple(dict.fromkeys(names))
+
+    def __enter__(self) -> "Recorder":
+        if self._active:
+            raise RuntimeError("record(): this recorder is already active; create a new one with attnstats.record(model)")
+        self.records = []
+        self._layer_of = {}
+        self._stack = []
+        self.forward_calls = 0
+        stack = contextlib.ExitStack()
+        try:
+            self._install_module_stack(stack)
+            from .mha import install_fast_path_guards
+
+            # also without the mha backend: a capture mode would turn the MHA / encoder fast paths off
+            install_fast_path_guards(self, stack)
+            if "module" in self.backends:
+                from .module import install_module_capture
+
+                install_module_capture(self, stack)
+            if "hf" in self.backends:
+                from .hf import install_hf
+
+                install_hf(self, stack)
+            if "sdpa" in self.backends or "hf" in self.backends:
+                from .sdpa import install_sdpa
+
+                install_sdpa(self, stack)
+        except BaseException:
+            stack.close()
+            raise
+        self._exit_stack = stack
+        self._active = True
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._active = False
+        stack, self._exit_stack = self._exit_stack, None
+        self._stack = []
+        self._hf_context = []
+        stack.close()
+        if exc_type is None and not self.records and self.forward_calls > 0:
+            warnings.warn(self._nothing_message(), NothingCapturedWarning, stacklevel=2)
+        return False
+
+    def _nothing_message(self) -> str:
+        tried = {
+            "sdpa": "sdpa (calls of F.scaled_dot_product_attention)",
+            "hf": "hf (transformers attention functions)",
+            "mha": "mha (nn.MultiheadAttention modules)",
+            "module": "module (your capture function)",
+        }
+        names = ", ".join(tried[b] for b in self.backends)
+        sel = "" if not self._layer_of else f" ({len(self._layer_of)} attention modules were seen but none matched layers=)"
+        return (
+            f"record(): no attention was captured from {type(self.model).__name__}{sel}. Backends tried: {names}. "
+            f"If the model computes attention some other way (matmul + softmax), pass "
+            f"capture=fn(module, args, kwargs, output) -> (q, k, mask, causal, scale) for the 'module' backend"
+        )
+
+    # ----- naming --------------------------------------------------------------------------------
+    def _install_module_stack(self, stack: contextlib.ExitStack) -> None:
+        root = self.model
+
+        def pre(module, args):
+            name = self._names.get(id(module))
+            if name is None:
+                return
+            if module is root:
+                self.forward_calls += 1
+            self._stack.append(name)
+            self._calls_in_forward[name] = 0
+            if id(module) in self._owned:
+                self._owned_depth += 1
+
+        def post(module, args, output):
+            name = self._names.get(id(module))
+            if name is None:
+                return
+            if id(module) in self._owned:
+                self._owned_depth -= 1
+            # pop down to this module: a forward that raised may have left inner entries behind
+            while self._stack:
+                if self._stack.pop() == name:
+                    break
+
+        from .mha import hook_free_modules
+
+        hook_free = hook_free_modules(self.model)  # a hook there would turn the encoder fast path off
+        for module in dict.fromkeys(self.model.modules()):
+            if id(module) in hook_free:
+                continue
+            stack.callback(module.register_forward_pre_hook(pre).remove)
+            stack.callback(module.register_forward_hook(post, always_call=True).remove)
+
+    def module_name(self, module) -> str | None:
+        """Path of ``module`` inside the recorded model, or None if it is not part of it."""
+        return self._names.get(id(module))
+
+    def current_module(self) -> str:
+        """Path of the innermost module of the model whose forward is running ('' if none)."""
+        return self._stack[-1] if self._stack else ""
+
+    def _call_name(self, name: str) -> str:
+        """``name``, suffixed ``#j`` for the j-th extra attention call in one forward of the same module."""
+        count = self._calls_in_forward.get(name, 0)
+        self._calls_in_forward[name] = count + 1
+        return name if count == 0 else f"{name}#{count}"
+
+    # ----- capture -------------------------------------------------------------------------------
+    def capture(
+        self,
+        name: str,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        attn_mask=None,
+        is_causal: bool = False,
+        scale: float | None = None,
+        *,
+        backend: str,
+        enable_gqa: bool = False,
+        softcap: float | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> AttentionRecord | None:
+        """Turn the arguments of one attention call into an :class:`AttentionRecord` (if selected)."""
+        name = self._call_name(name)
+        layer = self._layer_of.setdefault(name, len(self._layer_of))
+        if not self._select(name, layer):
+            return None
+        with torch.no_grad():
+            q4 = to_4d(q.detach(), "query")
+            k4 = to_4d(k.detach(), "key")
+            if k4.shape[1] != q4.shape[1]:
+                if k4.shape[1] == 1 and not enable_gqa:
+                    k4 = k4.expand(k4.shape[0], q4.shape[1], *k4.shape[2:])
+                else:
+                    k4 = expand_kv_heads(k4, q4.shape[1])
+            nq, nk, d = q4.shape[2], k4.shape[2], q4.shape[3]
+            mask, mbias, causal = normalize_mask(attn_mask, is_causal, nq, nk)
+            if bias is not None:
+                bias = bias.detach().to(torch.float32)
+                mbias = bias if mbias is None else mbias + bias
+            scale = float(scale) if scale is not None else d**-0.5
+            sigma_q, sigma_k = head_sigmas(q4, k4, mask, causal)
+            stats = None
+            if self.store == "stats":
+                from .stats_store import capture_stats
+
+                stats = capture_stats(self, q4, k4, mask, causal, scale, mbias, softcap, name)
+                keep_q = keep_k = None
+            else:
+                keep_q = q4.clone()
+                keep_k = k4.clone() if k4.data_ptr() == k.data_ptr() or not k4.is_contiguous() else k4
+            rec = AttentionRecord(
+                name=name,
+                layer=layer,
+                q=keep_q,
+                k=keep_k,
+                mask=mask,
+                is_causal=causal,
+                scale=scale,
+                bias=mbias,
+                softcap=softcap,
+                backend=backend,
+                call=len(self.records),
+                sigma_q=sigma_q,
+                sigma_k=sigma_k,
+                stats=stats,
+            )
+        self.records.append(rec)
+        return rec
+
+    # ----- results -------------------------------------------------------------------------------
+    def frame(self, metrics=("entropy", "spectral_gap", "lognormal", "moments", "temperature"), **options):
+        """Tidy DataFrame of statistics of every record; see :func:`attnstats.frame.records_frame`."""
+        if not self.records:
+            raise ValueError(self._nothing_message())
+        from ..frame import records_frame
+
+        return records_frame(self.records, metrics=metrics, kernels=self.kernels, **options)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i) -> AttentionRecord:
+        return self.records[i]
+
+    def __repr__(self) -> str:
+        return f"Recorder(model={type(self.model).__name__}, backends={self.backends}, records={len(self.records)})"
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    return any(type(m).__module__.startswith("transformers.") for m in model.modules())

@@ -1,0 +1,91 @@
+"""``record(..., store="stats")``: statistics computed inside the forward pass, no q or k kept.
+
+For each captured call, :func:`capture_stats` runs the streaming statistics of
+:mod:`attnstats.streaming` (online softmax over key blocks, never the N×N matrix) and keeps only
+per-matrix numbers ``[B, H]``: mean row entropy, entry moments of ``P`` and ``ln P``, the log-normal fit
+of sampled ``ln P`` values, and for causal self-attention the exact spectral gap
+``1 − max_{i≥1} P_ii`` with ``P_ii = exp(scale·q_i·k_i − LSE_i)``. Extra memory is ``O(N)`` per layer.
+
+Pad tokens are removed as in the dense path (:func:`attnstats.capture.record.valid_tokens`): in
+self-attention with a key-padding mask, each batch element is compacted to its valid tokens first
+(order kept, so causality is unchanged), which is exact and needs no mask at all.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+__all__ = ["CapturedStats", "capture_stats"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CapturedStats:
+    """Statistics of one attention call computed during the forward pass.
+
+    Attributes:
+        shape: ``(B, H, Nq, Nk)`` of the attention matrix that was never built.
+        values: metric name (as in :mod:`attnstats.frame`) -> float64 tensor ``[B, H]``.
+    """
+
+    shape: tuple
+    values: dict
+
+    def __contains__(self, name) -> bool:
+        return name in self.values
+
+    def __getitem__(self, name) -> torch.Tensor:
+        return self.values[name]
+
+
+def capture_stats(recorder, q, k, mask, causal, scale, bias, softcap, name, max_samples=100_000, seed=0):
+    """Streaming statistics of one call: ``q: [B, H, Nq, d]``, ``k: [B, H, Nk, d]``, canonical mask."""
+    from ..lognormal import LogNormalFit  # noqa: F401  (fields listed below)
+    from ..spectral import causal_spectral_gap
+    from ..streaming import streaming_lognormal_fit, streaming_stats
+
+    if bias is not None or softcap is not None:
+        raise ValueError(
+            f"record(store='stats'): layer {name!r} adds an attention bias or softcap, which the streaming "
+            f"statistics do not model; use store='qk' for this model"
+        )
+    b = max(q.shape[0], k.shape[0])
+    h, nq, nk = q.shape[1], q.shape[2], k.shape[2]
+    q = q.expand(b, *q.shape[1:])
+    k = k.expand(b, *k.shape[1:])
+    keypad = mask is not None and mask.shape[-2] == 1
+    compact = keypad and nq == nk and mask.shape[1] == 1
+    per_batch: list[dict] = []
+    for bi in range(b):
+        qb, kb = q[bi : bi + 1], k[bi : bi + 1]
+        m = None if mask is None else mask[bi : bi + 1] if mask.shape[0] > 1 else mask
+        if compact:
+            idx = torch.nonzero(m[0, 0, 0], as_tuple=False)[:, 0]
+            qb, kb, m = qb[:, :, idx], kb[:, :, idx], None
+        st = streaming_stats(qb, kb, scale=scale, mask=m, causal=causal)
+        vals = {}
+        ent = st.entropy
+        ok = ~torch.isnan(ent)
+        vals["entropy"] = torch.where(ok, ent, torch.zeros_like(ent)).sum(-1) / ok.sum(-1)
+        mom = st.entry_moments
+        vals.update({"p_mean": mom.mean, "p_var": mom.var, "logp_mean": mom.log_mean, "logp_var": mom.log_var})
+        if causal and m is None and qb.shape[2] == kb.shape[2]:
+            diag_s = (qb.double() * kb.double()).sum(-1) * scale
+            vals["spectral_gap"] = causal_spectral_gap(torch.exp(diag_s - st.lse.double()))
+        fit = streaming_lognormal_fit(
+            qb, kb, scale=scale, mask=m, causal=causal, lse=st.lse, max_samples=max_samples, seed=seed
+        )
+        vals.update(
+            {
+                "lognormal_mu": fit.mu,
+                "lognormal_sigma": fit.sigma,
+                "lognormal_ks": fit.ks_statistic,
+                "lognormal_ks_pvalue": fit.ks_pvalue,
+                "lognormal_ad": fit.ad_statistic,
+                "lognormal_skew": fit.skew,
+                "lognormal_excess_kurtosis": fit.excess_kurtosis,
+            }
+        )
+        per_batch.append({key: v.detach().to("cpu", torch.float64).reshape(1, h) for key, v in vals.items()})
+    values = {key: torch.cat([pb[key] for pb in per_batch]) for key in per_batch[0]}
+    return CapturedStats(shape=(b, h, nq, nk), values=values)

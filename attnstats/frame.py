@@ -1,0 +1,210 @@
+"""Tidy long-format DataFrames of attention statistics: one row per (layer, head, batch, metric).
+
+:func:`records_frame` turns captured :class:`attnstats.capture.AttentionRecord` objects into a
+``pandas.DataFrame`` with columns ``call, layer, name, kernel (with alongside kernels), head, batch,
+metric, value``, so that ``groupby`` and ``pivot`` do the rest. Every statistic comes from the
+foundation functions (:func:`attnstats.row_entropy`, :func:`attnstats.entry_moments`,
+:func:`attnstats.spectral_gap`, :func:`attnstats.lognormal_fit`) on the record's dense matrix, or, for
+records captured with ``store="stats"``, from the streaming statistics computed during the forward.
+
+Metrics (per matrix, i.e. per batch element and head):
+
+============== ==========================================================================================
+group          metric names
+============== ==========================================================================================
+entropy        ``entropy``: mean over valid query rows of the row entropy (nats)
+spectral_gap   ``spectral_gap``: ``1 − |λ₂|`` over the valid tokens (exact diagonal rule when causal)
+lognormal      ``lognormal_mu``, ``lognormal_sigma``, ``lognormal_ks``, ``lognormal_ks_pvalue``,
+               ``lognormal_ad``, ``lognormal_skew``, ``lognormal_excess_kurtosis``: fit of ``ln P``
+moments        ``p_mean``, ``p_var``, ``logp_mean``, ``logp_var``: mean and variance of ``P`` and ``ln P``
+temperature    ``temperature`` ``= 1/(σ_q σ_k)``, ``sigma_q``, ``sigma_k`` (THEORY.md §1), softmax only
+============== ==========================================================================================
+"""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import torch
+
+__all__ = ["METRICS", "METRIC_NAMES", "records_frame", "record_metrics"]
+
+METRIC_NAMES = {
+    "entropy": ("entropy",),
+    "spectral_gap": ("spectral_gap",),
+    "lognormal": (
+        "lognormal_mu",
+        "lognormal_sigma",
+        "lognormal_ks",
+        "lognormal_ks_pvalue",
+        "lognormal_ad",
+        "lognormal_skew",
+        "lognormal_excess_kurtosis",
+    ),
+    "moments": ("p_mean", "p_var", "logp_mean", "logp_var"),
+    "temperature": ("temperature", "sigma_q", "sigma_k"),
+}
+METRICS = tuple(METRIC_NAMES)
+_AGGREGATIONS = ("each", "mean")
+COLUMNS = ["call", "layer", "name", "kernel", "head", "batch", "metric", "value"]
+
+
+def _check_metrics(metrics) -> tuple[str, ...]:
+    if isinstance(metrics, str):
+        metrics = (metrics,)
+    metrics = tuple(metrics)
+    for i, m in enumerate(metrics):
+        if m not in METRIC_NAMES:
+            raise ValueError(f"metrics[{i}]: unknown metric group {m!r}, expected some of {METRICS}")
+    if not metrics:
+        raise ValueError(f"metrics: expected at least one of {METRICS}, got none")
+    return metrics
+
+
+def _row_mean(h: torch.Tensor) -> torch.Tensor:
+    """Mean over the last axis ignoring NaN (rows with no valid entry)."""
+    ok = ~torch.isnan(h)
+    return torch.where(ok, h, torch.zeros_like(h)).sum(-1) / ok.sum(-1)
+
+
+def _lognormal_fields(fit) -> dict:
+    return {
+        "lognormal_mu": fit.mu,
+        "lognormal_sigma": fit.sigma,
+        "lognormal_ks": fit.ks_statistic,
+        "lognormal_ks_pvalue": fit.ks_pvalue,
+        "lognormal_ad": fit.ad_statistic,
+        "lognormal_skew": fit.skew,
+        "lognormal_excess_kurtosis": fit.excess_kurtosis,
+    }
+
+
+def _moment_fields(mom) -> dict:
+    return {"p_mean": mom.mean, "p_var": mom.var, "logp_mean": mom.log_mean, "logp_var": mom.log_var}
+
+
+def record_metrics(rec, metrics=METRICS, *, kernel=None, max_samples: int = 100_000, seed: int = 0) -> dict:
+    """Statistics of one record (or of ``kernel`` on its q, k): metric name -> float64 tensor ``[B, H]``.
+
+    Metrics that a record cannot give are left out: ``spectral_gap`` of a non-square (cross-attention)
+    matrix, and with ``store="stats"`` the ``spectral_gap`` of non-causal attention and ``lognormal``
+    if it was not computed during the forward.
+    """
+    from .lognormal import lognormal_fit
+    from .spectral import spectral_gap
+    from .stats import entry_moments, row_entropy
+
+    metrics = _check_metrics(metrics)
+    b, h, nq, nk = rec.shape
+    out: dict = {}
+    if rec.q is None:  # store="stats": computed during the forward pass
+        for group in metrics:
+            if group == "temperature":
+                continue
+            for name in METRIC_NAMES[group]:
+                if name in rec.stats:
+                    out[name] = rec.stats[name]
+    else:
+        needs_p = [g for g in metrics if g in ("entropy", "lognormal", "moments") or (g == "spectral_gap" and nq == nk)]
+        if needs_p:
+            mask = rec.stats_mask()
+            if kernel is None:
+                p = rec.probs(dtype=torch.float64 if rec.q.device.type == "cpu" else torch.float32)
+            else:
+                from .capture.alongside import kernel_probs
+
+                p = kernel_probs(rec, kernel)
+            if "entropy" in metrics:
+                out["entropy"] = _row_mean(row_entropy(p, mask))
+            if "spectral_gap" in metrics and nq == nk:
+                if kernel is not None and getattr(kernel, "name", "softmax") != "softmax":
+                    from .capture.alongside import kernel_gap
+
+                    out["spectral_gap"] = kernel_gap(rec, kernel)
+                else:
+                    out["spectral_gap"] = spectral_gap(p, mask)
+            if "moments" in metrics:
+                out.update(_moment_fields(entry_moments(p, mask)))
+            if "lognormal" in metrics:
+                out.update(_lognormal_fields(lognormal_fit(p, mask, max_samples=max_samples, seed=seed)))
+    if "temperature" in metrics and kernel is None:
+        out["sigma_q"] = rec.sigma_q
+        out["sigma_k"] = rec.sigma_k
+        out["temperature"] = 1.0 / (rec.sigma_q * rec.sigma_k)
+    order = [n for g in metrics for n in METRIC_NAMES[g]]
+    return {n: out[n].detach().to("cpu", torch.float64).reshape(b, h) for n in order if n in out}
+
+
+def records_frame(
+    records,
+    metrics=METRICS,
+    *,
+    batch: str = "mean",
+    head: str = "each",
+    kernels=(),
+    max_samples: int = 100_000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Long-format statistics of captured attention records.
+
+    Args:
+        records: :class:`attnstats.capture.AttentionRecord` objects (``rec.records``).
+        metrics: metric groups, some of ``"entropy", "spectral_gap", "lognormal", "moments",
+            "temperature"`` (see the module docstring for the metric names each group gives).
+        batch: ``"mean"`` (default): one value per head, the mean over batch elements (NaN-free ones),
+            ``batch`` column ``<NA>``; ``"each"``: one row per batch element.
+        head: ``"each"`` (default): one row per head; ``"mean"``: mean over heads, ``head`` ``<NA>``.
+        kernels: kernels evaluated alongside (from ``record(..., alongside=...)``); adds rows with
+            their names in the ``kernel`` column, ``"softmax"`` for the captured attention.
+        max_samples, seed: of the log-normal fit (:func:`attnstats.lognormal_fit`).
+
+    Returns:
+        DataFrame with columns ``call, layer, name, head, batch, metric, value`` (``kernel`` after
+        ``name`` when ``kernels`` is not empty); ``value`` float64, ``head``/``batch`` nullable Int64.
+    """
+    metrics = _check_metrics(metrics)
+    for arg, val in (("batch", batch), ("head", head)):
+        if val not in _AGGREGATIONS:
+            raise ValueError(f"{arg}: expected one of {_AGGREGATIONS}, got {val!r}")
+    records = list(records)
+    if not records:
+        raise ValueError("records: expected at least one AttentionRecord, got none")
+    kernels = list(kernels or ())
+    rows: list[dict] = []
+    for rec in records:
+        runs = [("softmax", None)] + [(getattr(kn, "name", str(kn)), kn) for kn in kernels]
+        for kname, kn in runs:
+            values = record_metrics(rec, metrics, kernel=kn, max_samples=max_samples, seed=seed)
+            for metric, v in values.items():
+                if batch == "mean":
+                    v = _nanmean(v, 0, keepdim=True)
+                if head == "mean":
+                    v = _nanmean(v, 1, keepdim=True)
+                for bi in range(v.shape[0]):
+                    for hi in range(v.shape[1]):
+                        rows.append(
+                            {
+                                "call": rec.call,
+                                "layer": rec.layer,
+                                "name": rec.name,
+                                "kernel": kname,
+                                "head": pd.NA if head == "mean" else hi,
+                                "batch": pd.NA if batch == "mean" else bi,
+                                "metric": metric,
+                                "value": float(v[bi, hi]),
+                            }
+                        )
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    df["head"] = df["head"].astype("Int64")
+    df["batch"] = df["batch"].astype("Int64")
+    df["value"] = df["value"].astype("float64")
+    if not kernels:
+        df = df.drop(columns="kernel")
+    return df
+
+
+def _nanmean(v: torch.Tensor, dim: int, keepdim: bool) -> torch.Tensor:
+    ok = ~torch.isnan(v)
+    total = torch.where(ok, v, torch.zeros_like(v)).sum(dim, keepdim=keepdim)
+    count = ok.sum(dim, keepdim=keepdim)
+    return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, math.nan))
