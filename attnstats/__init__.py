@@ -6,6 +6,7 @@ and run linearised kernels such as LLN attention alongside on the same queries a
 """
 from . import theory
 from .budget import DenseTooLargeError, get_memory_budget, memory_budget, set_memory_budget
+from .capture import AttentionRecord, NothingCapturedWarning, Recorder, record
 from .lognormal import LogNormalFit, lognormal_fit
 from .spectral import spectral_gap
 from .stats import EntryMoments, entry_moments, row_entropy
