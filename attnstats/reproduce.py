@@ -1,0 +1,131 @@
+"""Reproductions of the paper's figures. Each function measures, writes ``<out>/<name>.csv`` (the
+numbers behind the picture) and ``<out>/<name>.png``, and returns the tidy DataFrame.
+
+Deterministic from ``seed``; ``quick=True`` shrinks sizes so that each runs in seconds (for tests).
+The scripts in ``analyses/`` and ``attnstats reproduce`` call these.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import plot, theory
+from .files import save_figure, write_csv
+from .progress import progress
+from .spectral import spectral_gap
+from .stats import entry_moments, row_entropy
+
+__all__ = ["FIGURES", "fig5a_moments", "fig5b_moment_matching", "fig2_kernels", "write_figure"]
+
+
+def write_figure(df: pd.DataFrame, fig, out, name: str) -> pd.DataFrame:
+    """Write ``df`` to ``out/name.csv`` and ``fig`` to ``out/name.png``, each whole or not at all."""
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    write_csv(df, out / f"{name}.csv")
+    save_figure(fig, out / f"{name}.png")
+    plt.close(fig)
+    return df
+
+
+def _gaussian(shape, sigma_q, sigma_k, gen):
+    q = torch.randn(*shape, generator=gen, dtype=torch.float64) * sigma_q
+    k = torch.randn(*shape, generator=gen, dtype=torch.float64) * sigma_k
+    return q, k
+
+
+def _softmax(q, k):
+    return torch.softmax(q @ k.mT * q.shape[-1] ** -0.5, -1)
+
+
+def fig5a_moments(out="figures", quick: bool = False, seed: int = 0) -> pd.DataFrame:
+    """Figure 5a: mean and variance of ``P`` and of ``ln P`` against the input variance ``σ_q²σ_k²``.
+
+    Gaussian q, k (``σ_q = σ_k``), d = 64, N ∈ {256, 1024, 2048}, 14 values of σ² from 0.1 to 8
+    (quick: N ∈ {64, 256}, 12 values, d = 32). Columns: ``n, d, sigma2, seed, metric, value,
+    prediction, in_regime``.
+    """
+    ns, d, seeds = ([64, 256], 32, [seed]) if quick else ([256, 1024, 2048], 64, [seed, seed + 1])
+    sigma2s = np.geomspace(0.1, 8.0, 12 if quick else 14)
+    rows = []
+    jobs = [(n, s2, sd) for n in ns for s2 in sigma2s for sd in seeds]
+    for n, s2, sd in progress(jobs, desc="fig5a"):
+        gen = torch.Generator().manual_seed(sd * 100_003 + n)
+        s = s2**0.25
+        q, k = _gaussian((n, d), s, s, gen)
+        m = entry_moments(_softmax(q, k))
+        pred = theory.sa_lognormal(s, s, n)
+        inside = bool(theory.sa_lognormal_holds(s2, n))
+        for metric, value, p in [("mean_p", m.mean, pred.mean), ("var_p", m.var, pred.var),
+                                 ("log_mean_p", m.log_mean, pred.log_mean), ("log_var_p", m.log_var, pred.log_var)]:
+            rows.append(dict(n=n, d=d, sigma2=float(s2), seed=sd, metric=metric, value=float(value),
+                             prediction=float(p), in_regime=inside))
+    df = pd.DataFrame(rows)
+    return write_figure(df, plot.moments_vs_variance(df), out, "fig5a_moments")
+
+
+def fig5b_moment_matching(out="figures", quick: bool = False, seed: int = 0) -> pd.DataFrame:
+    """Figure 5b: ``Var[ln P]`` of SA and of LLN before (α = β = 1) and after moment matching.
+
+    Gaussian q, k (``σ_q = σ_k``), d = 64, N = 1024, the σ² sweep of Figure 5a, 3 seeds (quick:
+    N = 256, 1 seed). Columns: ``n, d, sigma2, seed, kernel, metric, value``.
+    """
+    from .kernels import get_kernel
+
+    n, d, seeds = (256, 64, [seed]) if quick else (1024, 64, [seed, seed + 1, seed + 2])
+    sigma2s = np.geomspace(0.1, 8.0, 12 if quick else 14)
+    kernels = {name: get_kernel(name) for name in ("lln", "lln_no_mm")}
+    rows = []
+    for s2, sd in progress([(s2, sd) for s2 in sigma2s for sd in seeds], desc="fig5b"):
+        gen = torch.Generator().manual_seed(sd * 100_003 + int(s2 * 1000))
+        s = s2**0.25
+        q, k = _gaussian((1, 1, n, d), s, s, gen)
+        mats = {"softmax": _softmax(q, k)} | {name: kern.matrix(q, k) for name, kern in kernels.items()}
+        for name, p in mats.items():
+            rows.append(dict(n=n, d=d, sigma2=float(s2), seed=sd, kernel=name, metric="log_var_p",
+                             value=float(entry_moments(p).log_var.mean())))
+    df = pd.DataFrame(rows)
+    return write_figure(df, plot.moment_matching(df), out, "fig5b_moment_matching")
+
+
+FIG2_KERNELS = ("softmax", "lln", "lln_no_mm", "relu", "elu_plus_one", "performer")
+
+
+def fig2_kernels(out="figures", quick: bool = False, seed: int = 0) -> pd.DataFrame:
+    """Figure 2: mean row entropy and spectral gap of SA, LLN (with and without moment matching),
+    ReLU, elu+1 and Performer attention against the temperature ``τ = 1/(σ_q σ_k)``.
+
+    Gaussian q, k with ``σ_q = σ_k = τ^{-1/2}``, N = 256, d = 64, 12 temperatures from 0.2 to 5,
+    5 seeds (quick: N = 64, 8 temperatures, 2 seeds). The spectral gap of linearised kernels is the
+    exact r×r rule; of softmax, the dense eigen-solver. Columns: ``n, d, tau, seed, kernel, metric, value``.
+    """
+    from .kernels import get_kernel
+
+    n, d, seeds, taus = (64, 64, [seed, seed + 1], np.geomspace(0.2, 5, 8)) if quick else \
+        (256, 64, list(range(seed, seed + 5)), np.geomspace(0.2, 5, 12))
+    rows = []
+    for sd in progress(seeds, desc="fig2"):
+        kernels = {name: get_kernel(name, seed=sd) if name == "performer" else get_kernel(name) for name in FIG2_KERNELS}
+        gen = torch.Generator().manual_seed(sd)
+        z_q, z_k = _gaussian((1, 1, n, d), 1.0, 1.0, gen)
+        for tau in taus:
+            c = float(tau) ** -0.5
+            q, k = z_q * c, z_k * c
+            for name, kern in kernels.items():
+                p = kern.matrix(q, k)
+                gap = spectral_gap(p) if name == "softmax" else kern.spectral_gap(q, k)
+                for metric, value in [("entropy", row_entropy(p).mean()), ("spectral_gap", gap.mean())]:
+                    rows.append(dict(n=n, d=d, tau=float(tau), seed=sd, kernel=name, metric=metric, value=float(value)))
+    df = pd.DataFrame(rows)
+    return write_figure(df, plot.concentration_vs_temperature(df), out, "fig2_kernels")
+
+
+FIGURES = {
+    "fig5a": fig5a_moments,
+    "fig5b": fig5b_moment_matching,
+    "fig2": fig2_kernels,
+}
