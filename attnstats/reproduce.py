@@ -18,7 +18,7 @@ from .progress import progress
 from .spectral import spectral_gap
 from .stats import entry_moments, row_entropy
 
-__all__ = ["FIGURES", "fig5a_moments", "fig5b_moment_matching", "fig2_kernels", "write_figure"]
+__all__ = ["FIGURES", "fig5a_moments", "fig5b_moment_matching", "fig2_kernels", "lognormal_real", "concentration_real", "write_figure"]
 
 
 def write_figure(df: pd.DataFrame, fig, out, name: str) -> pd.DataFrame:
@@ -124,8 +124,82 @@ def fig2_kernels(out="figures", quick: bool = False, seed: int = 0) -> pd.DataFr
     return write_figure(df, plot.concentration_vs_temperature(df), out, "fig2_kernels")
 
 
+
+
+def _minilm_batch(quick: bool, seed: int):
+    """The packaged all-MiniLM-L6-v2 (SDPA attention) and a padded batch of documentation sentences."""
+    from .corpus import sentences
+    from .models import load_model
+
+    model, tok = load_model()
+    texts = sentences(4 if quick else 16, seed=seed)
+    return model, tok(texts, padding=True, return_tensors="pt")
+
+
+def lognormal_real(out="figures", quick: bool = False, seed: int = 0) -> pd.DataFrame:
+    """Log-normality of the attention of all-MiniLM-L6-v2 on real sentences.
+
+    Writes ``lognormal_real.png`` (histogram of ``ln P`` per layer with the fitted normal),
+    ``lognormal_real_qq.png`` (normal Q-Q plot per layer) and ``lognormal_real.csv``: the
+    :func:`attnstats.lognormal_fit` statistics per layer and head (valid entries of every sentence
+    of the batch pooled per head), and per layer with ``head`` empty (all heads pooled). Columns:
+    ``layer, head, metric, value``.
+    """
+    from .capture import record
+    from .lognormal import fit_log_values, log_entries
+
+    model, batch = _minilm_batch(quick, seed)
+    with torch.no_grad(), record(model) as rec:
+        model(**batch)
+    rows, samples, fits = [], [], []
+    gen = np.random.default_rng(seed)
+    for r in progress(rec.records, desc="lognormal_real"):
+        p = r.probs()
+        mask = None if r.mask is None else r.mask.expand(p.shape)
+        per_matrix = log_entries(p, mask, max_samples=20_000 if quick else 100_000, seed=seed)
+        b, h = p.shape[:2]
+        per_head = [torch.cat(per_matrix[i::h]) for i in range(h)]  # matrices are ordered (batch, head)
+        for head, vals in enumerate(per_head):
+            rows += _fit_rows(fit_log_values(vals), r.layer, head)
+        pooled = torch.cat(per_head).numpy()
+        fit = fit_log_values(pooled)
+        rows += _fit_rows(fit, r.layer, None)
+        fits.append(dict(layer=r.layer, mu=fit.mu, sigma=fit.sigma))
+        pick = gen.choice(pooled.size, size=min(pooled.size, 20_000), replace=False)
+        samples.append(pd.DataFrame(dict(layer=r.layer, value=pooled[pick])))
+    df = pd.DataFrame(rows).astype({"head": "Int64"})
+    samples, fits = pd.concat(samples), pd.DataFrame(fits)
+    save_figure(plot.qq_plots(samples), Path(out) / "lognormal_real_qq.png")
+    fig = plot.log_histograms(samples, fits)
+    fig.suptitle("all-MiniLM-L6-v2: log attention entries per layer (all heads, padded batch of sentences)")
+    return write_figure(df, fig, out, "lognormal_real")
+
+
+def _fit_rows(fit, layer, head) -> list[dict]:
+    names = ("mu", "sigma", "ks_statistic", "ks_pvalue", "ad_statistic", "skew", "excess_kurtosis", "n")
+    return [dict(layer=layer, head=head, metric=name, value=float(getattr(fit, name))) for name in names]
+
+
+def concentration_real(out="figures", quick: bool = False, seed: int = 0) -> pd.DataFrame:
+    """Entropy and spectral gap per layer × head of all-MiniLM-L6-v2, softmax next to LLN attention
+    evaluated alongside on the same captured q, k (batch mean over a padded batch of sentences).
+    Columns: those of ``rec.frame()`` (``call, layer, name, kernel, head, batch, metric, value``).
+    """
+    from .capture import record
+
+    model, batch = _minilm_batch(quick, seed)
+    with torch.no_grad(), record(model, alongside=["lln"]) as rec:
+        model(**batch)
+    df = rec.frame(metrics=("entropy", "spectral_gap"))
+    fig = plot.layer_head_heatmaps(df, title="all-MiniLM-L6-v2: concentration per layer and head, "
+                                             "softmax vs LLN on the same q, k (mean over sentences)")
+    return write_figure(df, fig, out, "concentration_real")
+
+
 FIGURES = {
     "fig5a": fig5a_moments,
     "fig5b": fig5b_moment_matching,
     "fig2": fig2_kernels,
+    "lognormal": lognormal_real,
+    "concentration": concentration_real,
 }
