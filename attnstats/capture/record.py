@@ -64,6 +64,16 @@ class AttentionRecord:
     sigma_k: torch.Tensor | None = None
     stats: object | None = None
 
+    def __repr__(self) -> str:
+        b, h, nq, nk = self.shape
+        mask = None if self.mask is None else tuple(self.mask.shape)
+        return (
+            f"AttentionRecord(name={self.name!r}, layer={self.layer}, shape=[B={b}, H={h}, Nq={nq}, Nk={nk}], "
+            f"d={None if self.q is None else self.q.shape[-1]}, mask={mask}, is_causal={self.is_causal}, "
+            f"scale={self.scale:.6g}, bias={self.bias is not None}, backend={self.backend!r}, "
+            f"store={'qk' if self.q is not None else 'stats'})"
+        )
+
     @property
     def shape(self) -> tuple[int, int, int, int]:
         """``(B, H, Nq, Nk)`` of the attention matrix."""
@@ -251,6 +261,8 @@ def normalize_mask(attn_mask, is_causal: bool, nq: int, nk: int):
     if bool(m.all()):
         return None, bias, bool(is_causal)
     m = m.expand(*m.shape[:2], nq, nk)
+    if m.shape[1] > 1 and bool((m == m[:, :1]).all()):
+        m = m[:, :1]  # the same for every head
     last = m[..., -1:, :]
     if bool((m == last).all()):
         return last.clone(), bias, bool(is_causal)

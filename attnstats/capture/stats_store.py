@@ -3,8 +3,10 @@
 For each captured call, :func:`capture_stats` runs the streaming statistics of
 :mod:`attnstats.streaming` (online softmax over key blocks, never the N×N matrix) and keeps only
 per-matrix numbers ``[B, H]``: mean row entropy, entry moments of ``P`` and ``ln P``, the log-normal fit
-of sampled ``ln P`` values, and for causal self-attention the exact spectral gap
-``1 − max_{i≥1} P_ii`` with ``P_ii = exp(scale·q_i·k_i − LSE_i)``. Extra memory is ``O(N)`` per layer.
+of sampled ``ln P`` values, and the spectral gap of self-attention: exact ``1 − max_{i≥1} P_ii`` with
+``P_ii = exp(scale·q_i·k_i − LSE_i)`` when causal, else the matrix-free Arnoldi solver of
+:func:`attnstats.eigen.spectral_gap_from_qk` (matrix-vector products are attention with ``V = x``).
+Extra memory is ``O(N)`` per layer.
 
 Pad tokens are removed as in the dense path (:func:`attnstats.capture.record.valid_tokens`): in
 self-attention with a key-padding mask, each batch element is compacted to its valid tokens first
@@ -72,6 +74,10 @@ def capture_stats(recorder, q, k, mask, causal, scale, bias, softcap, name, max_
         if causal and m is None and qb.shape[2] == kb.shape[2]:
             diag_s = (qb.double() * kb.double()).sum(-1) * scale
             vals["spectral_gap"] = causal_spectral_gap(torch.exp(diag_s - st.lse.double()))
+        elif m is None and qb.shape[2] == kb.shape[2]:
+            from ..eigen import spectral_gap_from_qk
+
+            vals["spectral_gap"] = spectral_gap_from_qk(qb, kb, scale=scale, causal=False).gap
         fit = streaming_lognormal_fit(
             qb, kb, scale=scale, mask=m, causal=causal, lse=st.lse, max_samples=max_samples, seed=seed
         )

@@ -1,0 +1,192 @@
+"""Recorder.frame(): the statistics of captured attention against numpy / scipy computed here.
+
+The attention comes from a plain SDPA module on random q, k (padded, causal or not); every reference
+is built from a float64 softmax written out in this file, then numpy.linalg / scipy.stats.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import attnstats
+
+B, H, N, D = 2, 3, 12, 8
+LENGTHS = [12, 8]  # batch element 1 is right-padded to N
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, causal: bool):
+        super().__init__()
+        self.causal = causal
+
+    def forward(self, q, k, v, pad):
+        if self.causal:
+            mask = torch.ones(N, N, dtype=torch.bool).tril()[None, None] & pad[:, None, None, :]
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=pad[:, None, None, :])
+
+
+class Stack(nn.Module):
+    def __init__(self, causal: bool):
+        super().__init__()
+        self.layers = nn.ModuleList([SelfAttention(causal), SelfAttention(causal)])
+
+    def forward(self, q, k, v, pad):
+        for i, layer in enumerate(self.layers):
+            v = layer(q * (1 + i), k, v, pad)  # layer 1 sees sharper attention
+        return v
+
+
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (1.5 * torch.randn(B, H, N, D, generator=g) for _ in range(3))
+    pad = torch.zeros(B, N, dtype=torch.bool)
+    for b, n in enumerate(LENGTHS):
+        pad[b, :n] = True
+    return q, k, v, pad
+
+
+def reference_block(q, k, b, h, layer, causal):
+    """float64 attention of the valid tokens of batch element b, head h (pad tokens removed)."""
+    n = LENGTHS[b]
+    qq = q[b, h, :n].double().numpy() * (1 + layer)
+    kk = k[b, h, :n].double().numpy()
+    s = qq @ kk.T / math.sqrt(D)
+    if causal:
+        s = np.where(np.tril(np.ones((n, n), bool)), s, -np.inf)
+    s = s - s.max(1, keepdims=True)
+    p = np.exp(s)
+    return p / p.sum(1, keepdims=True), qq, kk
+
+
+def expected_metrics(p, qq, kk, causal):
+    valid = np.tril(np.ones(p.shape, bool)) if causal else np.ones(p.shape, bool)
+    vals = p[valid]
+    logs = np.log(vals)
+    ev = np.sort(np.abs(np.linalg.eigvals(p)))[::-1]
+    ks = scipy.stats.kstest(logs, "norm", args=(logs.mean(), logs.std()))
+    sq, sk = qq.std(ddof=1), kk.std(ddof=1)
+    return {
+        "entropy": np.mean([scipy.stats.entropy(row[m]) for row, m in zip(p, valid)]),
+        "spectral_gap": 1 - ev[1],
+        "p_mean": vals.mean(),
+        "p_var": vals.var(),
+        "logp_mean": logs.mean(),
+        "logp_var": logs.var(),
+        "lognormal_mu": logs.mean(),
+        "lognormal_sigma": logs.std(),
+        "lognormal_ks": ks.statistic,
+        "lognormal_ks_pvalue": ks.pvalue,
+        "lognormal_skew": scipy.stats.skew(logs),
+        "lognormal_excess_kurtosis": scipy.stats.kurtosis(logs),
+        "sigma_q": sq,
+        "sigma_k": sk,
+        "temperature": 1 / (sq * sk),
+    }
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["bidirectional", "causal"])
+def recorded(request):
+    causal = request.param
+    q, k, v, pad = inputs()
+    model = Stack(causal)
+    with attnstats.record(model) as rec:
+        model(q, k, v, pad)
+    return causal, q, k, rec
+
+
+def test_frame_columns_and_shape(recorded):
+    causal, q, k, rec = recorded
+    df = rec.frame()
+    assert list(df.columns) == ["call", "layer", "name", "head", "batch", "metric", "value"]
+    assert df["head"].dtype == "Int64" and df["batch"].dtype == "Int64" and df["value"].dtype == "float64"
+    assert df.batch.isna().all()  # batch="mean" by default
+    assert set(df.name) == {"layers.0", "layers.1"}
+    per_matrix = 1 + 1 + 7 + 4 + 3  # entropy, gap, lognormal, moments, temperature
+    assert len(df) == 2 * H * per_matrix
+
+
+def test_frame_values_against_numpy_and_scipy(recorded):
+    causal, q, k, rec = recorded
+    df = rec.frame(batch="each")
+    for layer in (0, 1):
+        for b in range(B):
+            for h in range(H):
+                p, qq, kk = reference_block(q, k, b, h, layer, causal)
+                want = expected_metrics(p, qq, kk, causal)
+                got = df[(df.layer == layer) & (df.batch == b) & (df["head"] == h)].set_index("metric").value
+                for metric, value in want.items():
+                    assert got[metric] == pytest.approx(value, rel=1e-6, abs=1e-9), (layer, b, h, metric)
+
+
+def test_frame_aggregation_is_explicit(recorded):
+    causal, q, k, rec = recorded
+    each = rec.frame(metrics=("entropy", "temperature"), batch="each", head="each")
+    mean_b = rec.frame(metrics=("entropy", "temperature"))
+    mean_bh = rec.frame(metrics="entropy", batch="mean", head="mean")
+    manual = each.groupby(["layer", "head", "metric"]).value.mean()
+    got = mean_b.set_index(["layer", "head", "metric"]).value
+    pd.testing.assert_series_equal(got.sort_index(), manual.sort_index(), check_names=False, rtol=1e-12)
+    manual_bh = each[each.metric == "entropy"].groupby("layer").value.mean()
+    assert mean_bh.value.to_numpy() == pytest.approx(manual_bh.to_numpy(), rel=1e-12)
+    assert mean_bh["head"].isna().all() and len(mean_bh) == 2
+    with pytest.raises(ValueError, match="batch"):
+        rec.frame(batch="sum")
+    with pytest.raises(ValueError, match=r"metrics\[0\]"):
+        rec.frame(metrics=("entropie",))
+
+
+def test_store_stats_equals_dense(recorded):
+    causal, q, k, rec = recorded
+    model = Stack(causal)
+    qq, kk, v, pad = inputs()
+    with attnstats.record(model, store="stats") as rs:
+        model(qq, kk, v, pad)
+    assert all(r.q is None and r.k is None for r in rs.records)
+    with pytest.raises(ValueError, match="store='stats'"):
+        rs.records[0].probs()
+    dense = rec.frame(batch="each").set_index(["layer", "head", "batch", "metric"]).value.sort_index()
+    streamed = rs.frame(batch="each").set_index(["layer", "head", "batch", "metric"]).value.sort_index()
+    assert list(streamed.index) == list(dense.index)
+    np.testing.assert_allclose(streamed.to_numpy(), dense.to_numpy(), rtol=1e-6, atol=1e-9)
+
+
+def test_alongside_kernels_side_by_side(recorded):
+    causal, q, k, rec0 = recorded
+    model = Stack(causal)
+    qq, kk, v, pad = inputs()
+    with attnstats.record(model, alongside=["lln", "relu"]) as rec:
+        model(qq, kk, v, pad)
+    df = rec.frame(metrics=("entropy", "spectral_gap", "temperature"), batch="each")
+    assert list(df.columns) == ["call", "layer", "name", "kernel", "head", "batch", "metric", "value"]
+    assert set(df.kernel) == {"softmax", "lln", "relu"}
+    assert set(df[df.kernel != "softmax"].metric) == {"entropy", "spectral_gap"}
+    # softmax rows are those of a record without kernels
+    plain = rec0.frame(metrics=("entropy", "spectral_gap", "temperature"), batch="each")
+    soft = df[df.kernel == "softmax"].drop(columns="kernel").reset_index(drop=True)
+    pd.testing.assert_frame_equal(soft, plain)
+    # ReLU linear attention written out in float64 on the valid tokens (no temperature: scale-free)
+    layer, b, h = 1, 1, 2
+    n = LENGTHS[b]
+    fq = np.maximum(qq[b, h, :n].double().numpy() * 2, 0)
+    fk = np.maximum(kk[b, h, :n].double().numpy(), 0)
+    a = fq @ fk.T
+    if causal:
+        a = np.tril(a)
+    p = a / a.sum(1, keepdims=True)
+    valid = np.tril(np.ones((n, n), bool)) if causal else np.ones((n, n), bool)
+    want_h = np.mean([scipy.stats.entropy(row[m]) for row, m in zip(p, valid)])
+    want_gap = 1 - np.sort(np.abs(np.linalg.eigvals(p)))[::-1][1]
+    got = df[(df.kernel == "relu") & (df.layer == layer) & (df.batch == b) & (df["head"] == h)].set_index("metric").value
+    assert got["entropy"] == pytest.approx(want_h, rel=1e-6)
+    assert got["spectral_gap"] == pytest.approx(want_gap, rel=1e-6, abs=1e-9)
+    # probs(kernel=...) gives the kernel's dense matrix on the same q, k
+    pk = rec.records[layer].probs(kernel="relu")[b, h, :n, :n].double().numpy()
+    np.testing.assert_allclose(pk, p, rtol=1e-5, atol=1e-7)
