@@ -44,6 +44,56 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    from .reproduce import FIGURES
+
+    out = _writable(args.out)
+    names = list(FIGURES) if args.figure == "all" else [args.figure]
+    for name in names:
+        print(f"reproducing {name} into {out}/ ...", flush=True)
+        FIGURES[name](out, quick=args.quick, seed=args.seed)
+    print("done: " + ", ".join(str(p) for p in sorted(out.glob("*.png"))))
+    return 0
+
+
+def _read_sentences(args) -> list[str]:
+    from pathlib import Path
+
+    if args.text:
+        path = Path(args.text)
+        if not path.is_file():
+            raise UserError(f"--text: no such file: {path}")
+        try:
+            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        except UnicodeDecodeError:
+            raise UserError(f"--text: {path} is not UTF-8 text") from None
+        lines = [line for line in lines if line]
+        if not lines:
+            raise UserError(f"--text: {path} holds no non-empty line")
+        return lines
+    if args.sentences:
+        return list(args.sentences)
+    from .corpus import sentences
+
+    return sentences(8, seed=args.seed)
+
+
+def cmd_analyze(args) -> int:
+    from .analysis import analyze_model
+
+    out = _writable(args.out)
+    texts = _read_sentences(args)
+    try:
+        summary = analyze_model(args.model, texts, out, alongside=args.alongside, max_tokens=args.max_tokens)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        if "model" in str(e).lower() or isinstance(e, FileNotFoundError):
+            raise UserError(str(e)) from None
+        raise
+    print(summary.to_string(float_format=lambda v: f"{v:.4g}"))
+    print(f"\nwrote {out / 'stats.csv'} and the plots {', '.join(p.name for p in sorted(out.glob('*.png')))} in {out}/")
+    return 0
+
+
 def _writable(path):
     from pathlib import Path
 
@@ -63,6 +113,34 @@ def _writable(path):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnstats", description="Measure what attention does.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{analyze,reproduce,validate}")
+
+    a = sub.add_parser("analyze", help="capture a model's attention and write every statistic and the standard plots",
+                       description="Run a transformers model on sentences, capture the attention of every layer "
+                       "(SDPA included), compute entropy, spectral gap, log-normal fit, moments and temperature per "
+                       "layer and head, with LLN attention alongside on the same q, k; write stats.csv (long format) "
+                       "and the plots. Default model: the packaged all-MiniLM-L6-v2.")
+    a.add_argument("--model", metavar="PATH_OR_NAME", default=None,
+                   help="local model folder (default: the packaged all-MiniLM-L6-v2; no model hub is reached)")
+    src = a.add_mutually_exclusive_group()
+    src.add_argument("--text", metavar="FILE", help="UTF-8 text file, one sentence per line")
+    src.add_argument("--sentences", nargs="+", metavar="SENTENCE", help="sentences given on the command line")
+    a.add_argument("--out", default="attnstats-out", metavar="DIR", help="output folder (default attnstats-out)")
+    a.add_argument("--alongside", nargs="*", default=["lln"], metavar="KERNEL",
+                   help="kernels run alongside on the same q, k (default: lln; none: --alongside)")
+    a.add_argument("--max-tokens", type=int, default=256, help="truncate each sentence to this many tokens (default 256)")
+    a.add_argument("--seed", type=int, default=0, help="seed of the default sentences (default 0)")
+    a.set_defaults(func=cmd_analyze)
+
+    r = sub.add_parser("reproduce", help="reproduce the paper's figures (PNG + CSV)",
+                       description="Measure and draw the paper's figures: fig1 (training), fig2 (kernels vs "
+                       "temperature), fig5a (moments vs input variance), fig5b (moment matching), lognormal and "
+                       "concentration (all-MiniLM-L6-v2). Each writes <name>.png and <name>.csv.")
+    r.add_argument("figure", nargs="?", default="all",
+                   choices=["fig1", "fig2", "fig5a", "fig5b", "lognormal", "concentration", "all"])
+    r.add_argument("--out", default="figures", metavar="DIR", help="output folder (default figures)")
+    r.add_argument("--quick", action="store_true", help="small sizes: seconds per figure (for tests)")
+    r.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    r.set_defaults(func=cmd_reproduce)
 
     v = sub.add_parser("validate", help="check the paper's propositions numerically and print a table",
                        description="Run each proposition of THEORY.md §2–4 on Gaussian inputs and print claim, "

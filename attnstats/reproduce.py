@@ -18,7 +18,7 @@ from .progress import progress
 from .spectral import spectral_gap
 from .stats import entry_moments, row_entropy
 
-__all__ = ["FIGURES", "fig5a_moments", "fig5b_moment_matching", "fig2_kernels", "lognormal_real", "concentration_real", "write_figure"]
+__all__ = ["FIGURES", "fig5a_moments", "fig5b_moment_matching", "fig2_kernels", "fig1_training", "lognormal_real", "concentration_real", "write_figure"]
 
 
 def write_figure(df: pd.DataFrame, fig, out, name: str) -> pd.DataFrame:
@@ -196,7 +196,90 @@ def concentration_real(out="figures", quick: bool = False, seed: int = 0) -> pd.
     return write_figure(df, fig, out, "concentration_real")
 
 
+
+def _mlm_batches(tok, seq_len: int, batch: int, steps: int, seed: int):
+    """Masked-language-model batches from the documentation text: 15 % of positions are predicted;
+    of those 80 % become [MASK], 10 % a random token, 10 % stay (the BERT/RoBERTa recipe)."""
+    from .corpus import documentation_text
+
+    ids = torch.tensor(tok(documentation_text(), add_special_tokens=False, verbose=False)["input_ids"])
+    chunks = ids[: len(ids) // seq_len * seq_len].view(-1, seq_len)
+    gen = torch.Generator().manual_seed(seed)
+    special = torch.tensor(tok.all_special_ids)
+    for _ in range(steps):
+        x = chunks[torch.randint(len(chunks), (batch,), generator=gen)].clone()
+        chosen = (torch.rand(x.shape, generator=gen) < 0.15) & ~torch.isin(x, special)
+        labels = torch.where(chosen, x, torch.full_like(x, -100))
+        r = torch.rand(x.shape, generator=gen)
+        x[chosen & (r < 0.8)] = tok.mask_token_id
+        swap = chosen & (r >= 0.8) & (r < 0.9)
+        x[swap] = torch.randint(tok.vocab_size, (int(swap.sum()),), generator=gen)
+        yield x, labels
+
+
+def _train_encoder(kernel: str, tok, steps: int, seed: int, sizes: dict) -> pd.DataFrame:
+    """Train a small RoBERTa-style encoder (one head per layer) with MLM; record its attention at
+    every step. ``kernel`` is ``"softmax"`` or an attnstats kernel swapped in with ``use_kernel``."""
+    import contextlib
+
+    import transformers
+
+    from .capture import record
+    from .kernels.swap import use_kernel
+
+    torch.manual_seed(seed)
+    config = transformers.RobertaConfig(
+        vocab_size=tok.vocab_size, hidden_size=sizes["hidden"], num_hidden_layers=sizes["layers"],
+        num_attention_heads=1, intermediate_size=4 * sizes["hidden"], max_position_embeddings=sizes["seq"] + 2,
+        pad_token_id=tok.pad_token_id, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    config._attn_implementation = "sdpa"
+    model = transformers.RobertaForMaskedLM(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=sizes["lr"], weight_decay=0.01)
+    alongside = [] if kernel == "softmax" else [kernel]
+    rows = []
+    swap = contextlib.nullcontext() if kernel == "softmax" else use_kernel(model, kernel)
+    with swap:
+        batches = _mlm_batches(tok, sizes["seq"], sizes["batch"], steps, seed)
+        for step, (x, labels) in enumerate(progress(batches, total=steps, desc=f"fig1 {kernel}")):
+            with record(model, alongside=alongside) as rec:
+                loss = model(input_ids=x, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            f = rec.frame(metrics=("entropy", "spectral_gap", "temperature"), head="mean")
+            if "kernel" in f:  # the model computes `kernel`: its statistics, and q, k's temperature
+                f = f[((f.kernel == kernel) & f.metric.isin(["entropy", "spectral_gap"])) |
+                      ((f.kernel == "softmax") & (f.metric == "temperature"))]
+            f = f[f.metric.isin(["entropy", "spectral_gap", "temperature"])]
+            rows += [dict(step=step, layer=int(r.layer), kernel=kernel, metric=r.metric, value=float(r.value))
+                     for r in f.itertuples()]
+            rows.append(dict(step=step, layer=-1, kernel=kernel, metric="loss", value=float(loss.detach())))
+    return pd.DataFrame(rows)
+
+
+def fig1_training(out="figures", quick: bool = False, seed: int = 0) -> pd.DataFrame:
+    """Figure 1: temperature, entropy and spectral gap of every layer at every training step of a
+    small RoBERTa-style encoder (4 layers, hidden 64, one head per layer, MLM on the Python
+    documentation text, sequences of 64 tokens, batch 16, 300 steps; quick: 2 layers, 6 steps),
+    trained once with softmax and once with LLN attention. The vocabulary and tokenizer are those of
+    the packaged all-MiniLM-L6-v2. Columns: ``step, layer, kernel, metric, value`` (metric ``loss``
+    has layer −1).
+    """
+    from .models import load_model
+
+    _, tok = load_model()
+    sizes = dict(hidden=64, layers=4, seq=64, batch=16, lr=1e-3)
+    steps = 300
+    if quick:
+        sizes.update(layers=2, seq=32, batch=4)
+        steps = 6
+    df = pd.concat([_train_encoder(k, tok, steps, seed, sizes) for k in ("softmax", "lln")], ignore_index=True)
+    return write_figure(df, plot.training_curves(df[df.metric != "loss"]), out, "fig1_training")
+
+
 FIGURES = {
+    "fig1": fig1_training,
     "fig5a": fig5a_moments,
     "fig5b": fig5b_moment_matching,
     "fig2": fig2_kernels,

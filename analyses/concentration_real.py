@@ -1,0 +1,11 @@
+"""Entropy and spectral gap per layer × head of all-MiniLM-L6-v2, softmax next to LLN attention
+
+Writes figures/concentration_real.png and figures/concentration_real.csv (the numbers behind the picture).
+Run: python analyses/concentration_real.py [--out DIR] [--quick] [--seed N]   (same as: attnstats reproduce concentration)
+"""
+import sys
+
+from attnstats.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["reproduce", "concentration", *sys.argv[1:]]))

@@ -1,0 +1,11 @@
+"""Figure 1: temperature, entropy and spectral gap of every layer at every training step of a
+
+Writes figures/fig1_training.png and figures/fig1_training.csv (the numbers behind the picture).
+Run: python analyses/fig1_training.py [--out DIR] [--quick] [--seed N]   (same as: attnstats reproduce fig1)
+"""
+import sys
+
+from attnstats.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["reproduce", "fig1", *sys.argv[1:]]))

@@ -1,0 +1,11 @@
+"""Figure 2: mean row entropy and spectral gap of SA, LLN (with and without moment matching),
+
+Writes figures/fig2_kernels.png and figures/fig2_kernels.csv (the numbers behind the picture).
+Run: python analyses/fig2_kernels.py [--out DIR] [--quick] [--seed N]   (same as: attnstats reproduce fig2)
+"""
+import sys
+
+from attnstats.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["reproduce", "fig2", *sys.argv[1:]]))
