@@ -1,4 +1,4 @@
-"""Figure 2: mean row entropy and spectral gap of SA, LLN (with and without moment matching),
+"""Figure 2: mean row entropy and spectral gap of SA, LLN and other linearised kernels against temperature.
 
 Writes figures/fig2_kernels.png and figures/fig2_kernels.csv (the numbers behind the picture).
 Run: python analyses/fig2_kernels.py [--out DIR] [--quick] [--seed N]   (same as: attnstats reproduce fig2)
