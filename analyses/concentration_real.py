@@ -1,4 +1,4 @@
-"""Entropy and spectral gap per layer × head of all-MiniLM-L6-v2, softmax next to LLN attention
+"""Entropy and spectral gap per layer × head of all-MiniLM-L6-v2: softmax next to LLN run alongside.
 
 Writes figures/concentration_real.png and figures/concentration_real.csv (the numbers behind the picture).
 Run: python analyses/concentration_real.py [--out DIR] [--quick] [--seed N]   (same as: attnstats reproduce concentration)

@@ -1,4 +1,4 @@
-"""Figure 1: temperature, entropy and spectral gap of every layer at every training step of a
+"""Figure 1: temperature, entropy and spectral gap of every layer at every step of training a small encoder.
 
 Writes figures/fig1_training.png and figures/fig1_training.csv (the numbers behind the picture).
 Run: python analyses/fig1_training.py [--out DIR] [--quick] [--seed N]   (same as: attnstats reproduce fig1)
