@@ -13,7 +13,8 @@ Metrics (per matrix, i.e. per batch element and head):
 group          metric names
 ============== ==========================================================================================
 entropy        ``entropy``: mean over valid query rows of the row entropy (nats)
-spectral_gap   ``spectral_gap``: ``1 − |λ₂|`` over the valid tokens (exact diagonal rule when causal)
+spectral_gap   ``spectral_gap``: ``1 − |λ₂|`` over the valid tokens (exact diagonal rule when causal);
+               self-attention only (no row for a cross-attention record, ``Nq ≠ Nk``)
 lognormal      ``lognormal_mu``, ``lognormal_sigma``, ``lognormal_ks``, ``lognormal_ks_pvalue``,
                ``lognormal_ad``, ``lognormal_skew``, ``lognormal_excess_kurtosis``: fit of ``ln P``
 moments        ``p_mean``, ``p_var``, ``logp_mean``, ``logp_var``: mean and variance of ``P`` and ``ln P``
@@ -59,6 +60,23 @@ def _check_metrics(metrics) -> tuple[str, ...]:
     if not metrics:
         raise ValueError(f"metrics: expected at least one of {METRICS}, got none")
     return metrics
+
+
+def _square(p: torch.Tensor, mask):
+    """A non-square ``[B, H, Nq, Nk]`` (cross-attention) embedded in ``[B, H, M, M]``, the rest masked out.
+
+    The dense statistics take square matrices; the added rows have no valid entry (absent) and the
+    added columns are masked, so entropy, moments and the log-normal fit are those of ``p`` itself.
+    """
+    b, h, nq, nk = p.shape
+    if nq == nk:
+        return p, mask
+    m = max(nq, nk)
+    big = p.new_zeros((b, h, m, m))
+    big[..., :nq, :nk] = p
+    valid = torch.zeros((b, h, m, m), dtype=torch.bool, device=p.device)
+    valid[..., :nq, :nk] = True if mask is None else mask
+    return big, valid
 
 
 def _row_mean(h: torch.Tensor) -> torch.Tensor:
@@ -114,6 +132,7 @@ def record_metrics(rec, metrics=METRICS, *, kernel=None, max_samples: int = 100_
                 from .capture.alongside import kernel_probs
 
                 p = kernel_probs(rec, kernel)
+            p, mask = _square(p, mask)
             if "entropy" in metrics:
                 out["entropy"] = _row_mean(row_entropy(p, mask))
             if "spectral_gap" in metrics and nq == nk:

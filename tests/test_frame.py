@@ -190,3 +190,26 @@ def test_alongside_kernels_side_by_side(recorded):
     # probs(kernel=...) gives the kernel's dense matrix on the same q, k
     pk = rec.records[layer].probs(kernel="relu")[b, h, :n, :n].double().numpy()
     np.testing.assert_allclose(pk, p, rtol=1e-5, atol=1e-7)
+
+
+def test_cross_attention_frame():
+    g = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(1, 2, 4, D, generator=g), torch.randn(1, 2, 7, D, generator=g), torch.randn(1, 2, 7, D, generator=g)
+    keep = torch.tensor([True] * 5 + [False] * 2)
+
+    class Cross(nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[None, :])
+
+    with attnstats.record(Cross()) as rec:
+        Cross()(q, k, v)
+    df = rec.frame(metrics=("entropy", "spectral_gap", "moments"), batch="each")
+    assert "spectral_gap" not in set(df.metric)  # no spectrum for a 4×7 matrix
+    for h in range(2):
+        s = q[0, h].double().numpy() @ k[0, h, :5].double().numpy().T / math.sqrt(D)
+        p = np.exp(s - s.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        got = df[df["head"] == h].set_index("metric").value
+        assert got["entropy"] == pytest.approx(np.mean(scipy.stats.entropy(p, axis=1)), rel=1e-9)
+        assert got["p_var"] == pytest.approx(p.var(), rel=1e-9)
+        assert got["logp_mean"] == pytest.approx(np.log(p).mean(), rel=1e-9)

@@ -217,7 +217,7 @@ class Recorder:
         self._stack = []
         self._hf_context = []
         stack.close()
-        if exc_type is None and not self.records and self.forward_calls > 0:
+        if exc_type is None and not self.records:
             warnings.warn(self._nothing_message(), NothingCapturedWarning, stacklevel=2)
         return False
 
