@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from ..budget import check_dense_fits
 from ..spectral import spectral_gap as dense_spectral_gap
 from ..validation import compute_dtype
-from .base import Kernel, _register, check_qk4, check_qkv, full_mask, matrix_dtype
+from .base import Kernel, _register, check_qk4, check_qkv, full_mask, matrix_dtype, work_dtype
 from .softmax import softmax_matrix
 
 __all__ = ["BlockDiagonalAttention", "block_mask"]
@@ -28,7 +28,9 @@ class BlockDiagonalAttention(Kernel):
         scale: score scale; None = ``1/sqrt(d)``.
 
     Causal attention applies the causal rule inside each block. A further mask is applied inside
-    the blocks; a row with no valid entry in its block gives 0. Cost ``O(N·block·d)``.
+    the blocks. A query whose block holds no key it may attend to (a padding token in an all-padding
+    block) attends like softmax attention over its valid keys instead, so every row with a valid key
+    stays a distribution; a row with no valid key at all gives 0. Cost ``O(N·block·d)``.
     """
 
     name = "block_diag"
@@ -57,6 +59,43 @@ class BlockDiagonalAttention(Kernel):
         m = full_mask(mask, shape, causal, device)
         return blocks.expand(shape) if m is None else m & blocks
 
+    def row_has_key(self, q, *, causal: bool = False, mask=None) -> torch.Tensor:
+        """``[B, H, N]`` bool: True where the query's block holds at least one key it may attend to."""
+        b, h, n, d = q.shape
+        m = full_mask(mask, (b, h, n, n), False, q.device)
+        if m is None:
+            return torch.ones(b, h, n, dtype=torch.bool, device=q.device)
+        size = self.block_size(d)
+        rows = []
+        for s in range(0, n, size):
+            e = min(s + size, n)
+            mb = m[:, :, s:e, s:e]
+            if causal:
+                mb = mb & torch.ones(e - s, e - s, dtype=torch.bool, device=q.device).tril()
+            rows.append(mb.any(-1))
+        return torch.cat(rows, dim=-1)
+
+    def _fallback(self, q, k, v, rows, causal, mask, dtype):
+        """Softmax attention rows (``@ v`` when ``v`` is given) for the ``(b, h, i)`` in ``rows [R, 3]``."""
+        b, h, n, d = q.shape
+        m = full_mask(mask, (b, h, n, n), causal, q.device)
+        outs = []
+        for s in range(0, rows.shape[0], 256):
+            bi, hi, ii = rows[s : s + 256].unbind(-1)
+            sc = (q[bi, hi, ii, None, :].to(dtype) @ k[bi, hi].to(dtype).transpose(-2, -1))[:, 0] * self._scale(d)
+            p = torch.softmax(sc.masked_fill(~m[bi, hi, ii], float("-inf")), dim=-1)
+            outs.append(p if v is None else (p[:, None, :] @ v[bi, hi].to(dtype))[:, 0])
+        return torch.cat(outs, 0)
+
+    def _missing_rows(self, q, causal, mask):
+        """``(b, h, i)`` of rows with a valid key somewhere but none in their block, ``[R, 3]``."""
+        if mask is None:
+            return None
+        b, h, n, _ = q.shape
+        anywhere = full_mask(mask, (b, h, n, n), causal, q.device).any(-1)
+        missing = anywhere & ~self.row_has_key(q, causal=causal, mask=mask)
+        return torch.nonzero(missing, as_tuple=False) if bool(missing.any()) else None
+
     def forward(self, q, k, v, *, causal: bool = False, mask=None) -> torch.Tensor:
         """Attention output ``[B, H, N, d_v]``; blocks are computed one by one with SDPA."""
         check_qkv(q, k, v, causal=True)  # blocks pair query i with key i: N must match
@@ -75,7 +114,22 @@ class BlockDiagonalAttention(Kernel):
                 mb = mb & torch.ones(e - s, e - s, dtype=torch.bool, device=q.device).tril()
             ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mb, scale=self._scale(d))
             outs.append(torch.where(mb.any(-1)[..., None], ob, torch.zeros((), dtype=ob.dtype, device=ob.device)))
-        return torch.cat(outs, dim=-2)
+        out = torch.cat(outs, dim=-2)
+        rows = self._missing_rows(q, causal, mask)
+        if rows is not None:
+            bi, hi, ii = rows.unbind(-1)
+            out[bi, hi, ii] = self._fallback(q, k, v, rows, causal, mask, work_dtype(out.dtype)).to(out.dtype)
+        return out
+
+    def _dense(self, q, k, causal, mask, dtype):
+        shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
+        valid = self._valid(shape, causal, mask, q.shape[-1], q.device)
+        p = softmax_matrix(q, k, valid, self._scale(q.shape[-1]), dtype)
+        rows = self._missing_rows(q, causal, mask)
+        if rows is not None:
+            bi, hi, ii = rows.unbind(-1)
+            p[bi, hi, ii] = self._fallback(q, k, None, rows, causal, mask, dtype)
+        return p
 
     def matrix(self, q, k, *, causal: bool = False, mask=None) -> torch.Tensor:
         """Dense row-stochastic block-diagonal matrix ``[B, H, N, N]``."""
@@ -83,17 +137,14 @@ class BlockDiagonalAttention(Kernel):
         shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
         cd = compute_dtype(q)
         check_dense_fits(shape, torch.finfo(cd).bits // 8, "the block-diagonal attention matrix")
-        valid = self._valid(shape, causal, mask, q.shape[-1], q.device)
-        return softmax_matrix(q, k, valid, self._scale(q.shape[-1]), cd).to(matrix_dtype(q))
+        return self._dense(q, k, causal, mask, cd).to(matrix_dtype(q))
 
     def spectral_gap(self, q, k, *, causal: bool = False, mask=None) -> torch.Tensor:
         """Spectral gap ``[B, H]`` of the dense matrix (0 whenever there are two or more blocks:
         each block contributes an eigenvalue 1)."""
         check_qk4(q, k, causal=True)
         shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
-        valid = self._valid(shape, causal, mask, q.shape[-1], q.device)
-        p = softmax_matrix(q, k, valid, self._scale(q.shape[-1]), compute_dtype(q))
-        return dense_spectral_gap(p, valid)
+        return dense_spectral_gap(self._dense(q, k, causal, mask, compute_dtype(q)), full_mask(mask, shape, causal, q.device))
 
 
 _register("block_diag", BlockDiagonalAttention)

@@ -26,6 +26,15 @@ from .linear import (
 __all__ = ["LLNAttention"]
 
 
+def _std_or_one(x: torch.Tensor) -> float:
+    """Standard deviation of all entries of ``x``; 1 for a constant (or one-entry) tensor, whose
+    features do not depend on the temperature."""
+    if x.numel() < 2:
+        return 1.0
+    s = float(x.detach().to(torch.float64).std())
+    return s if s > 0 else 1.0
+
+
 class LLNAttention(Kernel):
     """Linear Log-Normal attention ``P_ij ∝ Σ_l exp(α q_il + β k_jl)``.
 
@@ -72,16 +81,13 @@ class LLNAttention(Kernel):
     def alpha_beta(self, q: torch.Tensor, k: torch.Tensor) -> tuple[float, float]:
         """The temperatures ``(α, β)`` used for these q, k (Python floats).
 
-        ``σ_q, σ_k`` are the standard deviations of all entries of ``q`` and ``k`` (population, in
-        float64). Without moment matching, ``(1.0, 1.0)``. A constant tensor (σ = 0) gives features
+        ``σ_q, σ_k`` are the standard deviations of all entries of ``q`` and ``k`` (``torch.std``,
+        divisor ``M − 1``, in float64), as in the paper's reference implementation. Without moment matching, ``(1.0, 1.0)``. A constant tensor (σ = 0) gives features
         that do not depend on it, so its σ is replaced by 1.
         """
         if not self.moment_matching:
             return 1.0, 1.0
-        sq = float(q.detach().to(torch.float64).std(correction=0))
-        sk = float(k.detach().to(torch.float64).std(correction=0))
-        sq = sq if sq > 0 else 1.0
-        sk = sk if sk > 0 else 1.0
+        sq, sk = _std_or_one(q), _std_or_one(k)
         d = q.shape[-1]
         # a softmax scale c gives scores of variance c²·d·σ_q²σ_k²: match that by rescaling σ_q, σ_k
         c = 1.0 if self.scale is None else float(self.scale) * d**0.5

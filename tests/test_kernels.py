@@ -1,0 +1,437 @@
+"""Kernels against independent dense float64 references (THEORY.md §1, §4)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import attnstats
+from attnstats import kernels
+from attnstats.budget import DenseTooLargeError, memory_budget
+from attnstats.kernels import (
+    BlockDiagonalAttention,
+    LinearAttention,
+    LLNAttention,
+    LLNPlusDiagAttention,
+    SoftmaxAttention,
+    get_kernel,
+)
+from attnstats.theory import LLN_A, LLN_B
+
+B, H, N, D = 2, 3, 37, 16  # N is not a multiple of D: LLN+Diag has a remainder block
+
+EPS_FREE = {"lln": {"eps": 0.0}, "lln_no_mm": {"eps": 0.0}, "lln_diag": {"eps": 0.0},
+            "relu": {"eps": 0.0}, "elu_plus_one": {"eps": 0.0}, "exp": {"eps": 0.0}, "performer": {"eps": 0.0}}
+LINEARISED = ("lln", "lln_no_mm", "relu", "elu_plus_one", "exp", "performer")
+
+
+def qkv(seed=0, dtype=torch.float64, b=B, h=H, n=N, d=D, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, n, d, generator=g, dtype=torch.float64) for _ in range(3))
+    return (q * scale).to(dtype), (k * scale).to(dtype), v.to(dtype)
+
+
+def key_padding(b=B, n=N):
+    """[B, 1, 1, N]: batch 0 has its last 9 keys padded, batch 1 none."""
+    lengths = torch.tensor([n - 9, n])[:b]
+    return (torch.arange(n)[None, :] < lengths[:, None])[:, None, None, :]
+
+
+def make(name, exact=True):
+    return get_kernel(name, **(EPS_FREE.get(name, {}) if exact else {}))
+
+
+# ---------------------------------------------------------------- interface
+
+
+def test_names_and_registry():
+    assert set(kernels.KERNEL_NAMES) == {"softmax", "lln", "lln_no_mm", "block_diag", "lln_diag", "relu",
+                                         "elu_plus_one", "exp", "performer"}
+    for name in kernels.KERNEL_NAMES:
+        ker = get_kernel(name)
+        assert ker.name == name
+        assert isinstance(ker, kernels.Kernel) and isinstance(ker, torch.nn.Module)
+    assert get_kernel("lln_no_mm").alpha_beta(*qkv()[:2]) == (1.0, 1.0)
+
+
+@pytest.mark.parametrize("name", kernels.KERNEL_NAMES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_output_equals_matrix_times_v(name, causal, padded):
+    q, k, v = qkv(seed=1)
+    mask = key_padding() if padded else None
+    ker = make(name)
+    out = ker(q, k, v, causal=causal, mask=mask)
+    p = ker.matrix(q, k, causal=causal, mask=mask)
+    assert out.shape == (B, H, N, D) and out.dtype == torch.float64
+    assert p.shape == (B, H, N, N) and p.dtype == torch.float64
+    torch.testing.assert_close(out, p @ v, rtol=1e-10, atol=1e-12)
+    # rows sum to 1 over valid entries; masked entries are exactly 0
+    torch.testing.assert_close(p.sum(-1), torch.ones(B, H, N, dtype=torch.float64), rtol=0, atol=1e-12)
+    if padded:
+        assert bool((p[0, :, :, N - 9:] == 0).all())
+    if causal:
+        assert bool((p.triu(1) == 0).all())
+
+
+@pytest.mark.parametrize("name", kernels.KERNEL_NAMES)
+def test_float32_output_within_float32_tolerance(name):
+    """float32 compute against the float64 matrix, with the default eps."""
+    q, k, v = qkv(seed=2)
+    ker = make(name, exact=False)
+    for causal in (False, True):
+        ref = ker.matrix(q, k, causal=causal, mask=key_padding()) @ v
+        out = ker(q.float(), k.float(), v.float(), causal=causal, mask=key_padding())
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5)
+        p32 = ker.matrix(q.float(), k.float(), causal=causal)
+        assert p32.dtype == torch.float32
+        torch.testing.assert_close(p32.sum(-1), torch.ones(B, H, N), rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- softmax and block-diagonal
+
+
+def dense_softmax(q, k, valid, scale):
+    s = (q @ k.transpose(-2, -1)).double() * scale
+    s = s.masked_fill(~valid, -math.inf)
+    p = torch.exp(s - s.amax(-1, keepdim=True))
+    return p / p.sum(-1, keepdim=True)
+
+
+def test_softmax_is_sdpa_and_dense_reference():
+    q, k, v = qkv(seed=3)
+    sa = SoftmaxAttention()
+    for causal in (False, True):
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        assert torch.equal(sa(q, k, v, causal=causal), expected)
+        valid = torch.ones(N, N, dtype=torch.bool).tril() if causal else torch.ones(N, N, dtype=torch.bool)
+        torch.testing.assert_close(sa.matrix(q, k, causal=causal), dense_softmax(q, k, valid, D**-0.5),
+                                   rtol=1e-12, atol=1e-14)
+    # a custom scale
+    torch.testing.assert_close(SoftmaxAttention(scale=0.3).matrix(q, k),
+                               dense_softmax(q, k, torch.ones(N, N, dtype=torch.bool), 0.3), rtol=1e-12, atol=1e-14)
+
+
+def test_softmax_fully_masked_row_is_zero_not_nan():
+    q, k, v = qkv(seed=4)
+    mask = torch.ones(N, N, dtype=torch.bool)
+    mask[5] = False
+    out = SoftmaxAttention()(q, k, v, mask=mask)
+    assert bool(torch.isfinite(out).all()) and bool((out[:, :, 5] == 0).all())
+
+
+@pytest.mark.parametrize("block", [None, 5, 16, 40])
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_diagonal_against_dense_reference(block, causal):
+    q, k, v = qkv(seed=5)
+    size = D if block is None else block
+    ids = torch.arange(N) // size  # consecutive blocks, the remainder forms the last one
+    valid = ids[:, None] == ids[None, :]
+    if causal:
+        valid = valid & torch.ones(N, N, dtype=torch.bool).tril()
+    ref = dense_softmax(q, k, valid, D**-0.5)
+    ker = BlockDiagonalAttention(block=block)
+    torch.testing.assert_close(ker.matrix(q, k, causal=causal), ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ker(q, k, v, causal=causal), ref @ v, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------- LLN
+
+
+def reference_lln(q, k, v, a=LLN_A, b=LLN_B, causal=False, moment_matching=True):
+    """THEORY.md §4 written out in NumPy float64, no shifts (small inputs only)."""
+    qn, kn, vn = (x.double().numpy() for x in (q, k, v))
+    if moment_matching:
+        sq, sk = qn.std(ddof=1), kn.std(ddof=1)
+        s_tilde = np.sqrt((sq**2 * sk**2 - b) / (2 * a))
+        alpha, beta = s_tilde / sq, s_tilde / sk
+    else:
+        alpha = beta = 1.0
+    fq, fk = np.exp(alpha * qn), np.exp(beta * kn)
+    a_mat = fq @ np.swapaxes(fk, -1, -2)
+    if causal:
+        a_mat = np.tril(a_mat)
+    p = a_mat / a_mat.sum(-1, keepdims=True)
+    return torch.from_numpy(p), torch.from_numpy(p @ vn), (alpha, beta)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mm", [True, False])
+def test_lln_reproduces_dense_float64_formulas(causal, mm):
+    q, k, v = qkv(seed=6, scale=0.7)
+    p_ref, out_ref, (alpha, beta) = reference_lln(q, k, v, causal=causal, moment_matching=mm)
+    ker = LLNAttention(moment_matching=mm, eps=0.0)
+    a, b = ker.alpha_beta(q, k)
+    assert a == pytest.approx(alpha, rel=1e-12) and b == pytest.approx(beta, rel=1e-12)
+    torch.testing.assert_close(ker.matrix(q, k, causal=causal), p_ref, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(ker(q, k, v, causal=causal), out_ref, rtol=1e-10, atol=1e-12)
+    # the default eps moves outputs by far less than float32 resolution
+    torch.testing.assert_close(LLNAttention(moment_matching=mm)(q, k, v, causal=causal), out_ref, rtol=1e-7, atol=1e-8)
+
+
+def test_lln_alpha_beta_is_moment_matching_rule():
+    q, k, _ = qkv(seed=7)
+    q, k = q * 0.6, k * 1.7
+    sq, sk = q.std().item(), k.std().item()
+    alpha, beta = LLNAttention().alpha_beta(q, k)
+    s_tilde = math.sqrt((sq**2 * sk**2 - LLN_B) / (2 * LLN_A))
+    assert alpha == pytest.approx(s_tilde / sq, rel=1e-12)
+    assert beta == pytest.approx(s_tilde / sk, rel=1e-12)
+    # α σ_q = β σ_k, and a·σ_t² + b reproduces the softmax score variance σ_q²σ_k²
+    sigma_t2 = alpha**2 * sq**2 + beta**2 * sk**2
+    assert LLN_A * sigma_t2 + LLN_B == pytest.approx(sq**2 * sk**2, rel=1e-12)
+    # no gradient flows into α, β; gradients still flow through the features
+    qg = q.clone().requires_grad_(True)
+    out = LLNAttention()(qg, k, k)
+    out.sum().backward()
+    assert qg.grad is not None and bool(torch.isfinite(qg.grad).all())
+
+
+def test_causal_chunked_lln_equals_noncausal_on_prefixes():
+    """Row i of causal LLN is non-causal LLN of query i over keys 0..i (α = β = 1 so the prefix
+    does not change the temperatures); every chunk size gives the same numbers."""
+    q, k, v = qkv(seed=8, n=45)
+    ker = LLNAttention(moment_matching=False, eps=0.0)
+    causal = ker(q, k, v, causal=True)
+    for i in range(45):
+        prefix = ker(q[:, :, i:i + 1], k[:, :, : i + 1], v[:, :, : i + 1])
+        torch.testing.assert_close(causal[:, :, i:i + 1], prefix, rtol=1e-10, atol=1e-12)
+    for chunk in (1, 7, 16, 64):
+        torch.testing.assert_close(LLNAttention(moment_matching=False, eps=0.0, chunk=chunk)(q, k, v, causal=True),
+                                   causal, rtol=1e-10, atol=1e-12)
+
+
+def test_lln_half_inputs_compute_in_float32():
+    q, k, v = qkv(seed=9)
+    ker = LLNAttention()
+    ref = ker(q.float(), k.float(), v.float())
+    for dt in (torch.float16, torch.bfloat16):
+        out = ker(q.to(dt), k.to(dt), v.to(dt))
+        assert out.dtype == dt
+        # the only differences: rounding the inputs to dt and the output to dt
+        exp = ker(q.to(dt).float(), k.to(dt).float(), v.to(dt).float()).to(dt)
+        torch.testing.assert_close(out, exp, rtol=0, atol=0)
+        assert (out.float() - ref).abs().max() < (0.05 if dt == torch.bfloat16 else 0.01)
+
+
+# ---------------------------------------------------------------- linear feature maps
+
+
+def reference_linear(q, k, feature_map):
+    q, k = q.double(), k.double()
+    fmap = {"relu": torch.relu, "elu_plus_one": lambda x: torch.nn.functional.elu(x) + 1, "exp": torch.exp}[feature_map]
+    a = fmap(q) @ fmap(k).transpose(-2, -1)
+    return a / a.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("fmap", ["relu", "elu_plus_one", "exp"])
+def test_feature_maps_against_dense_reference(fmap):
+    q, k, v = qkv(seed=10, scale=0.8)
+    ker = LinearAttention(fmap, eps=0.0)
+    ref = reference_linear(q, k, fmap)
+    torch.testing.assert_close(ker.matrix(q, k), ref, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(ker(q, k, v), ref @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_relu_attention_has_no_temperature():
+    """THEORY.md §3: rescaling q and k leaves ReLU linear attention exactly unchanged."""
+    q, k, _ = qkv(seed=11)
+    ker = LinearAttention("relu")
+    torch.testing.assert_close(ker.matrix(q * 0.5, k * 0.5), ker.matrix(q * 2.0, k * 2.0), rtol=1e-12, atol=1e-14)
+
+
+def test_relu_row_with_no_weight_raises():
+    q, k, v = qkv(seed=12)
+    q[0, 0, 3] = -q[0, 0, 3].abs() - 0.1  # every feature of query 3 is 0 under ReLU
+    ker = LinearAttention("relu")
+    assert bool((ker(q, k, v)[0, 0, 3] == 0).all())  # output 0 (eps), never NaN
+    with pytest.raises(ValueError, match=r"row \(0, 0, 3\).*zero weight"):
+        ker.matrix(q, k)
+    with pytest.raises(ValueError, match="zero weight"):
+        ker.spectral_gap(q, k)
+
+
+def test_performer_projection_and_softmax_estimate():
+    ker = LinearAttention("performer", num_features=64, seed=3)
+    w = ker.projection(16, "cpu", torch.float64)
+    assert w.shape == (64, 16)
+    block = w[:16] / w[:16].norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(block @ block.T, torch.eye(16, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert torch.equal(w, LinearAttention("performer", num_features=64, seed=3).projection(16, "cpu", torch.float64))
+    assert not torch.equal(w, LinearAttention("performer", num_features=64, seed=4).projection(16, "cpu", torch.float64))
+    # FAVOR+ is an unbiased estimate of the softmax kernel: many features approach softmax attention
+    q, k, _ = qkv(seed=13, b=1, h=2, scale=0.5)
+    sa = SoftmaxAttention().matrix(q, k)
+    err = [(LinearAttention("performer", num_features=m).matrix(q, k) - sa).abs().mean() / sa.mean()
+           for m in (16, 4096)]
+    assert err[1] < 0.05 and err[1] < err[0] / 4
+
+
+# ---------------------------------------------------------------- LLN + Diag
+
+
+def test_lln_diag_average_is_half_lln_plus_half_block():
+    q, k, v = qkv(seed=14)
+    for causal in (False, True):
+        ker = LLNPlusDiagAttention(eps=0.0)
+        lln = LLNAttention(eps=0.0)(q, k, v, causal=causal)
+        diag = BlockDiagonalAttention()(q, k, v, causal=causal)
+        torch.testing.assert_close(ker(q, k, v, causal=causal), 0.5 * (lln + diag), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("mode", ["learnable_ratio", "learnable_scale"])
+def test_lln_diag_learnable_weights_per_head_and_channel(mode):
+    q, k, v = qkv(seed=15)
+    ker = LLNPlusDiagAttention(mode, num_heads=H, head_dim=D, eps=0.0)
+    assert sum(p.numel() for p in ker.parameters()) == (1 if mode == "learnable_ratio" else 2) * H * D
+    with torch.no_grad():
+        ker.r.copy_(torch.linspace(0.1, 0.9, H * D).reshape(H, D))
+        if mode == "learnable_scale":
+            ker.p.copy_(torch.linspace(1.0, 0.3, H * D).reshape(H, D))
+    out = ker(q, k, v)
+    for c in (0, 7, D - 1):
+        torch.testing.assert_close(out[..., c], (ker.matrix(q, k, channel=c) @ v[..., c:c + 1])[..., 0],
+                                   rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="channel"):
+        ker.matrix(q, k)
+    out.sum().backward()
+    assert ker.r.grad is not None and ker.r.grad.shape == (H, D)
+
+
+# ---------------------------------------------------------------- spectral gap
+
+
+def test_kernel_matrix_and_gap_against_numpy_eigvals():
+    q, k, _ = qkv(seed=16, b=1, h=2)
+    for name in ("lln", "performer", "elu_plus_one"):
+        ker = get_kernel(name)
+        p = ker.matrix(q, k).numpy()
+        ev = np.sort(np.abs(np.linalg.eigvals(p)), axis=-1)[..., ::-1]
+        torch.testing.assert_close(ker.spectral_gap(q, k), torch.from_numpy(1 - ev[..., 1]), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", kernels.KERNEL_NAMES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_spectral_gap_equals_dense_solver(name, causal, padded):
+    q, k, _ = qkv(seed=17)
+    mask = key_padding() if padded else None
+    ker = get_kernel(name)
+    gap = ker.spectral_gap(q, k, causal=causal, mask=mask)
+    assert gap.shape == (B, H)
+    full = None if mask is None else mask.expand(B, H, N, N)
+    dense = attnstats.spectral_gap(ker.matrix(q, k, causal=causal, mask=mask), full)
+    torch.testing.assert_close(gap, dense, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", LINEARISED)
+def test_linearised_spectral_gap_never_builds_the_dense_matrix(name):
+    q, k, _ = qkv(seed=18, b=1, h=2, n=600)
+    ker = get_kernel(name)
+    with memory_budget(600 * 600):  # less than one dense [1, 2, 600, 600] matrix in any dtype
+        with pytest.raises(DenseTooLargeError):
+            ker.matrix(q, k)
+        for causal in (False, True):
+            gap = ker.spectral_gap(q, k, causal=causal)
+            assert gap.shape == (1, 2) and bool(((gap >= -1e-9) & (gap <= 1 + 1e-9)).all())
+
+
+# ---------------------------------------------------------------- bad input and overflow
+
+
+def test_bad_input_errors_name_the_argument():
+    q, k, v = qkv(seed=19)
+    ker = LLNAttention()
+    with pytest.raises(ValueError, match=r"q, k: head dims differ"):
+        ker(q, k[..., :8], v)
+    with pytest.raises(ValueError, match=r"v: has N = 30 tokens but k has 37"):
+        ker(q, k, v[:, :, :30])
+    with pytest.raises(ValueError, match=r"q: expected shape \[B, H, N, d\]"):
+        ker(q[0], k, v)
+    with pytest.raises(ValueError, match=r"q, k: batch and head dims differ"):
+        ker(q[:, :2], k, v)
+    with pytest.raises(ValueError, match=r"causal attention needs as many queries as keys"):
+        ker(q[:, :, :10], k, v, causal=True)
+    with pytest.raises(TypeError, match=r"v: expected a floating-point tensor"):
+        ker(q, k, v.long())
+    bad = q.clone()
+    bad[1, 2, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"q: expected finite values, found nan at index \(1, 2, 3, 4\)"):
+        ker(bad, k, v)
+    with pytest.raises(ValueError, match=r"feature_map: unknown feature map 'tanh'"):
+        LinearAttention("tanh")
+    with pytest.raises(ValueError, match=r"name: unknown kernel 'flash'"):
+        get_kernel("flash")
+    for block in (0, -3):
+        with pytest.raises(ValueError, match=r"block: expected a positive int"):
+            BlockDiagonalAttention(block=block)
+        with pytest.raises(ValueError, match=r"block: expected a positive int"):
+            LLNPlusDiagAttention(block=block)
+    with pytest.raises(ValueError, match=r"mode: unknown mode"):
+        LLNPlusDiagAttention("max")
+    with pytest.raises(ValueError, match=r"num_heads: mode 'learnable_ratio'"):
+        LLNPlusDiagAttention("learnable_ratio")
+    with pytest.raises(ValueError, match=r"feature_map: fixed by kernel name 'relu'"):
+        get_kernel("relu", feature_map="exp")
+    with pytest.raises(TypeError, match=r"mask: expected dtype torch.bool"):
+        ker(q, k, v, mask=torch.ones(N, N))
+    with pytest.raises(ValueError, match=r"mask: shape \(5, 5\) does not broadcast"):
+        ker(q, k, v, mask=torch.ones(5, 5, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("name", LINEARISED)
+def test_linearised_kernels_reject_non_padding_masks(name):
+    q, k, v = qkv(seed=20)
+    band = (torch.arange(N)[:, None] - torch.arange(N)[None, :]).abs() <= 3
+    with pytest.raises(ValueError, match=r"mask: kernel .* supports only padding masks.*entry \(0, 0, 0, 4\)"):
+        get_kernel(name)(q, k, v, mask=band)
+    # a causal mask passed as a mask (instead of causal=True) is not a padding mask either ...
+    tril = torch.ones(N, N, dtype=torch.bool).tril()
+    with pytest.raises(ValueError, match="only padding masks"):
+        get_kernel(name)(q, k, v, mask=tril)
+    # ... but the same mask with causal=True is, and a query mask combined with key padding is too
+    torch.testing.assert_close(get_kernel(name)(q, k, v, causal=True, mask=tril), get_kernel(name)(q, k, v, causal=True))
+    qmask = torch.ones(N, dtype=torch.bool)
+    qmask[4] = False
+    both = qmask[:, None] & key_padding()
+    out = get_kernel(name)(q, k, v, mask=both)
+    assert bool((out[:, :, 4] == 0).all())
+    torch.testing.assert_close(out[:, :, 5], get_kernel(name)(q, k, v, mask=key_padding())[:, :, 5])
+
+
+@pytest.mark.parametrize("name", kernels.KERNEL_NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_large_inputs_give_finite_outputs(name, dtype):
+    """|q|, |k| up to 50: the stabilising shifts keep every output, matrix and gap finite."""
+    g = torch.Generator().manual_seed(21)
+    q = (torch.rand(B, H, N, D, generator=g) * 100 - 50).to(dtype)
+    k = (torch.rand(B, H, N, D, generator=g) * 100 - 50).to(dtype)
+    v = torch.randn(B, H, N, D, generator=g).to(dtype)
+    ker = get_kernel(name)
+    for causal in (False, True):
+        for mask in (None, key_padding()):
+            out = ker(q, k, v, causal=causal, mask=mask)
+            assert out.dtype == dtype and bool(torch.isfinite(out).all()), (name, causal)
+            p = ker.matrix(q, k, causal=causal, mask=mask)
+            assert bool(torch.isfinite(p).all())
+            torch.testing.assert_close(p.sum(-1).double(), torch.ones(B, H, N, dtype=torch.float64), rtol=0, atol=1e-5)
+            # the output is a convex combination of the values: it stays inside their range
+            assert bool((out.float().abs() <= v.float().abs().amax() * (1 + 1e-2) + 1e-3).all())
+    assert bool(torch.isfinite(ker.spectral_gap(q, k)).all())
+
+
+def test_block_diagonal_all_padding_block_falls_back_to_softmax():
+    """Tokens 32..36 form the remainder block, all padding in batch 0: those (padding) queries
+    attend like softmax attention over the valid keys, so every row stays a distribution."""
+    q, k, v = qkv(seed=22)
+    mask = key_padding()
+    ker = BlockDiagonalAttention()
+    sa = SoftmaxAttention()
+    torch.testing.assert_close(ker.matrix(q, k, mask=mask)[0, :, 32:], sa.matrix(q, k, mask=mask)[0, :, 32:],
+                               rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ker(q, k, v, mask=mask)[0, :, 32:], sa(q, k, v, mask=mask)[0, :, 32:],
+                               rtol=1e-10, atol=1e-12)
+    # statistics accept the matrix with the caller's padding mask
+    h = attnstats.row_entropy(ker.matrix(q, k, mask=mask), mask)
+    assert bool(torch.isfinite(h).all())
