@@ -56,24 +56,45 @@ class AttentionOperator:
     Args:
         q: ``[N, d]`` queries, k: ``[N, d]`` keys (one head, padding already removed).
         scale: logit scale.
-        tile_bytes: memory of one ``rows × N`` tile of ``P`` (default 64 MiB).
-
-    Computed in float64 on the CPU and float32 on a GPU.
+        tile_bytes: memory of one ``rows × N`` tile of ``P`` on the PyTorch path (default 64 MiB).
+        backend: ``"auto"`` (the fused Triton product on CUDA when Triton imports), ``"torch"``
+            (tiles of ``P``, float64 on the CPU, float32 on a GPU) or ``"triton"``.
     """
 
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, scale: float, tile_bytes: int = 64 * 1024**2):
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, scale: float, tile_bytes: int = 64 * 1024**2, backend="auto"):
+        if backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
+        from . import streaming_triton
+
+        if backend == "auto":
+            fused = q.device.type == "cuda" and streaming_triton.available() and q.shape[-1] in (16, 32, 64, 128, 256)
+            backend = "triton" if fused else "torch"
+        self.backend = backend
         self.dtype = compute_dtype(q)
-        self.q = q.to(self.dtype)
-        self.kt = k.to(self.dtype).T.contiguous()
         self.scale = scale
         self.n = q.shape[0]
+        self.calls = 0
+        if backend == "triton":
+            # The fused product needs LSE up front: one streaming pass. q, k keep their dtype
+            # (bf16 products are exact in the float32 accumulator).
+            rows, _, _ = streaming_row_accumulators(q[None, None], k[None, None], scale=scale, backend="triton")
+            self.q, self.k, self.lse = q, k, rows.lse.reshape(-1)
+            self.dtype = torch.float32
+            return
+        self.q = q.to(self.dtype)
+        self.kt = k.to(self.dtype).T.contiguous()
         itemsize = torch.finfo(self.dtype).bits // 8
         self.rows = max(1, min(self.n, tile_bytes // (itemsize * self.n)))
-        self.calls = 0
 
     def matmat(self, x: torch.Tensor) -> torch.Tensor:
         """``P x`` for ``x: [N, c]`` (same device), as attention with ``V = x``."""
         self.calls += 1
+        if self.backend == "triton":
+            from .streaming_triton import attention_matmat
+
+            cols = [attention_matmat(self.q, self.k, self.lse, x[:, i:i + 15].float(), self.scale)
+                    for i in range(0, x.shape[1], 15)]
+            return torch.cat(cols, 1)
         x = x.to(self.dtype)
         out = torch.empty(self.n, x.shape[1], dtype=self.dtype, device=x.device)
         for i0 in range(0, self.n, self.rows):
@@ -144,6 +165,7 @@ def spectral_gap_from_qk(
     max_iterations=None,
     ncv=None,
     seed=0,
+    backend="auto",
 ) -> SpectralGap:
     """Spectral gap of ``P = softmax(scale · q kᵀ)`` for each head, without building ``P``.
 
@@ -160,6 +182,7 @@ def spectral_gap_from_qk(
         max_iterations: ARPACK restarts at most (default ``10·N``).
         ncv: Krylov subspace size (default ``min(N − 1, 32)``).
         seed: seed of the start vector.
+        backend: product ``P x`` by ``"auto"``, ``"torch"`` or ``"triton"`` (see :class:`AttentionOperator`).
 
     Returns:
         :class:`SpectralGap` with fields of the batch shape. Heads of 3 tokens or fewer are solved
@@ -198,7 +221,7 @@ def spectral_gap_from_qk(
     if method == "auto":
         method = "arnoldi"
     if tol is None:
-        tol = 1e-10 if compute_dtype(qb) == torch.float64 else 1e-6
+        tol = 1e-10 if compute_dtype(qb) == torch.float64 and backend != "triton" else 1e-6
     g = Hq // kb.shape[1]
     lam2, iters, res, conv = [], [], [], []
     for b in range(B):
@@ -210,7 +233,7 @@ def spectral_gap_from_qk(
             if method == "dense" or n <= 3:
                 lam, it, r, c = _dense_gap(qi, ki, scale), 0, 0.0, True
             else:
-                op = AttentionOperator(qi, ki, scale)
+                op = AttentionOperator(qi, ki, scale, backend=backend)
                 lam, it, r, c = _arnoldi_gap(op, tol, max_iterations, ncv, seed)
             lam2.append(lam)
             iters.append(it)

@@ -24,7 +24,7 @@ import torch
 
 from .streaming import RowAccumulators
 
-__all__ = ["available", "row_accumulators"]
+__all__ = ["available", "row_accumulators", "raw_accumulators", "attention_matmat"]
 
 _LN2 = math.log(2.0)
 _LOG2E = 1.0 / _LN2
@@ -108,7 +108,7 @@ if _HAVE_TRITON:
         sk_b, sk_h, sk_n, sk_d,
         skm_b, skm_h,
         so_f, so_bh,
-        H, N_Q, N_K, GROUP, qk_scale,
+        H, N_Q, N_K, GROUP, qk_scale, LN2,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr, IEEE: tl.constexpr,
     ):
@@ -156,31 +156,74 @@ if _HAVE_TRITON:
                 BLOCK_N, True, CAUSAL, HAS_KMASK, IEEE,
             )
 
+        # Epilogue: the sums become row statistics in nats (see RowAccumulators); NaN where a row
+        # has no valid key.
+        empty = acc_n == 0
+        l_safe = tl.where(empty, 1.0, acc_l)
+        n_safe = tl.where(empty, 1.0, acc_n)
+        log2l = tl.math.log2(l_safe)
+        nan = float("nan")
+        lse = tl.where(empty, nan, LN2 * (acc_m + log2l))
+        ent = tl.where(empty, nan, LN2 * (log2l - acc_t / l_safe))
+        sp2 = tl.where(empty, nan, acc_u / (l_safe * l_safe))
+        s_mean = tl.where(empty, nan, LN2 * (acc_m + acc_a / n_safe))
+        s_m2 = tl.where(empty, nan, LN2 * LN2 * tl.maximum(acc_b - acc_a * acc_a / n_safe, 0.0))
         out = OUT + bh * so_bh + offs_m
         keep = offs_m < N_Q
-        tl.store(out + 0 * so_f, acc_m, mask=keep)
-        tl.store(out + 1 * so_f, acc_l, mask=keep)
-        tl.store(out + 2 * so_f, acc_t, mask=keep)
-        tl.store(out + 3 * so_f, acc_u, mask=keep)
-        tl.store(out + 4 * so_f, acc_a, mask=keep)
-        tl.store(out + 5 * so_f, acc_b, mask=keep)
-        tl.store(out + 6 * so_f, acc_n, mask=keep)
+        tl.store(out + 0 * so_f, lse, mask=keep)
+        tl.store(out + 1 * so_f, ent, mask=keep)
+        tl.store(out + 2 * so_f, sp2, mask=keep)
+        tl.store(out + 3 * so_f, acc_n, mask=keep)
+        tl.store(out + 4 * so_f, s_mean, mask=keep)
+        tl.store(out + 5 * so_f, s_m2, mask=keep)
+
+
+    @triton.jit
+    def _matmat_kernel(
+        Q, K, LSE2, X, OUT,
+        sq_n, sk_n, sx_n, so_n,
+        N, qk_scale,
+        D: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        # out_i = Σ_j 2^{y_ij − lse2_i} x_j over all keys: attention with V = x, the softmax
+        # normaliser known in advance, so no running maximum is needed.
+        pid = tl.program_id(0)
+        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        offs_r = tl.arange(0, R)
+        q = tl.load(Q + offs_m[:, None] * sq_n + offs_d[None, :], mask=offs_m[:, None] < N, other=0.0)
+        lse2 = tl.load(LSE2 + offs_m, mask=offs_m < N, other=0.0)
+        acc = tl.zeros([BLOCK_M, R], tl.float32)
+        for start_n in range(0, N, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k = tl.load(K + offs_n[None, :] * sk_n + offs_d[:, None], mask=offs_n[None, :] < N, other=0.0)
+            if IEEE:
+                x = tl.dot(q, k, input_precision="ieee")
+            else:
+                x = tl.dot(q, k)
+            p = tl.math.exp2(x * qk_scale - lse2[:, None])
+            p = tl.where(offs_n[None, :] < N, p, 0.0)
+            v = tl.load(X + offs_n[:, None] * sx_n + offs_r[None, :], mask=offs_n[:, None] < N, other=0.0)
+            acc += tl.dot(p, v, input_precision="ieee")
+        tl.store(OUT + offs_m[:, None] * so_n + offs_r[None, :], acc, mask=offs_m[:, None] < N)
 
 
 def _config(d: int, interpreting: bool):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for head dim ``d``."""
     if interpreting:
         return 16, 16, 1, 1
+    # Fastest of eight tiles timed on an H100 at N = 16k, bf16 (benchmarks/RESULTS.md).
     if d <= 64:
-        return 128, 64, 4, 3
-    return 128, 64, 8, 2
+        return 128, 128, 8, 3
+    return 64, 128, 4, 3
 
 
 def raw_accumulators(q, k, scale, mask, causal, config=None) -> torch.Tensor:
-    """Run the kernel; return the ``[7, B·Hq, Nq]`` float32 sums ``m, l, t, u, a, b, n`` (base 2).
+    """Run the kernel; return ``[6, B·Hq, Nq]`` float32 rows ``lse, entropy, sum_p2, count, s_mean, s_m2``.
 
     ``q: [B, Hq, Nq, d]``, ``k: [B, Hk, Nk, d]`` and ``mask: [B, Hq, 1, Nk]`` bool or None, as
-    :func:`attnstats.streaming.prepare_qk` returns them.
+    :func:`attnstats.streaming.prepare_qk` returns them; ``config`` overrides the tile
+    ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``.
     """
     if not _HAVE_TRITON:
         raise ImportError("the fused streaming kernel needs Triton: pip install 'attnstats[triton]'")
@@ -194,7 +237,7 @@ def raw_accumulators(q, k, scale, mask, causal, config=None) -> torch.Tensor:
         q, k = q.float(), k.float()
     interp = _interpreting()
     bm, bn, warps, stages = config or _config(d, interp)
-    out = torch.empty(7, B * Hq, Nq, dtype=torch.float32, device=q.device)
+    out = torch.empty(6, B * Hq, Nq, dtype=torch.float32, device=q.device)
     if mask is not None:
         km = mask[:, :, 0, :].to(torch.int8).contiguous()
         skm_b, skm_h = km.stride(0), km.stride(1)
@@ -206,7 +249,7 @@ def raw_accumulators(q, k, scale, mask, causal, config=None) -> torch.Tensor:
     _streaming_kernel[grid](
         q, k, km, out,
         *q.stride(), *k.stride(), skm_b, skm_h, out.stride(0), out.stride(1),
-        Hq, Nq, Nk, Hq // Hk, float(scale * _LOG2E),
+        Hq, Nq, Nk, Hq // Hk, float(scale * _LOG2E), _LN2,
         D=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=bool(causal), HAS_KMASK=mask is not None,
         IEEE=q.dtype == torch.float32,
         **kwargs,
@@ -217,25 +260,42 @@ def raw_accumulators(q, k, scale, mask, causal, config=None) -> torch.Tensor:
 def row_accumulators(q, k, scale, mask, causal, config=None) -> RowAccumulators:
     """The fused pass as :class:`attnstats.streaming.RowAccumulators` (float32 rows, ``[B, Hq, Nq]``)."""
     B, Hq, Nq, _ = q.shape
-    raw = raw_accumulators(q, k, scale, mask, causal, config).double()
-    m, l, t, u, a, b, n = raw.unbind(0)
-    empty = n == 0
-    l_safe = torch.where(empty, torch.ones_like(l), l)
-    n_safe = torch.where(empty, torch.ones_like(n), n)
-    nan = torch.full_like(l, math.nan)
-    log2l = torch.log2(l_safe)
-    lse = torch.where(empty, nan, _LN2 * (m + log2l))
-    entropy = torch.where(empty, nan, _LN2 * (log2l - t / l_safe))
-    sum_p2 = torch.where(empty, nan, u / (l_safe * l_safe))
-    s_mean = torch.where(empty, nan, _LN2 * (m + a / n_safe))
-    s_m2 = torch.where(empty, nan, (_LN2 * _LN2) * (b - a * a / n_safe).clamp_min(0))
-    shape = (B, Hq, Nq)
-    f32 = lambda x: x.to(torch.float32).reshape(shape)  # noqa: E731
-    return RowAccumulators(
-        lse=f32(lse),
-        entropy=f32(entropy),
-        sum_p2=f32(sum_p2),
-        count=n.round().to(torch.int64).reshape(shape),
-        s_mean=s_mean.reshape(shape),
-        s_m2=s_m2.reshape(shape),
+    lse, ent, sp2, n, s_mean, s_m2 = raw_accumulators(q, k, scale, mask, causal, config).reshape(6, B, Hq, Nq).unbind(0)
+    return RowAccumulators(lse=lse, entropy=ent, sum_p2=sp2, count=n.round().to(torch.int64), s_mean=s_mean, s_m2=s_m2)
+
+
+def attention_matmat(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``P x`` for one head, ``P = softmax(scale · q kᵀ)``, fused: no tile of ``P`` leaves the chip.
+
+    Args:
+        q, k: ``[N, d]`` (bf16, fp16 or fp32; bf16/fp16 products are exact in the fp32 accumulator).
+        lse: ``[N]`` row log-normalisers ``LSE_i`` (nats), e.g. from :func:`row_accumulators`.
+        x: ``[N, c]`` float32 vectors, ``c ≤ 15``.
+        scale: logit scale.
+
+    Returns:
+        ``[N, c]`` float32. A column of ones rides along and each row is divided by its sum, so the
+        result is row-normalised to float32 rounding even though ``lse`` is only float32.
+    """
+    if not _HAVE_TRITON:
+        raise ImportError("the fused attention product needs Triton: pip install 'attnstats[triton]'")
+    n, d = q.shape
+    c = x.shape[1]
+    if c > 15:
+        raise ValueError(f"x: at most 15 columns per call, got {c}")
+    r = 16
+    xp = torch.zeros(n, r, dtype=torch.float32, device=x.device)
+    xp[:, :c] = x
+    xp[:, c] = 1.0
+    out = torch.empty_like(xp)
+    interp = _interpreting()
+    bm, bn = (16, 16) if interp else (64, 64)
+    kwargs = {} if interp else {"num_warps": 4, "num_stages": 3}
+    q = q.contiguous()
+    k = k.contiguous().to(q.dtype)
+    lse2 = (lse.to(torch.float32) * _LOG2E).contiguous()
+    _matmat_kernel[(triton.cdiv(n, bm),)](
+        q, k, lse2, xp, out, q.stride(0), k.stride(0), xp.stride(0), out.stride(0),
+        n, float(scale * _LOG2E), D=d, R=r, BLOCK_M=bm, BLOCK_N=bn, IEEE=q.dtype == torch.float32, **kwargs,
     )
+    return out[:, :c] / out[:, c:c + 1]
