@@ -350,7 +350,17 @@ class Recorder:
 
     # ----- results -------------------------------------------------------------------------------
     def frame(self, metrics=("entropy", "spectral_gap", "lognormal", "moments", "temperature"), **options):
-        """Tidy DataFrame of statistics of every record; see :func:`attnstats.frame.records_frame`."""
+        """Tidy long-format DataFrame of statistics of every record.
+
+        Args:
+            metrics: some of ``"entropy", "spectral_gap", "lognormal", "moments", "temperature"``.
+            **options: ``batch="mean" | "each"``, ``head="each" | "mean"``, ``max_samples``, ``seed``
+                (of the log-normal fit); see :func:`attnstats.frame.records_frame`.
+
+        Returns:
+            Columns ``call, layer, name, head, batch, metric, value`` (``kernel`` after ``name`` when
+            kernels run alongside, ``"softmax"`` for the captured attention).
+        """
         if not self.records:
             raise ValueError(self._nothing_message())
         from ..frame import records_frame
