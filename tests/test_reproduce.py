@@ -1,0 +1,90 @@
+"""The --quick reproductions: each writes its CSV and PNG, and the CSV shows what the paper claims."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from attnstats import reproduce
+from attnstats.cli import main
+
+
+def read(out, name):
+    assert (out / f"{name}.png").stat().st_size > 10_000
+    return pd.read_csv(out / f"{name}.csv")
+
+
+def test_fig5a_moments_match_theory_inside_regime(tmp_path):
+    reproduce.fig5a_moments(tmp_path, quick=True)
+    df = read(tmp_path, "fig5a_moments")
+    assert list(df.columns) == ["n", "d", "sigma2", "seed", "metric", "value", "prediction", "in_regime"]
+    assert df.sigma2.nunique() >= 12 and df.n.nunique() >= 2
+    mean = df[df.metric == "mean_p"]
+    np.testing.assert_allclose(mean.value, mean.prediction, rtol=1e-9)  # rows sum to 1: exact everywhere
+    var = df[df.metric == "var_p"]
+    inside, outside = var[var.in_regime], var[~var.in_regime]
+    assert len(inside) >= 8 and len(outside) >= 4
+    assert (np.abs(inside.value / inside.prediction - 1) < 0.15).all()
+    # the failure of the prediction is visible: at the largest σ² it overshoots by far
+    worst = outside[outside.sigma2 == outside.sigma2.max()]
+    assert (worst.value < 0.5 * worst.prediction).all()
+    logvar = df[(df.metric == "log_var_p") & df.in_regime]
+    assert (np.abs(logvar.value / logvar.prediction - 1) < 0.1).all()
+
+
+def test_fig5b_moment_matching_brings_lln_to_sa(tmp_path):
+    reproduce.fig5b_moment_matching(tmp_path, quick=True)
+    df = read(tmp_path, "fig5b_moment_matching")
+    wide = df.pivot_table(index="sigma2", columns="kernel", values="value")
+    mid = wide[(wide.index > 0.4) & (wide.index < 2.5)]
+    assert (np.abs(mid.lln / mid.softmax - 1) < 0.25).all()  # matched: same scale
+    assert (mid.lln_no_mm < 0.2 * mid.softmax).all()  # before matching: far smaller variance
+    assert wide.softmax.is_monotonic_increasing and wide.lln.is_monotonic_increasing
+
+
+def test_fig2_sa_and_lln_concentrate_relu_does_not(tmp_path):
+    reproduce.fig2_kernels(tmp_path, quick=True)
+    df = read(tmp_path, "fig2_kernels")
+    mean = df.groupby(["kernel", "metric", "tau"]).value.mean()
+    for kernel in ("softmax", "lln"):
+        for metric in ("entropy", "spectral_gap"):
+            curve = mean[kernel][metric]
+            assert curve.iloc[-1] - curve.iloc[0] > 0.3, (kernel, metric)
+        assert mean[kernel]["entropy"].is_monotonic_increasing
+    relu = mean["relu"]["entropy"]
+    assert relu.max() - relu.min() < 1e-9  # ReLU attention has no temperature: exactly flat
+    assert mean["relu"]["spectral_gap"].max() - mean["relu"]["spectral_gap"].min() < 1e-9
+
+
+def test_fig1_training_writes_every_layer_and_step(tmp_path):
+    reproduce.fig1_training(tmp_path, quick=True)
+    df = read(tmp_path, "fig1_training")
+    stats = df[df.metric != "loss"]
+    assert set(stats.kernel) == {"softmax", "lln"}
+    assert set(stats.metric) == {"temperature", "entropy", "spectral_gap"}
+    counts = stats.groupby(["kernel", "metric"]).size()
+    assert (counts == 6 * 2).all()  # 6 steps × 2 layers
+    assert stats.value.notna().all()
+    ent = stats[stats.metric == "entropy"].value
+    assert (ent > 0).all() and (ent <= np.log(32) + 1e-9).all()
+
+
+@pytest.mark.parametrize("name", ["lognormal", "concentration"])
+def test_real_model_figures(tmp_path, name):
+    reproduce.FIGURES[name](tmp_path, quick=True)
+    if name == "lognormal":
+        df = read(tmp_path, "lognormal_real")
+        assert (tmp_path / "lognormal_real_qq.png").exists()
+        per_head = df[df["head"].notna()]
+        assert per_head.layer.nunique() == 6 and per_head["head"].nunique() == 12
+        assert set(df.metric) >= {"mu", "sigma", "ks_statistic", "ad_statistic", "skew", "excess_kurtosis"}
+    else:
+        df = read(tmp_path, "concentration_real")
+        assert set(df.kernel) == {"softmax", "lln"} and set(df.metric) == {"entropy", "spectral_gap"}
+        assert len(df) == 2 * 2 * 6 * 12
+        gap = df[df.metric == "spectral_gap"].value
+        assert ((gap >= 0) & (gap <= 1)).all()
+
+
+def test_reproduce_command_writes_files(tmp_path, capsys):
+    assert main(["reproduce", "fig5a", "--quick", "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "fig5a_moments.csv").exists() and (tmp_path / "o" / "fig5a_moments.png").exists()
+    assert not list((tmp_path / "o").glob(".*"))  # no temporary file left behind
