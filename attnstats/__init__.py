@@ -12,5 +12,16 @@ from .spectral import spectral_gap
 from .stats import EntryMoments, entry_moments, row_entropy
 from .streaming import StreamingStats, sample_log_probs, streaming_lognormal_fit, streaming_stats
 from .eigen import SpectralGap, linear_spectral_gap, spectral_gap_from_qk
+from . import kernels
+from .kernels import (
+    BlockDiagonalAttention,
+    LinearAttention,
+    LLNAttention,
+    LLNPlusDiagAttention,
+    SoftmaxAttention,
+    fit_moment_matching,
+    get_kernel,
+    use_kernel,
+)
 
 __version__ = "0.1.0"

@@ -10,7 +10,9 @@ from .block_diagonal import BlockDiagonalAttention
 from .linear import FEATURE_MAPS, LinearAttention
 from .lln import LLNAttention
 from .lln_diag import LLN_DIAG_MODES, LLNPlusDiagAttention
+from .moment_matching import MomentMatching, fit_moment_matching
 from .softmax import SoftmaxAttention
+from .swap import KernelSwap, use_kernel
 
 __all__ = [
     "KERNEL_NAMES",
@@ -23,4 +25,8 @@ __all__ = [
     "BlockDiagonalAttention",
     "LLNPlusDiagAttention",
     "LinearAttention",
+    "fit_moment_matching",
+    "MomentMatching",
+    "use_kernel",
+    "KernelSwap",
 ]

@@ -1,0 +1,102 @@
+"""use_kernel: run the packaged MiniLM (BERT, 6 layers × 12 heads, d = 32) with attnstats kernels."""
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import attnstats  # noqa: E402
+from attnstats.kernels import LLNAttention  # noqa: E402
+from attnstats.models import load_model  # noqa: E402
+
+TEXTS = ["a short sentence", "a much longer sentence, with several more tokens in it than the first"]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    model, tok = load_model()
+    enc = tok(TEXTS, return_tensors="pt", padding=True)
+    assert bool((enc["attention_mask"] == 0).any())  # the batch is padded
+    return model, tok, enc
+
+
+def hidden(model, enc):
+    with torch.no_grad():
+        return model(**enc).last_hidden_state
+
+
+def test_lln_swap_changes_outputs_and_restores_them_bit_for_bit(minilm):
+    model, _, enc = minilm
+    before = hidden(model, enc)
+    impl = model.config._attn_implementation
+    with attnstats.use_kernel(model, "lln") as swap:
+        assert len(swap.kernels) == 6 and model.config._attn_implementation == "attnstats"
+        swapped = hidden(model, enc)
+    assert bool(torch.isfinite(swapped).all())
+    assert (swapped - before).abs().max() > 0.1
+    assert model.config._attn_implementation == impl
+    assert torch.equal(hidden(model, enc), before)
+    assert not any(n.endswith("attnstats_kernel") for n, _ in model.named_modules())
+
+
+def test_softmax_swap_reproduces_the_model(minilm):
+    """The softmax kernel through the registry gives SDPA's numbers, and eager attention's within
+    float32 rounding (an independent implementation in transformers)."""
+    model, _, enc = minilm
+    before = hidden(model, enc)
+    with attnstats.use_kernel(model, "softmax"):
+        swapped = hidden(model, enc)
+    torch.testing.assert_close(swapped, before, rtol=0, atol=1e-6)
+    eager, _ = load_model(attn_implementation="eager")
+    torch.testing.assert_close(swapped, hidden(eager, enc), rtol=1e-4, atol=1e-4)
+
+
+def test_swap_respects_padding(minilm):
+    """Real tokens of the short sentence give the same output alone and in the padded batch, so
+    the padding mask reaches the kernel."""
+    model, tok, enc = minilm
+    alone = tok(TEXTS[:1], return_tensors="pt")
+    n = alone["input_ids"].shape[1]
+    # LLN's α, β come from the whole q, k tensors (as in the paper's implementation), so they depend
+    # on the batch: compare kernels whose features do not
+    for name, kwargs in (("performer", {}), ("lln_diag", {"moment_matching": False})):
+        with attnstats.use_kernel(model, name, **kwargs):
+            batch = hidden(model, enc)[0, :n]
+            single = hidden(model, alone)[0]
+        torch.testing.assert_close(batch, single, rtol=0, atol=1e-4)
+    # without the mask the padded tokens would be attended to and the outputs would differ
+    with attnstats.use_kernel(model, "lln_no_mm"):
+        unmasked = dict(enc)
+        unmasked["attention_mask"] = torch.ones_like(enc["attention_mask"])
+        assert (hidden(model, unmasked)[0, :n] - hidden(model, alone)[0]).abs().max() > 1e-2
+
+
+def test_learnable_lln_diag_trains_and_is_removed(minilm):
+    model, _, enc = minilm
+    n_params = sum(p.numel() for p in model.parameters())
+    swap = attnstats.use_kernel(model, "lln_diag", mode="learnable_ratio")
+    try:
+        added = sum(p.numel() for p in model.parameters()) - n_params
+        assert added == 6 * 12 * 32  # one [heads, head_dim] ratio per layer
+        out = model(**enc).last_hidden_state
+        out.pow(2).mean().backward()
+        grads = [k.r.grad for k in swap.kernels.values()]
+        assert all(g is not None and bool(torch.isfinite(g).all()) and g.abs().sum() > 0 for g in grads)
+    finally:
+        swap.restore()
+        model.zero_grad(set_to_none=True)
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    swap.restore()  # a second restore does nothing
+
+
+def test_swap_bad_input(minilm):
+    model, _, _ = minilm
+    with pytest.raises(ValueError, match=r"name: unknown kernel 'flash'"):
+        attnstats.use_kernel(model, "flash")
+    with pytest.raises(TypeError, match=r"kernel: expected a kernel name"):
+        attnstats.use_kernel(model, 3)
+    with pytest.raises(TypeError, match=r"model: expected a transformers PreTrainedModel"):
+        attnstats.use_kernel(torch.nn.Linear(2, 2), "lln")
+    with attnstats.use_kernel(model, "lln"):
+        with pytest.raises(ValueError, match=r"model: an attnstats kernel is already swapped in"):
+            attnstats.use_kernel(model, "relu")
+    assert model.config._attn_implementation != "attnstats"
