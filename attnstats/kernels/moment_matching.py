@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["fit_moment_matching", "MomentMatching", "lln_log_variance", "DEFAULT_SIGMAS"]
+__all__ = ["fit_moment_matching", "MomentMatching", "lln_log_variance", "log_variance_table", "DEFAULT_SIGMAS"]
 
 # Feature scales σ of the sweep. Least squares over this range reproduces the paper's d = 64
 # constants (a = 0.1486, b = −0.355); it spans the σ_t² that those constants assign to softmax score
@@ -87,3 +87,47 @@ def fit_moment_matching(d: int, n: int = 1024, sigmas=None, seed: int = 0, heads
         raise ValueError(f"sigmas: the fitted slope is {a:.4g}; expected the log-variance to grow with σ_t² "
                          "(use a wider sweep)")
     return MomentMatching(float(a), float(b))
+
+
+def log_variance_table(d: int = 64, n: int = 1024, sigma_products=(0.5, 0.75, 1.0, 1.25, 1.5), heads: int = 4,
+                       seed: int = 0, a: float | None = None, b: float | None = None):
+    """``Var[log P]`` of softmax attention and of LLN after and before moment matching (Figure 5b).
+
+    Gaussian ``q, k: [1, heads, n, d]`` with ``σ_q = σ_k = sqrt(σ_qσ_k)`` for each value of
+    ``sigma_products``; the variance over all entries of each head's dense matrix, averaged over
+    heads (float64; ``heads·n²`` entries per kernel must fit the memory budget).
+
+    Args:
+        a, b: moment-matching constants (default: the paper's).
+
+    Returns:
+        pandas DataFrame, long format, one row per (``sigma_qk``, ``kernel``) with columns
+        ``sigma_qk``, ``kernel`` (``softmax``, ``lln``, ``lln_no_mm``), ``log_var`` (mean over heads),
+        ``log_var_sd`` (standard deviation over heads), ``ratio`` (to softmax's ``log_var``).
+
+    Example: ``python -c "from attnstats.kernels.moment_matching import log_variance_table as t; print(t())"``
+    """
+    import pandas as pd
+
+    from .. import theory
+    from .lln import LLNAttention
+    from .softmax import SoftmaxAttention
+
+    kernels = {
+        "softmax": SoftmaxAttention(),
+        "lln": LLNAttention(a=theory.LLN_A if a is None else a, b=theory.LLN_B if b is None else b),
+        "lln_no_mm": LLNAttention(moment_matching=False),
+    }
+    g = torch.Generator().manual_seed(int(seed))
+    rows = []
+    for s in sigma_products:
+        if not s > 0:
+            raise ValueError(f"sigma_products: expected positive values, got {s!r}")
+        q = torch.randn(1, heads, n, d, generator=g, dtype=torch.float64) * math.sqrt(s)
+        k = torch.randn(1, heads, n, d, generator=g, dtype=torch.float64) * math.sqrt(s)
+        var = {name: torch.log(ker.matrix(q, k))[0].flatten(-2).var(-1) for name, ker in kernels.items()}
+        for name, v in var.items():
+            rows.append({"sigma_qk": float(s), "kernel": name, "log_var": float(v.mean()),
+                         "log_var_sd": float(v.std()) if heads > 1 else 0.0,
+                         "ratio": float(v.mean() / var["softmax"].mean())})
+    return pd.DataFrame(rows)
