@@ -139,10 +139,12 @@ def prepare_qk(q, k, scale=None, mask=None, causal=False):
     qb = q4.expand(*outer, hq, nq, d).reshape(-1, hq, nq, d)
     kb = k4.expand(*outer, hk, nk, d).reshape(-1, hk, nk, d)
     batch = () if q.dim() == 2 and k.dim() == 2 else (*outer, hq_out)
-    for name, x in (("q", q), ("k", k)):
-        # One reduction instead of an N·d bool tensor; the detailed search only when it fails.
-        if not bool(torch.isfinite(torch.sum(x, dtype=torch.float32 if x.dtype != torch.float64 else x.dtype))):
-            check_finite(x, name)
+    # One reduction per tensor and one device sync instead of an N·d bool tensor; the search
+    # for the offending index only when the sum is not finite.
+    sums = [torch.sum(x, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32) for x in (q, k)]
+    if not bool(torch.isfinite(sums[0] + sums[1].to(sums[0].dtype))):
+        check_finite(q, "q")
+        check_finite(k, "k")
     if scale is None:
         scale = 1.0 / math.sqrt(d)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
@@ -368,7 +370,7 @@ def streaming_stats(q, k, *, scale=None, mask=None, causal=False, backend="auto"
         q, k, scale=scale, mask=mask, causal=causal, backend=backend, block_size=block_size
     )
     rows = _reshape_rows(rows, batch)
-    if bool((rows.count.reshape(-1, rows.count.shape[-1]).sum(-1) == 0).any()):
+    if mask is not None and bool((rows.count.reshape(-1, rows.count.shape[-1]).sum(-1) == 0).any()):
         bad = (rows.count.sum(-1) == 0).nonzero()[0].tolist()
         raise ValueError(f"mask: no valid entry in the matrix at batch index {tuple(bad)}; expected at least one True")
     return StreamingStats(

@@ -54,15 +54,15 @@ if _HAVE_TRITON:
         acc_m, acc_l, acc_t, acc_u, acc_a, acc_b, acc_n,
         q, k_ptrs, km_ptrs, offs_m, start_n, N_K, qk_scale,
         BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-        HAS_KMASK: tl.constexpr, IEEE: tl.constexpr,
+        HAS_KMASK: tl.constexpr, F32: tl.constexpr, F32_PRECISION: tl.constexpr,
     ):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if MASKED:
             k = tl.load(k_ptrs, mask=offs_n[None, :] < N_K, other=0.0)
         else:
             k = tl.load(k_ptrs)
-        if IEEE:
-            x = tl.dot(q, k, input_precision="ieee")
+        if F32:
+            x = tl.dot(q, k, input_precision=F32_PRECISION)
         else:
             x = tl.dot(q, k)
         # scale > 0, so the row maximum of s is the maximum of q·k times the scale; y − m is then
@@ -110,7 +110,7 @@ if _HAVE_TRITON:
         so_f, so_bh,
         H, N_Q, N_K, GROUP, qk_scale, LN2,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr, IEEE: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr, F32: tl.constexpr, F32_PRECISION: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -146,14 +146,14 @@ if _HAVE_TRITON:
             acc_m, acc_l, acc_t, acc_u, acc_a, acc_b, acc_n = _tile(
                 acc_m, acc_l, acc_t, acc_u, acc_a, acc_b, acc_n,
                 q, k_ptrs, km_base, offs_m, start_n, N_K, qk_scale,
-                BLOCK_N, False, CAUSAL, HAS_KMASK, IEEE,
+                BLOCK_N, False, CAUSAL, HAS_KMASK, F32, F32_PRECISION,
             )
         for start_n in range(hi_full, hi, BLOCK_N):
             k_ptrs = kbase + (start_n + tl.arange(0, BLOCK_N))[None, :] * sk_n
             acc_m, acc_l, acc_t, acc_u, acc_a, acc_b, acc_n = _tile(
                 acc_m, acc_l, acc_t, acc_u, acc_a, acc_b, acc_n,
                 q, k_ptrs, km_base, offs_m, start_n, N_K, qk_scale,
-                BLOCK_N, True, CAUSAL, HAS_KMASK, IEEE,
+                BLOCK_N, True, CAUSAL, HAS_KMASK, F32, F32_PRECISION,
             )
 
         # Epilogue: the sums become row statistics in nats (see RowAccumulators); NaN where a row
@@ -183,7 +183,8 @@ if _HAVE_TRITON:
         Q, K, LSE2, X, OUT,
         sq_n, sk_n, sx_n, so_n,
         N, qk_scale,
-        D: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+        D: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, F32: tl.constexpr,
+        F32_PRECISION: tl.constexpr,
     ):
         # out_i = Σ_j 2^{y_ij − lse2_i} x_j over all keys: attention with V = x, the softmax
         # normaliser known in advance, so no running maximum is needed.
@@ -197,15 +198,21 @@ if _HAVE_TRITON:
         for start_n in range(0, N, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k = tl.load(K + offs_n[None, :] * sk_n + offs_d[:, None], mask=offs_n[None, :] < N, other=0.0)
-            if IEEE:
-                x = tl.dot(q, k, input_precision="ieee")
+            if F32:
+                x = tl.dot(q, k, input_precision=F32_PRECISION)
             else:
                 x = tl.dot(q, k)
             p = tl.math.exp2(x * qk_scale - lse2[:, None])
             p = tl.where(offs_n[None, :] < N, p, 0.0)
             v = tl.load(X + offs_n[:, None] * sx_n + offs_r[None, :], mask=offs_n[:, None] < N, other=0.0)
-            acc += tl.dot(p, v, input_precision="ieee")
+            acc += tl.dot(p, v, input_precision=F32_PRECISION)
         tl.store(OUT + offs_m[:, None] * so_n + offs_r[None, :], acc, mask=offs_m[:, None] < N)
+
+
+def _f32_precision() -> str:
+    # float32 operands: three TF32 products (hi·hi + hi·lo + lo·hi) on the tensor cores give about
+    # float32 accuracy, unlike one TF32 product (~1e-3); the interpreter computes in plain float32.
+    return "ieee" if _interpreting() else "tf32x3"
 
 
 def _config(d: int, interpreting: bool):
@@ -251,7 +258,7 @@ def raw_accumulators(q, k, scale, mask, causal, config=None) -> torch.Tensor:
         *q.stride(), *k.stride(), skm_b, skm_h, out.stride(0), out.stride(1),
         Hq, Nq, Nk, Hq // Hk, float(scale * _LOG2E), _LN2,
         D=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=bool(causal), HAS_KMASK=mask is not None,
-        IEEE=q.dtype == torch.float32,
+        F32=q.dtype == torch.float32, F32_PRECISION=_f32_precision(),
         **kwargs,
     )
     return out
@@ -296,6 +303,7 @@ def attention_matmat(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, x: tor
     lse2 = (lse.to(torch.float32) * _LOG2E).contiguous()
     _matmat_kernel[(triton.cdiv(n, bm),)](
         q, k, lse2, xp, out, q.stride(0), k.stride(0), xp.stride(0), out.stride(0),
-        n, float(scale * _LOG2E), D=d, R=r, BLOCK_M=bm, BLOCK_N=bn, IEEE=q.dtype == torch.float32, **kwargs,
+        n, float(scale * _LOG2E), D=d, R=r, BLOCK_M=bm, BLOCK_N=bn, F32=q.dtype == torch.float32,
+        F32_PRECISION=_f32_precision(), **kwargs,
     )
     return out[:, :c] / out[:, c:c + 1]

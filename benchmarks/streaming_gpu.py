@@ -30,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attnstats import streaming_triton  # noqa: E402
-from attnstats.eigen import spectral_gap_from_qk  # noqa: E402
+from attnstats.eigen import AttentionOperator, spectral_gap_from_qk  # noqa: E402
 from attnstats.streaming import prepare_qk, streaming_stats  # noqa: E402
 
 
@@ -199,6 +199,9 @@ def part_speed(dev, ns, ds):
 
 def part_eigen(dev):
     rows = []
+    # Compile the kernels (both dtypes) before anything is timed.
+    for dt in (torch.float32, torch.bfloat16):
+        spectral_gap_from_qk(torch.randn(1, 256, 64, device=dev, dtype=dt), torch.randn(1, 256, 64, device=dev, dtype=dt))
     for sigma2 in (1.0, 4.0):
         s = sigma2 ** 0.25
         g = torch.Generator(device=dev).manual_seed(1)
@@ -221,18 +224,24 @@ def part_eigen(dev):
                          s_per_head_matrix_free=t_mf, s_per_head_dense_fp64_gpu=t_dense))
         print(f"eigen N=4096 sigma2={sigma2}: |gap - dense| = {diff:.2e}; matrix-free {t_mf:.3f} s/head "
               f"(iterations {r.iterations.tolist()}), dense fp64 eigvals {t_dense:.2f} s/head", flush=True)
-    for sigma2 in (1.0, 4.0):
-        s = sigma2 ** 0.25
-        g = torch.Generator(device=dev).manual_seed(2)
-        q = torch.randn(2, 16384, 64, device=dev, generator=g) * s
-        k = torch.randn(2, 16384, 64, device=dev, generator=g) * s
-        t0 = time.perf_counter()
-        r = spectral_gap_from_qk(q, k)
-        t = (time.perf_counter() - t0) / 2
-        rows.append(dict(n=16384, sigma2=sigma2, gap=r.gap.tolist(), iterations=r.iterations.tolist(),
-                         residual=r.residual.tolist(), converged=r.converged.tolist(), s_per_head=t))
-        print(f"eigen N=16384 sigma2={sigma2}: {t:.3f} s/head, gap {r.gap.tolist()}, iterations {r.iterations.tolist()}, "
-              f"residual {r.residual.tolist()}, converged {r.converged.tolist()}", flush=True)
+    for dt in (torch.float32, torch.bfloat16):
+        for sigma2 in (1.0, 4.0):
+            s = sigma2 ** 0.25
+            g = torch.Generator(device=dev).manual_seed(2)
+            q = (torch.randn(2, 16384, 64, device=dev, generator=g) * s).to(dt)
+            k = (torch.randn(2, 16384, 64, device=dev, generator=g) * s).to(dt)
+            t0 = time.perf_counter()
+            r = spectral_gap_from_qk(q, k)
+            t = (time.perf_counter() - t0) / 2
+            op = AttentionOperator(q[0], k[0], 64 ** -0.5)
+            x = torch.randn(16384, 1, device=dev)
+            t_mv = bench(lambda: op.matmat(x)) / 1e3
+            rows.append(dict(n=16384, sigma2=sigma2, dtype=str(dt), gap=r.gap.tolist(), iterations=r.iterations.tolist(),
+                             residual=r.residual.tolist(), converged=r.converged.tolist(), s_per_head=t,
+                             s_per_product=t_mv))
+            print(f"eigen N=16384 {dt} sigma2={sigma2}: {t:.3f} s/head, gap {r.gap.tolist()}, iterations "
+                  f"{r.iterations.tolist()}, residual {r.residual.tolist()}, converged {r.converged.tolist()}, "
+                  f"one product P x {t_mv * 1e3:.3f} ms", flush=True)
     return rows
 
 
