@@ -100,3 +100,22 @@ def test_swap_bad_input(minilm):
         with pytest.raises(ValueError, match=r"model: an attnstats kernel is already swapped in"):
             attnstats.use_kernel(model, "relu")
     assert model.config._attn_implementation != "attnstats"
+
+
+def test_additive_float_masks_are_read_as_padding():
+    """transformers may hand an additive float mask (0 = attend, dtype min = masked); the swap reads
+    it as a bool mask and refuses real attention biases."""
+    from attnstats.kernels.swap import attnstats_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 8, generator=g) for _ in range(3))
+    keep = torch.ones(2, 1, 1, 10, dtype=torch.bool)
+    keep[0, ..., 7:] = False
+    additive = torch.zeros(2, 1, 1, 10).masked_fill(~keep, torch.finfo(torch.float32).min)
+    module = torch.nn.Module()
+    module.attnstats_kernel = attnstats.get_kernel("lln")
+    out, weights = attnstats_attention(module, q, k, v, additive)
+    assert weights is None and out.shape == (2, 10, 3, 8)
+    torch.testing.assert_close(out, attnstats.get_kernel("lln")(q, k, v, mask=keep).transpose(1, 2))
+    with pytest.raises(ValueError, match="additive attention bias"):
+        attnstats_attention(module, q, k, v, additive + 0.5)

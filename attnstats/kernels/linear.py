@@ -68,6 +68,16 @@ def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+def _logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``log Σ exp(x)`` over ``dim`` whose gradient stays finite when every term is -inf (a pair of
+    tokens with no common nonzero feature): ``torch.logsumexp`` gives NaN gradients there."""
+    m = _finite_or_zero(x.amax(dim, keepdim=True))
+    s = torch.exp(x - m).sum(dim, keepdim=True)
+    pos = s > 0
+    out = torch.log(torch.where(pos, s, torch.ones_like(s))) + m
+    return torch.where(pos, out, torch.full_like(out, _NEG_INF)).squeeze(dim)
+
+
 def _shifted_features(lq: torch.Tensor, lk: torch.Tensor):
     """``(qt [B,H,N,r], kt [B,H,M,r])`` with ``P = D̃⁻¹ qt ktᵀ`` exactly and every ``qt·Σ kt ≥ 1``.
 
@@ -123,10 +133,12 @@ def linear_attention_causal(
 ) -> torch.Tensor:
     """Causal linearised attention from log-features, chunked, ``O(N)`` memory in ``N``.
 
-    Output row ``i`` uses keys ``j <= i`` only. Inside a chunk the weights ``log A_ij =
-    logsumexp_l(lq_il + lk_jl)`` are computed exactly in log space; earlier chunks enter through a
-    carried state ``S_l = Σ_j exp(lk_jl − m_l) v_j``, ``z_l = Σ_j exp(lk_jl − m_l)`` with ``m_l`` the
-    running maximum of feature ``l``, rescaled when the maximum grows (as an online softmax does).
+    Output row ``i`` uses keys ``j <= i`` only. The sequence is cut into chunks of ``C`` tokens.
+    Inside a chunk the weights ``log A_ij = logsumexp_l(lq_il + lk_jl)`` are computed exactly in log
+    space. Earlier chunks enter through a state ``S_l = Σ_j exp(lk_jl − m_l) v_j``, ``z_l = Σ_j
+    exp(lk_jl − m_l)``, with ``m_l`` the maximum of feature ``l`` over the earlier chunks (so
+    ``z_l ≥ 1``): each chunk's own sums are formed in parallel, then a short scan over chunks
+    rescales and accumulates them (as an online softmax does).
 
     Args: as :func:`linear_attention` (``N == M``), plus ``chunk``: tokens per chunk (default:
         chosen from the memory of the ``[B, H, C, C, r]`` intra-chunk tensor).
@@ -137,35 +149,50 @@ def linear_attention_causal(
     c = _chunk_size(lq.shape, r, chunk)
     if c < 1:
         raise ValueError(f"chunk: expected a positive number of tokens per chunk, got {chunk}")
-    dev, dt = lq.device, lq.dtype
-    state = torch.zeros(b, h, r, dv, dtype=dt, device=dev)
-    zsum = torch.zeros(b, h, r, dtype=dt, device=dev)
-    m = torch.full((b, h, 1, r), _NEG_INF, dtype=dt, device=dev)
-    tril = torch.ones(c, c, dtype=torch.bool, device=dev).tril()
+    nc = -(-n // c)
+    pad = nc * c - n
+    if pad:  # padding keys at -inf carry no weight; padding queries are cut off at the end
+        lq = torch.nn.functional.pad(lq, (0, 0, 0, pad))
+        lk = torch.nn.functional.pad(lk, (0, 0, 0, pad), value=_NEG_INF)
+        v = torch.nn.functional.pad(v, (0, 0, 0, pad))
+    lq = lq.reshape(b, h, nc, c, r)
+    lk = lk.reshape(b, h, nc, c, r)
+    v = v.reshape(b, h, nc, c, dv)
+    # each chunk's key sums, relative to the chunk's own per-feature maximum
+    mk = lk.amax(-2)  # [B,H,nc,r]
+    kt = torch.exp(lk - _finite_or_zero(mk)[..., None, :])
+    s_loc = kt.transpose(-2, -1) @ v  # [B,H,nc,r,dv]
+    z_loc = kt.sum(-2)  # [B,H,nc,r]
+    # m_prev[c]: per-feature maximum over chunks before c (-inf for the first chunk)
+    first = torch.full_like(mk[:, :, :1], _NEG_INF)
+    m_prev = torch.cat([first, torch.cummax(mk, dim=2).values[:, :, :-1]], dim=2)
+    # exclusive scan over chunks: the state seen by chunk ci, relative to m_prev[ci]
+    ref = _finite_or_zero(m_prev)
+    old = torch.exp(m_prev[:, :, :-1] - ref[:, :, 1:])  # rescales the state: 0 where it was empty
+    loc = torch.exp(mk[:, :, :-1] - ref[:, :, 1:])  # rescales the previous chunk's own sums
+    states, zsums = [torch.zeros_like(s_loc[:, :, 0])], [torch.zeros_like(z_loc[:, :, 0])]
+    for ci in range(1, nc):
+        states.append(states[-1] * old[:, :, ci - 1, :, None] + s_loc[:, :, ci - 1] * loc[:, :, ci - 1, :, None])
+        zsums.append(zsums[-1] * old[:, :, ci - 1] + z_loc[:, :, ci - 1] * loc[:, :, ci - 1])
+    state = torch.stack(states, dim=2)
+    zsum = torch.stack(zsums, dim=2)
+    # all chunks' outputs, in groups that bound the [B, H, G, C, C, r] intra-chunk tensor
+    group = max(1, 2**25 // max(1, b * h * c * c * r))
+    tril = torch.ones(c, c, dtype=torch.bool, device=lq.device).tril()
     outs = []
-    for s in range(0, n, c):
-        e = min(s + c, n)
-        lq_c, lk_c, v_c = lq[:, :, s:e], lk[:, :, s:e], v[:, :, s:e]
-        cl = e - s
-        log_a = torch.logsumexp(lq_c[..., :, None, :] + lk_c[..., None, :, :], dim=-1)  # [B,H,cl,cl]
-        log_a = log_a.masked_fill(~tril[:cl, :cl], _NEG_INF)
-        w = lq_c + m  # inter-chunk log weights per feature, [B,H,cl,r]
-        big = torch.maximum(w.amax(-1), log_a.amax(-1))
-        big = _finite_or_zero(big)[..., None]
+    for g0 in range(0, nc, group):
+        sl = slice(g0, g0 + group)
+        lq_g = lq[:, :, sl]
+        log_a = _logsumexp(lq_g[..., :, None, :] + lk[:, :, sl][..., None, :, :], dim=-1)  # [B,H,G,C,C]
+        log_a = log_a.masked_fill(~tril, _NEG_INF)
+        w = lq_g + m_prev[:, :, sl][..., None, :]  # inter-chunk log weights per feature
+        big = _finite_or_zero(torch.maximum(w.amax(-1), log_a.amax(-1)))[..., None]
         qt = torch.exp(w - big)
         a = torch.exp(log_a - big)
-        num = qt @ state + a @ v_c
-        den = (qt * zsum[..., None, :]).sum(-1, keepdim=True) + a.sum(-1, keepdim=True)
+        num = qt @ state[:, :, sl] + a @ v[:, :, sl]
+        den = (qt * zsum[:, :, sl][..., None, :]).sum(-1, keepdim=True) + a.sum(-1, keepdim=True)
         outs.append(num / (den + eps))
-        # carry the chunk's keys into the state, rescaled to the new running maximum
-        m_new = torch.maximum(m, lk_c.amax(-2, keepdim=True))
-        m_safe = _finite_or_zero(m_new)
-        decay = torch.exp(m - m_safe)  # 0 where m was -inf
-        kt = torch.exp(lk_c - m_safe)
-        state = state * decay[..., 0, :, None] + kt.transpose(-2, -1) @ v_c
-        zsum = zsum * decay[..., 0, :] + kt.sum(-2)
-        m = m_new
-    out = torch.cat(outs, dim=-2)
+    out = torch.cat(outs, dim=2).reshape(b, h, nc * c, dv)[:, :, :n]
     if query_valid is not None:
         out = out * query_valid[..., None]
     return out
@@ -173,7 +200,7 @@ def linear_attention_causal(
 
 def _log_row_weights(lq_rows: torch.Tensor, lk_b: torch.Tensor) -> torch.Tensor:
     """Exact ``log A_j = logsumexp_l(lq_l + lk_jl)`` for a few rows: ``[R, r]`` × ``[R, M, r]`` → ``[R, M]``."""
-    return torch.logsumexp(lq_rows[:, None, :] + lk_b, dim=-1)
+    return _logsumexp(lq_rows[:, None, :] + lk_b, dim=-1)
 
 
 def linear_matrix(lq, lk, valid, kernel: str) -> torch.Tensor:
@@ -203,7 +230,7 @@ def linear_matrix(lq, lk, valid, kernel: str) -> torch.Tensor:
             log_rows = _log_row_weights(lq[bi, hi, ii], lk[bi, hi])
             if valid is not None:
                 log_rows = log_rows.masked_fill(~valid[bi, hi, ii], _NEG_INF)
-            lse = torch.logsumexp(log_rows, dim=-1, keepdim=True)
+            lse = _logsumexp(log_rows, dim=-1)[:, None]
             zero = ~torch.isfinite(lse[:, 0])
             if bool(zero.any()):
                 at = tuple(int(t) for t in idx[start + int(torch.nonzero(zero)[0, 0])])
