@@ -119,3 +119,29 @@ def test_additive_float_masks_are_read_as_padding():
     torch.testing.assert_close(out, attnstats.get_kernel("lln")(q, k, v, mask=keep).transpose(1, 2))
     with pytest.raises(ValueError, match="additive attention bias"):
         attnstats_attention(module, q, k, v, additive + 0.5)
+
+
+def test_causal_model_with_shared_key_heads_and_left_padding():
+    """A random-init Llama (causal, 4 query heads sharing 2 key heads), left-padded batch: the
+    softmax kernel reproduces SDPA exactly, LLN runs, and restoring is exact."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
+                      intermediate_size=128, vocab_size=100)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 100, (2, 12))
+    am = torch.ones(2, 12, dtype=torch.long)
+    am[0, :3] = 0
+    with torch.no_grad():
+        base = model(input_ids=ids, attention_mask=am).logits
+        with attnstats.use_kernel(model, "softmax") as swap:
+            assert len(swap.kernels) == 2
+            soft = model(input_ids=ids, attention_mask=am).logits
+        with attnstats.use_kernel(model, "lln"):
+            lln = model(input_ids=ids, attention_mask=am).logits
+        after = model(input_ids=ids, attention_mask=am).logits
+    torch.testing.assert_close(soft[1], base[1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(soft[0, 3:], base[0, 3:], rtol=0, atol=1e-6)
+    assert bool(torch.isfinite(lln).all()) and (lln - base).abs().max() > 1e-3
+    assert torch.equal(after, base)
