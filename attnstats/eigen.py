@@ -212,7 +212,7 @@ def spectral_gap_from_qk(
             raise ValueError(
                 f"padding_mask: shape {tuple(padding_mask.shape)} does not broadcast to {(*batch, N)}"
             ) from None
-        none = ~valid.any(-1)
+        none = ~valid.any(-1).reshape(batch)
         if bool(none.any()):
             idx = tuple(int(i) for i in none.nonzero()[0])
             raise ValueError(f"padding_mask: no real token in the matrix at batch index {idx}; expected at least one True")

@@ -304,8 +304,8 @@ def moments_from_rows(rows: RowAccumulators) -> EntryMoments:
 
 
 def _use_triton(q: torch.Tensor, mask) -> bool:
-    if q.device.type != "cuda":
-        return False
+    if q.device.type != "cuda" or q.dtype == torch.float64 or q.shape[-1] not in (16, 32, 64, 128, 256):
+        return False  # float64 stays float64 (PyTorch path); odd head dims have no Triton tile
     if mask is not None and mask.shape[-2] != 1:
         return False  # full [Nq, Nk] masks stay on the PyTorch path; key-padding masks are fused
     from . import streaming_triton

@@ -1,0 +1,89 @@
+"""The fused Triton kernels against dense float64 attention, on the CPU under TRITON_INTERPRET=1.
+
+Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when attnstats.streaming_triton is
+first imported, so the check runs in a fresh interpreter with the variable set. Sizes are tiny:
+the interpreter runs each program in Python. bf16 is checked on the GPU only
+(benchmarks/streaming_gpu.py): the interpreter has no bf16 arithmetic.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = textwrap.dedent(
+    """
+    import math, torch
+    from attnstats import streaming_triton
+    from attnstats.streaming import streaming_stats
+    from attnstats.stats import entry_moments, row_entropy
+
+    assert streaming_triton.available()
+
+    def rel(a, b):
+        a, b = a.double(), b.double()
+        assert torch.equal(torch.isnan(a), torch.isnan(b))
+        ok = ~torch.isnan(b)
+        return float((a[ok] - b[ok]).abs().max() / b[ok].abs().max())
+
+    def dense(q, k, valid, scale):
+        s = (q.double() @ k.double().transpose(-1, -2)) * scale
+        s = s.masked_fill(~valid, -math.inf)
+        lse = torch.logsumexp(s, -1).masked_fill(~valid.any(-1), math.nan)  # no valid key: no LSE
+        p = torch.softmax(s, -1)
+        return p, lse
+
+    g = torch.Generator().manual_seed(0)
+    worst = 0.0
+    # (n, d, hq, hk, causal, padded, dtype): sizes not multiples of the 16-wide tiles, GQA, padding
+    for n, d, hq, hk, causal, padded, dt in [
+        (40, 16, 2, 2, False, False, torch.float32),
+        (37, 32, 4, 2, True, True, torch.float16),
+        (33, 16, 2, 1, False, True, torch.float32),
+    ]:
+        q = (torch.randn(2, hq, n, d, generator=g) * 1.3).to(dt)
+        k = (torch.randn(2, hk, n, d, generator=g) * 1.1).to(dt)
+        mask = torch.ones(2, 1, 1, n, dtype=torch.bool)
+        if padded:
+            mask[0, ..., :5] = False
+            mask[1, ..., n - 9:] = False
+        st = streaming_stats(q, k, mask=mask if padded else None, causal=causal, backend="triton")
+        assert st.backend == "triton"
+        valid = mask.expand(2, hq, n, n).clone()
+        if causal:
+            valid &= torch.ones(n, n, dtype=torch.bool).tril()
+        kr = k.repeat_interleave(hq // hk, dim=1)
+        p, lse = dense(q, kr, valid, d ** -0.5)
+        em = entry_moments(p, valid)
+        errs = [rel(st.entropy, row_entropy(p, valid)), rel(st.lse, lse), rel(st.sum_p2, (p * p).sum(-1))]
+        errs += [rel(getattr(st.entry_moments, f), getattr(em, f)) for f in ("mean", "var", "log_mean", "log_var")]
+        assert torch.equal(st.row_count, valid.sum(-1)), "row counts"
+        worst = max(worst, max(errs))
+
+    # The fused product P x of the matrix-free spectral gap.
+    n, d = 45, 16
+    q = torch.randn(n, d, generator=g) * 1.3
+    k = torch.randn(n, d, generator=g) * 1.3
+    x = torch.randn(n, 3, generator=g)
+    st = streaming_stats(q, k, backend="triton")
+    y = streaming_triton.attention_matmat(q, k, st.lse, x.float(), d ** -0.5)
+    p, _ = dense(q, k, torch.ones(n, n, dtype=torch.bool), d ** -0.5)
+    worst = max(worst, rel(y, p @ x.double()))
+    print("WORST", worst)
+    """
+)
+
+
+def test_triton_kernels_under_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    worst = float(res.stdout.split("WORST")[-1])
+    # float32 accumulation of a few dozen terms: far under 1e-5 relative.
+    assert worst < 1e-5, worst
