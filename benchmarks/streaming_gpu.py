@@ -128,22 +128,21 @@ def qkv(h, n, d, dev, seed=0):
     return [torch.randn(1, h, n, d, device=dev, generator=g, dtype=torch.bfloat16) for _ in range(3)]
 
 
-def part_configs(dev):
+def part_configs(dev, causal_list=(False, True)):
     rows = []
-    for d in (64, 128):
-        q, k, _ = qkv(16, 16384, d, dev)
-        qb, kb, scale, _, _ = prepare_qk(q, k)
-        for cfg in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3),
-                    (64, 128, 4, 3), (128, 64, 4, 2), (256, 64, 8, 3)]:
-            if d == 128 and cfg[0] * cfg[1] > 128 * 128:
-                continue
-            try:
-                ms = bench(lambda: streaming_triton.raw_accumulators(qb, kb, scale, None, False, cfg))
-            except Exception as err:  # a tile that does not fit shared memory / registers
-                print(f"config d={d} {cfg}: failed {type(err).__name__}: {str(err)[:120]}", flush=True)
-                continue
-            rows.append(dict(d=d, n=16384, config=list(cfg), kernel_ms=ms))
-            print(f"config d={d} BLOCK_M,BLOCK_N,warps,stages={cfg}: {ms:.3f} ms", flush=True)
+    for causal in causal_list:
+        for d in (64, 128):
+            q, k, _ = qkv(16, 16384, d, dev)
+            qb, kb, scale, _, _ = prepare_qk(q, k)
+            for cfg in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3),
+                        (64, 128, 4, 3), (128, 64, 4, 2), (256, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 4)]:
+                try:
+                    ms = bench(lambda: streaming_triton.raw_accumulators(qb, kb, scale, None, causal, cfg))
+                except Exception as err:  # a tile that does not fit shared memory / registers
+                    print(f"config causal={causal} d={d} {cfg}: failed {type(err).__name__}: {str(err)[:120]}", flush=True)
+                    continue
+                rows.append(dict(d=d, n=16384, causal=causal, config=list(cfg), kernel_ms=ms))
+                print(f"config causal={causal} d={d} BLOCK_M,BLOCK_N,warps,stages={cfg}: {ms:.3f} ms", flush=True)
     return rows
 
 
