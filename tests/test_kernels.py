@@ -18,6 +18,16 @@ from attnstats.kernels import (
 )
 from attnstats.theory import LLN_A, LLN_B
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: on a 2-core machine, intra-op threads cost more than they save
+    (measured: 64 s with 2 threads, 17 s with 1 for the kernel test files)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 B, H, N, D = 2, 3, 37, 16  # N is not a multiple of D: LLN+Diag has a remainder block
 
 EPS_FREE = {"lln": {"eps": 0.0}, "lln_no_mm": {"eps": 0.0}, "lln_diag": {"eps": 0.0},
@@ -181,6 +191,11 @@ def test_lln_alpha_beta_is_moment_matching_rule():
     # α σ_q = β σ_k, and a·σ_t² + b reproduces the softmax score variance σ_q²σ_k²
     sigma_t2 = alpha**2 * sq**2 + beta**2 * sk**2
     assert LLN_A * sigma_t2 + LLN_B == pytest.approx(sq**2 * sk**2, rel=1e-12)
+    # a softmax scale c/sqrt(d) makes scores of variance c²σ_q²σ_k²: that is the variance matched
+    c = 0.5
+    alpha_c, beta_c = LLNAttention(scale=c / D**0.5).alpha_beta(q, k)
+    s_c = math.sqrt((c**2 * sq**2 * sk**2 - LLN_B) / (2 * LLN_A))
+    assert alpha_c == pytest.approx(s_c / sq, rel=1e-12) and beta_c == pytest.approx(s_c / sk, rel=1e-12)
     # no gradient flows into α, β; gradients still flow through the features
     qg = q.clone().requires_grad_(True)
     out = LLNAttention()(qg, k, k)

@@ -13,9 +13,9 @@ This is a stronger form of the shifts of THEORY.md §4 (one maximum per token fo
 head for keys); it keeps outputs finite and accurate for |q|, |k| in the tens.
 
 Costs: non-causal output ``O(N·r·d_v)`` time, ``O(N·r + r·d_v)`` memory; causal output by chunks of
-``C`` tokens (exact log-space products inside a chunk, a carried ``r × d_v`` state between chunks),
-``O(N·(C + d_v)·r)`` time and ``O(N·r + C²·r)`` memory; spectral gap from the ``r × r`` matrix
-``Φ_Kᵀ D⁻¹ Φ_Q`` (never the N×N one).
+``C`` tokens (exact log-space products inside a chunk, one ``r × d_v`` state per chunk for the
+earlier ones), ``O(N·(C + d_v)·r)`` time and ``O(N·r·(1 + d_v/C))`` memory plus a bounded
+intra-chunk buffer; spectral gap from the ``r × r`` matrix ``Φ_Kᵀ D⁻¹ Φ_Q`` (never the N×N one).
 """
 from __future__ import annotations
 
