@@ -22,6 +22,10 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield Path(tmp)
+        # mkstemp creates the file private (0600); give it the permissions a plain open() would
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -43,7 +47,7 @@ def write_csv(df, path) -> Path:
     return Path(path)
 
 
-def save_figure(fig, path, dpi: int = 150) -> Path:
+def save_figure(fig, path, dpi: int = 110) -> Path:
     """Save a matplotlib figure atomically; the format follows the suffix of ``path``."""
     path = Path(path)
     with atomic_path(path) as tmp:
