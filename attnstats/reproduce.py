@@ -169,7 +169,12 @@ def lognormal_real(out="figures", quick: bool = False, seed: int = 0) -> pd.Data
         samples.append(pd.DataFrame(dict(layer=r.layer, value=pooled[pick])))
     df = pd.DataFrame(rows).astype({"head": "Int64"})
     samples, fits = pd.concat(samples), pd.DataFrame(fits)
-    save_figure(plot.qq_plots(samples), Path(out) / "lognormal_real_qq.png")
+    import matplotlib.pyplot as plt
+
+    qq = plot.qq_plots(samples)
+    qq.suptitle("all-MiniLM-L6-v2: normal Q-Q plots of ln P per layer (on the line = log-normal entries)")
+    save_figure(qq, Path(out) / "lognormal_real_qq.png")
+    plt.close(qq)
     fig = plot.log_histograms(samples, fits)
     fig.suptitle("all-MiniLM-L6-v2: log attention entries per layer (all heads, padded batch of sentences)")
     return write_figure(df, fig, out, "lognormal_real")
