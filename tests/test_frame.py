@@ -213,3 +213,14 @@ def test_cross_attention_frame():
         assert got["entropy"] == pytest.approx(np.mean(scipy.stats.entropy(p, axis=1)), rel=1e-9)
         assert got["p_var"] == pytest.approx(p.var(), rel=1e-9)
         assert got["logp_mean"] == pytest.approx(np.log(p).mean(), rel=1e-9)
+
+
+def test_store_stats_metrics_choice():
+    q, k, v, pad = inputs()
+    model = Stack(causal=True)
+    with attnstats.record(model, store="stats", metrics=("entropy", "spectral_gap")) as rs:
+        model(q, k, v, pad)
+    df = rs.frame()
+    assert set(df.metric) == {"entropy", "spectral_gap", "temperature", "sigma_q", "sigma_k"}
+    with pytest.raises(ValueError, match="metrics"):
+        attnstats.record(model, metrics=("entropy",))

@@ -43,6 +43,7 @@ def record(
     modules=None,
     store: str = "qk",
     alongside: Iterable | None = None,
+    metrics=None,
 ) -> "Recorder":
     """Capture the attention of ``model``: ``with attnstats.record(model) as rec: model(**inputs)``.
 
@@ -65,12 +66,16 @@ def record(
         alongside: kernel names (``"lln"``, ``"relu"``, …, see :func:`attnstats.kernels.get_kernel`) or
             kernel objects evaluated on every captured q, k; :meth:`Recorder.frame` then has a ``kernel``
             column with ``"softmax"`` for the captured attention.
+        metrics: with ``store="stats"``, the metric groups computed during the forward pass (default
+            all of ``"entropy", "spectral_gap", "lognormal", "moments"``; ``"temperature"`` is always
+            kept). The log-normal fit samples ``ln P`` per head and dominates the cost at short N.
 
     Returns:
         A :class:`Recorder`, to be used as a context manager; its ``records`` list the captured calls.
     """
     return Recorder(
-        model, layers=layers, backend=backend, capture=capture, modules=modules, store=store, alongside=alongside
+        model, layers=layers, backend=backend, capture=capture, modules=modules, store=store, alongside=alongside,
+        metrics=metrics,
     )
 
 
@@ -125,7 +130,9 @@ def _masked_std(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 class Recorder:
     """The context manager returned by :func:`record`; see there. ``records`` lists the captured calls."""
 
-    def __init__(self, model, *, layers=None, backend="auto", capture=None, modules=None, store="qk", alongside=None):
+    def __init__(
+        self, model, *, layers=None, backend="auto", capture=None, modules=None, store="qk", alongside=None, metrics=None
+    ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if store not in STORES:
@@ -134,6 +141,12 @@ class Recorder:
             raise TypeError(f"capture: expected a callable (module, args, kwargs, output) -> tuple, got {type(capture).__name__}")
         self.model = model
         self.store = store
+        if metrics is not None and store != "stats":
+            raise ValueError("metrics: chooses what store='stats' computes during the forward; with store='qk' pass "
+                             "metrics to rec.frame(metrics=...) instead")
+        from ..frame import _check_metrics
+
+        self.stats_metrics = _check_metrics(metrics if metrics is not None else ("entropy", "spectral_gap", "lognormal", "moments"))
         self.records: list[AttentionRecord] = []
         self._select = _selector(layers)
         self._capture_fn = capture

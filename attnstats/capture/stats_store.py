@@ -40,10 +40,20 @@ class CapturedStats:
         return self.values[name]
 
 
+def _gap(q, k, scale, causal, lse):
+    """Spectral gap of one self-attention ``[1, H, N, d]`` without the matrix."""
+    from ..spectral import causal_spectral_gap
+
+    if causal:  # lower-triangular: the eigenvalues are the diagonal P_ii = exp(s_ii - LSE_i)
+        diag_s = (q.double() * k.double()).sum(-1) * scale
+        return causal_spectral_gap(torch.exp(diag_s - lse.double()))
+    from ..eigen import spectral_gap_from_qk
+
+    return spectral_gap_from_qk(q, k, scale=scale, causal=False).gap
+
+
 def capture_stats(recorder, q, k, mask, causal, scale, bias, softcap, name, max_samples=100_000, seed=0):
     """Streaming statistics of one call: ``q: [B, H, Nq, d]``, ``k: [B, H, Nk, d]``, canonical mask."""
-    from ..lognormal import LogNormalFit  # noqa: F401  (fields listed below)
-    from ..spectral import causal_spectral_gap
     from ..streaming import streaming_lognormal_fit, streaming_stats
 
     if bias is not None or softcap is not None:
@@ -51,6 +61,7 @@ def capture_stats(recorder, q, k, mask, causal, scale, bias, softcap, name, max_
             f"record(store='stats'): layer {name!r} adds an attention bias or softcap, which the streaming "
             f"statistics do not model; use store='qk' for this model"
         )
+    groups = recorder.stats_metrics
     b = max(q.shape[0], k.shape[0])
     h, nq, nk = q.shape[1], q.shape[2], k.shape[2]
     q = q.expand(b, *q.shape[1:])
@@ -66,32 +77,30 @@ def capture_stats(recorder, q, k, mask, causal, scale, bias, softcap, name, max_
             qb, kb, m = qb[:, :, idx], kb[:, :, idx], None
         st = streaming_stats(qb, kb, scale=scale, mask=m, causal=causal)
         vals = {}
-        ent = st.entropy
-        ok = ~torch.isnan(ent)
-        vals["entropy"] = torch.where(ok, ent, torch.zeros_like(ent)).sum(-1) / ok.sum(-1)
-        mom = st.entry_moments
-        vals.update({"p_mean": mom.mean, "p_var": mom.var, "logp_mean": mom.log_mean, "logp_var": mom.log_var})
-        if causal and m is None and qb.shape[2] == kb.shape[2]:
-            diag_s = (qb.double() * kb.double()).sum(-1) * scale
-            vals["spectral_gap"] = causal_spectral_gap(torch.exp(diag_s - st.lse.double()))
-        elif m is None and qb.shape[2] == kb.shape[2]:
-            from ..eigen import spectral_gap_from_qk
-
-            vals["spectral_gap"] = spectral_gap_from_qk(qb, kb, scale=scale, causal=False).gap
-        fit = streaming_lognormal_fit(
-            qb, kb, scale=scale, mask=m, causal=causal, lse=st.lse, max_samples=max_samples, seed=seed
-        )
-        vals.update(
-            {
-                "lognormal_mu": fit.mu,
-                "lognormal_sigma": fit.sigma,
-                "lognormal_ks": fit.ks_statistic,
-                "lognormal_ks_pvalue": fit.ks_pvalue,
-                "lognormal_ad": fit.ad_statistic,
-                "lognormal_skew": fit.skew,
-                "lognormal_excess_kurtosis": fit.excess_kurtosis,
-            }
-        )
+        if "entropy" in groups:
+            ok = ~torch.isnan(st.entropy)
+            vals["entropy"] = torch.where(ok, st.entropy, torch.zeros_like(st.entropy)).sum(-1) / ok.sum(-1)
+        if "moments" in groups:
+            mom = st.entry_moments
+            vals.update({"p_mean": mom.mean, "p_var": mom.var, "logp_mean": mom.log_mean, "logp_var": mom.log_var})
+        square_self = m is None and qb.shape[2] == kb.shape[2]  # pad tokens compacted away, or none
+        if "spectral_gap" in groups and square_self:
+            vals["spectral_gap"] = _gap(qb, kb, scale, causal, st.lse)
+        if "lognormal" in groups:
+            fit = streaming_lognormal_fit(
+                qb, kb, scale=scale, mask=m, causal=causal, lse=st.lse, max_samples=max_samples, seed=seed
+            )
+            vals.update(
+                {
+                    "lognormal_mu": fit.mu,
+                    "lognormal_sigma": fit.sigma,
+                    "lognormal_ks": fit.ks_statistic,
+                    "lognormal_ks_pvalue": fit.ks_pvalue,
+                    "lognormal_ad": fit.ad_statistic,
+                    "lognormal_skew": fit.skew,
+                    "lognormal_excess_kurtosis": fit.excess_kurtosis,
+                }
+            )
         per_batch.append({key: v.detach().to("cpu", torch.float64).reshape(1, h) for key, v in vals.items()})
-    values = {key: torch.cat([pb[key] for pb in per_batch]) for key in per_batch[0]}
+    values = {key: torch.cat([pb[key] for pb in per_batch]) for key in per_batch[0]} if per_batch else {}
     return CapturedStats(shape=(b, h, nq, nk), values=values)
