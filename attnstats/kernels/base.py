@@ -135,10 +135,8 @@ def padding_parts(mask, shape, causal: bool, kernel: str):
     if m is None:
         return None, None
     if m.shape[-2] == 1 or m.stride(-2) == 0:
-        # constant along the query axis: a pure key-padding mask (cheap, no N×M work)
-        key_valid = m[..., 0, :]
-        if not causal:
-            return None, key_valid
+        # constant along the query axis: a pure key-padding mask, read without any N×M work
+        return None, m[..., 0, :]
     eff = m
     tril = None
     if causal:

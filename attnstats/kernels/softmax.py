@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from ..budget import check_dense_fits
 from ..spectral import spectral_gap as dense_spectral_gap
 from ..validation import compute_dtype
-from .base import Kernel, _register, check_qk4, check_qkv, full_mask, matrix_dtype
+from .base import Kernel, _register, check_qk4, check_qkv, full_mask, matrix_dtype, result_dtype
 
 __all__ = ["SoftmaxAttention", "softmax_matrix"]
 
@@ -51,6 +51,8 @@ class SoftmaxAttention(Kernel):
     def forward(self, q, k, v, *, causal: bool = False, mask=None) -> torch.Tensor:
         """Attention output ``[B, H, N, d_v]`` (SDPA)."""
         check_qkv(q, k, v, causal)
+        dt = result_dtype(q, k, v)  # SDPA needs one dtype
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
         if mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=self._scale(q.shape[-1]))
         shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
