@@ -215,15 +215,18 @@ def _f32_precision() -> str:
     return "ieee" if _interpreting() else "tf32x3"
 
 
-def _config(d: int, dtype: torch.dtype, interpreting: bool):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for head dim ``d`` and input ``dtype``."""
+def _config(d: int, dtype: torch.dtype, interpreting: bool, causal: bool = False):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for head dim ``d``, input ``dtype`` and masking."""
     if interpreting:
         return 16, 16, 1, 1
     if dtype == torch.float32 or d > 128:
         # float32 tiles take twice the shared memory of half ones (the bf16 tiles below need
         # 320 KiB at d = 128 in float32, over the H100's 227 KiB).
         return (64, 64, 4, 2) if d <= 128 else (32, 32, 4, 2)
-    # Fastest of eight tiles timed on an H100 at N = 16k, bf16 (benchmarks/RESULTS.md).
+    # Fastest of ten tiles timed on an H100 at N = 16k, bf16 (benchmarks/RESULTS.md). Causal
+    # rows end at the diagonal: shorter query tiles waste less of the masked diagonal tile.
+    if causal:
+        return 64, 128, 4, 3
     if d <= 64:
         return 128, 128, 8, 3
     return 64, 128, 4, 3
@@ -247,7 +250,7 @@ def raw_accumulators(q, k, scale, mask, causal, config=None) -> torch.Tensor:
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         q, k = q.float(), k.float()
     interp = _interpreting()
-    bm, bn, warps, stages = config or _config(d, q.dtype, interp)
+    bm, bn, warps, stages = config or _config(d, q.dtype, interp, bool(causal))
     out = torch.empty(6, B * Hq, Nq, dtype=torch.float32, device=q.device)
     if mask is not None:
         km = mask[:, :, 0, :].to(torch.int8).contiguous()
