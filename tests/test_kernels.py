@@ -489,3 +489,21 @@ def test_spectral_gap_agrees_with_attnstats_eigen_on_explicit_features(causal):
     torch.testing.assert_close(lln.spectral_gap(q, k, causal=causal),
                                attnstats.linear_spectral_gap(torch.exp(alpha * q), torch.exp(beta * k), causal=causal),
                                rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", kernels.KERNEL_NAMES)
+def test_causal_left_padding(name):
+    """Left padding with causal attention: the first padded queries see no valid key (output 0,
+    matrix row 0, never NaN); every other row matches the dense float64 reference."""
+    q, k, v = qkv(seed=25)
+    keep = (torch.arange(N) >= 5)[None, None, None, :]
+    ker = make(name)
+    out = ker(q, k, v, causal=True, mask=keep)
+    p = ker.matrix(q, k, causal=True, mask=keep)
+    assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(p).all())
+    assert bool((out[:, :, :5] == 0).all()) and bool((p[:, :, :5] == 0).all())
+    torch.testing.assert_close(p[:, :, 5:].sum(-1), torch.ones(B, H, N - 5, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out, p @ v, rtol=1e-10, atol=1e-12)
+    gap = ker.spectral_gap(q, k, causal=True, mask=keep)
+    torch.testing.assert_close(gap, attnstats.spectral_gap(p, keep & torch.ones(N, N, dtype=torch.bool).tril()),
+                               rtol=1e-8, atol=1e-9)

@@ -78,6 +78,12 @@ def _logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.where(pos, out, torch.full_like(out, _NEG_INF)).squeeze(dim)
 
 
+def _denominator(den: torch.Tensor, eps: float) -> torch.Tensor:
+    """``den + eps``, and 1 where ``den`` is 0: a row with no weight (its numerator is 0 too) gives
+    0, not 0/0, even with ``eps = 0``."""
+    return torch.where(den > 0, den + eps, torch.ones_like(den))
+
+
 def _shifted_features(lq: torch.Tensor, lk: torch.Tensor):
     """``(qt [B,H,N,r], kt [B,H,M,r])`` with ``P = D̃⁻¹ qt ktᵀ`` exactly and every ``qt·Σ kt ≥ 1``.
 
@@ -110,7 +116,7 @@ def linear_attention(lq, lk, v, key_valid=None, query_valid=None, eps: float = 1
     z = kt.sum(-2)  # [B,H,r]
     num = qt @ kv
     den = (qt * z[..., None, :]).sum(-1, keepdim=True)
-    out = num / (den + eps)
+    out = num / _denominator(den, eps)
     if query_valid is not None:
         out = out * query_valid[..., None]
     return out
@@ -191,7 +197,7 @@ def linear_attention_causal(
         a = torch.exp(log_a - big)
         num = qt @ state[:, :, sl] + a @ v[:, :, sl]
         den = (qt * zsum[:, :, sl][..., None, :]).sum(-1, keepdim=True) + a.sum(-1, keepdim=True)
-        outs.append(num / (den + eps))
+        outs.append(num / _denominator(den, eps))
     out = torch.cat(outs, dim=2).reshape(b, h, nc * c, dv)[:, :, :n]
     if query_valid is not None:
         out = out * query_valid[..., None]
