@@ -375,6 +375,8 @@ def test_bad_input_errors_name_the_argument():
         ker(q[:, :2], k, v)
     with pytest.raises(ValueError, match=r"causal attention needs as many queries as keys"):
         ker(q[:, :, :10], k, v, causal=True)
+    with pytest.raises(ValueError, match=r"q, k: block-diagonal attention needs as many queries as keys"):
+        BlockDiagonalAttention()(q[:, :, :10], k, v)
     with pytest.raises(TypeError, match=r"v: expected a floating-point tensor"):
         ker(q, k, v.long())
     bad = q.clone()

@@ -56,10 +56,11 @@ def _check_4d(x, name: str) -> torch.Tensor:
     return x
 
 
-def check_qk4(q, k, causal: bool = False, square: bool = False) -> None:
+def check_qk4(q, k, causal: bool = False, square: bool = False, why: str | None = None) -> None:
     """Raise unless ``q: [B, H, N, d]`` and ``k: [B, H, M, d]`` are finite and match.
 
-    ``N == M`` is required when ``causal`` or ``square`` (a spectral gap needs a square matrix).
+    ``N == M`` is required when ``causal``, ``square`` (a spectral gap needs a square matrix) or
+    ``why`` (what needs it, for the message) is given.
     """
     _check_4d(q, "q")
     _check_4d(k, "k")
@@ -70,8 +71,8 @@ def check_qk4(q, k, causal: bool = False, square: bool = False) -> None:
         )
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q, k: head dims differ, q has d = {q.shape[-1]} and k has d = {k.shape[-1]}")
-    if (causal or square) and q.shape[-2] != k.shape[-2]:
-        why = "causal attention" if causal else "a spectral gap"
+    if (causal or square or why) and q.shape[-2] != k.shape[-2]:
+        why = why or ("causal attention" if causal else "a spectral gap")
         raise ValueError(
             f"q, k: {why} needs as many queries as keys, got N = {q.shape[-2]} queries and {k.shape[-2]} keys"
         )
@@ -81,9 +82,9 @@ def check_qk4(q, k, causal: bool = False, square: bool = False) -> None:
     check_finite(k, "k")
 
 
-def check_qkv(q, k, v, causal: bool = False) -> None:
+def check_qkv(q, k, v, causal: bool = False, why: str | None = None) -> None:
     """Raise unless ``q, k, v`` are finite ``[B, H, N, d]``, ``[B, H, M, d]``, ``[B, H, M, d_v]``."""
-    check_qk4(q, k, causal=causal)
+    check_qk4(q, k, causal=causal, why=why)
     _check_4d(v, "v")
     if v.shape[:2] != k.shape[:2]:
         raise ValueError(f"v: batch and head dims {tuple(v.shape[:2])} differ from k's {tuple(k.shape[:2])}")

@@ -98,7 +98,7 @@ class BlockDiagonalAttention(Kernel):
 
     def forward(self, q, k, v, *, causal: bool = False, mask=None) -> torch.Tensor:
         """Attention output ``[B, H, N, d_v]``; blocks are computed one by one with SDPA."""
-        check_qkv(q, k, v, causal=True)  # blocks pair query i with key i: N must match
+        check_qkv(q, k, v, causal, why="block-diagonal attention")  # blocks pair query i with key i
         b, h, n, d = q.shape
         size = self.block_size(d)
         m = full_mask(mask, (b, h, n, n), False, q.device)
@@ -133,7 +133,7 @@ class BlockDiagonalAttention(Kernel):
 
     def matrix(self, q, k, *, causal: bool = False, mask=None) -> torch.Tensor:
         """Dense row-stochastic block-diagonal matrix ``[B, H, N, N]``."""
-        check_qk4(q, k, causal=True)
+        check_qk4(q, k, causal, why="block-diagonal attention")
         shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
         cd = compute_dtype(q)
         check_dense_fits(shape, torch.finfo(cd).bits // 8, "the block-diagonal attention matrix")
@@ -142,7 +142,7 @@ class BlockDiagonalAttention(Kernel):
     def spectral_gap(self, q, k, *, causal: bool = False, mask=None) -> torch.Tensor:
         """Spectral gap ``[B, H]`` of the dense matrix (0 whenever there are two or more blocks:
         each block contributes an eigenvalue 1)."""
-        check_qk4(q, k, causal=True)
+        check_qk4(q, k, causal, why="block-diagonal attention")
         shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
         return dense_spectral_gap(self._dense(q, k, causal, mask, compute_dtype(q)), full_mask(mask, shape, causal, q.device))
 

@@ -73,7 +73,7 @@ class LLNPlusDiagAttention(Kernel):
 
     def forward(self, q, k, v, *, causal: bool = False, mask=None) -> torch.Tensor:
         """Attention output ``[B, H, N, d_v]``."""
-        check_qkv(q, k, v, causal=True)
+        check_qkv(q, k, v, causal, why="block-diagonal attention")
         self._check_heads(q, v)
         out_l = self.lln(q, k, v, causal=causal, mask=mask)
         out_d = self.diag(q, k, v, causal=causal, mask=mask)
@@ -98,7 +98,7 @@ class LLNPlusDiagAttention(Kernel):
 
     def matrix(self, q, k, *, causal: bool = False, mask=None, channel: int | None = None) -> torch.Tensor:
         """Dense ``w_L P_LLN + w_D P_Diag`` ``[B, H, N, N]`` for value channel ``channel``."""
-        check_qk4(q, k, causal=True)
+        check_qk4(q, k, causal, why="block-diagonal attention")
         self._check_heads(q)
         wl, wd = self._channel_weights(channel)
         pl = self.lln.matrix(q, k, causal=causal, mask=mask)
