@@ -88,7 +88,23 @@ class RowAccumulators:
 # input checks
 
 
-def prepare_qk(q, k, scale=None, mask=None, causal=False):
+def _finite_flag(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor on q's device, True when q and k hold no NaN or Inf (no device sync).
+
+    One reduction per tensor instead of an N·d bool tensor; a finite tensor whose sum overflows
+    gives False, which only sends the caller to the exact search.
+    """
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.isfinite(torch.sum(q, dtype=acc) + torch.sum(k, dtype=acc).to(acc))
+
+
+def _raise_if_not_finite(q: torch.Tensor, k: torch.Tensor, flag: torch.Tensor) -> None:
+    if not bool(flag):
+        check_finite(q, "q")
+        check_finite(k, "k")
+
+
+def prepare_qk(q, k, scale=None, mask=None, causal=False, check_values=True):
     """Check ``q, k`` (and ``mask``) and return them in the shapes every path uses.
 
     Args:
@@ -98,6 +114,8 @@ def prepare_qk(q, k, scale=None, mask=None, causal=False):
         scale: positive float, default ``1/sqrt(d)``.
         mask: bool, broadcastable to ``[..., Hq, Nq, Nk]``, True = attend, or None.
         causal: query ``i`` attends to keys ``j ≤ i`` only (needs ``Nq == Nk``).
+        check_values: raise here if q or k holds NaN/Inf (False: the caller checks later, which
+            spares a device sync before the work is queued).
 
     Returns:
         ``(q, k, scale, mask, batch)``: q ``[B, Hq, Nq, d]``, k ``[B, Hk, Nk, d]`` (views, expanded
@@ -139,12 +157,8 @@ def prepare_qk(q, k, scale=None, mask=None, causal=False):
     qb = q4.expand(*outer, hq, nq, d).reshape(-1, hq, nq, d)
     kb = k4.expand(*outer, hk, nk, d).reshape(-1, hk, nk, d)
     batch = () if q.dim() == 2 and k.dim() == 2 else (*outer, hq_out)
-    # One reduction per tensor and one device sync instead of an N·d bool tensor; the search
-    # for the offending index only when the sum is not finite.
-    sums = [torch.sum(x, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32) for x in (q, k)]
-    if not bool(torch.isfinite(sums[0] + sums[1].to(sums[0].dtype))):
-        check_finite(q, "q")
-        check_finite(k, "k")
+    if check_values:
+        _raise_if_not_finite(q, k, _finite_flag(q, k))
     if scale is None:
         scale = 1.0 / math.sqrt(d)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
@@ -315,11 +329,20 @@ def _use_triton(q: torch.Tensor, mask) -> bool:
 
 def streaming_row_accumulators(q, k, *, scale=None, mask=None, causal=False, backend="auto", block_size=None):
     """The per-row pass behind :func:`streaming_stats`; returns ``(RowAccumulators, batch, backend)``."""
+    rows, batch, backend, finite = _row_pass(q, k, scale, mask, causal, backend, block_size)
+    _raise_if_not_finite(q, k, finite)
+    return rows, batch, backend
+
+
+def _row_pass(q, k, scale, mask, causal, backend, block_size):
+    """The pass, with the finiteness flag of q, k still on the device (read it before trusting rows)."""
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
-    qb, kb, scale, m, batch = prepare_qk(q, k, scale, mask, causal)
+    qb, kb, scale, m, batch = prepare_qk(q, k, scale, mask, causal, check_values=False)
     if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"block_size: expected a positive int or None, got {block_size!r}")
+    # Queue the finiteness reduction now and read it after the pass is queued: one sync, at the end.
+    finite = _finite_flag(q, k)
     if backend == "auto":
         backend = "triton" if _use_triton(qb, m) else "torch"
     if backend == "triton":
@@ -333,7 +356,7 @@ def streaming_row_accumulators(q, k, *, scale=None, mask=None, causal=False, bac
         rows = streaming_triton.row_accumulators(qb, kb, scale, m, causal)
     else:
         rows = _torch_row_accumulators(qb, kb, scale, m, causal, block_size)
-    return rows, batch, backend
+    return rows, batch, backend, finite
 
 
 def _reshape_rows(rows: RowAccumulators, batch) -> RowAccumulators:
@@ -366,10 +389,11 @@ def streaming_stats(q, k, *, scale=None, mask=None, causal=False, backend="auto"
         >>> st.entropy.shape, st.entry_moments.log_var.shape
         (torch.Size([2, 4, 1024]), torch.Size([2, 4]))
     """
-    rows, batch, used = streaming_row_accumulators(
-        q, k, scale=scale, mask=mask, causal=causal, backend=backend, block_size=block_size
-    )
+    rows, batch, used, finite = _row_pass(q, k, scale, mask, causal, backend, block_size)
     rows = _reshape_rows(rows, batch)
+    moments = moments_from_rows(rows)
+    # Checks that need the device are read last, so that all the work is queued before one sync.
+    _raise_if_not_finite(q, k, finite)
     if mask is not None and bool((rows.count.reshape(-1, rows.count.shape[-1]).sum(-1) == 0).any()):
         bad = (rows.count.sum(-1) == 0).nonzero()[0].tolist()
         raise ValueError(f"mask: no valid entry in the matrix at batch index {tuple(bad)}; expected at least one True")
@@ -378,7 +402,7 @@ def streaming_stats(q, k, *, scale=None, mask=None, causal=False, backend="auto"
         lse=rows.lse,
         sum_p2=rows.sum_p2,
         row_count=rows.count,
-        entry_moments=moments_from_rows(rows),
+        entry_moments=moments,
         backend=used,
     )
 
