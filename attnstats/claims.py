@@ -128,10 +128,8 @@ def _section3(n, d, heads, gen):
 
 
 def _section4(n, d, heads, gen):
-    try:
-        from .kernels import get_kernel
-    except ImportError:  # kernels not installed with this build
-        return []
+    from .kernels import get_kernel
+
     out = []
     q, k = (t[None] for t in _gaussian(heads, min(n, 256), d, 1.0, gen))  # kernels take [B, H, N, d]
     relu = get_kernel("relu")
@@ -141,14 +139,16 @@ def _section4(n, d, heads, gen):
                           (relu.matrix(c * q, c * k) - base).abs().max(), 1e-12, "abs", True, f"N={q.shape[-2]}, d={d}"))
     lln, lln_raw = get_kernel("lln"), get_kernel("lln_no_mm")
     n = 1024  # the claim is made at N = 1024, d = 64 (quick or not)
-    for sigma in (0.5, 1.0, 1.5):  # σ_q = σ_k = sqrt(σ), so σ_qσ_k = σ
+    for sigma in (0.5, 0.75, 1.0, 1.25, 1.5):  # σ_q = σ_k = sqrt(σ), so σ_qσ_k = σ
         q, k = (t[None] for t in _gaussian(heads, n, d, sigma**2, gen))
         sa = entry_moments(_softmax(q, k)).log_var.mean()
         matched = entry_moments(lln.matrix(q, k)).log_var.mean()
         raw = entry_moments(lln_raw.matrix(q, k)).log_var.mean()
         regime = f"N={n}, d={d}, σ_qσ_k={sigma:g}"
-        out.append(_check("§4", "LLN Var[log P] matches SA after moment matching", sa, matched, 0.15, "rel", d == 64, regime))
-        out.append(_check("§4", "LLN Var[log P] matches SA before moment matching (α=β=1)", sa, raw, 0.15, "rel", False, regime))
+        out.append(_check("§4", "LLN Var[log P] within 15 % of SA after moment matching", sa, matched, 0.15, "rel", True, regime))
+        ratio = float(raw / sa)
+        out.append(ClaimResult("§4", "before moment matching (α=β=1): LLN Var[log P] / SA's far below 1", 0.0, ratio,
+                               "< 0.5", ratio < 0.5, True, regime))
     return out
 
 
