@@ -141,9 +141,9 @@ def prepare_qk(q, k, scale=None, mask=None, causal=False, check_values=True):
     q4 = q.reshape(1, 1, nq, d) if q.dim() == 2 else q
     k4 = k.reshape(1, 1, nk, d) if k.dim() == 2 else k
     hq, hk = q4.shape[-3], k4.shape[-3]
-    if hq != hk and hk != 1 and hq % hk != 0:
+    if hq != hk and hk != 1 and hq != 1 and hq % hk != 0:
         raise ValueError(
-            f"q, k: {hq} query heads and {hk} key heads; expected equal counts, 1 key head, "
+            f"q, k: {hq} query heads and {hk} key heads; expected equal counts, one of them 1, "
             f"or a query head count that is a multiple of the key head count (GQA)"
         )
     try:

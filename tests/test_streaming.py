@@ -100,6 +100,14 @@ def test_unbatched_scale_and_rectangular():
     assert_close(st.entropy, -(p * p.log()).sum(-1))
 
 
+def test_one_query_head_against_several_key_heads():
+    q, _ = gaussian_qk((2, 1), 50, 8, seed=14)
+    _, k = gaussian_qk((2, 3), 50, 8, seed=15)
+    st = streaming_stats(q, k)
+    assert st.backend == "torch" and st.entropy.shape == (2, 3, 50)  # auto on the CPU: PyTorch
+    check_against_dense(q.expand(2, 3, 50, 8), k, torch.ones(1, 50, 50, dtype=torch.bool), st)
+
+
 def test_half_inputs_computed_in_float64_on_cpu():
     q, k = gaussian_qk((2,), 64, 16, seed=9)
     qh, kh = q.to(torch.bfloat16), k.to(torch.bfloat16)
