@@ -358,7 +358,55 @@ def _log_elu_plus_one(x):
     return torch.where(x > 0, torch.log1p(x.clamp_min(0)), x)
 
 
-class LinearAttention(Kernel):
+class LogFeatureAttention(Kernel):
+    """Linearised attention ``P_ij ∝ φ_Q(q_i)·φ_K(k_j)`` given by the logarithms of its features.
+
+    Subclasses define ``log_features(q, k, dtype) -> (log φ_Q(q), log φ_K(k))`` (``[B, H, N, r]``,
+    ``-inf`` for a zero feature) and set ``name``, ``eps`` and ``chunk``; the output, the dense
+    matrix and the r×r spectral gap follow from them alike for every feature map.
+    """
+
+    def forward(self, q, k, v, *, causal: bool = False, mask=None) -> torch.Tensor:
+        """Attention output ``[B, H, N, d_v]`` (same dtype as the inputs; float32 compute for half)."""
+        check_qkv(q, k, v, causal)
+        out_dt = result_dtype(q, k, v)
+        dt = work_dtype(out_dt)
+        shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
+        query_valid, key_valid = padding_parts(mask, shape, causal, self.name)
+        lq, lk = self.log_features(q, k, dt)
+        vv = v.to(dt)
+        if causal:
+            out = linear_attention_causal(lq, lk, vv, key_valid, query_valid, self.eps, self.chunk)
+        else:
+            out = linear_attention(lq, lk, vv, key_valid, query_valid, self.eps)
+        return out.to(out_dt)
+
+    def matrix(self, q, k, *, causal: bool = False, mask=None) -> torch.Tensor:
+        """Dense row-stochastic matrix ``[B, H, N, N]`` (float64 for float64 input, else float32).
+
+        Guarded by the memory budget. Rows with no valid key (all padded) are 0.
+        """
+        check_qk4(q, k, causal)
+        shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
+        cd = compute_dtype(q)
+        check_dense_fits(shape, torch.finfo(cd).bits // 8, f"the {self.name} attention matrix")
+        query_valid, key_valid = padding_parts(mask, shape, causal, self.name)
+        valid = _valid_dense(shape, query_valid, key_valid, causal, q.device)
+        lq, lk = self.log_features(q, k, cd)
+        return linear_matrix(lq, lk, valid, self.name).to(matrix_dtype(q))
+
+    def spectral_gap(self, q, k, *, causal: bool = False, mask=None) -> torch.Tensor:
+        """Spectral gap ``[B, H]`` from the ``r × r`` matrix ``Φ_Kᵀ D⁻¹ Φ_Q`` of THEORY.md §4 (causal:
+        diagonal rule); the N×N matrix is never built."""
+        check_qk4(q, k, causal, square=True)
+        shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
+        query_valid, key_valid = padding_parts(mask, shape, causal, self.name)
+        tokens = _valid_tokens(query_valid, key_valid)
+        lq, lk = self.log_features(q, k, compute_dtype(q))
+        return linear_spectral_gap(lq, lk, tokens, causal, self.name)
+
+
+class LinearAttention(LogFeatureAttention):
     """Linearised attention with a fixed feature map, ``P_ij ∝ φ(q_i)·φ(k_j)``.
 
     Args:
@@ -428,44 +476,6 @@ class LinearAttention(Kernel):
             return x @ w.T - 0.5 * (x * x).sum(-1, keepdim=True)
 
         return favor(q), favor(k)
-
-    def forward(self, q, k, v, *, causal: bool = False, mask=None) -> torch.Tensor:
-        """Attention output ``[B, H, N, d_v]`` (same dtype as the inputs; float32 compute for half)."""
-        check_qkv(q, k, v, causal)
-        out_dt = result_dtype(q, k, v)
-        dt = work_dtype(out_dt)
-        shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
-        query_valid, key_valid = padding_parts(mask, shape, causal, self.name)
-        lq, lk = self.log_features(q, k, dt)
-        vv = v.to(dt)
-        if causal:
-            out = linear_attention_causal(lq, lk, vv, key_valid, query_valid, self.eps, self.chunk)
-        else:
-            out = linear_attention(lq, lk, vv, key_valid, query_valid, self.eps)
-        return out.to(out_dt)
-
-    def matrix(self, q, k, *, causal: bool = False, mask=None) -> torch.Tensor:
-        """Dense row-stochastic matrix ``[B, H, N, N]`` (float64 for float64 input, else float32).
-
-        Guarded by the memory budget. Rows with no valid key (all padded) are 0.
-        """
-        check_qk4(q, k, causal)
-        shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
-        cd = compute_dtype(q)
-        check_dense_fits(shape, torch.finfo(cd).bits // 8, f"the {self.name} attention matrix")
-        query_valid, key_valid = padding_parts(mask, shape, causal, self.name)
-        valid = _valid_dense(shape, query_valid, key_valid, causal, q.device)
-        lq, lk = self.log_features(q, k, cd)
-        return linear_matrix(lq, lk, valid, self.name).to(matrix_dtype(q))
-
-    def spectral_gap(self, q, k, *, causal: bool = False, mask=None) -> torch.Tensor:
-        """Spectral gap ``[B, H]`` from the ``r × r`` matrix of THEORY.md §4 (causal: diagonal rule)."""
-        check_qk4(q, k, causal, square=True)
-        shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
-        query_valid, key_valid = padding_parts(mask, shape, causal, self.name)
-        tokens = _valid_tokens(query_valid, key_valid)
-        lq, lk = self.log_features(q, k, compute_dtype(q))
-        return linear_spectral_gap(lq, lk, tokens, causal, self.name)
 
 
 def _valid_dense(shape, query_valid, key_valid, causal: bool, device):

@@ -11,17 +11,8 @@ from __future__ import annotations
 import torch
 
 from .. import theory
-from ..budget import check_dense_fits
-from ..validation import compute_dtype
-from .base import Kernel, _register, check_qk4, check_qkv, matrix_dtype, padding_parts, result_dtype, work_dtype
-from .linear import (
-    _valid_dense,
-    _valid_tokens,
-    linear_attention,
-    linear_attention_causal,
-    linear_matrix,
-    linear_spectral_gap,
-)
+from .base import _register
+from .linear import LogFeatureAttention
 
 __all__ = ["LLNAttention"]
 
@@ -35,7 +26,7 @@ def _std_or_one(x: torch.Tensor) -> float:
     return s if s > 0 else 1.0
 
 
-class LLNAttention(Kernel):
+class LLNAttention(LogFeatureAttention):
     """Linear Log-Normal attention ``P_ij ∝ Σ_l exp(α q_il + β k_jl)``.
 
     Args:
@@ -98,41 +89,6 @@ class LLNAttention(Kernel):
         """``(α q, β k)`` in ``dtype``: the logarithms of the LLN features."""
         alpha, beta = self.alpha_beta(q, k)
         return q.to(dtype) * alpha, k.to(dtype) * beta
-
-    def forward(self, q, k, v, *, causal: bool = False, mask=None) -> torch.Tensor:
-        """Attention output ``[B, H, N, d_v]`` in the inputs' dtype."""
-        check_qkv(q, k, v, causal)
-        out_dt = result_dtype(q, k, v)
-        dt = work_dtype(out_dt)
-        shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
-        query_valid, key_valid = padding_parts(mask, shape, causal, self.name)
-        lq, lk = self.log_features(q, k, dt)
-        vv = v.to(dt)
-        if causal:
-            out = linear_attention_causal(lq, lk, vv, key_valid, query_valid, self.eps, self.chunk)
-        else:
-            out = linear_attention(lq, lk, vv, key_valid, query_valid, self.eps)
-        return out.to(out_dt)
-
-    def matrix(self, q, k, *, causal: bool = False, mask=None) -> torch.Tensor:
-        """Dense row-stochastic LLN matrix ``[B, H, N, N]`` (float64 for float64 input, else float32)."""
-        check_qk4(q, k, causal)
-        shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
-        cd = compute_dtype(q)
-        check_dense_fits(shape, torch.finfo(cd).bits // 8, f"the {self.name} attention matrix")
-        query_valid, key_valid = padding_parts(mask, shape, causal, self.name)
-        valid = _valid_dense(shape, query_valid, key_valid, causal, q.device)
-        lq, lk = self.log_features(q, k, cd)
-        return linear_matrix(lq, lk, valid, self.name).to(matrix_dtype(q))
-
-    def spectral_gap(self, q, k, *, causal: bool = False, mask=None) -> torch.Tensor:
-        """Spectral gap ``[B, H]`` from the ``d × d`` matrix ``Φ_Kᵀ D⁻¹ Φ_Q`` (causal: diagonal rule)."""
-        check_qk4(q, k, causal, square=True)
-        shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
-        query_valid, key_valid = padding_parts(mask, shape, causal, self.name)
-        tokens = _valid_tokens(query_valid, key_valid)
-        lq, lk = self.log_features(q, k, compute_dtype(q))
-        return linear_spectral_gap(lq, lk, tokens, causal, self.name)
 
 
 _register("lln", LLNAttention, moment_matching=True)
