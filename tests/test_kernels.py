@@ -18,14 +18,7 @@ from attnstats.kernels import (
 )
 from attnstats.theory import LLN_A, LLN_B
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: on a 2-core machine, intra-op threads cost more than they save
-    (measured: 64 s with 2 threads, 17 s with 1 for the kernel test files)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 B, H, N, D = 2, 3, 37, 16  # N is not a multiple of D: LLN+Diag has a remainder block

@@ -8,14 +8,7 @@ import attnstats  # noqa: E402
 from attnstats.kernels import LLNAttention  # noqa: E402
 from attnstats.models import load_model  # noqa: E402
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: on a 2-core machine, intra-op threads cost more than they save
-    (measured: 64 s with 2 threads, 17 s with 1 for the kernel test files)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TEXTS = ["a short sentence", "a much longer sentence, with several more tokens in it than the first"]
