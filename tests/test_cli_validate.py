@@ -2,7 +2,6 @@ import subprocess
 import sys
 
 import pandas as pd
-import pytest
 
 from attnstats.claims import run_claims
 from attnstats.cli import main
