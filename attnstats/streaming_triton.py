@@ -114,8 +114,9 @@ if _HAVE_TRITON:
     ):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
+        # 64-bit offsets: batch × head strides pass 2^31 elements for large batches of long sequences.
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
         hk = h // GROUP
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D)
@@ -168,14 +169,15 @@ if _HAVE_TRITON:
         sp2 = tl.where(empty, nan, acc_u / (l_safe * l_safe))
         s_mean = tl.where(empty, nan, LN2 * (acc_m + acc_a / n_safe))
         s_m2 = tl.where(empty, nan, LN2 * LN2 * tl.maximum(acc_b - acc_a * acc_a / n_safe, 0.0))
-        out = OUT + bh * so_bh + offs_m
+        out = OUT + bh.to(tl.int64) * so_bh + offs_m
         keep = offs_m < N_Q
-        tl.store(out + 0 * so_f, lse, mask=keep)
-        tl.store(out + 1 * so_f, ent, mask=keep)
-        tl.store(out + 2 * so_f, sp2, mask=keep)
-        tl.store(out + 3 * so_f, acc_n, mask=keep)
-        tl.store(out + 4 * so_f, s_mean, mask=keep)
-        tl.store(out + 5 * so_f, s_m2, mask=keep)
+        sf = so_f + tl.zeros([BLOCK_M], tl.int64)
+        tl.store(out + 0 * sf, lse, mask=keep)
+        tl.store(out + 1 * sf, ent, mask=keep)
+        tl.store(out + 2 * sf, sp2, mask=keep)
+        tl.store(out + 3 * sf, acc_n, mask=keep)
+        tl.store(out + 4 * sf, s_mean, mask=keep)
+        tl.store(out + 5 * sf, s_m2, mask=keep)
 
 
     @triton.jit

@@ -120,6 +120,20 @@ def part_check(dev):
                     log_var=rel_err(a.entry_moments.log_var, b.entry_moments.log_var))
         rows.append(dict(n=16384, d=64, causal=causal, vs="torch path fp32", **errs, max_rel_err=max(errs.values())))
         print(f"check n=16384 causal={causal}: triton vs torch path max rel err {max(errs.values()):.2e}", flush=True)
+    # Offsets past 2^31 elements: 20 x 32 heads x 32k x 128 (q is 2.7e9 elements); the last batch
+    # element against the PyTorch path on that element alone.
+    q = torch.randn(20, 32, 32768, 128, device=dev, generator=g, dtype=torch.bfloat16)
+    k = torch.randn(20, 32, 32768, 128, device=dev, generator=g, dtype=torch.bfloat16)
+    a = streaming_stats(q, k, backend="triton")
+    b = streaming_stats(q[-1:].clone(), k[-1:].clone(), backend="torch")
+    errs = dict(entropy=rel_err(a.entropy[-1:], b.entropy), lse=rel_err(a.lse[-1:], b.lse),
+                log_var=rel_err(a.entry_moments.log_var[-1:], b.entry_moments.log_var))
+    rows.append(dict(n=32768, d=128, batch=20, heads=32, vs="torch path fp32, last batch element", **errs,
+                     max_rel_err=max(errs.values())))
+    print(f"check 20x32x32768x128 (offsets > 2^31): last batch element vs torch path max rel err "
+          f"{max(errs.values()):.2e}", flush=True)
+    del q, k, a, b
+    torch.cuda.empty_cache()
     return rows
 
 
