@@ -72,7 +72,7 @@ def fit_log_values(log_values) -> LogNormalFit:
     sigma = float(v.std())
     if sigma == 0:
         raise ValueError("log_values: all values are equal (sigma = 0); a normal fit needs spread")
-    ks = sps.kstest(v, "norm", args=(mu, sigma))
+    ks = sps.kstest(v, sps.norm(mu, sigma).cdf)  # a frozen cdf: "norm" with args= breaks on scipy 1.18
     return LogNormalFit(
         mu=mu,
         sigma=sigma,
