@@ -18,6 +18,7 @@ path in this module (CPU and GPU, float64 on the CPU, float32 on a GPU) and a fu
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -343,6 +344,7 @@ def _row_pass(q, k, scale, mask, causal, backend, block_size):
         raise ValueError(f"block_size: expected a positive int or None, got {block_size!r}")
     # Queue the finiteness reduction now and read it after the pass is queued: one sync, at the end.
     finite = _finite_flag(q, k)
+    chosen = backend
     if backend == "auto":
         backend = "triton" if _use_triton(qb, m) else "torch"
     if backend == "triton":
@@ -353,9 +355,19 @@ def _row_pass(q, k, scale, mask, causal, backend, block_size):
                 "mask: the Triton path takes a key-padding mask of shape [..., 1, Nk]; "
                 f"got a full mask with {m.shape[-2]} rows (use backend='torch')"
             )
-        rows = streaming_triton.row_accumulators(qb, kb, scale, m, causal)
-    else:
-        rows = _torch_row_accumulators(qb, kb, scale, m, causal, block_size)
+        try:
+            return streaming_triton.row_accumulators(qb, kb, scale, m, causal), batch, backend, finite
+        except Exception as err:  # a GPU or Triton version the kernel does not compile for
+            if chosen != "auto":
+                raise
+            warnings.warn(
+                f"streaming_stats: the Triton kernel failed ({type(err).__name__}: {str(err)[:200]}); "
+                "using the PyTorch path instead",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            backend = "torch"
+    rows = _torch_row_accumulators(qb, kb, scale, m, causal, block_size)
     return rows, batch, backend, finite
 
 

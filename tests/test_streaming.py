@@ -204,3 +204,22 @@ def test_log_samples_subsample_valid_and_distinct():
     assert torch.equal(got, again)
     with pytest.raises(ValueError, match="max_samples"):
         sample_log_probs(q, k, max_samples=2)
+
+
+def test_auto_falls_back_when_the_kernel_fails(monkeypatch):
+    # A GPU the Triton kernel does not compile for: "auto" warns and uses the PyTorch path.
+    import attnstats.streaming as streaming
+    from attnstats import streaming_triton
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of resource: shared memory")
+
+    monkeypatch.setattr(streaming, "_use_triton", lambda q, mask: True)
+    monkeypatch.setattr(streaming_triton, "row_accumulators", broken)
+    q, k = gaussian_qk((2,), 30, 8, seed=16)
+    with pytest.warns(RuntimeWarning, match="the Triton kernel failed"):
+        st = streaming_stats(q, k)
+    assert st.backend == "torch"
+    check_against_dense(q, k, torch.ones(1, 30, 30, dtype=torch.bool), st)
+    with pytest.raises(RuntimeError, match="out of resource"):
+        streaming_stats(q, k, backend="triton")
