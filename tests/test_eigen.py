@@ -8,6 +8,16 @@ from attnstats.eigen import AttentionOperator, linear_spectral_gap, spectral_gap
 from helpers import gaussian_qk, softmax_attention
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Small tensors: with two cores shared by other processes, intra-op threads cost more than they
+    # give (the Arnoldi test ran 14x slower with 2 threads than with 1 on a loaded machine).
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def numpy_gap_and_lambda2(p: np.ndarray):
     ev = np.linalg.eigvals(p)
     ev = ev[np.argsort(-np.abs(ev))]
