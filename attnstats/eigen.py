@@ -305,27 +305,11 @@ def linear_spectral_gap(phi_q, phi_k, *, causal=False) -> torch.Tensor:
         if bool((x < 0).any()):
             idx = tuple(int(i) for i in (x < 0).nonzero()[0])
             raise ValueError(f"{name}: expected non-negative features, found {x[idx].item()} at index {idx}")
+    from .kernels.linear import linear_spectral_gap as gap_from_log_features
+
     dt = compute_dtype(phi_q)
-    fq, fk = phi_q.to(dt), phi_k.to(dt)
-    n = fq.shape[-2]
-    if causal:
-        denom = (fq * fk.cumsum(-2)).sum(-1)
-        diag = (fq * fk).sum(-1) / denom
-        if bool((denom <= 0).any()):
-            idx = tuple(int(i) for i in (denom <= 0).nonzero()[0])
-            raise ValueError(f"phi_q, phi_k: row {idx} has a zero normaliser φ_Q(q_i)·Σ_(j≤i) φ_K(k_j); expected > 0")
-        if n == 1:
-            return torch.ones(fq.shape[:-2], dtype=dt, device=fq.device)
-        return 1.0 - diag[..., 1:].amax(-1)
-    denom = fq @ fk.sum(-2, keepdim=True).transpose(-1, -2)  # [..., N, 1]
-    if bool((denom <= 0).any()):
-        idx = tuple(int(i) for i in (denom[..., 0] <= 0).nonzero()[0])
-        raise ValueError(f"phi_q, phi_k: row {idx} has a zero normaliser φ_Q(q_i)·Σ_j φ_K(k_j); expected > 0")
-    small = fk.transpose(-1, -2) @ (fq / denom)  # [..., r, r]
-    moduli = torch.linalg.eigvals(small.double().cpu()).abs()
-    if moduli.shape[-1] < n:  # P has N − r more eigenvalues, all 0
-        moduli = torch.cat([moduli, torch.zeros(*moduli.shape[:-1], 1, dtype=moduli.dtype)], -1)
-    if moduli.shape[-1] == 1:
-        return torch.ones(fq.shape[:-2], dtype=dt, device=fq.device)
-    second = moduli.sort(dim=-1, descending=True).values[..., 1]
-    return (1.0 - second).to(device=fq.device, dtype=dt)
+    batch, (n, r) = phi_q.shape[:-2], phi_q.shape[-2:]
+    # the kernels' log-space rule is the one implementation; log 0 = −inf marks a zero feature
+    lq = torch.log(phi_q.to(dt)).reshape(1, -1, n, r)
+    lk = torch.log(phi_k.to(dt)).reshape(1, -1, n, r)
+    return gap_from_log_features(lq, lk, None, causal, "linear").reshape(batch)

@@ -12,7 +12,7 @@ import torch
 from .stats import prepare_probs
 from .validation import first_index
 
-__all__ = ["spectral_gap", "deflated", "causal_spectral_gap", "is_lower_triangular", "valid_block"]
+__all__ = ["spectral_gap", "deflated", "eigenvalues", "causal_spectral_gap", "is_lower_triangular", "valid_block"]
 
 
 def causal_spectral_gap(diagonal: torch.Tensor) -> torch.Tensor:
@@ -64,14 +64,15 @@ def deflated(x: torch.Tensor) -> torch.Tensor:
     return x[..., :-1, :-1] - x[..., -1:, :-1]
 
 
-def _eigvals(a: torch.Tensor) -> torch.Tensor:
+def eigenvalues(a: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues ``[..., N]`` (complex) of square matrices ``a: [..., N, N]``, robust to LAPACK failures."""
     try:
         return torch.linalg.eigvals(a)
     except RuntimeError:  # LAPACK did not converge in torch's build; scipy's driver balances first
         import scipy.linalg
 
-        ev = [scipy.linalg.eigvals(m) for m in a.detach().cpu().double().numpy()]
-        return torch.from_numpy(np.stack(ev)).to(a.device)
+        ev = [scipy.linalg.eigvals(m) for m in a.detach().cpu().double().reshape(-1, *a.shape[-2:]).numpy()]
+        return torch.from_numpy(np.stack(ev)).reshape(*a.shape[:-1]).to(a.device)
 
 
 def _dense_gap(x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +84,7 @@ def _dense_gap(x: torch.Tensor) -> torch.Tensor:
     if bool(tri.any()):
         out[tri] = causal_spectral_gap(torch.diagonal(x[tri], dim1=-2, dim2=-1))
     if bool((~tri).any()):
-        out[~tri] = (1.0 - _eigvals(deflated(x[~tri])).abs().amax(-1)).to(x.dtype)
+        out[~tri] = (1.0 - eigenvalues(deflated(x[~tri])).abs().amax(-1)).to(x.dtype)
     return out
 
 

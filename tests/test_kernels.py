@@ -472,20 +472,6 @@ def test_gradients_match_the_dense_matrix_with_padding(name):
             torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_spectral_gap_agrees_with_attnstats_eigen_on_explicit_features(causal):
-    """attnstats.linear_spectral_gap takes the features themselves; the kernels work in log space."""
-    q, k, _ = qkv(seed=24, scale=0.5)
-    elu = lambda x: torch.nn.functional.elu(x) + 1  # noqa: E731
-    torch.testing.assert_close(LinearAttention("elu_plus_one").spectral_gap(q, k, causal=causal),
-                               attnstats.linear_spectral_gap(elu(q), elu(k), causal=causal), rtol=1e-8, atol=1e-10)
-    lln = LLNAttention()
-    alpha, beta = lln.alpha_beta(q, k)
-    torch.testing.assert_close(lln.spectral_gap(q, k, causal=causal),
-                               attnstats.linear_spectral_gap(torch.exp(alpha * q), torch.exp(beta * k), causal=causal),
-                               rtol=1e-8, atol=1e-10)
-
-
 @pytest.mark.parametrize("name", kernels.KERNEL_NAMES)
 def test_causal_left_padding(name):
     """Left padding with causal attention: the first padded queries see no valid key (output 0,

@@ -24,7 +24,7 @@ import math
 import torch
 
 from ..budget import check_dense_fits
-from ..spectral import causal_spectral_gap
+from ..spectral import causal_spectral_gap, eigenvalues
 from ..validation import compute_dtype, first_index
 from .base import (
     Kernel,
@@ -315,14 +315,7 @@ def _second_modulus_gap(small: torch.Tensor) -> torch.Tensor:
     """``1 − |λ_2|`` of each ``[..., r, r]`` matrix whose largest eigenvalue is 1 (r = 1 gives 1)."""
     if small.shape[-1] == 1:
         return torch.ones(small.shape[:-2], dtype=small.dtype, device=small.device)
-    try:
-        eig = torch.linalg.eigvals(small)
-    except RuntimeError:  # LAPACK did not converge in torch's build; scipy's driver balances first
-        import numpy as np
-        import scipy.linalg
-
-        flat = small.detach().cpu().double().reshape(-1, *small.shape[-2:]).numpy()
-        eig = torch.from_numpy(np.stack([scipy.linalg.eigvals(x) for x in flat])).reshape(*small.shape[:-1])
+    eig = eigenvalues(small)
     mod = eig.abs().sort(dim=-1, descending=True).values
     return (1.0 - mod[..., 1]).to(device=small.device)
 
