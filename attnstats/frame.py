@@ -85,7 +85,8 @@ def _row_mean(h: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, h, torch.zeros_like(h)).sum(-1) / ok.sum(-1)
 
 
-def _lognormal_fields(fit) -> dict:
+def lognormal_fields(fit) -> dict:
+    """The metric names of the log-normal group, mapped to the fields of a LogNormalFit."""
     return {
         "lognormal_mu": fit.mu,
         "lognormal_sigma": fit.sigma,
@@ -145,7 +146,7 @@ def record_metrics(rec, metrics=METRICS, *, kernel=None, max_samples: int = 100_
             if "moments" in metrics:
                 out.update(_moment_fields(entry_moments(p, mask)))
             if "lognormal" in metrics:
-                out.update(_lognormal_fields(lognormal_fit(p, mask, max_samples=max_samples, seed=seed)))
+                out.update(lognormal_fields(lognormal_fit(p, mask, max_samples=max_samples, seed=seed)))
     if "temperature" in metrics and kernel is None:
         out["sigma_q"] = rec.sigma_q
         out["sigma_k"] = rec.sigma_k

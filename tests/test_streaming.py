@@ -11,14 +11,7 @@ from attnstats.streaming import _triangle_index, sample_log_probs, streaming_log
 from helpers import gaussian_qk, softmax_attention
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small tensors: with two cores shared by other processes, intra-op threads cost more than they
-    # give (the Arnoldi test ran 14x slower with 2 threads than with 1 on a loaded machine).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 RTOL = 1e-6
 

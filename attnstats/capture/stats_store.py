@@ -54,6 +54,7 @@ def _gap(q, k, scale, causal, lse):
 
 def capture_stats(recorder, q, k, mask, causal, scale, bias, softcap, name, max_samples=100_000, seed=0):
     """Streaming statistics of one call: ``q: [B, H, Nq, d]``, ``k: [B, H, Nk, d]``, canonical mask."""
+    from ..frame import lognormal_fields
     from ..streaming import streaming_lognormal_fit, streaming_stats
 
     if bias is not None or softcap is not None:
@@ -90,17 +91,7 @@ def capture_stats(recorder, q, k, mask, causal, scale, bias, softcap, name, max_
             fit = streaming_lognormal_fit(
                 qb, kb, scale=scale, mask=m, causal=causal, lse=st.lse, max_samples=max_samples, seed=seed
             )
-            vals.update(
-                {
-                    "lognormal_mu": fit.mu,
-                    "lognormal_sigma": fit.sigma,
-                    "lognormal_ks": fit.ks_statistic,
-                    "lognormal_ks_pvalue": fit.ks_pvalue,
-                    "lognormal_ad": fit.ad_statistic,
-                    "lognormal_skew": fit.skew,
-                    "lognormal_excess_kurtosis": fit.excess_kurtosis,
-                }
-            )
+            vals.update(lognormal_fields(fit))
         per_batch.append({key: v.detach().to("cpu", torch.float64).reshape(1, h) for key, v in vals.items()})
     values = {key: torch.cat([pb[key] for pb in per_batch]) for key in per_batch[0]} if per_batch else {}
     return CapturedStats(shape=(b, h, nq, nk), values=values)
