@@ -81,14 +81,19 @@ def _read_sentences(args) -> list[str]:
 def cmd_analyze(args) -> int:
     from .analysis import analyze_model
 
+    from .kernels import KERNEL_NAMES
+
+    unknown = [k for k in args.alongside if k not in KERNEL_NAMES]
+    if unknown:
+        raise UserError(f"--alongside: unknown kernel {unknown[0]!r}; expected some of {', '.join(KERNEL_NAMES)}")
+    if args.max_tokens < 2:
+        raise UserError(f"--max-tokens: expected at least 2, got {args.max_tokens}")
     out = _writable(args.out)
     texts = _read_sentences(args)
     try:
         summary = analyze_model(args.model, texts, out, alongside=args.alongside, max_tokens=args.max_tokens)
-    except (FileNotFoundError, OSError, ValueError) as e:
-        if "model" in str(e).lower() or isinstance(e, FileNotFoundError):
-            raise UserError(str(e)) from None
-        raise
+    except (OSError, ImportError) as e:  # a missing or unreadable model folder, a missing extra
+        raise UserError(str(e)) from None
     print(summary.to_string(float_format=lambda v: f"{v:.4g}"))
     print(f"\nwrote {out / 'stats.csv'} and the plots {', '.join(p.name for p in sorted(out.glob('*.png')))} in {out}/")
     return 0

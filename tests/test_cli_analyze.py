@@ -34,5 +34,7 @@ def test_analyze_user_errors_have_no_traceback(tmp_path):
     blocker.write_text("")
     r = run("analyze", "--sentences", "a b c", "--out", str(blocker / "x"))
     assert r.returncode == 2 and "cannot create the output folder" in r.stderr and "Traceback" not in r.stderr
+    r = run("analyze", "--alongside", "lln", "nonsense", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "--alongside: unknown kernel 'nonsense'" in r.stderr and "Traceback" not in r.stderr
     r = run("analyze", "--help")
     assert r.returncode == 0 and "--model" in r.stdout and "--alongside" in r.stdout
