@@ -85,7 +85,7 @@ def moments_vs_variance(df):
         # the markers are the same in every panel: their legend once, elsewhere only the prediction's
         ax.legend(loc="best") if metric == "var_p" else ax.legend(handles=ax.get_lines()[-1:], loc="best")
     fig.suptitle("Softmax attention entries vs input variance (Gaussian q, k): measured vs log-normal prediction\n"
-                 "hollow markers: $(e^{\sigma^2} - 1)/N > 0.01$, where the prediction is not expected to hold")
+                 r"hollow markers: $(e^{\sigma^2} - 1)/N > 0.01$, where the prediction is not expected to hold")
     return fig
 
 
