@@ -104,6 +104,10 @@ class AttentionOperator:
         return out
 
 
+_NEV = 6  # eigenvalues ARPACK is asked for; the largest modulus among them is |λ_2|
+_DENSE_BELOW = 2 * _NEV + 3  # heads with fewer tokens are solved densely (ARPACK needs nev + 1 < ncv ≤ N)
+
+
 def _arnoldi_gap(op: AttentionOperator, tol: float, max_iterations: int | None, ncv: int | None, seed: int):
     """``(λ_2, iterations, residual, converged)`` of one head by ARPACK on ``P`` with ``λ_1`` deflated."""
     from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigs
@@ -123,11 +127,14 @@ def _arnoldi_gap(op: AttentionOperator, tol: float, max_iterations: int | None, 
     rng = np.random.default_rng(seed)
     v0 = rng.standard_normal(n)
     v0 -= v0.mean()
-    ncv = ncv or min(n - 1, 32)
+    # Several eigenvalues, not one: with the bulk of the spectrum a disc whose edge lies close to
+    # |λ_2|, asking ARPACK for a single one can converge to a neighbour of nearly the same modulus.
+    nev = min(_NEV, n - 2)
+    ncv = min(n, max(ncv or 32, 2 * nev + 2))
     op.calls = 0
     converged = True
     try:
-        vals, vecs = eigs(A, k=2, which="LM", v0=v0, ncv=ncv, tol=tol, maxiter=max_iterations)
+        vals, vecs = eigs(A, k=nev, which="LM", v0=v0, ncv=ncv, tol=tol, maxiter=max_iterations)
     except ArpackNoConvergence as err:
         converged = False
         vals, vecs = err.eigenvalues, err.eigenvectors
@@ -230,7 +237,7 @@ def spectral_gap_from_qk(
             if valid is not None:
                 qi, ki = qi[valid[b, h]], ki[valid[b, h]]
             n = qi.shape[0]
-            if method == "dense" or n <= 3:
+            if method == "dense" or n < _DENSE_BELOW:
                 lam, it, r, c = _dense_gap(qi, ki, scale), 0, 0.0, True
             else:
                 op = AttentionOperator(qi, ki, scale, backend=backend)

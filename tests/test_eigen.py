@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+import attnstats
 from attnstats.budget import DenseTooLargeError, memory_budget
 from attnstats.eigen import AttentionOperator, linear_spectral_gap, spectral_gap_from_qk
 from helpers import gaussian_qk, softmax_attention
@@ -117,3 +118,17 @@ def test_bad_input():
         linear_spectral_gap(fq, bad)
     with pytest.raises(ValueError, match="equal shapes"):
         linear_spectral_gap(fq, torch.rand(3, 4))
+
+
+def test_small_heads_and_loose_tolerance_match_dense():
+    # ARPACK needs nev + 1 < ncv ≤ N: small heads go to the dense solver, not to a scipy error
+    for n in range(1, 20):
+        q, k = gaussian_qk((1,), n, 16, seed=n)
+        want = attnstats.spectral_gap(softmax_attention(q, k))
+        torch.testing.assert_close(spectral_gap_from_qk(q, k).gap, want, rtol=0, atol=1e-9)
+    # with a loose tolerance, several requested eigenvalues keep it on λ_2, not on a neighbour
+    for seed in range(6):
+        q, k = gaussian_qk((2,), 256, 64, sigma_q=1.5, sigma_k=1.5, seed=100 + seed)
+        got = spectral_gap_from_qk(q, k, tol=1e-6)
+        want = attnstats.spectral_gap(softmax_attention(q, k))
+        assert float((got.gap - want).abs().max()) < 1e-6
