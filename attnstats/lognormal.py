@@ -6,6 +6,7 @@ tests are scipy's Kolmogorov–Smirnov and Anderson–Darling tests of normality
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +15,7 @@ from scipy import stats as sps
 
 from .stats import prepare_probs
 
-__all__ = ["LogNormalFit", "lognormal_fit", "fit_log_values", "log_entries"]
+__all__ = ["LogNormalFit", "lognormal_fit", "fit_log_values", "fits_per_matrix", "log_entries"]
 
 
 @dataclass(frozen=True)
@@ -127,21 +128,37 @@ def lognormal_fit(
 
     Returns:
         :class:`LogNormalFit` with float64 tensor fields of shape ``[...]``. Entries that are exactly
-        0 have no logarithm and are left out.
+        0 have no logarithm and are left out; a matrix with fewer than 3 distinct values gets NaN
+        fields and a warning (see :func:`fits_per_matrix`).
     """
-    batch = p.shape[:-2]
-    fits = [fit_log_values(v) for v in log_entries(p, mask, max_samples, seed)]
+    return fits_per_matrix(log_entries(p, mask, max_samples, seed), p.shape[:-2])
 
-    def field(name, dtype=torch.float64):
-        return torch.tensor([getattr(f, name) for f in fits], dtype=dtype).reshape(batch)
 
-    return LogNormalFit(
-        mu=field("mu"),
-        sigma=field("sigma"),
-        ks_statistic=field("ks_statistic"),
-        ks_pvalue=field("ks_pvalue"),
-        ad_statistic=field("ad_statistic"),
-        skew=field("skew"),
-        excess_kurtosis=field("excess_kurtosis"),
-        n=field("n", torch.int64),
-    )
+def fits_per_matrix(values, batch) -> LogNormalFit:
+    """:func:`fit_log_values` on each matrix's ``ln P`` values, gathered into tensors of shape ``batch``.
+
+    A matrix whose values admit no fit (fewer than 3, or all equal: a single valid token, uniform
+    attention) gets NaN in every field but ``n``, with a warning naming its batch index; such
+    matrices are left out of aggregates, as rows with no valid entry are.
+    """
+    import warnings
+
+    names = [f for f in LogNormalFit.__dataclass_fields__ if f != "n"]
+    rows, counts = [], []
+    for i, v in enumerate(values):
+        counts.append(int(v.numel()))
+        if v.numel() < 3 or bool((v == v[0]).all()):
+            where = tuple(int(x) for x in torch.unravel_index(torch.tensor(i), tuple(batch))) if len(batch) else ()
+            warnings.warn(
+                f"lognormal_fit: the matrix at batch index {where} has {v.numel()} valid entries"
+                f"{' all equal' if v.numel() >= 3 else ''}; its fit is NaN (a normal fit needs 3 distinct values)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            rows.append([math.nan] * len(names))
+        else:
+            fit = fit_log_values(v)
+            rows.append([getattr(fit, name) for name in names])
+    table = torch.tensor(rows, dtype=torch.float64).reshape(*batch, len(names))
+    fields = {name: table[..., i] for i, name in enumerate(names)}
+    return LogNormalFit(**fields, n=torch.tensor(counts, dtype=torch.int64).reshape(batch))

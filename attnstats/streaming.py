@@ -520,18 +520,11 @@ def streaming_lognormal_fit(q, k, *, scale=None, mask=None, causal=False, lse=No
 
     Returns:
         :class:`attnstats.LogNormalFit` with float64 tensor fields of the batch shape ``[...]``
-        (``n`` int64), each from :func:`attnstats.lognormal.fit_log_values` on that matrix's sample.
+        (``n`` int64), each from :func:`attnstats.lognormal.fit_log_values` on that matrix's sample (NaN, with a
+        warning, where fewer than 3 distinct values exist).
     """
-    from .lognormal import LogNormalFit, fit_log_values
+    from .lognormal import fits_per_matrix
 
     _, _, _, _, batch = prepare_qk(q, k, scale, None, causal)
-    fits = [fit_log_values(v) for v in sample_log_probs(
-        q, k, scale=scale, mask=mask, causal=causal, lse=lse, max_samples=max_samples, seed=seed)]
-
-    def field(name, dtype=torch.float64):
-        return torch.tensor([getattr(f, name) for f in fits], dtype=dtype).reshape(batch)
-
-    return LogNormalFit(**{
-        name: field(name, torch.int64 if name == "n" else torch.float64)
-        for name in LogNormalFit.__dataclass_fields__
-    })
+    samples = sample_log_probs(q, k, scale=scale, mask=mask, causal=causal, lse=lse, max_samples=max_samples, seed=seed)
+    return fits_per_matrix(samples, batch)

@@ -78,3 +78,27 @@ def test_fit_log_values_rejects_bad_input():
         fit_log_values([2.0, 2.0, 2.0])
     with pytest.raises(ValueError, match="max_samples"):
         attnstats.lognormal_fit(torch.full((4, 4), 0.25), max_samples=0)
+
+
+def test_matrix_without_a_fit_is_nan_with_a_warning_naming_it():
+    q, k = gaussian_qk((2, 2), 6, 4, seed=3)
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    mask[1, ..., 1:] = False  # one valid key: every valid entry is 1, ln P = 0 everywhere
+    p = softmax_attention(q, k, mask)
+    with pytest.warns(RuntimeWarning, match=r"batch index \(1, 0\) has 6 valid entries all equal"):
+        fit = attnstats.lognormal_fit(p, mask)
+    assert torch.isnan(fit.sigma[1]).all() and fit.n[1].tolist() == [6, 6]
+    ref = scipy_reference(np.log(p[0, 1].numpy().ravel()))
+    assert math.isclose(fit.sigma[0, 1].item(), ref[1], rel_tol=1e-12)
+
+
+def test_frame_survives_a_sentence_of_one_token():
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    kpm = torch.zeros(2, 5, dtype=torch.bool)
+    kpm[1, 1:] = True  # the second sentence is one real token
+    with torch.no_grad(), attnstats.record(mha) as rec, pytest.warns(RuntimeWarning, match="fit is NaN"):
+        mha(x, x, x, key_padding_mask=kpm, need_weights=False)
+        f = rec.frame(batch="each")
+    sig = f[(f.metric == "lognormal_sigma")]
+    assert sig[sig.batch == 0].value.notna().all() and sig[sig.batch == 1].value.isna().all()
