@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .stats import prepare_probs
-from .validation import first_index
+from .validation import first_index, row_sum_tolerance
 
 __all__ = ["spectral_gap", "deflated", "eigenvalues", "causal_spectral_gap", "is_lower_triangular", "valid_block"]
 
@@ -32,7 +32,7 @@ def is_lower_triangular(x: torch.Tensor) -> torch.Tensor:
     return ~((x != 0) & upper).flatten(-2).any(-1)
 
 
-def valid_block(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+def valid_block(x: torch.Tensor, m: torch.Tensor, tol: float = 1e-6, index=()) -> torch.Tensor:
     """The square block of one matrix ``x: [N, N]`` over the tokens that are valid as keys and queries.
 
     Padding removes a token's column (no query attends to it) and may remove its row (no valid
@@ -41,9 +41,14 @@ def valid_block(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """
     keep = m.any(-2) & m.any(-1)
     idx = torch.nonzero(keep, as_tuple=False)[:, 0]
+    if idx.numel() == 0:
+        raise ValueError(
+            f"mask: the matrix at batch index {index} has no token that is both a valid query and a valid key; "
+            "spectral_gap expects a padding (and/or causal) mask"
+        )
     block = x[idx][:, idx]
     sums = block.sum(-1)
-    off = (sums - 1).abs() > 1e-6
+    off = (sums - 1).abs() > tol
     if bool(off.any()):
         row = int(idx[first_index(off)[0]])
         raise ValueError(
@@ -104,8 +109,14 @@ def spectral_gap(p: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Ten
     x, m = prepare_probs(p, mask)
     batch = x.shape[:-2]
     flat = x.reshape(-1, *x.shape[-2:])
-    if m is None:
+    if m is None or flat.shape[0] == 0:
         return _dense_gap(flat).reshape(batch)
     mflat = m.reshape(-1, *m.shape[-2:])
-    gaps = [_dense_gap(valid_block(flat[i], mflat[i])[None])[0] for i in range(flat.shape[0])]
+    tol = row_sum_tolerance(p.dtype, p.shape[-1])
+    gaps = []
+    for i in range(flat.shape[0]):
+        where = tuple(int(j) for j in torch.unravel_index(torch.tensor(i), tuple(batch))) if batch else ()
+        block = valid_block(flat[i], mflat[i], tol, where)
+        # half-precision rows sum to 1 only within their rounding: renormalise so λ_1 is exactly 1
+        gaps.append(_dense_gap((block / block.sum(-1, keepdim=True))[None])[0])
     return torch.stack(gaps).reshape(batch)

@@ -119,7 +119,7 @@ def check_probs(p: torch.Tensor, mask: torch.Tensor | None = None, name: str = "
         idx = first_index(neg)
         raise ValueError(f"{name}: expected non-negative probabilities, found {p[idx].item()} at index {idx}")
     if mask is not None:
-        per_matrix = mask.reshape(*mask.shape[:-2], -1).any(-1)
+        per_matrix = mask.flatten(-2).any(-1)
         if not bool(per_matrix.all()):
             idx = first_index(~per_matrix)
             raise ValueError(f"mask: no valid entry in the matrix at batch index {idx}; expected at least one True")

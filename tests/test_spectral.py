@@ -134,3 +134,28 @@ def test_biased_vs_unbiased_concentration():
     # lower entropy, yet the biased matrix has the larger gap: entropy alone does not tell them apart
     assert attnstats.row_entropy(biased).mean() < attnstats.row_entropy(unbiased).mean()
     assert attnstats.spectral_gap(biased) > attnstats.spectral_gap(unbiased)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_with_padding_mask(dtype):
+    n, lengths = 16, [16, 10]
+    q, k = gaussian_qk((2,), n, 8, seed=6)
+    mask = (torch.arange(n)[None] < torch.tensor(lengths)[:, None])[:, None, :]
+    p = softmax_attention(q, k, mask).to(dtype)
+    gap = attnstats.spectral_gap(p, mask)
+    for b, length in enumerate(lengths):
+        block = p[b, :length, :length].double()
+        block = block / block.sum(-1, keepdim=True)  # the half values themselves, renormalised
+        assert math.isclose(gap[b].item(), numpy_gap(block.numpy()), abs_tol=1e-9)
+
+
+def test_mask_without_a_square_block_and_empty_batch():
+    p = torch.zeros(4, 4)
+    p[:2, 2:] = 0.5
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[:2, 2:] = True  # queries 0, 1 attend only to keys 2, 3, which are no valid queries
+    with pytest.raises(ValueError, match=r"mask: the matrix at batch index \(\) has no token that is both"):
+        attnstats.spectral_gap(p, mask)
+    empty = torch.full((0, 3, 3), 1 / 3)
+    assert attnstats.spectral_gap(empty, torch.ones(0, 3, 3, dtype=torch.bool)).shape == (0,)
+    assert attnstats.spectral_gap(empty).shape == (0,)
