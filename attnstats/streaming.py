@@ -441,6 +441,50 @@ def _valid_entries(i, j, mask_bh, causal):
     return ok
 
 
+def _valid_count(mask_bh, nq: int, nk: int, causal: bool) -> int:
+    """Number of valid entries of one matrix (``mask_bh``: ``[Nq or 1, Nk]`` bool or None)."""
+    if mask_bh is None:
+        return nq * (nq + 1) // 2 if causal else nq * nk
+    if mask_bh.shape[0] == 1:
+        keys = mask_bh[0]
+        return int(keys.long().cumsum(0)[:nq].sum()) if causal else nq * int(keys.sum())
+    return int((mask_bh.tril() if causal else mask_bh).sum())
+
+
+_CHUNK = 1 << 22  # flat indices handled at once when enumerating
+
+
+def _all_valid_entries(total: int, nk: int, mask_bh, causal: bool):
+    """Rows and columns of every valid entry in row-major order, enumerated in chunks."""
+    rows, cols = [], []
+    for start in range(0, total, _CHUNK):
+        f = torch.arange(start, min(total, start + _CHUNK))
+        i, j = _triangle_index(f) if causal else (f // nk, f % nk)
+        ok = _valid_entries(i, j, mask_bh, causal)
+        rows.append(i[ok])
+        cols.append(j[ok])
+    return torch.cat(rows), torch.cat(cols)
+
+
+def _sample_valid_flat(total: int, nk: int, mask_bh, causal: bool, size: int, rate: float, gen):
+    """``size`` distinct valid flat indices, uniform, by rejection; ``rate`` = valid / total > 0."""
+    picked = torch.empty(0, dtype=torch.int64)
+    while picked.numel() < size:
+        need = size - picked.numel()
+        # draws sized by the known acceptance rate, so sparse masks need no more rounds than dense ones
+        draw = min(int(1.3 * need / rate) + 16, _CHUNK)
+        f = torch.randint(0, total, (draw,), generator=gen)
+        i, j = _triangle_index(f) if causal else (f // nk, f % nk)
+        f = f[_valid_entries(i, j, mask_bh, causal)]
+        # Keep draw order while dropping repeats, so that the sample stays uniform.
+        cand = torch.cat([picked, f])
+        uniq, inverse = torch.unique(cand, return_inverse=True)
+        first = torch.full((uniq.numel(),), cand.numel(), dtype=torch.int64)
+        first.scatter_reduce_(0, inverse, torch.arange(cand.numel()), reduce="amin")
+        picked = cand[first.sort().values][:size]
+    return picked.sort().values
+
+
 def sample_log_probs(q, k, *, scale=None, mask=None, causal=False, lse=None, max_samples=100_000, seed=0):
     """Values of ``ln P_ij = s_ij − LSE_i`` at valid entries, one 1-d float64 tensor per matrix.
 
@@ -478,32 +522,11 @@ def sample_log_probs(q, k, *, scale=None, mask=None, causal=False, lse=None, max
     for b in range(B):
         for h in range(Hq):
             mask_bh = None if m is None else m[b, h].cpu()
-            if total <= max_samples:
-                f = torch.arange(total)
-                i, j = _triangle_index(f) if causal else (f // Nk, f % Nk)
-                ok = _valid_entries(i, j, mask_bh, causal)
-                i, j = i[ok], j[ok]
+            count = _valid_count(mask_bh, Nq, Nk, causal)
+            if count <= max_samples:
+                i, j = _all_valid_entries(total, Nk, mask_bh, causal)
             else:
-                picked = torch.empty(0, dtype=torch.int64)
-                for _ in range(64):
-                    need = max_samples - picked.numel()
-                    if need <= 0:
-                        break
-                    f = torch.randint(0, total, (2 * need + 16,), generator=gen)
-                    i, j = _triangle_index(f) if causal else (f // Nk, f % Nk)
-                    f = f[_valid_entries(i, j, mask_bh, causal)]
-                    # Keep draw order while dropping repeats, so that the sample stays uniform.
-                    cand = torch.cat([picked, f])
-                    uniq, inverse = torch.unique(cand, return_inverse=True)
-                    first = torch.full((uniq.numel(),), cand.numel(), dtype=torch.int64)
-                    first.scatter_reduce_(0, inverse, torch.arange(cand.numel()), reduce="amin")
-                    picked = cand[first.sort().values][:max_samples]
-                if picked.numel() < max_samples:
-                    raise ValueError(
-                        f"mask: too few valid entries found by sampling in matrix {(b, h)}; "
-                        "expected the mask to keep a reasonable fraction of entries"
-                    )
-                f = picked.sort().values
+                f = _sample_valid_flat(total, Nk, mask_bh, causal, max_samples, count / total, gen)
                 i, j = _triangle_index(f) if causal else (f // Nk, f % Nk)
             dev = qb.device
             qi = qb[b, h].index_select(0, i.to(dev)).double()

@@ -226,3 +226,19 @@ def test_auto_falls_back_when_the_kernel_fails(monkeypatch):
     check_against_dense(q, k, torch.ones(1, 30, 30, dtype=torch.bool), st)
     with pytest.raises(RuntimeError, match="out of resource"):
         streaming_stats(q, k, backend="triton")
+
+
+def test_log_samples_under_a_sparse_padding_mask():
+    # 1024 queries, only a few valid keys: 0.4–0.5 % of the entries are valid
+    q, k = gaussian_qk((1, 1), 1024, 8, seed=21)
+    for keep, max_samples in ((4, 5000), (5, 5000)):
+        pad = torch.zeros(1, 1, 1, 1024, dtype=torch.bool)
+        pad[..., :keep] = True
+        dense = torch.log(softmax_attention(q, k, pad))[..., :keep].reshape(-1)
+        got = sample_log_probs(q, k, mask=pad, max_samples=max_samples, seed=3)[0]
+        if keep * 1024 <= max_samples:  # every valid entry, in row-major order, as the dense sampler
+            torch.testing.assert_close(got, dense, rtol=1e-12, atol=1e-12)
+        else:  # a sample of distinct valid entries
+            assert got.numel() == max_samples
+            near = (got[:, None] - dense[None, :]).abs().min(1).values
+            assert float(near.max()) < 1e-12
