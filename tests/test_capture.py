@@ -300,7 +300,12 @@ def test_probs_respects_memory_budget():
     with attnstats.memory_budget(1024):
         with pytest.raises(attnstats.DenseTooLargeError, match="streaming_stats"):
             rec.records[0].probs()
-    assert rec.records[0].probs().shape == (2, 2, 64, 64)
+    # the float32 output fits 64 KiB, but its float64 scores (the largest tensor built) do not
+    with attnstats.memory_budget(2 * 2 * 64 * 64 * 4):
+        with pytest.raises(attnstats.DenseTooLargeError, match="needs 0.00 GiB"):
+            rec.records[0].probs()
+    with attnstats.memory_budget(2 * 2 * 64 * 64 * 8):
+        assert rec.records[0].probs().shape == (2, 2, 64, 64)
 
 
 def test_bad_arguments():

@@ -99,8 +99,8 @@ class AttentionRecord:
         """``[B, H, Nq, Nk]`` pre-softmax scores ``scale·q·kᵀ`` (+ softcap, + bias), masked entries ``-inf``."""
         self._need_qk("scores()")
         b, h, nq, nk = self.shape
-        check_dense_fits((b, h, nq, nk), 8 if dtype == torch.float64 else 4, f"record {self.name!r}: the scores")
         dtype = dtype or compute_dtype(self.q)
+        check_dense_fits((b, h, nq, nk), torch.finfo(dtype).bits // 8, f"record {self.name!r}: the scores")
         s = torch.matmul(self.q.to(dtype), self.k.to(dtype).transpose(-1, -2)) * self.scale
         s = s.expand(b, h, nq, nk)
         if self.softcap is not None:
@@ -141,12 +141,14 @@ class AttentionRecord:
         on the same q, k (mask reduced to key padding + causality) instead of the captured softmax.
 
         Raises:
-            attnstats.DenseTooLargeError: if ``B·H·Nq·Nk`` float32 numbers exceed the memory budget
+            attnstats.DenseTooLargeError: if ``B·H·Nq·Nk`` numbers of the compute dtype (float64 on
+                the CPU, float32 on a GPU) exceed the memory budget
                 (default 2 GiB, :func:`attnstats.set_memory_budget`); use the streaming statistics then.
         """
         self._need_qk("probs()")
         b, h, nq, nk = self.shape
-        nbytes = max(4, torch.finfo(dtype).bits // 8)
+        # the largest tensor built is the scores in the compute dtype (float64 on the CPU), not the output
+        nbytes = max(4, torch.finfo(dtype).bits // 8, torch.finfo(compute_dtype(self.q)).bits // 8)
         check_dense_fits((b, h, nq, nk), nbytes, f"record {self.name!r} (layer {self.layer}): the dense attention matrix")
         if kernel is not None:
             from .alongside import kernel_probs
