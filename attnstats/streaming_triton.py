@@ -247,8 +247,9 @@ def raw_accumulators(q, k, scale, mask, causal, config=None) -> torch.Tensor:
     Hk, Nk = k.shape[1], k.shape[2]
     if d not in (16, 32, 64, 128, 256):
         raise ValueError(f"q: the Triton path supports head dims 16, 32, 64, 128, 256; got d = {d} (use backend='torch')")
-    if q.dtype != k.dtype:
-        k = k.to(q.dtype)
+    if q.dtype != k.dtype:  # both to the wider type: rounding k to q's half type would lose precision
+        wide = torch.promote_types(q.dtype, k.dtype)
+        q, k = q.to(wide), k.to(wide)
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         q, k = q.float(), k.float()
     interp = _interpreting()
