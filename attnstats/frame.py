@@ -98,7 +98,8 @@ def lognormal_fields(fit) -> dict:
     }
 
 
-def _moment_fields(mom) -> dict:
+def moment_fields(mom) -> dict:
+    """The metric names of the moments group, mapped to the fields of an EntryMoments."""
     return {"p_mean": mom.mean, "p_var": mom.var, "logp_mean": mom.log_mean, "logp_var": mom.log_var}
 
 
@@ -106,8 +107,9 @@ def record_metrics(rec, metrics=METRICS, *, kernel=None, max_samples: int = 100_
     """Statistics of one record (or of ``kernel`` on its q, k): metric name -> float64 tensor ``[B, H]``.
 
     Metrics that a record cannot give are left out: ``spectral_gap`` of a non-square (cross-attention)
-    matrix, and with ``store="stats"`` the ``spectral_gap`` of non-causal attention and ``lognormal``
-    if it was not computed during the forward.
+    matrix, and with ``store="stats"`` the groups not computed during the forward (``metrics=`` of
+    :func:`attnstats.record`) and the ``spectral_gap`` of a layer whose mask is neither key padding nor
+    causal (warned about during the forward).
     """
     from .lognormal import lognormal_fit
     from .spectral import spectral_gap
@@ -144,7 +146,7 @@ def record_metrics(rec, metrics=METRICS, *, kernel=None, max_samples: int = 100_
                 else:
                     out["spectral_gap"] = spectral_gap(p, mask)
             if "moments" in metrics:
-                out.update(_moment_fields(entry_moments(p, mask)))
+                out.update(moment_fields(entry_moments(p, mask)))
             if "lognormal" in metrics:
                 out.update(lognormal_fields(lognormal_fit(p, mask, max_samples=max_samples, seed=seed)))
     if "temperature" in metrics and kernel is None:

@@ -224,3 +224,18 @@ def test_store_stats_metrics_choice():
     assert set(df.metric) == {"entropy", "spectral_gap", "temperature", "sigma_q", "sigma_k"}
     with pytest.raises(ValueError, match="metrics"):
         attnstats.record(model, metrics=("entropy",))
+
+
+def test_store_stats_warns_when_a_general_mask_leaves_out_the_gap():
+    class Masked(torch.nn.Module):
+        def forward(self, q, k, v, mask):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    q, k, v = (torch.randn(1, 2, 8, 4) for _ in range(3))
+    mask = torch.rand(8, 8, generator=torch.Generator().manual_seed(0)) > 0.3
+    mask |= torch.eye(8, dtype=torch.bool)  # every row keeps a key
+    with pytest.warns(RuntimeWarning, match="spectral gap is not computed without the matrix"):
+        with attnstats.record(Masked(), store="stats") as rec:
+            Masked()(q, k, v, mask)
+    f = rec.frame()
+    assert "spectral_gap" not in set(f.metric) and "entropy" in set(f.metric)

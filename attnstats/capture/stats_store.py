@@ -15,6 +15,7 @@ self-attention with a key-padding mask, each batch element is compacted to its v
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 
@@ -54,7 +55,7 @@ def _gap(q, k, scale, causal, lse):
 
 def capture_stats(recorder, q, k, mask, causal, scale, bias, softcap, name, max_samples=100_000, seed=0):
     """Streaming statistics of one call: ``q: [B, H, Nq, d]``, ``k: [B, H, Nk, d]``, canonical mask."""
-    from ..frame import lognormal_fields
+    from ..frame import lognormal_fields, moment_fields
     from ..streaming import streaming_lognormal_fit, streaming_stats
 
     if bias is not None or softcap is not None:
@@ -82,11 +83,17 @@ def capture_stats(recorder, q, k, mask, causal, scale, bias, softcap, name, max_
             ok = ~torch.isnan(st.entropy)
             vals["entropy"] = torch.where(ok, st.entropy, torch.zeros_like(st.entropy)).sum(-1) / ok.sum(-1)
         if "moments" in groups:
-            mom = st.entry_moments
-            vals.update({"p_mean": mom.mean, "p_var": mom.var, "logp_mean": mom.log_mean, "logp_var": mom.log_var})
+            vals.update(moment_fields(st.entry_moments))
         square_self = m is None and qb.shape[2] == kb.shape[2]  # pad tokens compacted away, or none
         if "spectral_gap" in groups and square_self:
             vals["spectral_gap"] = _gap(qb, kb, scale, causal, st.lse)
+        elif "spectral_gap" in groups and bi == 0:
+            warnings.warn(
+                f"record(store='stats'): layer {name!r} has a mask that is not key padding (+ causal) or is "
+                "cross-attention; its spectral gap is not computed without the matrix (use store='qk')",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if "lognormal" in groups:
             fit = streaming_lognormal_fit(
                 qb, kb, scale=scale, mask=m, causal=causal, lse=st.lse, max_samples=max_samples, seed=seed
