@@ -61,6 +61,8 @@ def _read_sentences(args) -> list[str]:
 
     if args.text:
         path = Path(args.text)
+        if path.is_dir():
+            raise UserError(f"--text: {path} is a directory; expected a UTF-8 text file, one sentence per line")
         if not path.is_file():
             raise UserError(f"--text: no such file: {path}")
         try:

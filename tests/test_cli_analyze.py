@@ -28,6 +28,8 @@ def test_analyze_default_model_writes_stats_and_plots(tmp_path):
 def test_analyze_user_errors_have_no_traceback(tmp_path):
     r = run("analyze", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "is not a folder with a config.json" in r.stderr and "Traceback" not in r.stderr
+    r = run("analyze", "--text", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "is a directory" in r.stderr and "Traceback" not in r.stderr
     r = run("analyze", "--text", str(tmp_path / "none.txt"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "--text: no such file" in r.stderr and "Traceback" not in r.stderr
     blocker = tmp_path / "f"
