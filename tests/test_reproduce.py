@@ -83,8 +83,8 @@ def test_real_model_figures(tmp_path, name):
         assert set(df.metric) >= {"mu", "sigma", "ks_statistic", "ad_statistic", "skew", "excess_kurtosis"}
         layer = df[df["head"].isna()].pivot_table(index="layer", columns="metric", values="value")
         # the last layer's ln P is close to normal, the first layer's far from it (README, lognormal_real)
-        assert abs(layer.skew[5]) < 0.5 < abs(layer.skew[0])
-        assert layer.ks_statistic[5] < layer.ks_statistic[0] and (layer.sigma > 0).all()
+        assert abs(layer["skew"][5]) < 0.5 < abs(layer["skew"][0])
+        assert layer["ks_statistic"][5] < layer["ks_statistic"][0] and (layer["sigma"] > 0).all()
     else:
         df = read(tmp_path, "concentration_real")
         assert set(df.kernel) == {"softmax", "lln"} and set(df.metric) == {"entropy", "spectral_gap"}
