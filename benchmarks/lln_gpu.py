@@ -28,19 +28,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timing import bench  # noqa: E402
+
 from attnstats.kernels import get_kernel  # noqa: E402
-
-
-def bench(fn, target_ms=300):
-    from triton.testing import do_bench
-
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    est = (time.perf_counter() - t0) * 1e3
-    return float(do_bench(fn, warmup=max(10, est), rep=max(target_ms, 3 * est), return_mode="median"))
 
 
 def peak_bytes(fn):

@@ -29,22 +29,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timing import bench  # noqa: E402
+
 from attnstats import streaming_triton  # noqa: E402
 from attnstats.eigen import AttentionOperator, spectral_gap_from_qk  # noqa: E402
 from attnstats.streaming import prepare_qk, streaming_stats  # noqa: E402
-
-
-def bench(fn, target_ms=300):
-    from triton.testing import do_bench
-
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    est = (time.perf_counter() - t0) * 1e3
-    rep = max(target_ms, 3 * est)
-    return float(do_bench(fn, warmup=max(10, est), rep=rep, return_mode="median"))
 
 
 def dense_reference(q, k, scale, mask, causal):
