@@ -43,7 +43,7 @@ def test_lln_log_variance_against_softmax_before_and_after_matching():
     """Figure 5b at d = 64, N = 1024, Gaussian q, k with σ_q σ_k from 0.5 to 1.5.
 
     Measured (README, kernels section): with the paper's constants the LLN log-variance is within
-    15 % of softmax attention's for σ_q σ_k ≥ 1 but 16–21 % below it at 0.5–0.75, where the linear
+    15 % of softmax attention's for σ_q σ_k ≥ 1 but 15–21 % below it at 0.5–0.75, where the linear
     fit a·σ_t² + b overestimates the convex LLN curve; before matching (α = β = 1) it is > 90 % below.
     """
     d, n = 64, 1024
