@@ -17,7 +17,6 @@ Parts (each can be skipped with --skip):
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timing import bench  # noqa: E402
+from harness import bench, run_parts  # noqa: E402
 
 from attnstats.kernels import get_kernel  # noqa: E402
 
@@ -208,21 +207,9 @@ def main():
         env["fla"] = None
     print(env, flush=True)
     res = dict(env=env, command=" ".join(sys.argv))
-    for name, fn in (("kernels", lambda: part_kernels(dev, args.ns)),
-                     ("table2", lambda: part_table2(dev, args.table_ns, args.table_budget_s))):
-        if name in args.skip:
-            continue
-        t0 = time.perf_counter()
-        try:
-            res[name] = fn()
-        except Exception as err:
-            import traceback
-
-            traceback.print_exc()
-            res[name + "_error"] = f"{type(err).__name__}: {err}"
-        print(f"[{name}] {time.perf_counter() - t0:.1f} s", flush=True)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=1))
+    parts = [("kernels", lambda: part_kernels(dev, args.ns)),
+             ("table2", lambda: part_table2(dev, args.table_ns, args.table_budget_s))]
+    run_parts(parts, args.skip, args.out, res)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Every timing is the median of triton.testing.do_bench (CUDA events).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import sys
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timing import bench  # noqa: E402
+from harness import bench, run_parts  # noqa: E402
 
 from attnstats import streaming_triton  # noqa: E402
 from attnstats.eigen import AttentionOperator, spectral_gap_from_qk  # noqa: E402
@@ -263,21 +262,7 @@ def main():
     res = dict(env=env, command=" ".join(sys.argv))
     parts = [("check", lambda: part_check(dev)), ("configs", lambda: part_configs(dev)),
              ("speed", lambda: part_speed(dev, args.ns, args.ds)), ("eigen", lambda: part_eigen(dev))]
-    for name, fn in parts:
-        if name in args.skip:
-            continue
-        t0 = time.perf_counter()
-        try:
-            res[name] = fn()
-        except Exception as err:
-            import traceback
-
-            traceback.print_exc()
-            res[name + "_error"] = f"{type(err).__name__}: {err}"
-        print(f"[{name}] {time.perf_counter() - t0:.1f} s", flush=True)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=1))
-    print(json.dumps(res)[:0])
+    run_parts(parts, args.skip, args.out, res)
 
 
 if __name__ == "__main__":
