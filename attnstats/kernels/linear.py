@@ -204,6 +204,13 @@ def linear_attention_causal(
     return out
 
 
+def _undefined_row(at, kernel: str):
+    raise ValueError(
+        f"q: row {at} (batch, head, query) has zero weight on every valid key under kernel {kernel!r} "
+        "(all its feature products are 0), so its attention distribution is undefined"
+    )
+
+
 def _log_row_weights(lq_rows: torch.Tensor, lk_b: torch.Tensor) -> torch.Tensor:
     """Exact ``log A_j = logsumexp_l(lq_l + lk_jl)`` for a few rows: ``[R, r]`` × ``[R, M, r]`` → ``[R, M]``."""
     return _logsumexp(lq_rows[:, None, :] + lk_b, dim=-1)
@@ -239,11 +246,7 @@ def linear_matrix(lq, lk, valid, kernel: str) -> torch.Tensor:
             lse = _logsumexp(log_rows, dim=-1)[:, None]
             zero = ~torch.isfinite(lse[:, 0])
             if bool(zero.any()):
-                at = tuple(int(t) for t in idx[start + int(torch.nonzero(zero)[0, 0])])
-                raise ValueError(
-                    f"q: row {at} (batch, head, query) has zero weight on every valid key under kernel "
-                    f"{kernel!r} (all its features are 0), so its attention distribution is undefined"
-                )
+                _undefined_row(tuple(int(t) for t in idx[start + int(torch.nonzero(zero)[0, 0])]), kernel)
             a[bi, hi, ii] = torch.exp(log_rows - lse)
             s[bi, hi, ii] = 1.0
     s = torch.where(has_row[..., None], s, torch.ones_like(s))
@@ -275,10 +278,7 @@ def linear_spectral_gap(lq, lk, valid_tokens, causal: bool, kernel: str) -> torc
         if valid_tokens is not None:
             bad = bad & valid_tokens
         if bool(bad.any()):
-            raise ValueError(
-                f"q: row {first_index(bad)} (batch, head, query) has zero weight on every valid key under "
-                f"kernel {kernel!r}, so its attention distribution is undefined"
-            )
+            _undefined_row(first_index(bad), kernel)
         diag = torch.exp(log_diag - _finite_or_zero(log_den))
         if valid_tokens is None:
             return causal_spectral_gap(diag)
@@ -294,10 +294,7 @@ def linear_spectral_gap(lq, lk, valid_tokens, causal: bool, kernel: str) -> torc
     if valid_tokens is not None:
         bad = bad & valid_tokens
     if bool(bad.any()):
-        raise ValueError(
-            f"q: row {first_index(bad)} (batch, head, query) has zero weight on every valid key under kernel "
-            f"{kernel!r}, so its attention distribution is undefined"
-        )
+        _undefined_row(first_index(bad), kernel)
     qd = qt / torch.where(den > 0, den, torch.ones_like(den))[..., None]
     if valid_tokens is not None:
         qd = qd * valid_tokens[..., None]
