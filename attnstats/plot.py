@@ -14,6 +14,7 @@ __all__ = [
     "log_histograms",
     "qq_plots",
     "layer_head_heatmaps",
+    "entropy_per_layer",
 ]
 
 _STYLE = {
@@ -166,7 +167,10 @@ def training_curves(df):
     kernels = list(dict.fromkeys(df.kernel))
     metrics = [("temperature", "temperature 1/(σ_q σ_k)"), ("entropy", "mean row entropy (nats)"),
                ("spectral_gap", "spectral gap 1 − |λ₂|")]
-    fig, axes = plt.subplots(len(kernels), 3, figsize=(13, 3.4 * len(kernels)), squeeze=False, constrained_layout=True)
+    # one y range per metric (column): the rows exist to compare kernels, and separate ranges would
+    # make a small change in one kernel look as large as a big one in the other
+    fig, axes = plt.subplots(len(kernels), 3, figsize=(13, 3.4 * len(kernels)), squeeze=False, sharey="col",
+                             constrained_layout=True)
     layers = sorted(df.layer.unique())
     colors = plt.cm.plasma(np.linspace(0, 0.85, len(layers)))
     for row, kernel in zip(axes, kernels):
@@ -179,7 +183,7 @@ def training_curves(df):
             ax.set_ylabel(ylabel)
             ax.set_title(f"{kernel} attention")
         row[0].legend(fontsize=7)
-    fig.suptitle("Attention during masked-language-model training (one head per layer)")
+    fig.suptitle("Attention during masked-language-model training (one head per layer; y range shared per column)")
     return fig
 
 
@@ -242,32 +246,135 @@ def qq_plots(samples):
     return fig
 
 
+_SOFTMAX = "softmax"
+_METRIC_LABELS = {"entropy": "mean row entropy (nats)", "spectral_gap": "spectral gap 1 − |λ₂|"}
+
+
+def _with_kernel(df, fn: str):
+    """``df`` with a ``kernel`` column: ``rec.frame()`` has one only when kernels ran alongside, and
+    without it every row is the captured (softmax) attention."""
+    missing = [c for c in ("layer", "head", "metric", "value") if c not in df.columns]
+    if missing:
+        raise ValueError(f"{fn}: df has no column {missing[0]!r}; expected the columns of rec.frame() "
+                         f"(layer, head, metric, value, optionally kernel), got {list(df.columns)}")
+    return df if "kernel" in df.columns else df.assign(kernel=_SOFTMAX)
+
+
+def _check_present(df, column: str, wanted, arg: str, fn: str):
+    have = list(dict.fromkeys(df[column]))
+    for i, name in enumerate(wanted):
+        if name not in have:
+            raise ValueError(f"{fn}: {arg}[{i}] = {name!r} has no row in df; df holds {column} {have}")
+
+
+def _index_ticks(ax, axis: str, labels, max_ticks: int = 16):
+    """Tick every cell up to ``max_ticks`` cells, then every k-th, so labels never overlap."""
+    step = int(np.ceil(len(labels) / max_ticks)) or 1
+    pos = list(range(0, len(labels), step))
+    (ax.set_xticks if axis == "x" else ax.set_yticks)(pos, [str(labels[i]) for i in pos])
+
+
 def layer_head_heatmaps(df, metrics=("entropy", "spectral_gap"), kernels=None, title=None):
-    """Heatmaps of per-(layer, head) statistics, one column per kernel and one row per metric.
+    """Heat maps of per-(layer, head) statistics: one row per kernel, one column per metric, one
+    colour scale per metric (shared by the kernels, so equal colours mean equal values).
+
+    With up to five metrics the figure stays under 2000 × 2000 px at the 110 dpi of
+    :func:`attnstats.files.save_figure` however many kernels there are: rows get shorter instead.
 
     Args:
-        df: columns ``layer, head, kernel, metric, value`` (batch already aggregated; if several
-            rows share a cell they are averaged).
+        df: ``rec.frame()`` or its columns ``layer, head, metric, value`` and optionally ``kernel``
+            (absent: every row is the captured softmax). Rows sharing a cell (several calls or
+            batch elements) are averaged. Needs one row per head (``rec.frame(head="each")``).
+        metrics: metric names, one column each.
+        kernels: kernel names, one row each (default: every kernel of ``df`` in order of appearance).
+        title: figure title.
     """
+    fn = "layer_head_heatmaps"
+    df = _with_kernel(df, fn)
+    metrics = list(metrics)
+    kernels = list(kernels) if kernels is not None else list(dict.fromkeys(df.kernel))
+    if not metrics or not kernels:
+        raise ValueError(f"{fn}: expected at least one metric and one kernel, got metrics={metrics}, kernels={kernels}")
+    _check_present(df, "metric", metrics, "metrics", fn)
+    _check_present(df, "kernel", kernels, "kernels", fn)
+    df = df[df["head"].notna() & df.kernel.isin(kernels) & df.metric.isin(metrics)]
+    if df.empty:
+        raise ValueError(f"{fn}: df has no per-head row (head is <NA> everywhere: a head-averaged frame); "
+                         "expected one row per head, as rec.frame(head='each') gives")
+    layers, heads = sorted(df.layer.unique()), sorted(df["head"].unique())
+
     plt = _plt()
-    kernels = kernels or list(dict.fromkeys(df.kernel))
-    labels = {"entropy": "mean row entropy (nats)", "spectral_gap": "spectral gap 1 − |λ₂|"}
-    fig, axes = plt.subplots(len(metrics), len(kernels), figsize=(4.6 * len(kernels), 3.4 * len(metrics)),
+    # bounded size: many kernels make rows shorter, many metrics make columns narrower
+    panel_w = min(4.6, 13.0 / len(metrics))
+    panel_h = min(3.2, 14.0 / len(kernels))
+    fig, axes = plt.subplots(len(kernels), len(metrics), figsize=((panel_w + 1.0) * len(metrics), panel_h * len(kernels) + 0.5),
                              squeeze=False, constrained_layout=True)
-    for i, metric in enumerate(metrics):
+    cmap = plt.get_cmap("viridis").with_extremes(bad="0.85")  # a cell without data is grey, not a colour
+    for j, metric in enumerate(metrics):
         sub = df[df.metric == metric]
-        vmin, vmax = sub.value.min(), sub.value.max()
-        for j, kernel in enumerate(kernels):
+        grids = [sub[sub.kernel == kernel].pivot_table(index="layer", columns="head", values="value", aggfunc="mean")
+                 .reindex(index=layers, columns=heads).to_numpy(float) for kernel in kernels]
+        # the scale spans the cells drawn (means), not the rows averaged into them
+        if np.isnan(grids).all():
+            raise ValueError(f"{fn}: metrics[{j}] = {metric!r} is NaN in every cell of kernels {kernels}")
+        vmin, vmax = np.nanmin(grids), np.nanmax(grids)
+        for i, (kernel, grid) in enumerate(zip(kernels, grids)):
             ax = axes[i, j]
-            grid = sub[sub.kernel == kernel].pivot_table(index="layer", columns="head", values="value", aggfunc="mean")
-            im = ax.imshow(grid.to_numpy(), aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax)
-            ax.set_xticks(range(grid.shape[1]), grid.columns)
-            ax.set_yticks(range(grid.shape[0]), grid.index)
-            ax.set_xlabel("head")
+            im = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+            _index_ticks(ax, "x", heads)
+            _index_ticks(ax, "y", layers)
+            if i == len(kernels) - 1:
+                ax.set_xlabel("head")
             ax.set_ylabel("layer")
             ax.set_title(f"{kernel}: {metric.replace('_', ' ')}")
             ax.grid(False)
-        fig.colorbar(im, ax=axes[i, :].tolist(), label=labels.get(metric, metric), shrink=0.9)
+        fig.colorbar(im, ax=axes[:, j].tolist(), label=_METRIC_LABELS.get(metric, metric), shrink=0.9,
+                     aspect=20 * max(1.0, len(kernels) / 2))  # as thin in a tall column as in a short one
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def entropy_per_layer(df, kernels=None, title=None):
+    """Mean row entropy per layer, one line per kernel, with the spread over heads; a second panel
+    with the spectral gap when ``df`` has it.
+
+    Each line is the mean over heads of a layer, its band runs from the lowest to the highest head
+    (a head's value is first averaged over calls and batch elements). A head-averaged frame
+    (``head`` all <NA>) gives lines without bands.
+
+    Args:
+        df: ``rec.frame()`` or its columns ``layer, head, metric, value`` and optionally ``kernel``
+            (absent: every row is the captured softmax); needs ``metric == "entropy"`` rows (nats).
+        kernels: kernel names, one line each (default: every kernel of ``df`` in order of appearance).
+        title: figure title.
+    """
+    fn = "entropy_per_layer"
+    df = _with_kernel(df, fn)
+    if not (df.metric == "entropy").any():
+        raise ValueError(f"{fn}: df has no 'entropy' row; it holds metrics {list(dict.fromkeys(df.metric))} "
+                         "(rec.frame() computes entropy unless metrics= leaves it out)")
+    kernels = list(kernels) if kernels is not None else list(dict.fromkeys(df.kernel))
+    _check_present(df, "kernel", kernels, "kernels", fn)
+    metrics = [m for m in ("entropy", "spectral_gap") if (df.metric == m).any()]
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), squeeze=False, constrained_layout=True)
+    others = iter(plt.cm.tab10(np.arange(10)))
+    colors = {k: "k" if k == _SOFTMAX else next(others, "gray") for k in kernels}
+    for ax, metric in zip(axes[0], metrics):
+        sub = df[(df.metric == metric) & df.kernel.isin(kernels)]
+        per_head = sub.groupby(["kernel", "layer", "head"], dropna=False).value.mean().reset_index()
+        stats = per_head.groupby(["kernel", "layer"]).value.agg(["mean", "min", "max"]).reset_index()
+        for kernel in kernels:
+            g = stats[stats.kernel == kernel].sort_values("layer")
+            ax.plot(g.layer, g["mean"], "-o", color=colors[kernel], ms=4, lw=1.3, label=kernel)
+            ax.fill_between(g.layer, g["min"], g["max"], color=colors[kernel], alpha=0.15, lw=0)
+        ax.set_xticks(sorted(sub.layer.unique()))
+        ax.set_xlabel("layer")
+        ax.set_ylabel(_METRIC_LABELS[metric])
+        ax.set_title(f"{metric.replace('_', ' ')} per layer (band: lowest to highest head)")
+    axes[0, 0].legend(loc="best")
     if title:
         fig.suptitle(title)
     return fig
