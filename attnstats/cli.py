@@ -45,14 +45,15 @@ def cmd_validate(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    from .reproduce import FIGURES
+    from .reproduce import FIGURES, default_out
 
-    out = _writable(args.out)
+    out = _writable(args.out if args.out is not None else default_out(args.quick))
     names = list(FIGURES) if args.figure == "all" else [args.figure]
+    written = []
     for name in names:
         print(f"reproducing {name} into {out}/ ...", flush=True)
-        FIGURES[name](out, quick=args.quick, seed=args.seed)
-    print("done: " + ", ".join(str(p) for p in sorted(out.glob("*.png"))))
+        written += FIGURES[name](out, quick=args.quick, seed=args.seed)
+    print("done: " + ", ".join(str(p) for p in written))
     return 0
 
 
@@ -144,8 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "concentration (all-MiniLM-L6-v2). Each writes <name>.png and <name>.csv.")
     r.add_argument("figure", nargs="?", default="all",
                    choices=["fig1", "fig2", "fig5a", "fig5b", "lognormal", "concentration", "all"])
-    r.add_argument("--out", default="figures", metavar="DIR", help="output folder (default figures)")
-    r.add_argument("--quick", action="store_true", help="small sizes: seconds per figure (for tests)")
+    r.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder (default figures, or figures-quick with --quick, so that a quick run "
+                   "never replaces the full-size figures)")
+    r.add_argument("--quick", action="store_true",
+                   help="small sizes: seconds per figure (for tests); written into figures-quick unless --out is given")
     r.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     r.set_defaults(func=cmd_reproduce)
 

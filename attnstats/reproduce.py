@@ -1,7 +1,9 @@
 """Reproductions of the paper's figures. Each function measures, writes ``<out>/<name>.csv`` (the
-numbers behind the picture) and ``<out>/<name>.png``, and returns the tidy DataFrame.
+numbers behind the picture) and ``<out>/<name>.png``, and returns the paths it wrote.
 
 Deterministic from ``seed``; ``quick=True`` shrinks sizes so that each runs in seconds (for tests).
+Full-size figures go to ``figures/`` and quick ones to ``figures-quick/`` unless ``out`` is given,
+so that a quick run never replaces the committed full-size figures.
 The scripts in ``analyses/`` and ``attnstats reproduce`` call these.
 """
 from __future__ import annotations
@@ -18,18 +20,32 @@ from .progress import progress
 from .spectral import spectral_gap
 from .stats import entry_moments, row_entropy
 
-__all__ = ["FIGURES", "fig5a_moments", "fig5b_moment_matching", "fig2_kernels", "fig1_training", "lognormal_real", "concentration_real", "write_figure"]
+__all__ = ["FIGURES", "FULL_OUT", "QUICK_OUT", "default_out", "fig5a_moments", "fig5b_moment_matching",
+           "fig2_kernels", "fig1_training", "lognormal_real", "concentration_real", "write_figure"]
+
+FULL_OUT = "figures"
+QUICK_OUT = "figures-quick"
 
 
-def write_figure(df: pd.DataFrame, fig, out, name: str) -> pd.DataFrame:
-    """Write ``df`` to ``out/name.csv`` and ``fig`` to ``out/name.png``, each whole or not at all."""
+def default_out(quick: bool) -> Path:
+    """The output folder when none is given: ``figures-quick`` for quick runs, else ``figures``."""
+    return Path(QUICK_OUT if quick else FULL_OUT)
+
+
+def _out(out, quick: bool) -> Path:
+    return default_out(quick) if out is None else Path(out)
+
+
+def write_figure(df: pd.DataFrame, fig, out, name: str) -> list[Path]:
+    """Write ``df`` to ``out/name.csv`` and ``fig`` to ``out/name.png``, each whole or not at all;
+    return the two paths."""
     import matplotlib.pyplot as plt
 
     out = Path(out)
-    write_csv(df, out / f"{name}.csv")
-    save_figure(fig, out / f"{name}.png")
+    csv = write_csv(df, out / f"{name}.csv")
+    png = save_figure(fig, out / f"{name}.png")
     plt.close(fig)
-    return df
+    return [Path(csv), png]
 
 
 def _gaussian(shape, sigma_q, sigma_k, gen):
@@ -42,7 +58,7 @@ def _softmax(q, k):
     return torch.softmax(q @ k.mT * q.shape[-1] ** -0.5, -1)
 
 
-def fig5a_moments(out="figures", quick: bool = False, seed: int = 0) -> pd.DataFrame:
+def fig5a_moments(out=None, quick: bool = False, seed: int = 0) -> list[Path]:
     """Figure 5a: mean and variance of ``P`` and of ``ln P`` against the input variance ``σ_q²σ_k²``.
 
     Gaussian q, k (``σ_q = σ_k``), d = 64, N ∈ {256, 1024, 2048}, 14 values of σ² from 0.1 to 8
@@ -65,10 +81,10 @@ def fig5a_moments(out="figures", quick: bool = False, seed: int = 0) -> pd.DataF
             rows.append(dict(n=n, d=d, sigma2=float(s2), seed=sd, metric=metric, value=float(value),
                              prediction=float(p), in_regime=inside))
     df = pd.DataFrame(rows)
-    return write_figure(df, plot.moments_vs_variance(df), out, "fig5a_moments")
+    return write_figure(df, plot.moments_vs_variance(df), _out(out, quick), "fig5a_moments")
 
 
-def fig5b_moment_matching(out="figures", quick: bool = False, seed: int = 0) -> pd.DataFrame:
+def fig5b_moment_matching(out=None, quick: bool = False, seed: int = 0) -> list[Path]:
     """Figure 5b: ``Var[ln P]`` of SA and of LLN before (α = β = 1) and after moment matching.
 
     Gaussian q, k (``σ_q = σ_k``), d = 64, N = 1024, the σ² sweep of Figure 5a, 3 seeds (quick:
@@ -89,13 +105,13 @@ def fig5b_moment_matching(out="figures", quick: bool = False, seed: int = 0) -> 
             rows.append(dict(n=n, d=d, sigma2=float(s2), seed=sd, kernel=name, metric="log_var_p",
                              value=float(entry_moments(p).log_var.mean())))
     df = pd.DataFrame(rows)
-    return write_figure(df, plot.moment_matching(df), out, "fig5b_moment_matching")
+    return write_figure(df, plot.moment_matching(df), _out(out, quick), "fig5b_moment_matching")
 
 
 FIG2_KERNELS = ("softmax", "lln", "lln_no_mm", "relu", "elu_plus_one", "performer")
 
 
-def fig2_kernels(out="figures", quick: bool = False, seed: int = 0) -> pd.DataFrame:
+def fig2_kernels(out=None, quick: bool = False, seed: int = 0) -> list[Path]:
     """Figure 2: mean row entropy and spectral gap of SA, LLN (with and without moment matching),
     ReLU, elu+1 and Performer attention against the temperature ``τ = 1/(σ_q σ_k)``.
 
@@ -121,7 +137,7 @@ def fig2_kernels(out="figures", quick: bool = False, seed: int = 0) -> pd.DataFr
                 for metric, value in [("entropy", row_entropy(p).mean()), ("spectral_gap", gap.mean())]:
                     rows.append(dict(n=n, d=d, tau=float(tau), seed=sd, kernel=name, metric=metric, value=float(value)))
     df = pd.DataFrame(rows)
-    return write_figure(df, plot.concentration_vs_temperature(df), out, "fig2_kernels")
+    return write_figure(df, plot.concentration_vs_temperature(df), _out(out, quick), "fig2_kernels")
 
 
 
@@ -136,7 +152,7 @@ def _minilm_batch(quick: bool, seed: int):
     return model, tok(texts, padding=True, return_tensors="pt")
 
 
-def lognormal_real(out="figures", quick: bool = False, seed: int = 0) -> pd.DataFrame:
+def lognormal_real(out=None, quick: bool = False, seed: int = 0) -> list[Path]:
     """Log-normality of the attention of all-MiniLM-L6-v2 on real sentences.
 
     Writes ``lognormal_real.png`` (histogram of ``ln P`` per layer with the fitted normal),
@@ -173,11 +189,12 @@ def lognormal_real(out="figures", quick: bool = False, seed: int = 0) -> pd.Data
 
     qq = plot.qq_plots(samples)
     qq.suptitle("all-MiniLM-L6-v2: normal Q-Q plots of ln P per layer (on the line = log-normal entries)")
-    save_figure(qq, Path(out) / "lognormal_real_qq.png")
+    out = _out(out, quick)
+    qq_path = save_figure(qq, out / "lognormal_real_qq.png")
     plt.close(qq)
     fig = plot.log_histograms(samples, fits)
     fig.suptitle("all-MiniLM-L6-v2: log attention entries per layer (all heads, padded batch of sentences)")
-    return write_figure(df, fig, out, "lognormal_real")
+    return write_figure(df, fig, out, "lognormal_real") + [qq_path]
 
 
 def _fit_rows(fit, layer, head) -> list[dict]:
@@ -185,7 +202,7 @@ def _fit_rows(fit, layer, head) -> list[dict]:
     return [dict(layer=layer, head=head, metric=name, value=float(getattr(fit, name))) for name in names]
 
 
-def concentration_real(out="figures", quick: bool = False, seed: int = 0) -> pd.DataFrame:
+def concentration_real(out=None, quick: bool = False, seed: int = 0) -> list[Path]:
     """Entropy and spectral gap per layer × head of all-MiniLM-L6-v2, softmax next to LLN attention
     evaluated alongside on the same captured q, k (batch mean over a padded batch of sentences).
     Columns: those of ``rec.frame()`` (``call, layer, name, kernel, head, batch, metric, value``).
@@ -198,7 +215,7 @@ def concentration_real(out="figures", quick: bool = False, seed: int = 0) -> pd.
     df = rec.frame(metrics=("entropy", "spectral_gap"))
     fig = plot.layer_head_heatmaps(df, title="all-MiniLM-L6-v2: concentration per layer and head, "
                                              "softmax vs LLN on the same q, k (mean over sentences)")
-    return write_figure(df, fig, out, "concentration_real")
+    return write_figure(df, fig, _out(out, quick), "concentration_real")
 
 
 
@@ -277,7 +294,7 @@ def _train_encoder(kernel: str, tok, steps: int, seed: int, sizes: dict) -> pd.D
     return pd.DataFrame(rows)
 
 
-def fig1_training(out="figures", quick: bool = False, seed: int = 0) -> pd.DataFrame:
+def fig1_training(out=None, quick: bool = False, seed: int = 0) -> list[Path]:
     """Figure 1: temperature, entropy and spectral gap of every layer at every training step of a
     small RoBERTa-style encoder (4 layers, hidden 64, one head per layer, MLM on the Python
     documentation text, sequences of 64 tokens, batch 16, 300 steps; quick: 2 layers, 6 steps),
@@ -295,7 +312,7 @@ def fig1_training(out="figures", quick: bool = False, seed: int = 0) -> pd.DataF
         sizes.update(layers=2, seq=32, batch=4)
         steps = 6
     df = pd.concat([_train_encoder(k, tok, steps, seed, sizes) for k in ("softmax", "lln")], ignore_index=True)
-    return write_figure(df, plot.training_curves(df[df.metric != "loss"]), out, "fig1_training")
+    return write_figure(df, plot.training_curves(df[df.metric != "loss"]), _out(out, quick), "fig1_training")
 
 
 FIGURES = {

@@ -1,4 +1,6 @@
 """The --quick reproductions: each writes its CSV and PNG, and the CSV shows what the paper claims."""
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -7,14 +9,15 @@ from attnstats import reproduce
 from attnstats.cli import main
 
 
-def read(out, name):
+def read(out, name, written):
+    """The CSV of figure ``name``, after checking that ``written`` names exactly the files it wrote."""
+    assert written == [out / f"{name}.csv", out / f"{name}.png"]
     assert (out / f"{name}.png").stat().st_size > 10_000
     return pd.read_csv(out / f"{name}.csv")
 
 
 def test_fig5a_moments_match_theory_inside_regime(tmp_path):
-    reproduce.fig5a_moments(tmp_path, quick=True)
-    df = read(tmp_path, "fig5a_moments")
+    df = read(tmp_path, "fig5a_moments", reproduce.fig5a_moments(tmp_path, quick=True))
     assert list(df.columns) == ["n", "d", "sigma2", "seed", "metric", "value", "prediction", "in_regime"]
     assert df.sigma2.nunique() >= 12 and df.n.nunique() >= 2
     mean = df[df.metric == "mean_p"]
@@ -31,8 +34,7 @@ def test_fig5a_moments_match_theory_inside_regime(tmp_path):
 
 
 def test_fig5b_moment_matching_brings_lln_to_sa(tmp_path):
-    reproduce.fig5b_moment_matching(tmp_path, quick=True)
-    df = read(tmp_path, "fig5b_moment_matching")
+    df = read(tmp_path, "fig5b_moment_matching", reproduce.fig5b_moment_matching(tmp_path, quick=True))
     wide = df.pivot_table(index="sigma2", columns="kernel", values="value")
     mid = wide[(wide.index > 0.4) & (wide.index < 2.5)]
     assert (np.abs(mid.lln / mid.softmax - 1) < 0.25).all()  # matched: same scale
@@ -41,8 +43,7 @@ def test_fig5b_moment_matching_brings_lln_to_sa(tmp_path):
 
 
 def test_fig2_sa_and_lln_concentrate_relu_does_not(tmp_path):
-    reproduce.fig2_kernels(tmp_path, quick=True)
-    df = read(tmp_path, "fig2_kernels")
+    df = read(tmp_path, "fig2_kernels", reproduce.fig2_kernels(tmp_path, quick=True))
     mean = df.groupby(["kernel", "metric", "tau"]).value.mean()
     for kernel in ("softmax", "lln"):
         for metric in ("entropy", "spectral_gap"):
@@ -55,8 +56,7 @@ def test_fig2_sa_and_lln_concentrate_relu_does_not(tmp_path):
 
 
 def test_fig1_training_writes_every_layer_and_step(tmp_path):
-    reproduce.fig1_training(tmp_path, quick=True)
-    df = read(tmp_path, "fig1_training")
+    df = read(tmp_path, "fig1_training", reproduce.fig1_training(tmp_path, quick=True))
     stats = df[df.metric != "loss"]
     assert set(stats.kernel) == {"softmax", "lln"}
     assert set(stats.metric) == {"temperature", "entropy", "spectral_gap"}
@@ -74,10 +74,11 @@ def test_fig1_training_writes_every_layer_and_step(tmp_path):
 
 @pytest.mark.parametrize("name", ["lognormal", "concentration"])
 def test_real_model_figures(tmp_path, name):
-    reproduce.FIGURES[name](tmp_path, quick=True)
+    written = reproduce.FIGURES[name](tmp_path, quick=True)
     if name == "lognormal":
-        df = read(tmp_path, "lognormal_real")
-        assert (tmp_path / "lognormal_real_qq.png").exists()
+        qq = tmp_path / "lognormal_real_qq.png"
+        assert written[-1] == qq and qq.stat().st_size > 10_000
+        df = read(tmp_path, "lognormal_real", written[:-1])
         per_head = df[df["head"].notna()]
         assert per_head.layer.nunique() == 6 and per_head["head"].nunique() == 12
         assert set(df.metric) >= {"mu", "sigma", "ks_statistic", "ad_statistic", "skew", "excess_kurtosis"}
@@ -86,7 +87,7 @@ def test_real_model_figures(tmp_path, name):
         assert abs(layer["skew"][5]) < 0.5 < abs(layer["skew"][0])
         assert layer["ks_statistic"][5] < layer["ks_statistic"][0] and (layer["sigma"] > 0).all()
     else:
-        df = read(tmp_path, "concentration_real")
+        df = read(tmp_path, "concentration_real", written)
         assert set(df.kernel) == {"softmax", "lln"} and set(df.metric) == {"entropy", "spectral_gap"}
         assert len(df) == 2 * 2 * 6 * 12
         gap = df[df.metric == "spectral_gap"].value
@@ -101,3 +102,30 @@ def test_reproduce_command_writes_files(tmp_path, capsys):
     assert main(["reproduce", "fig5a", "--quick", "--out", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "fig5a_moments.csv").exists() and (tmp_path / "o" / "fig5a_moments.png").exists()
     assert not list((tmp_path / "o").glob(".*"))  # no temporary file left behind
+
+
+def test_quick_run_leaves_the_full_size_figures_alone(tmp_path, monkeypatch, capsys):
+    """From the repository root, `reproduce fig5a --quick` writes into figures-quick/, and its
+    "done:" line names the files it wrote, not every PNG of the folder."""
+    monkeypatch.chdir(tmp_path)
+    full, quick = tmp_path / "figures", tmp_path / "figures-quick"
+    full.mkdir()
+    quick.mkdir()
+    committed = {full / "fig5a_moments.png": b"full-size png", full / "fig5a_moments.csv": b"full-size csv"}
+    for path, content in committed.items():
+        path.write_bytes(content)
+    (quick / "older.png").write_bytes(b"another figure")
+    assert main(["reproduce", "fig5a", "--quick"]) == 0
+    assert all(path.read_bytes() == content for path, content in committed.items())
+    assert (quick / "fig5a_moments.png").stat().st_size > 10_000
+    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("done: ")]
+    assert done == ["done: figures-quick/fig5a_moments.csv, figures-quick/fig5a_moments.png"]
+    # the Python functions choose the same folders
+    assert (reproduce.default_out(quick=True), reproduce.default_out(quick=False)) == (Path("figures-quick"), Path("figures"))
+
+
+def test_reproduce_help_names_the_quick_folder(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["reproduce", "--help"])
+    assert exit_.value.code == 0
+    assert "figures-quick" in " ".join(capsys.readouterr().out.split())
