@@ -1,4 +1,5 @@
-"""Every Python example in README.md runs: blocks of one section share a namespace, in order."""
+"""Every Python example in README.md runs on its own: each block in a fresh namespace, as a reader
+who pastes only that block would run it."""
 import re
 from pathlib import Path
 
@@ -7,20 +8,22 @@ import pytest
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def sections():
+def blocks():
+    """``(section title, number of the block in its section, code)`` for each python block."""
     text = README.read_text(encoding="utf-8")
-    out = {}
+    out = []
     for part in re.split(r"^## ", text, flags=re.M)[1:]:
         title = part.splitlines()[0].strip()
-        blocks = re.findall(r"^```python\n(.*?)^```", part, flags=re.M | re.S)
-        if blocks:
-            out[title] = blocks
+        for i, code in enumerate(re.findall(r"^```python\n(.*?)^```", part, flags=re.M | re.S), 1):
+            out.append((title, i, code))
     return out
 
 
-@pytest.mark.parametrize("title", sorted(sections()))
-def test_readme_examples_run(title, tmp_path, monkeypatch):
+def test_readme_has_examples():
+    assert len(blocks()) >= 7
+
+
+@pytest.mark.parametrize("title, number, code", blocks(), ids=[f"{t} #{i}" for t, i, _ in blocks()])
+def test_readme_example_runs_alone(title, number, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    namespace = {"__name__": "__readme__"}
-    for block in sections()[title]:
-        exec(compile(block, f"README.md: {title}", "exec"), namespace)
+    exec(compile(code, f"README.md: {title}, python block {number}", "exec"), {"__name__": "__readme__"})
