@@ -3,8 +3,10 @@
 transformers (≥ 4.48) routes every attention layer through one function ``f(module, query, key,
 value, attention_mask, scaling=..., dropout=..., **kwargs)``: the model file's own
 ``eager_attention_forward`` for ``"eager"``, else the entry of the global registry
-``AttentionInterface._global_mapping`` (``sdpa``, ``flash_attention_*``, ``flex_attention``, …). For the
-duration of the block both are replaced by wrappers that call the original with the same arguments.
+``AttentionInterface._global_mapping`` (``sdpa``, ``flash_attention_*``, ``flex_attention``, …). While
+any block is open both are replaced by wrappers that call the original with the same arguments. The
+wrappers are shared by all blocks and record only for the blocks open in the calling thread; in a
+thread without one they call the original straight away.
 
 What the wrapper records, by implementation:
 - anything that ends in ``F.scaled_dot_product_attention`` (``sdpa``): the SDPA call itself, seen by
@@ -24,6 +26,8 @@ import warnings
 
 import torch
 
+from .threads import active_recorders, compiling, patch_entry
+
 __all__ = ["install_hf"]
 
 
@@ -39,27 +43,33 @@ def _transformers():
 
 
 def install_hf(recorder, stack: contextlib.ExitStack) -> None:
-    """Wrap the registry entries and the model files' eager functions until ``stack`` closes."""
+    """Wrap the registry entries and the model files' eager functions until ``stack`` closes.
+
+    The wrappers are global and shared by every open block (:func:`attnstats.capture.threads.patch_entry`):
+    the first block installs them, the last one to end restores the original objects.
+    """
     interface = _transformers()
     mapping = interface._global_mapping
     for key, fn in list(mapping.items()):
         if callable(fn):
-            mapping[key] = _wrap(recorder, fn, key)
-            stack.callback(_restore_mapping, mapping, key, fn)
+            stack.callback(patch_entry(mapping, key, functools.partial(_wrap, impl=key)))
     files = {type(m).__module__ for m in recorder.model.modules() if type(m).__module__.startswith("transformers.")}
     for modname in sorted(files):
         mod = sys.modules.get(modname)
-        fn = getattr(mod, "eager_attention_forward", None)
-        if callable(fn):
-            setattr(mod, "eager_attention_forward", _wrap(recorder, fn, "eager"))
-            stack.callback(setattr, mod, "eager_attention_forward", fn)
+        if callable(getattr(mod, "eager_attention_forward", None)):
+            stack.callback(patch_entry(vars(mod), "eager_attention_forward", functools.partial(_wrap, impl="eager")))
 
 
-def _restore_mapping(mapping, key, fn):
-    mapping[key] = fn
+def _discard(contexts: list, context: dict) -> None:
+    """Remove ``context`` by identity (equal dicts of other calls may sit in the list)."""
+    for i in range(len(contexts) - 1, -1, -1):
+        if contexts[i] is context:
+            del contexts[i]
+            return
 
 
-def _wrap(recorder, fn, impl: str):
+def _wrap(fn, impl: str):
+    """The wrapper of one attention function: records for the blocks open in the calling thread only."""
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
@@ -67,16 +77,24 @@ def _wrap(recorder, fn, impl: str):
 
     @functools.wraps(fn)
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
-        name = recorder.module_name(module)
-        if name is None or not recorder._active:
+        if compiling():
             return fn(module, query, key, value, attention_mask, *args, **kwargs)
-        context = {"name": name, "captured": False}
-        recorder._hf_context.append(context)
+        contexts = []
+        for recorder in active_recorders():
+            name = recorder.module_name(module)
+            if name is not None and "hf" in recorder.backends and recorder._here():
+                contexts.append((recorder, {"name": name, "captured": False}))
+        if not contexts:
+            return fn(module, query, key, value, attention_mask, *args, **kwargs)
+        for recorder, context in contexts:
+            recorder._hf_context.append(context)
         try:
             out = fn(module, query, key, value, attention_mask, *args, **kwargs)
         finally:
-            recorder._hf_context.remove(context)
-        if not context["captured"]:
+            for recorder, context in contexts:
+                _discard(recorder._hf_context, context)
+        pending = [(recorder, context) for recorder, context in contexts if not context["captured"]]
+        if pending:
             call = {}
             if signature is not None:
                 try:
@@ -86,7 +104,8 @@ def _wrap(recorder, fn, impl: str):
             extra = call.pop("kwargs", None) or {}
             call.update(kwargs)
             call.update(extra)
-            _capture_call(recorder, name, impl, module, query, key, attention_mask, call)
+            for recorder, context in pending:
+                _capture_call(recorder, context["name"], impl, module, query, key, attention_mask, call)
         return out
 
     attention.__wrapped_by_attnstats__ = fn

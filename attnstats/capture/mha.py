@@ -2,9 +2,9 @@
 
 Also ``nn.TransformerEncoderLayer``, whose fast path (``torch._transformer_encoder_layer_fwd``) never
 calls its ``self_attn`` and is refused as soon as any forward hook sits on the layer or its children:
-those layers get no hook at all, but an instance-level ``forward`` wrapper that captures
-``<layer>.self_attn`` from the layer's input (after ``norm1`` when ``norm_first``) and then calls the
-original ``forward``. ``nn.TransformerEncoder`` may turn a padded batch into a nested tensor for its
+those layers get no hook at all, but an instance-level ``forward`` wrapper (one per layer, shared by the
+open blocks of all threads) that captures ``<layer>.self_attn`` from the layer's input (after ``norm1``
+when ``norm_first``) and then calls the original ``forward``. ``nn.TransformerEncoder`` may turn a padded batch into a nested tensor for its
 layers; its key-padding mask is kept for them while it runs.
 
 The fast path (``torch._native_multi_head_attention``) never exposes its q and k, so a forward
@@ -17,12 +17,16 @@ untouched. ``scale`` is ``1/sqrt(head_dim)``; dropout on the weights is not part
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .threads import MISSING, active_recorders, compiling, patch_entry
 
 __all__ = ["install_mha", "install_fast_path_guards", "hook_free_modules", "mha_qk"]
 
@@ -48,26 +52,34 @@ def install_mha(recorder, stack: contextlib.ExitStack) -> None:
 def install_fast_path_guards(recorder, stack: contextlib.ExitStack) -> None:
     """Hooks and wrappers on ``MultiheadAttention``, ``TransformerEncoderLayer``, ``TransformerEncoder``.
 
-    With the ``mha`` backend they capture; whenever a capture mode is active they also take it off the
-    mode stack while these modules run, so that their fast paths stay as they would be without record.
+    With the ``mha`` backend they capture, for calls made in the thread that opened the block; in every
+    thread they also take the capture modes of that thread off the mode stack while these modules run,
+    so that their fast paths stay as they would be without record.
     """
     from .sdpa import resume_capture_modes, suspend_capture_modes
 
     capture = "mha" in recorder.backends
     hook_free = hook_free_modules(recorder.model)
-    suspended: list = []
-    padding_stash: list = []
+    suspended = threading.local()  # per thread: the modes each running module took off the stack
 
     def suspend(module, *args):
-        suspended.append(suspend_capture_modes())
+        if compiling():
+            return
+        if not hasattr(suspended, "stack"):
+            suspended.stack = []
+        suspended.stack.append(suspend_capture_modes())
 
     def resume(module, *args):
-        if suspended:
-            resume_capture_modes(suspended.pop())
+        if compiling():
+            return
+        if getattr(suspended, "stack", None):
+            resume_capture_modes(suspended.stack.pop())
 
     def pre(module, args, kwargs):
+        if not capture or compiling() or not recorder._here():
+            return None
         name = recorder.module_name(module)
-        if not capture or name is None or not recorder._active:
+        if name is None:
             return None
         call = _SIGNATURE.bind(module, *args, **kwargs)
         call.apply_defaults()
@@ -81,18 +93,20 @@ def install_fast_path_guards(recorder, stack: contextlib.ExitStack) -> None:
 
     def encoder_pre(module, args, kwargs):
         suspend(module)
+        if compiling() or not recorder._here():
+            return
         call = _ENC_SIGNATURE.bind(module, *args, **kwargs)
-        padding_stash.append(call.arguments.get("src_key_padding_mask"))
+        recorder._padding_stash.append(call.arguments.get("src_key_padding_mask"))
 
     def encoder_post(module, args, kwargs, output):
-        if padding_stash:
-            padding_stash.pop()
+        if not compiling() and recorder._here() and recorder._padding_stash:
+            recorder._padding_stash.pop()
         resume(module)
 
     for module in dict.fromkeys(recorder.model.modules()):
         if id(module) in hook_free:
             if isinstance(module, nn.TransformerEncoderLayer):
-                _wrap_encoder_layer(recorder, module, stack, capture, padding_stash)
+                stack.callback(patch_entry(module.__dict__, "forward", functools.partial(_encoder_layer_forward, module)))
             continue
         if isinstance(module, nn.MultiheadAttention):
             stack.callback(module.register_forward_pre_hook(suspend).remove)
@@ -103,37 +117,42 @@ def install_fast_path_guards(recorder, stack: contextlib.ExitStack) -> None:
             stack.callback(module.register_forward_hook(encoder_post, with_kwargs=True, always_call=True).remove)
 
 
-def _wrap_encoder_layer(recorder, layer: nn.TransformerEncoderLayer, stack, capture: bool, padding_stash: list) -> None:
-    """Replace ``layer.forward`` (instance attribute, no hook) by a capturing, mode-suspending wrapper."""
+def _encoder_layer_forward(layer: nn.TransformerEncoderLayer, original):
+    """The instance ``forward`` of ``layer`` while blocks are open (no hook: it would turn the fast path off).
+
+    Shared by every open block (:func:`attnstats.capture.threads.patch_entry`); ``original`` is the
+    instance attribute it replaces, or ``MISSING`` for the class's ``forward``. It takes the calling
+    thread's capture modes off the stack, captures ``<layer>.self_attn`` for the calling thread's blocks
+    with the ``mha`` backend, then runs the layer unchanged.
+    """
     from .sdpa import resume_capture_modes, suspend_capture_modes
 
-    had_own = "forward" in layer.__dict__
-    original = layer.forward
-    name = recorder.module_name(layer)
-    attn_name = f"{name}.self_attn" if name else "self_attn"
+    def call(*args, **kwargs):
+        if original is MISSING:
+            return type(layer).forward(layer, *args, **kwargs)
+        return original(*args, **kwargs)
 
     def forward(*args, **kwargs):
+        if compiling():
+            return call(*args, **kwargs)
         popped = suspend_capture_modes()
         try:
-            if capture and recorder._active:
-                call = _TEL_SIGNATURE.bind(layer, *args, **kwargs)
-                call.apply_defaults()
-                a = call.arguments
+            for recorder in active_recorders():
+                name = recorder.module_name(layer)
+                if name is None or "mha" not in recorder.backends or not recorder._here():
+                    continue
+                bound = _TEL_SIGNATURE.bind(layer, *args, **kwargs)
+                bound.apply_defaults()
                 with torch.no_grad():
-                    _capture_encoder_layer(recorder, layer, attn_name, a, padding_stash)
-            return original(*args, **kwargs)
+                    _capture_encoder_layer(
+                        recorder, layer, f"{name}.self_attn" if name else "self_attn", bound.arguments,
+                        recorder._padding_stash,
+                    )
+            return call(*args, **kwargs)
         finally:
             resume_capture_modes(popped)
 
-    layer.forward = forward
-
-    def restore():
-        if had_own:
-            layer.forward = original
-        else:
-            del layer.__dict__["forward"]
-
-    stack.callback(restore)
+    return forward
 
 
 def _capture_encoder_layer(recorder, layer, attn_name: str, a: dict, padding_stash: list) -> None:

@@ -15,6 +15,8 @@ import fnmatch
 import torch
 from torch import nn
 
+from .threads import compiling
+
 __all__ = ["install_module_capture"]
 
 
@@ -41,8 +43,10 @@ def install_module_capture(recorder, stack: contextlib.ExitStack) -> None:
     fn = recorder._capture_fn
 
     def hook(module, args, kwargs, output):
+        if compiling() or not recorder._here():  # another thread's forward, or dynamo tracing
+            return None
         name = recorder.module_name(module)
-        if name is None or not recorder._active:
+        if name is None:
             return None
         with torch.no_grad():
             got = fn(module, args, kwargs, output)

@@ -10,12 +10,26 @@ the ``layers=`` selection, and the copy of q and k into an :class:`AttentionReco
 Nothing that the model computes is changed: the backends read the arguments of the attention call
 and pass them on untouched; every hook, mode and patch is removed when the block exits, also when the
 forward raises.
+
+Threads: a block records only the calls made in the thread that opened it. Other threads may run the
+same model or others meanwhile, with or without blocks of their own; their calls pass through
+unrecorded and unchanged. Global patches are shared and counted (:mod:`attnstats.capture.threads`), so
+blocks in different threads may end in any order and leave the original functions in place.
+
+``torch.compile``: a compiled module (``torch.compile(model)`` or ``model.compile()``) is refused with a
+TypeError (a ValueError for a compiled submodule): its graphs do not call the Python functions and hooks
+that record reads, and running it uncompiled instead could change its output in the last bits. Record
+the uncompiled module (``compiled._orig_mod``). A compiled wrapper of the recorded model called inside
+the block runs unchanged, since every hook and wrapper does nothing while dynamo traces, but its
+attention is not recorded reliably (nothing, or SDPA calls without module names, by compile backend).
 """
 from __future__ import annotations
 
 import contextlib
 import fnmatch
 import re
+import sys
+import threading
 import warnings
 from typing import Callable, Iterable
 
@@ -23,6 +37,7 @@ import torch
 from torch import nn
 
 from .record import AttentionRecord, expand_kv_heads, normalize_mask, to_4d, valid_tokens
+from .threads import compiling, enter_thread, leave_thread
 
 __all__ = ["record", "Recorder", "NothingCapturedWarning", "BACKENDS", "head_sigmas"]
 
@@ -48,7 +63,9 @@ def record(
     """Capture the attention of ``model``: ``with attnstats.record(model) as rec: model(**inputs)``.
 
     Args:
-        model: any ``nn.Module``.
+        model: any ``nn.Module`` that is not compiled (a ``torch.compile`` module is refused with a
+            TypeError: pass the uncompiled module, ``compiled._orig_mod``). The block records the calls
+            made in the thread that opened it only.
         layers: which attention modules to keep (others are seen but not copied): None for all; an int
             (layer index, in the order the attention modules are first called), a ``str`` glob over the
             module path (``"encoder.layer.*.attention.self"``), a compiled regex, or a list of these.
@@ -72,11 +89,37 @@ def record(
 
     Returns:
         A :class:`Recorder`, to be used as a context manager; its ``records`` list the captured calls.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or it is compiled (``torch.compile`` /
+            ``nn.Module.compile``).
+        ValueError: a submodule of ``model`` is compiled.
     """
     return Recorder(
         model, layers=layers, backend=backend, capture=capture, modules=modules, store=store, alongside=alongside,
         metrics=metrics,
     )
+
+
+def _check_not_compiled(model: nn.Module) -> None:
+    """Refuse compiled modules: their graphs never call the hooks and functions the backends read."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing can be compiled
+    optimized = getattr(eval_frame, "OptimizedModule", None)
+    for name, module in model.named_modules(remove_duplicate=False):
+        wrapped = optimized is not None and isinstance(module, optimized)
+        if not wrapped and getattr(module, "_compiled_call_impl", None) is None:
+            continue
+        how = "torch.compile(...)" if wrapped else "nn.Module.compile()"
+        fix = "the module it wraps (._orig_mod)" if wrapped else "a copy that was not compiled"
+        if not name:
+            raise TypeError(
+                f"model: a module compiled with {how} cannot be recorded (its compiled graph bypasses the attention "
+                f"functions record reads); record and call {fix} instead"
+            )
+        raise ValueError(
+            f"model: its submodule {name!r} is compiled with {how}, which record cannot see into (the compiled "
+            f"graph bypasses the attention functions record reads); use {fix} there while recording"
+        )
 
 
 def _selector(layers):
@@ -135,6 +178,7 @@ class Recorder:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        _check_not_compiled(model)
         if store not in STORES:
             raise ValueError(f"store: expected one of {STORES}, got {store!r}")
         if capture is not None and not callable(capture):
@@ -166,8 +210,11 @@ class Recorder:
         self._hf_context: list[dict] = []  # innermost transformers attention call in progress
         self._owned: set[int] = set()  # ids of modules a backend captures itself (sdpa calls inside are skipped)
         self._owned_depth = 0
+        self._padding_stash: list = []  # src_key_padding_mask of each nn.TransformerEncoder running
         self._exit_stack: contextlib.ExitStack | None = None
         self._active = False
+        self._owner: int | None = None  # threading.get_ident() of the thread whose calls are recorded
+        self._thread_list: list | None = None
         self.forward_calls = 0
 
     # ----- backends -----------------------------------------------------------------------------
@@ -197,7 +244,9 @@ class Recorder:
         self.records = []
         self._layer_of = {}
         self._stack = []
+        self._padding_stash = []
         self.forward_calls = 0
+        self._owner = threading.get_ident()
         stack = contextlib.ExitStack()
         try:
             self._install_module_stack(stack)
@@ -222,13 +271,16 @@ class Recorder:
             raise
         self._exit_stack = stack
         self._active = True
+        self._thread_list = enter_thread(self)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        leave_thread(self._thread_list, self)
         self._active = False
-        stack, self._exit_stack = self._exit_stack, None
+        stack, self._exit_stack, self._thread_list = self._exit_stack, None, None
         self._stack = []
         self._hf_context = []
+        self._padding_stash = []
         stack.close()
         if exc_type is None and not self.records:
             warnings.warn(self._nothing_message(), NothingCapturedWarning, stacklevel=2)
@@ -246,14 +298,21 @@ class Recorder:
         return (
             f"record(): no attention was captured from {type(self.model).__name__}{sel}. Backends tried: {names}. "
             f"If the model computes attention some other way (matmul + softmax), pass "
-            f"capture=fn(module, args, kwargs, output) -> (q, k, mask, causal, scale) for the 'module' backend"
+            f"capture=fn(module, args, kwargs, output) -> (q, k, mask, causal, scale) for the 'module' backend. "
+            f"Only calls made in the thread that opened the block are recorded, and calls through torch.compile are not seen"
         )
+
+    def _here(self) -> bool:
+        """True when the block is open and the calling thread is the one that opened it."""
+        return self._active and self._owner == threading.get_ident()
 
     # ----- naming --------------------------------------------------------------------------------
     def _install_module_stack(self, stack: contextlib.ExitStack) -> None:
         root = self.model
 
         def pre(module, args):
+            if compiling() or not self._here():  # dynamo tracing, or another thread's forward
+                return
             name = self._names.get(id(module))
             if name is None:
                 return
@@ -265,6 +324,8 @@ class Recorder:
                 self._owned_depth += 1
 
         def post(module, args, output):
+            if compiling() or not self._here():
+                return
             name = self._names.get(id(module))
             if name is None:
                 return

@@ -3,7 +3,8 @@
 The mode sees each call with its exact arguments (bool or additive ``attn_mask``, ``is_causal``,
 ``scale``, ``enable_gqa``), so it covers any code that calls SDPA: transformers' ``sdpa``
 implementation, timm's fused attention, nanoGPT-style modules, user code. It passes the call on
-unchanged and copies q and k afterwards.
+unchanged and copies q and k afterwards. PyTorch keeps the mode stack per thread, so the mode sees
+only the calls of the thread that opened the block.
 
 A torch-function mode makes ``torch.overrides.has_torch_function`` true, which turns off the fast
 paths of ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` (their output would change in the
@@ -17,6 +18,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+from .threads import compiling
 
 __all__ = ["CaptureMode", "install_sdpa", "suspend_capture_modes", "resume_capture_modes"]
 
@@ -34,13 +37,13 @@ class CaptureMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func is _SDPA:
+        if func is _SDPA and not compiling():
             self._capture(args, kwargs)
         return out
 
     def _capture(self, args, kwargs) -> None:
         rec = self.recorder
-        if not rec._active or rec._owned_depth > 0:
+        if not rec._here() or rec._owned_depth > 0:
             return
         call = dict(zip(_SDPA_PARAMS, args))
         call.update(kwargs)
