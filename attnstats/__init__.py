@@ -19,7 +19,7 @@ from .kernels import (
     use_kernel,
 )
 from .lognormal import LogNormalFit, lognormal_fit
-from .spectral import spectral_gap
+from .spectral import UncertifiedGapWarning, spectral_gap
 from .stats import EntryMoments, entry_moments, row_entropy
 from .streaming import StreamingStats, sample_log_probs, streaming_lognormal_fit, streaming_stats
 
@@ -30,7 +30,7 @@ __all__ = [
     "row_entropy", "entry_moments", "EntryMoments", "spectral_gap", "lognormal_fit", "LogNormalFit",
     # the same without the N×N matrix
     "streaming_stats", "StreamingStats", "streaming_lognormal_fit", "sample_log_probs",
-    "spectral_gap_from_qk", "SpectralGap", "linear_spectral_gap",
+    "spectral_gap_from_qk", "SpectralGap", "linear_spectral_gap", "UncertifiedGapWarning",
     # capture
     "record", "Recorder", "AttentionRecord", "NothingCapturedWarning",
     # kernels

@@ -1,10 +1,16 @@
 """Spectral gap without the matrix against numpy.linalg.eigvals of the dense matrix."""
+import math
+import warnings
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import attnstats
 from attnstats.budget import DenseTooLargeError, memory_budget
+from attnstats import eigen
 from attnstats.eigen import AttentionOperator, linear_spectral_gap, spectral_gap_from_qk
 from helpers import gaussian_qk, softmax_attention
 
@@ -129,6 +135,99 @@ def test_small_heads_and_loose_tolerance_match_dense():
     # with a loose tolerance, several requested eigenvalues keep it on λ_2, not on a neighbour
     for seed in range(6):
         q, k = gaussian_qk((2,), 256, 64, sigma_q=1.5, sigma_k=1.5, seed=100 + seed)
-        got = spectral_gap_from_qk(q, k, tol=1e-6)
+        got = spectral_gap_from_qk(q, k, tol=1e-6, method="arnoldi")
         want = attnstats.spectral_gap(softmax_attention(q, k))
         assert float((got.gap - want).abs().max()) < 1e-6
+
+
+def peaked_head(n=30, d=16, seed=65):
+    """q, k ~ N(0, 20²) at scale 1/4: every row on about one key; |λ_2| ≈ 1e-5 and ill-conditioned."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, d, generator=g, dtype=torch.float64) * 20
+    k = torch.randn(n, d, generator=g, dtype=torch.float64) * 20
+    return q, k
+
+
+def test_arnoldi_on_an_ill_conditioned_head_is_not_certified():
+    # A residual of 1e-15 and converged=True, yet |λ_2| off by 4e-3: only the condition number of
+    # λ_2 (from the left eigenvector) reveals it. Forced Arnoldi must say so; "auto" must re-solve P.
+    q, k = peaked_head()
+    want, _ = numpy_gap_and_lambda2(softmax_attention(q, k, scale=0.25).numpy())
+    with pytest.warns(attnstats.UncertifiedGapWarning, match="1 of 1 gaps are not certified"):
+        r = spectral_gap_from_qk(q, k, scale=0.25, method="arnoldi")
+    assert bool(r.converged) and float(r.residual) < 1e-12
+    assert not bool(r.certified) and float(r.error_bound) > abs(float(r.gap) - want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eigen_dense_max = eigen.DENSE_MAX_TOKENS
+        try:
+            eigen.DENSE_MAX_TOKENS = 8  # route the 30-token head to Arnoldi first
+            r = spectral_gap_from_qk(q, k, scale=0.25)
+        finally:
+            eigen.DENSE_MAX_TOKENS = eigen_dense_max
+    assert r.method == "dense" and bool(r.certified) and abs(float(r.gap) - want) < 1e-9
+
+
+@pytest.mark.parametrize("which", ["same queries", "same keys", "zero queries", "zero keys"])
+@pytest.mark.parametrize("method", ["auto", "arnoldi"])
+def test_rank_one_attention_has_gap_one(which, method):
+    # Identical queries give identical rows, identical keys uniform rows: P = 1 πᵀ has rank one, so
+    # λ_2 = 0 exactly. (ARPACK stopped with "starting vector is zero" on the deflated operator.)
+    q, k = gaussian_qk((), 40, 8, seed=3)
+    if which == "same queries":
+        q = q[:1].expand(40, 8)
+    elif which == "same keys":
+        k = k[:1].expand(40, 8)
+    elif which == "zero queries":
+        q = torch.zeros_like(q)
+    else:
+        k = torch.zeros_like(k)
+    r = spectral_gap_from_qk(q, k, method=method)
+    assert bool(r.certified) and math.isclose(float(r.gap), 1.0, abs_tol=1e-12)
+
+
+def test_inputs_that_require_grad():
+    q, k = gaussian_qk((2,), 300, 8, seed=4)
+    r = spectral_gap_from_qk(q.requires_grad_(), k.requires_grad_())
+    for h in range(2):
+        want, _ = numpy_gap_and_lambda2(softmax_attention(q, k)[h].detach().numpy())
+        assert abs(float(r.gap[h]) - want) < 1e-9
+
+
+def structured_qk(kind: str, n: int, seed: int):
+    """``(q, k, scale)`` of a head whose P is peaked, banded, near-periodic or rank-deficient."""
+    g = torch.Generator().manual_seed(seed)
+    i = torch.arange(n, dtype=torch.float64)[:, None]
+    if kind == "peaked":  # as peaked_head: a mix of one-key rows shared by many queries and permutations
+        q, k = peaked_head(n, 16, seed)
+        return q, k, 0.25
+    if kind in ("banded", "near-periodic"):
+        # score s·cos(ω(i − j)): attention to the tokens at distance ≈ 0 mod 2π/ω
+        omega = 0.3 if kind == "banded" else 2 * math.pi * 3 / n + 1e-3
+        s = 6.0 if kind == "banded" else 12.0
+        f = torch.cat([torch.cos(omega * i), torch.sin(omega * i)], 1)
+        noise = 0.05 * torch.randn(n, 2, generator=g, dtype=torch.float64)
+        return (f + noise) * s ** 0.5, (f + noise) * s ** 0.5, 1.0
+    # rank-deficient: three distinct queries, repeated
+    q = torch.randn(3, 8, generator=g, dtype=torch.float64)[torch.arange(n) % 3]
+    return q, torch.randn(n, 8, generator=g, dtype=torch.float64), None
+
+
+@settings(max_examples=40, deadline=None)
+@given(kind=st.sampled_from(["peaked", "banded", "near-periodic", "rank-deficient"]),
+       n=st.integers(10, 60), seed=st.integers(0, 10_000))
+def test_gap_property_against_numpy_eigvals(kind, n, seed):
+    # Every route against float64 numpy.linalg.eigvals of P. The dense routes solve the same matrix
+    # (up to the rounding of q kᵀ, which an ill-conditioned λ_2 can amplify to ~κ·1e-16); 1e-6 is the
+    # certification level. Arnoldi is held to it wherever it claims to be certified.
+    q, k, scale = structured_qk(kind, n, seed)
+    p = softmax_attention(q, k, scale=scale)
+    want, _ = numpy_gap_and_lambda2(p.numpy())
+    assert abs(attnstats.spectral_gap(p).item() - want) < 1e-6
+    assert abs(float(spectral_gap_from_qk(q, k, scale=scale).gap) - want) < 1e-6
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", attnstats.UncertifiedGapWarning)
+        r = spectral_gap_from_qk(q, k, scale=scale, method="arnoldi")
+    assert 0.0 <= float(r.gap) <= 1.0
+    if bool(r.certified):
+        assert abs(float(r.gap) - want) < 1e-6, float(r.error_bound)
