@@ -24,13 +24,15 @@ import math
 import torch
 
 from ..budget import check_dense_fits
-from ..spectral import causal_spectral_gap, eigenvalues
+from ..spectral import causal_spectral_gap, eigenvalues, gap_from_eigenvalues
 from ..validation import compute_dtype, first_index
 from .base import (
     Kernel,
     _register,
+    check_count,
     check_qk4,
     check_qkv,
+    check_real,
     matrix_dtype,
     padding_parts,
     result_dtype,
@@ -312,9 +314,8 @@ def _second_modulus_gap(small: torch.Tensor) -> torch.Tensor:
     """``1 − |λ_2|`` of each ``[..., r, r]`` matrix whose largest eigenvalue is 1 (r = 1 gives 1)."""
     if small.shape[-1] == 1:
         return torch.ones(small.shape[:-2], dtype=small.dtype, device=small.device)
-    eig = eigenvalues(small)
-    mod = eig.abs().sort(dim=-1, descending=True).values
-    return (1.0 - mod[..., 1]).to(device=small.device)
+    gap, _, _ = gap_from_eigenvalues(eigenvalues(small).reshape(-1, small.shape[-1]), "the r × r matrix Φ_Kᵀ D⁻¹ Φ_Q")
+    return gap.reshape(small.shape[:-2]).to(device=small.device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,6 +393,7 @@ class LogFeatureAttention(Kernel):
         shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
         query_valid, key_valid = padding_parts(mask, shape, causal, self.name)
         tokens = _valid_tokens(query_valid, key_valid)
+        _check_some_entry(query_valid, key_valid, tokens, causal)
         lq, lk = self.log_features(q, k, compute_dtype(q))
         return linear_spectral_gap(lq, lk, tokens, causal, self.name)
 
@@ -419,14 +421,12 @@ class LinearAttention(LogFeatureAttention):
         super().__init__()
         if not isinstance(feature_map, str) or feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map: unknown feature map {feature_map!r}, expected one of {', '.join(FEATURE_MAPS)}")
-        if num_features is not None and (not isinstance(num_features, int) or num_features < 1):
-            raise ValueError(f"num_features: expected a positive int, got {num_features!r}")
+        num_features = check_count(num_features, "num_features")
         if num_features is not None and feature_map != "performer":
             raise ValueError(f"num_features: only the 'performer' feature map has random features, not {feature_map!r}")
-        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
-            raise ValueError(f"chunk: expected a positive int number of tokens, got {chunk!r}")
-        if not eps >= 0:
-            raise ValueError(f"eps: expected a non-negative number, got {eps!r}")
+        seed = check_count(seed, "seed", low=0, none_ok=False)
+        chunk = check_count(chunk, "chunk")
+        eps = check_real(eps, "eps", low=0)
         self.name = feature_map
         self.feature_map = feature_map
         self.num_features = num_features
@@ -480,6 +480,30 @@ def _valid_dense(shape, query_valid, key_valid, causal: bool, device):
     if causal:
         v = v & torch.ones(shape[-2:], dtype=torch.bool, device=device).tril()
     return v
+
+
+def _check_some_entry(query_valid, key_valid, tokens, causal: bool) -> None:
+    """Raise, as :func:`attnstats.spectral_gap` does on the dense matrix, for a matrix whose padding
+    leaves no valid entry, or no token that is both a valid query and a valid key (no square block)."""
+    if key_valid is None and query_valid is None:
+        return  # no mask: every entry (on and below the diagonal when causal) is valid
+    if key_valid is None:
+        key_valid = torch.ones_like(query_valid)
+    if causal:  # entry (i, j) valid iff query i and key j are valid and j <= i
+        rows = key_valid.cumsum(-1) > 0
+        has_entry = (rows if query_valid is None else rows & query_valid).any(-1)
+    else:
+        has_entry = key_valid.any(-1) if query_valid is None else key_valid.any(-1) & query_valid.any(-1)
+    if not bool(has_entry.all()):
+        idx = first_index(~has_entry)
+        raise ValueError(f"mask: no valid entry in the matrix at batch index {idx}; expected at least one True")
+    has_token = tokens.any(-1)  # tokens is not None: key_valid is set
+    if not bool(has_token.all()):
+        idx = first_index(~has_token)
+        raise ValueError(
+            f"mask: the matrix at batch index {idx} has no token that is both a valid query and a valid key; "
+            "spectral_gap expects a padding (and/or causal) mask"
+        )
 
 
 def _valid_tokens(query_valid, key_valid):
