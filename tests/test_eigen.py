@@ -231,3 +231,15 @@ def test_gap_property_against_numpy_eigvals(kind, n, seed):
     assert 0.0 <= float(r.gap) <= 1.0
     if bool(r.certified):
         assert abs(float(r.gap) - want) < 1e-6, float(r.error_bound)
+
+
+def test_record_stats_of_identical_tokens_does_not_raise():
+    # Identical tokens make P uniform (rank one), so the deflated operator is exactly 0: the forward
+    # under record(store="stats") raised ArpackError ("starting vector is zero"). Its gap is 1.
+    x = torch.randn(1, 2, 1, 8, generator=torch.Generator().manual_seed(0)).expand(1, 2, 24, 8)  # [B, H, N, d]
+    attention = torch.nn.functional.scaled_dot_product_attention
+    with torch.no_grad(), attnstats.record(torch.nn.Identity(), store="stats", metrics=("spectral_gap",)) as rec:
+        out = attention(x, x, x)
+    assert torch.equal(out, attention(x, x, x))
+    gap = rec.frame().query("metric == 'spectral_gap'").value
+    assert len(gap) == 2 and np.allclose(gap, 1.0, atol=1e-12)
