@@ -13,9 +13,17 @@ import numpy as np
 import torch
 from scipy import stats as sps
 
-from .stats import prepare_probs
+from .validation import _gather, broadcast_mask, check_square, check_tensor, probability_blocks
 
-__all__ = ["LogNormalFit", "lognormal_fit", "fit_log_values", "fits_per_matrix", "log_entries"]
+__all__ = [
+    "LogNormalFit",
+    "lognormal_fit",
+    "fit_log_values",
+    "fits_per_matrix",
+    "log_entries",
+    "sample_ranks",
+    "matrix_generator",
+]
 
 
 @dataclass(frozen=True)
@@ -86,33 +94,108 @@ def fit_log_values(log_values) -> LogNormalFit:
     )
 
 
+def check_sampling(max_samples, seed) -> None:
+    """Raise unless ``max_samples`` is an int ≥ 3 and ``seed`` an int ≥ 0 (bools are neither)."""
+    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 3:
+        raise ValueError(f"max_samples: expected an int >= 3, got {max_samples!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
+
+
+def matrix_generator(seed: int, index: int) -> torch.Generator:
+    """The CPU generator of the ``ln P`` sample of matrix ``index`` (flat over the batch, row-major).
+
+    One generator per matrix, seeded from ``(seed, index)`` through numpy's ``SeedSequence``: the
+    sample of a matrix does not depend on how the batch is split (the dense fit takes the whole batch,
+    ``record(..., store="stats")`` one batch element at a time), and matrices get unrelated samples.
+    """
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed((int(state[0]) << 31) ^ int(state[1]))
+
+
+def sample_ranks(count: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """``size`` distinct integers of ``[0, count)``, uniform without replacement, sorted (int64, CPU).
+
+    The ranks of the valid entries (in row-major order) that an ``ln P`` sample takes; the dense
+    (:func:`log_entries`) and streaming (:func:`attnstats.sample_log_probs`) samplers both call it,
+    so that equal ``(count, size, generator)`` pick the same entries. ``count ≤ size`` gives every
+    rank. Memory ``O(size)`` when ``count`` is large: draws with replacement, repeats dropped in draw
+    order (which keeps the sample uniform), until ``size`` distinct ranks are in hand; a permutation
+    of ``[0, count)`` when ``count ≤ 4·size``, where repeats would be frequent.
+    """
+    if count <= size:
+        return torch.arange(count)
+    if count <= 4 * size:
+        return torch.randperm(count, generator=generator)[:size].sort().values
+    picked = torch.empty(0, dtype=torch.int64)
+    while picked.numel() < size:
+        need = size - picked.numel()
+        # at most a quarter of the draws repeat an earlier one (count > 4·size)
+        cand = torch.cat([picked, torch.randint(0, count, (int(1.4 * need) + 16,), generator=generator)])
+        uniq, inverse = torch.unique(cand, return_inverse=True)
+        first = torch.full((uniq.numel(),), cand.numel(), dtype=torch.int64)
+        first.scatter_reduce_(0, inverse, torch.arange(cand.numel()), reduce="amin")
+        picked = cand[first.sort().values][:size]
+    return picked.sort().values
+
+
+def _mask_counts(m: torch.Tensor, n: int) -> torch.Tensor:
+    """Valid entries per matrix ``[M]`` (int64, CPU) of a broadcast bool mask ``[*batch, N, N]``.
+
+    Read in blocks of about 16 Mi entries: a sum over a broadcast mask would first make an int64
+    copy of all of it.
+    """
+    batch = tuple(m.shape[:-2])
+    count = math.prod(batch)
+    rows = max(1, (1 << 24) // n)
+    per, step = max(1, rows // n), min(rows, n)
+    out = torch.zeros(count, dtype=torch.int64)
+    for i0 in range(0, count, per):
+        i1 = min(count, i0 + per)
+        idx = list(torch.unravel_index(torch.arange(i0, i1, device=m.device), batch))
+        for r0 in range(0, n, step):
+            out[i0:i1] += _gather(m, idx, slice(r0, r0 + step)).sum((-2, -1)).cpu()
+    return out
+
+
 def log_entries(
     p: torch.Tensor, mask: torch.Tensor | None = None, max_samples: int = 100_000, seed: int = 0
 ) -> list[torch.Tensor]:
     """The values of ``ln P`` that :func:`lognormal_fit` uses, one 1-d float64 tensor per matrix.
 
-    Valid, strictly positive entries of each matrix in row-major order; where there are more than
-    ``max_samples``, a uniform sample without replacement (sorted back to row-major order) drawn
-    from one generator seeded with ``seed`` and used matrix after matrix, so the result is
-    reproducible.
+    The valid entries of each matrix are enumerated in row-major order. Where there are at most
+    ``max_samples``, all of them; beyond that, the entries at ``max_samples`` ranks drawn by
+    :func:`sample_ranks` from the matrix's own generator (:func:`matrix_generator` of ``seed`` and
+    the matrix's flat batch index), in row-major order. Entries that are exactly 0 have no logarithm
+    and are then left out. :func:`attnstats.sample_log_probs` enumerates and draws alike, so from
+    ``q, k`` it takes the same entries. Rows are read renormalised, a block at a time
+    (:func:`attnstats.validation.probability_blocks`); memory ``O(max_samples)`` per matrix.
     """
-    if not isinstance(max_samples, int) or max_samples < 3:
-        raise ValueError(f"max_samples: expected an int >= 3, got {max_samples!r}")
-    x, m = prepare_probs(p, mask)
-    flat = x.reshape(-1, x.shape[-2] * x.shape[-1]).cpu()
-    mflat = None if m is None else m.reshape(flat.shape).cpu()
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(flat.shape[0]):
-        keep = flat[i] > 0
-        if mflat is not None:
-            keep &= mflat[i]
-        vals = flat[i][keep]
-        if vals.numel() > max_samples:
-            pick = torch.randperm(vals.numel(), generator=gen)[:max_samples].sort().values
-            vals = vals[pick]
-        out.append(torch.log(vals.double()))
-    return out
+    check_sampling(max_samples, seed)
+    check_tensor(p, "p")
+    n = check_square(p, "p")
+    batch = tuple(p.shape[:-2])
+    m = broadcast_mask(mask, p.shape)
+    count = math.prod(batch)
+    if m is None:
+        counts = torch.full((count,), n * n, dtype=torch.int64)
+    else:
+        counts = _mask_counts(m if batch else m[None], n)
+    ranks = [None if int(c) <= max_samples else sample_ranks(int(c), max_samples, matrix_generator(seed, i))
+             for i, c in enumerate(counts)]
+    seen = [0] * count  # valid entries of each matrix in the blocks read so far
+    parts: list[list[torch.Tensor]] = [[] for _ in range(count)]
+    for i0, i1, r0, r1, x, valid in probability_blocks(p, m):
+        vals = x.reshape(-1) if valid is None else x[valid]  # row-major, matrix after matrix
+        sizes = ([x.shape[1] * n] * x.shape[0]) if valid is None else valid.sum((-2, -1)).tolist()
+        for i, v in zip(range(i0, i1), torch.split(vals, sizes)):
+            if ranks[i] is not None:
+                r = ranks[i]
+                lo, hi = torch.searchsorted(r, torch.tensor([seen[i], seen[i] + v.numel()])).tolist()
+                v = v[(r[lo:hi] - seen[i]).to(v.device)]
+            seen[i] += int(sizes[i - i0])
+            parts[i].append(v[v > 0].to("cpu", torch.float64))
+    return [torch.log(torch.cat(ps)) if ps else torch.zeros(0, dtype=torch.float64) for ps in parts]
 
 
 def lognormal_fit(

@@ -6,30 +6,43 @@ zeros of the distribution. Everything is computed in float64 on the CPU (at leas
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
 import torch
 
-from .validation import broadcast_mask, check_probs, check_square, check_tensor, upcast
+from .budget import check_dense_fits
+from .validation import broadcast_mask, check_square, check_tensor, compute_dtype, probability_blocks
 
 __all__ = ["EntryMoments", "row_entropy", "entry_moments", "prepare_probs"]
 
 
+def _checked(p, mask):
+    """``(p, mask broadcast, batch shape, N)`` after the checks every dense statistic starts with."""
+    check_tensor(p, "p")
+    n = check_square(p, "p")
+    return p, broadcast_mask(mask, p.shape), tuple(p.shape[:-2]), n
+
+
 def prepare_probs(p: torch.Tensor, mask: torch.Tensor | None = None):
-    """Validate attention probabilities and return ``(p, mask)`` upcast and broadcast.
+    """Validate attention probabilities and return ``(p, mask)`` upcast, renormalised and broadcast.
 
     Returns:
-        ``p`` in float64 (CPU) or ≥ float32 (GPU) with masked entries set to 0, and the mask
-        expanded to ``p.shape`` (or None).
+        ``p`` in float64 (CPU) or ≥ float32 (GPU) with masked entries set to 0 and every row with a
+        valid entry divided by its sum (see :func:`attnstats.validation.probability_blocks`), and the
+        mask expanded to ``p.shape`` (or None).
+
+    Raises:
+        attnstats.DenseTooLargeError: if ``p`` in the compute dtype exceeds the memory budget.
     """
-    check_tensor(p, "p")
-    check_square(p, "p")
-    m = broadcast_mask(mask, p.shape)
-    check_probs(p, m)
-    x = upcast(p)
-    if m is not None:
-        x = x.masked_fill(~m, 0)
+    p, m, batch, n = _checked(p, mask)
+    cd = compute_dtype(p)
+    check_dense_fits(p.shape, torch.finfo(cd).bits // 8, f"p in {cd}")
+    x = torch.empty(p.shape, dtype=cd, device=p.device)
+    flat = x.view(-1, n, n)
+    for i0, i1, r0, r1, block, _ in probability_blocks(p, m):
+        flat[i0:i1, r0:r1] = block
     return x, m
 
 
@@ -37,19 +50,23 @@ def row_entropy(p: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tens
     """Entropy of each row of ``p`` over its valid entries, in nats.
 
     Args:
-        p: ``[..., N, N]`` row-stochastic attention (rows sum to 1 over valid entries).
+        p: ``[..., N, N]`` row-stochastic attention (rows sum to 1 over valid entries; see
+            :func:`attnstats.validation.row_sum_tolerance`); each valid row is divided by its sum first.
         mask: bool, broadcastable to ``p``, True = attend; None = every entry valid.
 
     Returns:
         ``[..., N]``: ``H_i = −Σ_j P_ij ln P_ij`` (``0 ln 0 = 0``); NaN for a row with no valid entry.
+        Rows are read a block at a time: extra memory is a few blocks of about 16 MiB, not ``N²``.
     """
-    x, m = prepare_probs(p, mask)
-    h = -torch.special.xlogy(x, x).sum(-1)
-    if m is not None:
-        h = h.masked_fill(~m.any(-1), float("nan"))
+    p, m, batch, n = _checked(p, mask)
+    h = torch.empty((*batch, n), dtype=compute_dtype(p), device=p.device)
+    flat = h.view(-1, n)
+    for i0, i1, r0, r1, x, valid in probability_blocks(p, m):
+        hb = -torch.special.xlogy(x, x).sum(-1)
+        if valid is not None:
+            hb = hb.masked_fill(~valid.any(-1), float("nan"))
+        flat[i0:i1, r0:r1] = hb
     return h
-
-
 @dataclass(frozen=True)
 class EntryMoments:
     """Mean and variance of the valid entries of each attention matrix, and of their logarithm.
@@ -75,29 +92,54 @@ class EntryMoments:
     zero_count: torch.Tensor
 
 
-def _masked_mean_var(x: torch.Tensor, w: torch.Tensor):
-    """Mean and population variance of ``x`` over its last two dims, entries weighted 0/1 by ``w``."""
-    n = w.sum((-2, -1))
-    mean = (x * w).sum((-2, -1)) / n
-    var = (((x - mean[..., None, None]) * w) ** 2).sum((-2, -1)) / n
-    return mean, var, n
+def _merge_rows(n: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor):
+    """Per-matrix count, mean and population variance from per-row ``n, mean, M2`` (``[M, N]``).
+
+    The parallel-variance rule: ``M2 = Σ_i M2_i + Σ_i n_i (mean_i − mean)²``, no large differences.
+    """
+    count = n.sum(-1)
+    mean_all = (n * mean).sum(-1) / count
+    m2_all = m2.sum(-1) + (n * (mean - mean_all[:, None]) ** 2).sum(-1)
+    return count, mean_all, m2_all / count
 
 
 def entry_moments(p: torch.Tensor, mask: torch.Tensor | None = None) -> EntryMoments:
     """Mean and variance of the valid entries of ``p`` and of ``ln p``, per matrix.
 
     Args:
-        p: ``[..., N, N]`` row-stochastic attention.
+        p: ``[..., N, N]`` row-stochastic attention (each valid row is divided by its sum first).
         mask: bool, broadcastable to ``p``, True = attend; None = every entry valid.
 
     Returns:
-        :class:`EntryMoments` with fields of shape ``[...]``.
+        :class:`EntryMoments` with fields of shape ``[...]``. Rows are read a block at a time (mean
+        and ``Σ (x − mean)²`` per row, then merged per matrix), so the extra memory is a few blocks of
+        about 16 MiB and ``O(N)`` per matrix, not copies of ``p``.
     """
-    x, m = prepare_probs(p, mask)
-    w = torch.ones_like(x) if m is None else m.to(x.dtype)
-    mean, var, count = _masked_mean_var(x, w)
-    pos = (x > 0) & (w > 0)
-    zeros = (w > 0).sum((-2, -1)) - pos.sum((-2, -1))
+    p, m, batch, n = _checked(p, mask)
+    cd = compute_dtype(p)
+    rows = math.prod(batch) if batch else 1
+    acc = torch.zeros((6, rows, n), dtype=cd, device=p.device)  # n, mean, M2 of P; then of ln P
+    for i0, i1, r0, r1, x, valid in probability_blocks(p, m):
+        cnt = torch.full(x.shape[:-1], n, dtype=cd, device=x.device) if valid is None else valid.sum(-1).to(cd)
+        mean = x.sum(-1) / cnt.clamp_min(1)
+        dev = x - mean[..., None]
+        if valid is not None:
+            dev.masked_fill_(~valid, 0)
+        m2 = dev.square_().sum(-1)
+        del dev
+        pos = x > 0
+        if valid is not None:
+            pos &= valid
+        lx = x.log_().masked_fill_(~pos, 0)  # x is ours: its log replaces it (no copy)
+        npos = pos.sum(-1).to(cd)
+        lmean = lx.sum(-1) / npos.clamp_min(1)
+        lx.sub_(lmean[..., None]).masked_fill_(~pos, 0)
+        lm2 = lx.square_().sum(-1)
+        for slot, value in enumerate((cnt, mean, m2, npos, lmean, lm2)):
+            acc[slot, i0:i1, r0:r1] = value
+    count, mean, var = _merge_rows(acc[0], acc[1], acc[2])
+    pos_count, log_mean, log_var = _merge_rows(acc[3], acc[4], acc[5])
+    zeros = (count - pos_count).round().to(torch.int64)
     if bool((zeros > 0).any()):
         warnings.warn(
             f"entry_moments: {int(zeros.sum())} valid entries of p are exactly 0 (log = -inf); "
@@ -105,14 +147,11 @@ def entry_moments(p: torch.Tensor, mask: torch.Tensor | None = None) -> EntryMom
             RuntimeWarning,
             stacklevel=2,
         )
-    logx = torch.log(torch.where(pos, x, torch.ones_like(x)))
-    pw = pos.to(x.dtype)
-    log_mean, log_var, _ = _masked_mean_var(logx, pw)
     return EntryMoments(
-        mean=mean,
-        var=var,
-        log_mean=log_mean,
-        log_var=log_var,
-        count=count.round().to(torch.int64),
-        zero_count=zeros.to(torch.int64),
+        mean=mean.reshape(batch),
+        var=var.reshape(batch),
+        log_mean=log_mean.reshape(batch),
+        log_var=log_var.reshape(batch),
+        count=count.round().to(torch.int64).reshape(batch),
+        zero_count=zeros.reshape(batch),
     )

@@ -432,15 +432,6 @@ def _triangle_index(f: torch.Tensor):
     return i, f - i * (i + 1) // 2
 
 
-def _valid_entries(i, j, mask_bh, causal):
-    ok = torch.ones_like(i, dtype=torch.bool)
-    if causal:
-        ok &= j <= i
-    if mask_bh is not None:
-        ok &= mask_bh[i if mask_bh.shape[0] != 1 else torch.zeros_like(i), j]
-    return ok
-
-
 def _valid_count(mask_bh, nq: int, nk: int, causal: bool) -> int:
     """Number of valid entries of one matrix (``mask_bh``: ``[Nq or 1, Nk]`` bool or None)."""
     if mask_bh is None:
@@ -448,95 +439,120 @@ def _valid_count(mask_bh, nq: int, nk: int, causal: bool) -> int:
     if mask_bh.shape[0] == 1:
         keys = mask_bh[0]
         return int(keys.long().cumsum(0)[:nq].sum()) if causal else nq * int(keys.sum())
-    return int((mask_bh.tril() if causal else mask_bh).sum())
+    return sum(int(blk.sum()) for blk in _mask_row_blocks(mask_bh, causal))
 
 
-_CHUNK = 1 << 22  # flat indices handled at once when enumerating
+_CHUNK = 1 << 22  # mask entries handled at once when a full mask is read
 
 
-def _all_valid_entries(total: int, nk: int, mask_bh, causal: bool):
-    """Rows and columns of every valid entry in row-major order, enumerated in chunks."""
-    rows, cols = [], []
-    for start in range(0, total, _CHUNK):
-        f = torch.arange(start, min(total, start + _CHUNK))
-        i, j = _triangle_index(f) if causal else (f // nk, f % nk)
-        ok = _valid_entries(i, j, mask_bh, causal)
-        rows.append(i[ok])
-        cols.append(j[ok])
+def _mask_row_blocks(mask_bh, causal: bool):
+    """A full mask ``[Nq, Nk]`` (with the causal rule) as consecutive blocks of rows of about ``_CHUNK`` entries."""
+    nq, nk = mask_bh.shape
+    step = max(1, _CHUNK // nk)
+    for r0 in range(0, nq, step):
+        blk = mask_bh[r0 : r0 + step]
+        if causal:
+            blk = blk & (torch.arange(nk)[None, :] <= torch.arange(r0, r0 + blk.shape[0])[:, None])
+        yield blk
+
+
+def _entries_of_ranks(ranks, mask_bh, nq: int, nk: int, causal: bool):
+    """Row and column of the valid entries with the given ranks (sorted) in row-major order.
+
+    The enumeration is that of the dense matrix: ``P[valid]`` lists the valid entries row by row.
+    """
+    if mask_bh is None:
+        return _triangle_index(ranks) if causal else (ranks // nk, ranks % nk)
+    if mask_bh.shape[0] == 1:  # key padding: row i's valid keys are the first cnt_i valid key positions
+        keys = torch.nonzero(mask_bh[0], as_tuple=False)[:, 0]
+        if not causal:
+            return ranks // keys.numel(), keys[ranks % keys.numel()]
+        cnt = torch.searchsorted(keys, torch.arange(nq), right=True)  # valid keys j <= i
+        ends = cnt.cumsum(0)
+        i = torch.searchsorted(ends, ranks, right=True)
+        return i, keys[ranks - (ends[i] - cnt[i])]
+    rows, cols, base, r0 = [], [], 0, 0
+    for blk in _mask_row_blocks(mask_bh, causal):
+        flat = torch.nonzero(blk.reshape(-1), as_tuple=False)[:, 0]  # this block's valid entries, in order
+        lo, hi = torch.searchsorted(ranks, torch.tensor([base, base + flat.numel()])).tolist()
+        f = flat[ranks[lo:hi] - base]
+        rows.append(r0 + f // nk)
+        cols.append(f % nk)
+        base += flat.numel()
+        r0 += blk.shape[0]
     return torch.cat(rows), torch.cat(cols)
 
 
-def _sample_valid_flat(total: int, nk: int, mask_bh, causal: bool, size: int, rate: float, gen):
-    """``size`` distinct valid flat indices, uniform, by rejection; ``rate`` = valid / total > 0."""
-    picked = torch.empty(0, dtype=torch.int64)
-    while picked.numel() < size:
-        need = size - picked.numel()
-        # draws sized by the known acceptance rate, so sparse masks need no more rounds than dense ones
-        draw = min(int(1.3 * need / rate) + 16, _CHUNK)
-        f = torch.randint(0, total, (draw,), generator=gen)
-        i, j = _triangle_index(f) if causal else (f // nk, f % nk)
-        f = f[_valid_entries(i, j, mask_bh, causal)]
-        # Keep draw order while dropping repeats, so that the sample stays uniform.
-        cand = torch.cat([picked, f])
-        uniq, inverse = torch.unique(cand, return_inverse=True)
-        first = torch.full((uniq.numel(),), cand.numel(), dtype=torch.int64)
-        first.scatter_reduce_(0, inverse, torch.arange(cand.numel()), reduce="amin")
-        picked = cand[first.sort().values][:size]
-    return picked.sort().values
-
-
-def sample_log_probs(q, k, *, scale=None, mask=None, causal=False, lse=None, max_samples=100_000, seed=0):
+def sample_log_probs(
+    q, k, *, scale=None, mask=None, causal=False, lse=None, max_samples=100_000, seed=0, first_matrix=0
+):
     """Values of ``ln P_ij = s_ij − LSE_i`` at valid entries, one 1-d float64 tensor per matrix.
 
-    Where a matrix has at most ``max_samples`` valid entries, all of them in row-major order (the
-    values :func:`attnstats.lognormal.log_entries` takes from the dense matrix); beyond that, a uniform
-    sample of ``max_samples`` distinct valid entries in row-major order, drawn by rejection from one
-    generator seeded with ``seed`` (reproducible, but not the same entries the dense sampler picks).
+    The same entries as :func:`attnstats.lognormal.log_entries` takes from the dense matrix: the valid
+    entries of each matrix enumerated in row-major order; all of them where there are at most
+    ``max_samples``; beyond that, those at the ranks :func:`attnstats.lognormal.sample_ranks` draws
+    from the matrix's generator (:func:`attnstats.lognormal.matrix_generator` of ``seed`` and the
+    matrix's flat batch index plus ``first_matrix``), in row-major order. Only the sampled entries
+    are computed: ``O(max_samples·d)`` memory, whatever N.
 
     Args:
         q, k, scale, mask, causal: as :func:`streaming_stats`.
         lse: ``[..., Nq]`` row log-normalisers if already known (e.g. ``streaming_stats(...).lse``),
             else computed by one streaming pass.
         max_samples: values per matrix at most (int ≥ 3).
-        seed: seed of the sample.
+        seed: seed of the sample (int ≥ 0).
+        first_matrix: flat batch index of this call's first matrix in a larger batch that the caller
+            splits (``record(..., store="stats")`` passes one batch element at a time), so that each
+            matrix gets the sample it has in the whole batch.
 
     Returns:
-        A list over the flattened batch ``[...]`` of float64 CPU tensors. Memory ``O(max_samples·d)``.
+        A list over the flattened batch ``[...]`` of float64 CPU tensors.
+
+    Raises:
+        ValueError: if a matrix has no valid entry (naming its batch index).
     """
-    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 3:
-        raise ValueError(f"max_samples: expected an int >= 3, got {max_samples!r}")
+    from .lognormal import check_sampling, matrix_generator, sample_ranks
+
+    check_sampling(max_samples, seed)
+    if isinstance(first_matrix, bool) or not isinstance(first_matrix, int) or first_matrix < 0:
+        raise ValueError(f"first_matrix: expected an int >= 0, got {first_matrix!r}")
     qb, kb, scale, m, batch = prepare_qk(q, k, scale, mask, causal)
     B, Hq, Nq, d = qb.shape
     Nk = kb.shape[2]
     g = Hq // kb.shape[1]
+    if lse is not None and (not isinstance(lse, torch.Tensor) or lse.shape != (*batch, Nq)):
+        raise ValueError(f"lse: expected a tensor of shape {(*batch, Nq)}, got {getattr(lse, 'shape', type(lse))}")
+    masks, counts = [], []
+    for t in range(B * Hq):
+        mask_bh = None if m is None else m[t // Hq, t % Hq].cpu()
+        count = _valid_count(mask_bh, Nq, Nk, causal)
+        if count == 0:
+            where = tuple(int(x) for x in torch.unravel_index(torch.tensor(t), tuple(batch))) if batch else ()
+            raise ValueError(f"mask: no valid entry in the matrix at batch index {where}; expected at least one True")
+        masks.append(mask_bh)
+        counts.append(count)
     if lse is None:
         rows, _, _ = streaming_row_accumulators(qb, kb, scale=scale, mask=m, causal=causal)
         lse_b = rows.lse
     else:
-        if not isinstance(lse, torch.Tensor) or lse.shape != (*batch, Nq):
-            raise ValueError(f"lse: expected a tensor of shape {(*batch, Nq)}, got {getattr(lse, 'shape', type(lse))}")
         lse_b = lse.reshape(B, Hq, Nq)
-    gen = torch.Generator().manual_seed(seed)
-    total = Nq * (Nq + 1) // 2 if causal else Nq * Nk
     out = []
-    for b in range(B):
-        for h in range(Hq):
-            mask_bh = None if m is None else m[b, h].cpu()
-            count = _valid_count(mask_bh, Nq, Nk, causal)
-            if count <= max_samples:
-                i, j = _all_valid_entries(total, Nk, mask_bh, causal)
-            else:
-                f = _sample_valid_flat(total, Nk, mask_bh, causal, max_samples, count / total, gen)
-                i, j = _triangle_index(f) if causal else (f // Nk, f % Nk)
-            dev = qb.device
-            qi = qb[b, h].index_select(0, i.to(dev)).double()
-            kj = kb[b, h // g].index_select(0, j.to(dev)).double()
-            vals = (qi * kj).sum(-1) * scale - lse_b[b, h].double().index_select(0, i.to(dev))
-            out.append(vals.cpu())
+    dev = qb.device
+    for t, (mask_bh, count) in enumerate(zip(masks, counts)):
+        b, h = divmod(t, Hq)
+        ranks = sample_ranks(count, max_samples, matrix_generator(seed, first_matrix + t))
+        i, j = _entries_of_ranks(ranks, mask_bh, Nq, Nk, causal)
+        i, j = i.to(dev), j.to(dev)
+        qi = qb[b, h].index_select(0, i).double()
+        kj = kb[b, h // g].index_select(0, j).double()
+        vals = (qi * kj).sum(-1) * scale - lse_b[b, h].double().index_select(0, i)
+        out.append(vals.cpu())
     return out
 
 
-def streaming_lognormal_fit(q, k, *, scale=None, mask=None, causal=False, lse=None, max_samples=100_000, seed=0):
+def streaming_lognormal_fit(
+    q, k, *, scale=None, mask=None, causal=False, lse=None, max_samples=100_000, seed=0, first_matrix=0
+):
     """Log-normal fit of the entries of ``softmax(scale · q kᵀ)`` per matrix, without the matrix.
 
     Args: as :func:`sample_log_probs`.
@@ -544,10 +560,14 @@ def streaming_lognormal_fit(q, k, *, scale=None, mask=None, causal=False, lse=No
     Returns:
         :class:`attnstats.LogNormalFit` with float64 tensor fields of the batch shape ``[...]``
         (``n`` int64), each from :func:`attnstats.lognormal.fit_log_values` on that matrix's sample (NaN, with a
-        warning, where fewer than 3 distinct values exist).
+        warning, where fewer than 3 distinct values exist). On the same entries as
+        :func:`attnstats.lognormal_fit` of the dense matrix, so the two agree to float rounding.
     """
     from .lognormal import fits_per_matrix
 
     _, _, _, _, batch = prepare_qk(q, k, scale, None, causal)
-    samples = sample_log_probs(q, k, scale=scale, mask=mask, causal=causal, lse=lse, max_samples=max_samples, seed=seed)
+    samples = sample_log_probs(
+        q, k, scale=scale, mask=mask, causal=causal, lse=lse, max_samples=max_samples, seed=seed,
+        first_matrix=first_matrix,
+    )
     return fits_per_matrix(samples, batch)

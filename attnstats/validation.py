@@ -19,6 +19,7 @@ __all__ = [
     "check_square",
     "broadcast_mask",
     "check_probs",
+    "probability_blocks",
     "row_sum_tolerance",
     "check_qk",
 ]
@@ -92,12 +93,113 @@ def broadcast_mask(mask, shape: torch.Size, name: str = "mask") -> torch.Tensor 
 def row_sum_tolerance(dtype: torch.dtype, n: int) -> float:
     """Largest deviation of a row sum from 1 accepted for probabilities stored in ``dtype``.
 
-    Rounding each entry to ``dtype`` moves the sum by at most ``eps/2``; accumulating ``n`` entries
-    in at least float32 adds about ``sqrt(n)`` float32 epsilons.
+    Attention is computed in float32 (or coarser) far more often than in float64, and careful users
+    cast it up before computing statistics, so the values are held to the rounding of the precision
+    they plausibly came from, float32 at least, not to that of their storage dtype: rounding each
+    entry moves the sum by at most ``eps/2``, and accumulating ``n`` entries in float32 adds about
+    ``sqrt(n)`` float32 epsilons. A row summing to 0.9 or 1.01 is no distribution in any precision.
     """
-    eps = torch.finfo(dtype).eps
-    acc_eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
-    return 4 * eps + 8 * math.sqrt(n) * acc_eps
+    eps32 = torch.finfo(torch.float32).eps
+    eps = max(torch.finfo(dtype).eps, eps32)
+    return 4 * eps + 8 * math.sqrt(n) * eps32
+
+
+# Rows of p handled at once by the dense statistics: blocks of about this many bytes in the compute
+# dtype, so that their temporaries stay a few times this size whatever N and the batch are.
+_BLOCK_BYTES = 16 * 1024**2
+
+
+def _gather(x: torch.Tensor, batch_index: list, rows: slice) -> torch.Tensor:
+    """``x[b, rows, :]`` for the matrices ``b`` of ``batch_index`` (a fresh tensor ``[g, r, N]``).
+
+    ``x`` is ``[*batch, R, C]``, possibly a broadcast view (size-1 dims of a mask stay size 1).
+    """
+    idx = tuple(i if x.shape[d] != 1 else torch.zeros_like(i) for d, i in enumerate(batch_index))
+    r = rows if x.shape[-2] != 1 else slice(None)
+    return x[idx + (r, slice(None))]
+
+
+def probability_blocks(p: torch.Tensor, mask: torch.Tensor | None = None, name: str = "p"):
+    """Validate ``p`` and yield it renormalised, a block of rows at a time (the rule of every dense statistic).
+
+    Args:
+        p: ``[..., N, N]`` attention probabilities, any float dtype (square, N ≥ 1: checked by the caller).
+        mask: bool broadcastable to ``p`` (True = attend), or None.
+
+    Yields:
+        ``(i0, i1, r0, r1, x, valid)``: rows ``r0:r1`` of the matrices ``i0:i1`` of the flattened batch,
+        ``x [i1 − i0, r1 − r0, N]`` in :func:`compute_dtype` (a fresh tensor the caller may modify) with
+        masked entries 0 and every row with a valid entry divided by its sum, ``valid`` the bool mask
+        of the block or None. Blocks come in row-major order.
+
+    Raises ``ValueError`` naming the index of the first entry that is not finite or negative (on
+    valid entries), of the first valid row whose sum is off 1 by more than :func:`row_sum_tolerance`
+    of ``max(float32, dtype)`` precision, or of a matrix whose mask has no valid entry; and
+    :class:`attnstats.DenseTooLargeError` if even one row of ``p`` in the compute dtype exceeds the
+    memory budget. Only a block of rows is ever upcast at once.
+    """
+    from .budget import check_dense_fits, get_memory_budget
+
+    n = p.shape[-1]
+    batch = tuple(p.shape[:-2])
+    m = broadcast_mask(mask, p.shape)
+    if not batch:  # one matrix: a batch of one, so that every block is gathered (never a view of p)
+        p = p[None]
+        m = None if m is None else m[None]
+    shape = tuple(p.shape[:-2])
+    count = math.prod(shape)
+    if m is not None and count:
+        per_matrix = m.any(-1).any(-1)
+        if not bool(per_matrix.all()):
+            idx = first_index(~per_matrix)[len(shape) - len(batch) :]
+            raise ValueError(f"mask: no valid entry in the matrix at batch index {idx}; expected at least one True")
+    cd = compute_dtype(p)
+    itemsize = torch.finfo(cd).bits // 8
+    rows = max(1, min(_BLOCK_BYTES, get_memory_budget()) // (n * itemsize))
+    check_dense_fits((min(rows, n), n), itemsize, f"a block of rows of {name} in {cd}")
+    per_block = max(1, rows // n)  # whole matrices per block when they are small
+    step = min(rows, n)
+    tol = row_sum_tolerance(p.dtype, n)
+    for i0 in range(0, count, per_block):
+        i1 = min(count, i0 + per_block)
+        flat = torch.arange(i0, i1, device=p.device)
+        bidx = list(torch.unravel_index(flat, shape)) if shape else []
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            pc = _gather(p, bidx, slice(r0, r1))
+            valid = None if m is None else _gather(m, bidx, slice(r0, r1)).expand(pc.shape)
+
+            def where(local):  # index into the caller's p of an index into this block
+                b = tuple(int(t) for t in torch.unravel_index(torch.tensor(i0 + local[0]), shape)) if shape else ()
+                return b[len(shape) - len(batch) :] + (r0 + local[1], local[2])
+
+            bad = ~torch.isfinite(pc)
+            if valid is not None:
+                bad &= valid
+            if bool(bad.any()):
+                loc = first_index(bad)
+                raise ValueError(f"{name}: expected finite values, found {pc[loc].item()} at index {where(loc)}")
+            neg = pc < 0
+            if valid is not None:
+                neg &= valid
+            if bool(neg.any()):
+                loc = first_index(neg)
+                raise ValueError(f"{name}: expected non-negative probabilities, found {pc[loc].item()} at index {where(loc)}")
+            x = pc.to(cd) if pc.dtype != cd else pc
+            if valid is not None:
+                x.masked_fill_(~valid, 0)
+            sums = x.sum(-1, keepdim=True)
+            has_row = torch.ones_like(sums, dtype=torch.bool) if valid is None else valid.any(-1, keepdim=True)
+            off = ((sums - 1).abs() > tol) & has_row
+            if bool(off.any()):
+                loc = first_index(off)
+                raise ValueError(
+                    f"{name}: row {where(loc)[:-1]} sums to {sums[loc].item():.8g} over its valid entries, expected 1 "
+                    f"(tolerance {tol:.2g}: the rounding of float32 or of {p.dtype}, whichever is coarser)"
+                )
+            # exactly row-stochastic in the compute dtype: statistics then never see the input's rounding
+            x.div_(torch.where(has_row, sums, torch.ones_like(sums)))
+            yield i0, i1, r0, r1, x, valid
 
 
 def check_probs(p: torch.Tensor, mask: torch.Tensor | None = None, name: str = "p") -> None:
@@ -105,39 +207,14 @@ def check_probs(p: torch.Tensor, mask: torch.Tensor | None = None, name: str = "
 
     Args:
         p: ``[..., N, N]`` attention probabilities, any float dtype.
-        mask: ``[..., N, N]`` bool (already broadcast), True = attend, or None.
+        mask: ``[..., N, N]`` bool (broadcastable to ``p``), True = attend, or None.
 
     Checks: finite and non-negative on valid entries; every row with a valid entry sums to 1 over
-    them within :func:`row_sum_tolerance`; every matrix has at least one valid entry.
+    them within :func:`row_sum_tolerance`; every matrix has at least one valid entry (see
+    :func:`probability_blocks`, which the dense statistics use to read ``p`` renormalised).
     """
-    n = p.shape[-1]
-    check_finite(p, name, where=mask)
-    neg = p < 0
-    if mask is not None:
-        neg = neg & mask
-    if bool(neg.any()):
-        idx = first_index(neg)
-        raise ValueError(f"{name}: expected non-negative probabilities, found {p[idx].item()} at index {idx}")
-    if mask is not None:
-        per_matrix = mask.flatten(-2).any(-1)
-        if not bool(per_matrix.all()):
-            idx = first_index(~per_matrix)
-            raise ValueError(f"mask: no valid entry in the matrix at batch index {idx}; expected at least one True")
-    x = upcast(p)
-    valid_rows = None
-    if mask is not None:
-        x = x.masked_fill(~mask, 0)
-        valid_rows = mask.any(-1)
-    sums = x.sum(-1)
-    off = (sums - 1).abs() > row_sum_tolerance(p.dtype, n)
-    if valid_rows is not None:
-        off = off & valid_rows
-    if bool(off.any()):
-        idx = first_index(off)
-        raise ValueError(
-            f"{name}: row {idx} sums to {sums[idx].item():.8g} over its valid entries, expected 1 "
-            f"(tolerance {row_sum_tolerance(p.dtype, n):.2g} for {p.dtype})"
-        )
+    for _ in probability_blocks(p, mask, name):
+        pass
 
 
 def check_qk(q: torch.Tensor, k: torch.Tensor, qname: str = "q", kname: str = "k") -> None:

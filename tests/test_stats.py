@@ -110,3 +110,51 @@ def test_entropy_rises_with_temperature(dtype):
     hs = [attnstats.row_entropy(softmax_attention(q, k, scale=1 / (4 * t)).to(dtype)).mean().item() for t in taus]
     assert all(a < b for a, b in zip(hs, hs[1:])), hs
     assert hs[-1] < math.log(64)
+
+
+def test_rows_read_in_blocks_give_the_same_numbers_and_errors():
+    # The budget sets the block size: one row, three rows (blocks that end inside a matrix), two whole
+    # matrices. Every block size must give the numbers of the one-block pass (equal up to the order
+    # of float64 sums, ~1e-15 relative) and name the bad entry by its index in p.
+    n = 8
+    q, k = gaussian_qk((3, 2), n, 4, seed=6)
+    mask = padding_mask([8, 5, 2], n) & torch.ones(n, n, dtype=torch.bool).tril()
+    p = softmax_attention(q, k, mask)
+    h, m = attnstats.row_entropy(p, mask), attnstats.entry_moments(p, mask)
+    fit = attnstats.lognormal_fit(p, mask, max_samples=20, seed=1)
+    bad = p.clone()
+    bad[2, 1, 6, 0] = float("nan")  # in the last block of every size: its index is offset back
+    for budget in (8 * n, 3 * 8 * n, 2 * 8 * n * n):
+        with attnstats.memory_budget(budget):
+            np.testing.assert_allclose(attnstats.row_entropy(p, mask).numpy(), h.numpy(), rtol=1e-15, equal_nan=True)
+            mb = attnstats.entry_moments(p, mask)
+            for f in ("mean", "var", "log_mean", "log_var"):
+                np.testing.assert_allclose(getattr(mb, f).numpy(), getattr(m, f).numpy(), rtol=1e-13)
+            assert torch.equal(mb.count, m.count)
+            fb = attnstats.lognormal_fit(p, mask, max_samples=20, seed=1)
+            np.testing.assert_allclose(fb.sigma.numpy(), fit.sigma.numpy(), rtol=1e-13)
+            assert torch.equal(fb.n, fit.n)
+            with pytest.raises(ValueError, match=r"expected finite values, found nan at index \(2, 1, 6, 0\)"):
+                attnstats.entry_moments(bad, mask)
+
+
+@pytest.mark.parametrize("fn", [attnstats.row_entropy, attnstats.entry_moments, attnstats.lognormal_fit])
+def test_dense_statistics_are_guarded_by_the_memory_budget(fn):
+    # Rows are upcast to float64 a block at a time; a budget below one row (8·N bytes) admits none.
+    p = softmax_attention(*gaussian_qk((2,), 16, 4, seed=7))
+    with attnstats.memory_budget(8 * 16 - 1):
+        with pytest.raises(attnstats.DenseTooLargeError, match=r"a block of rows of p in torch.float64 of shape \(1, 16\)"):
+            fn(p)
+    with attnstats.memory_budget(8 * 16):
+        fn(p)
+
+
+def test_prepare_probs_is_guarded_by_the_memory_budget():
+    from attnstats.stats import prepare_probs
+
+    p = softmax_attention(*gaussian_qk((2,), 16, 4, seed=7)).float()
+    with attnstats.memory_budget(2 * 16 * 16 * 8 - 1):  # the float64 copy of p needs 4 KiB
+        with pytest.raises(attnstats.DenseTooLargeError, match=r"p in torch.float64 of shape \(2, 16, 16\)"):
+            prepare_probs(p)
+    x, _ = prepare_probs(p)
+    torch.testing.assert_close(x, p.double() / p.double().sum(-1, keepdim=True), rtol=0, atol=0)

@@ -242,3 +242,77 @@ def test_log_samples_under_a_sparse_padding_mask():
             assert got.numel() == max_samples
             near = (got[:, None] - dense[None, :]).abs().min(1).values
             assert float(near.max()) < 1e-12
+
+
+def masks_of_every_form(n, seed):
+    """(mask for sample_log_probs, causal, the dense valid mask [B, H, n, n]) for every mask form."""
+    g = torch.Generator().manual_seed(seed)
+    tril = torch.ones(n, n, dtype=torch.bool).tril()
+    keys = torch.ones(2, 1, 1, n, dtype=torch.bool)
+    keys[1, ..., n - 9 :] = False
+    full = torch.rand(2, 2, n, n, generator=g) > 0.4
+    out = [(None, False, torch.ones(1, 1, n, n, dtype=torch.bool)), (None, True, tril[None, None])]
+    out += [(keys, False, keys & torch.ones(n, n, dtype=torch.bool)), (keys, True, keys & tril)]
+    out += [(full, False, full), (full, True, full & tril)]
+    return out
+
+
+@pytest.mark.parametrize("max_samples", [10_000, 300])  # every valid entry; a sample of them
+def test_log_samples_are_the_dense_samplers_entries(max_samples):
+    # log_entries (dense) and sample_log_probs (q, k) enumerate the valid entries alike and draw the
+    # same ranks, for every mask form: the values agree to float64 rounding of ln P (~1e-15 · |ln P|).
+    n = 40
+    q, k = gaussian_qk((2, 2), n, 8, 1.3, 1.3, seed=30)
+    for form, (mask, causal, valid) in enumerate(masks_of_every_form(n, seed=31)):
+        p = softmax_attention(q, k, valid)
+        want = log_entries(p, valid, max_samples=max_samples, seed=5)
+        got = sample_log_probs(q, k, mask=mask, causal=causal, max_samples=max_samples, seed=5)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape, form
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+        assert max(v.numel() for v in got) == min(max_samples, int(valid.expand(p.shape).sum((-2, -1)).max()))
+
+
+def test_log_samples_of_a_batch_split_in_parts_equal_the_whole():
+    # record(..., store="stats") fits one batch element at a time: first_matrix gives each matrix the
+    # sample it has in the whole batch.
+    q, k = gaussian_qk((3, 2), 30, 8, seed=32)
+    whole = sample_log_probs(q, k, max_samples=100, seed=2)
+    for b in range(3):
+        part = sample_log_probs(q[b : b + 1], k[b : b + 1], max_samples=100, seed=2, first_matrix=2 * b)
+        for h in range(2):
+            assert torch.equal(part[h], whole[2 * b + h])
+    assert not torch.equal(whole[0], whole[1])  # each matrix has its own draw
+    with pytest.raises(ValueError, match="first_matrix"):
+        sample_log_probs(q, k, first_matrix=-1)
+    with pytest.raises(ValueError, match="seed"):
+        sample_log_probs(q, k, seed=True)
+
+
+def test_log_samples_of_a_matrix_with_no_valid_entry_name_it():
+    q, k = gaussian_qk((2, 3), 6, 4, seed=33)
+    keys = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    keys[1] = False
+    for fn in (sample_log_probs, streaming_lognormal_fit):
+        with pytest.raises(ValueError, match=r"mask: no valid entry in the matrix at batch index \(1, 0\)"):
+            fn(q, k, mask=keys)
+    full = torch.ones(2, 3, 6, 6, dtype=torch.bool)
+    full[0, 2] = torch.ones(6, 6, dtype=torch.bool).triu(1)  # nothing on or below the diagonal
+    with pytest.raises(ValueError, match=r"batch index \(0, 2\)"):
+        sample_log_probs(q, k, mask=full, causal=True)
+
+
+@pytest.mark.parametrize("count", [1000, 100_000])  # a permutation; draws with repeats dropped
+def test_sample_ranks_are_distinct_uniform_and_reproducible(count):
+    from attnstats.lognormal import matrix_generator, sample_ranks
+
+    size = 200
+    r = sample_ranks(count, size, matrix_generator(0, 0))
+    assert r.numel() == size and torch.equal(r, r.sort().values) and torch.unique(r).numel() == size
+    assert int(r.min()) >= 0 and int(r.max()) < count
+    assert torch.equal(r, sample_ranks(count, size, matrix_generator(0, 0)))
+    assert torch.equal(sample_ranks(size - 1, size, matrix_generator(0, 0)), torch.arange(size - 1))
+    # uniform: over 400 draws the mean rank is (count − 1)/2 within 4 standard errors
+    means = torch.stack([sample_ranks(count, size, matrix_generator(s, 0)).double().mean() for s in range(400)])
+    sd = count / math.sqrt(12 * size)  # of one draw's mean (without replacement: a little less)
+    assert abs(float(means.mean()) - (count - 1) / 2) < 4 * sd / math.sqrt(400)

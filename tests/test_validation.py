@@ -1,7 +1,10 @@
+import numpy as np
 import pytest
 import torch
+from scipy import stats as sps
 
 import attnstats
+from attnstats.validation import row_sum_tolerance
 from helpers import gaussian_qk, softmax_attention
 
 FUNCS = [attnstats.row_entropy, attnstats.entry_moments, attnstats.spectral_gap, attnstats.lognormal_fit]
@@ -44,8 +47,49 @@ def test_row_sum_tolerance_scales_with_dtype(p):
     off = p.clone()
     off[0, 0, 0] *= 1 + 1e-4
     with pytest.raises(ValueError, match="sums to"):
-        attnstats.row_entropy(off)  # float64 is held to float64 precision
+        attnstats.row_entropy(off)  # 1e-4 is far beyond float32 rounding (tolerance 3.2e-6 at N = 8)
     attnstats.row_entropy(off.bfloat16())  # within bfloat16's own rounding
+    # float64 values are held to float32 rounding, the precision they usually come from
+    assert row_sum_tolerance(torch.float64, 8) == row_sum_tolerance(torch.float32, 8) < 4e-6
+    assert row_sum_tolerance(torch.bfloat16, 8) > row_sum_tolerance(torch.float32, 8)
+
+
+def float32_attention(n=64):
+    """Softmax computed in float32, as a model does, then cast to float64: rows sum to 1 ± ~1e-7."""
+    q, k = gaussian_qk((2, 3), n, 16, 1.5, 1.5, seed=4, dtype=torch.float32)
+    p64 = torch.softmax(q @ k.mT / 4, -1).double()
+    assert (p64.sum(-1) - 1).abs().max() > 1e-9  # far beyond float64 rounding (~1e-15)
+    return p64
+
+
+@pytest.mark.parametrize("fn", FUNCS)
+def test_float32_attention_cast_to_float64_is_accepted(fn):
+    fn(float32_attention())
+
+
+def test_rows_are_renormalised_before_any_statistic():
+    p64 = float32_attention()
+    q = p64 / p64.sum(-1, keepdim=True)  # the exact distribution the statistics describe
+    # scipy normalises each row itself; unnormalised rows (off by ~1e-7) would be ~1e-7 off here
+    np.testing.assert_allclose(attnstats.row_entropy(p64).numpy(), sps.entropy(p64.numpy(), axis=-1), rtol=1e-13)
+    m = attnstats.entry_moments(p64)
+    np.testing.assert_allclose(m.mean.numpy(), 1 / 64, rtol=1e-14)  # n rows summing to 1 over n² entries
+    logs = np.log(q.numpy()).reshape(2, 3, -1)
+    np.testing.assert_allclose(m.log_mean.numpy(), logs.mean(-1), rtol=1e-13)
+    np.testing.assert_allclose(m.var.numpy(), q.numpy().reshape(2, 3, -1).var(-1), rtol=1e-11)
+    fit = attnstats.lognormal_fit(p64)
+    np.testing.assert_allclose(fit.mu.numpy(), logs.mean(-1), rtol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("factor", [0.9, 1.01])
+@pytest.mark.parametrize("fn", FUNCS)
+def test_rows_that_are_no_distribution_are_still_rejected(fn, dtype, factor):
+    p = float32_attention().to(dtype)
+    p[1, 2, 7] *= factor
+    with pytest.raises(ValueError, match=r"p: row \(1, 2, 7\) sums to ([0-9.]+) .*expected 1") as err:
+        fn(p)
+    assert abs(float(err.value.args[0].split("sums to ")[1].split()[0]) - factor) < 1e-6  # row sum 1 ± 1e-7
 
 
 @pytest.mark.parametrize("fn", FUNCS)
