@@ -26,10 +26,17 @@ def get_memory_budget() -> int:
 
 
 def set_memory_budget(nbytes: int) -> None:
-    """Set the budget in bytes for one dense attention tensor (default 2 GiB)."""
+    """Set the budget in bytes for one dense attention tensor (default 2 GiB).
+
+    Args:
+        nbytes: a finite number ≥ 1 (int or float, rounded down); a bool is refused (``True`` would
+            be a budget of one byte).
+    """
     global _budget
-    if not isinstance(nbytes, (int, float)) or nbytes <= 0:
-        raise ValueError(f"nbytes: expected a positive number of bytes, got {nbytes!r}")
+    if isinstance(nbytes, bool) or not isinstance(nbytes, (int, float)):
+        raise TypeError(f"nbytes: expected a number of bytes (int or float), got {type(nbytes).__name__} {nbytes!r}")
+    if not math.isfinite(nbytes) or nbytes < 1:
+        raise ValueError(f"nbytes: expected a finite number of bytes >= 1, got {nbytes!r}")
     _budget = int(nbytes)
 
 

@@ -352,6 +352,85 @@ def test_linearised_spectral_gap_never_builds_the_dense_matrix(name):
             assert gap.shape == (1, 2) and bool(((gap >= -1e-9) & (gap <= 1 + 1e-9)).all())
 
 
+@pytest.mark.parametrize("name", ["softmax", "block_diag"])
+def test_dense_spectral_gap_is_guarded_before_the_matrix_is_built(name, monkeypatch):
+    # [1, 2, 600, 600] in float64 is 5.5 MiB: past a 5 MiB budget the gap refuses before building it
+    import attnstats.kernels.block_diagonal as bd
+    import attnstats.kernels.softmax as sm
+
+    def built(*args, **kwargs):
+        raise AssertionError("the dense matrix was built")
+
+    q, k, _ = qkv(seed=18, b=1, h=2, n=600)
+    ker = get_kernel(name)
+    with memory_budget(5 * 2**20):
+        monkeypatch.setattr(sm, "softmax_matrix", built)
+        monkeypatch.setattr(bd, "softmax_matrix", built)
+        with pytest.raises(DenseTooLargeError, match=r"attention matrix \(for its spectral gap\) of shape \(1, 2, 600, 600\)"):
+            ker.spectral_gap(q, k)
+
+
+@pytest.mark.parametrize("name", LINEARISED)
+def test_linearised_spectral_gap_of_a_matrix_with_no_valid_entry_raises(name):
+    # as attnstats.spectral_gap does on the dense matrix, instead of reporting a gap of 1
+    q, k, _ = qkv(seed=20, b=2, h=2, n=8)
+    ker = get_kernel(name)
+    pad = torch.ones(2, 1, 1, 8, dtype=torch.bool)
+    pad[1] = False
+    for causal in (False, True):
+        with pytest.raises(ValueError, match=r"mask: no valid entry in the matrix at batch index \(1, 0\)"):
+            ker.spectral_gap(q, k, causal=causal, mask=pad)
+        with pytest.raises(ValueError, match=r"mask: no valid entry in the matrix at batch index \(1, 0\)"):
+            attnstats.spectral_gap(ker.matrix(q, k, causal=causal, mask=pad), pad)
+    # queries 0-3 attend keys 4-7 only: valid entries, but no token is both a query and a key
+    cross = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    cross[..., :4, 4:] = True
+    with pytest.raises(ValueError, match=r"batch index \(0, 0\) has no token that is both a valid query and a valid key"):
+        ker.spectral_gap(q, k, mask=cross)
+    one = torch.zeros(2, 1, 1, 8, dtype=torch.bool)
+    one[..., 3] = True  # a single token: gap 1, as the dense rule says
+    assert torch.equal(ker.spectral_gap(q, k, mask=one), torch.ones(2, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "make_kernel, arg, value, error",
+    [
+        (lambda v: LLNAttention(b=v), "b", float("nan"), ValueError),
+        (lambda v: LLNAttention(b=v), "b", float("inf"), ValueError),
+        (lambda v: LLNAttention(a=v), "a", float("inf"), ValueError),
+        (lambda v: LLNAttention(a=v), "a", float("nan"), ValueError),
+        (lambda v: LLNAttention(a=v), "a", 0.0, ValueError),
+        (lambda v: LLNAttention(a=v), "a", -0.1, ValueError),
+        (lambda v: LLNAttention(a=v), "a", True, TypeError),
+        (lambda v: LLNAttention(b=v), "b", "0.1", TypeError),
+        (lambda v: LLNAttention(eps=v), "eps", -1e-8, ValueError),
+        (lambda v: LLNAttention(eps=v), "eps", float("inf"), ValueError),
+        (lambda v: LLNAttention(scale=v), "scale", float("inf"), ValueError),
+        (lambda v: LLNAttention(scale=v), "scale", 0.0, ValueError),
+        (lambda v: LLNAttention(chunk=v), "chunk", True, ValueError),
+        (lambda v: LLNPlusDiagAttention(b=v), "b", float("nan"), ValueError),
+        (lambda v: LinearAttention("relu", eps=v), "eps", float("nan"), ValueError),
+        (lambda v: LinearAttention("relu", eps=v), "eps", float("inf"), ValueError),
+        (lambda v: LinearAttention("performer", num_features=v), "num_features", True, ValueError),
+        (lambda v: LinearAttention("performer", seed=v), "seed", 1.5, ValueError),
+        (lambda v: SoftmaxAttention(scale=v), "scale", float("inf"), ValueError),
+        (lambda v: SoftmaxAttention(scale=v), "scale", float("nan"), ValueError),
+        (lambda v: BlockDiagonalAttention(scale=v), "scale", float("inf"), ValueError),
+    ],
+)
+def test_constructor_numbers_are_checked(make_kernel, arg, value, error):
+    # each of these used to give NaN or uniform attention (or a confusing error later) instead
+    with pytest.raises(error, match=rf"^{arg}: expected"):
+        make_kernel(value)
+
+
+def test_constructor_accepts_numpy_and_int_numbers():
+    ker = LLNAttention(a=np.float64(0.15), b=-1, eps=0, scale=np.float32(0.25), chunk=np.int64(16))
+    assert (ker.a, ker.b, ker.eps, ker.scale, ker.chunk) == (0.15, -1.0, 0.0, 0.25, 16)
+    q, k, v = qkv(seed=21)
+    assert bool(torch.isfinite(ker(q, k, v, causal=True)).all())
+
+
 # ---------------------------------------------------------------- bad input and overflow
 
 

@@ -7,6 +7,9 @@ True = attend.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import nn
 
@@ -22,6 +25,8 @@ __all__ = [
     "padding_parts",
     "result_dtype",
     "matrix_dtype",
+    "check_real",
+    "check_count",
 ]
 
 
@@ -45,6 +50,32 @@ class Kernel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
+
+
+def check_real(value, name: str, *, low: float | None = None, strict: bool = False, none_ok: bool = False):
+    """``value`` as a float after checking it is a finite real number (not a bool) ``> low`` (``strict``)
+    or ``>= low``; None passes when ``none_ok``. A kernel constant that is NaN or infinite would give
+    NaN or uniform attention without any error, so it is refused where the kernel is built.
+    """
+    if value is None and none_ok:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number{' or None' if none_ok else ''}, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    if low is not None and (value <= low if strict else value < low):
+        raise ValueError(f"{name}: expected a number {'>' if strict else '>='} {low}, got {value!r}")
+    return value
+
+
+def check_count(value, name: str, *, low: int = 1, none_ok: bool = True):
+    """``value`` unchanged after checking it is an int (not a bool) ``>= low``, or None when ``none_ok``."""
+    if value is None and none_ok:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name}: expected an int >= {low}{' or None' if none_ok else ''}, got {value!r}")
+    return int(value)
 
 
 def _check_4d(x, name: str) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from ..budget import check_dense_fits
 from ..spectral import spectral_gap as dense_spectral_gap
 from ..validation import compute_dtype
-from .base import Kernel, _register, check_qk4, check_qkv, full_mask, matrix_dtype, work_dtype
+from .base import Kernel, _register, check_qk4, check_real, check_qkv, full_mask, matrix_dtype, work_dtype
 from .softmax import softmax_matrix
 
 __all__ = ["BlockDiagonalAttention", "block_mask"]
@@ -39,10 +39,8 @@ class BlockDiagonalAttention(Kernel):
         super().__init__()
         if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block <= 0):
             raise ValueError(f"block: expected a positive int number of tokens per block or None, got {block!r}")
-        if scale is not None and not scale > 0:
-            raise ValueError(f"scale: expected a positive number or None, got {scale!r}")
         self.block = block
-        self.scale = scale
+        self.scale = check_real(scale, "scale", low=0, strict=True, none_ok=True)
 
     def extra_repr(self) -> str:
         return f"block={self.block}"
@@ -144,7 +142,9 @@ class BlockDiagonalAttention(Kernel):
         each block contributes an eigenvalue 1)."""
         check_qk4(q, k, causal, why="block-diagonal attention")
         shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
-        return dense_spectral_gap(self._dense(q, k, causal, mask, compute_dtype(q)), full_mask(mask, shape, causal, q.device))
+        cd = compute_dtype(q)
+        check_dense_fits(shape, torch.finfo(cd).bits // 8, "the block-diagonal attention matrix (for its spectral gap)")
+        return dense_spectral_gap(self._dense(q, k, causal, mask, cd), full_mask(mask, shape, causal, q.device))
 
 
 _register("block_diag", BlockDiagonalAttention)

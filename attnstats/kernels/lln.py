@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import theory
-from .base import _register
+from .base import _register, check_count, check_real
 from .linear import LogFeatureAttention
 
 __all__ = ["LLNAttention"]
@@ -48,16 +48,11 @@ class LLNAttention(LogFeatureAttention):
     def __init__(self, moment_matching: bool = True, a: float = theory.LLN_A, b: float = theory.LLN_B,
                  eps: float = 1e-8, scale: float | None = None, chunk: int | None = None):
         super().__init__()
-        if not (isinstance(a, (int, float)) and a > 0):
-            raise ValueError(f"a: expected a positive slope, got {a!r}")
-        if not isinstance(b, (int, float)):
-            raise TypeError(f"b: expected a float, got {type(b).__name__}")
-        if not eps >= 0:
-            raise ValueError(f"eps: expected a non-negative number, got {eps!r}")
-        if scale is not None and not scale > 0:
-            raise ValueError(f"scale: expected a positive softmax scale or None, got {scale!r}")
-        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
-            raise ValueError(f"chunk: expected a positive int number of tokens, got {chunk!r}")
+        a = check_real(a, "a", low=0, strict=True)
+        b = check_real(b, "b")
+        eps = check_real(eps, "eps", low=0)
+        scale = check_real(scale, "scale", low=0, strict=True, none_ok=True)
+        chunk = check_count(chunk, "chunk")
         self.moment_matching = bool(moment_matching)
         self.name = "lln" if self.moment_matching else "lln_no_mm"
         self.a, self.b = float(a), float(b)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from ..budget import check_dense_fits
 from ..spectral import spectral_gap as dense_spectral_gap
 from ..validation import compute_dtype
-from .base import Kernel, _register, check_qk4, check_qkv, full_mask, matrix_dtype, result_dtype
+from .base import Kernel, _register, check_qk4, check_real, check_qkv, full_mask, matrix_dtype, result_dtype
 
 __all__ = ["SoftmaxAttention", "softmax_matrix"]
 
@@ -41,9 +41,7 @@ class SoftmaxAttention(Kernel):
 
     def __init__(self, scale: float | None = None):
         super().__init__()
-        if scale is not None and not scale > 0:
-            raise ValueError(f"scale: expected a positive number or None, got {scale!r}")
-        self.scale = scale
+        self.scale = check_real(scale, "scale", low=0, strict=True, none_ok=True)
 
     def _scale(self, d: int) -> float:
         return d**-0.5 if self.scale is None else float(self.scale)
@@ -74,8 +72,11 @@ class SoftmaxAttention(Kernel):
         """Spectral gap ``[B, H]`` of the dense matrix (:func:`attnstats.spectral_gap`)."""
         check_qk4(q, k, causal, square=True)
         shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
+        cd = compute_dtype(q)
+        # the scores, the matrix and its checked copy are each this large
+        check_dense_fits(shape, torch.finfo(cd).bits // 8, "the softmax attention matrix (for its spectral gap)")
         valid = full_mask(mask, shape, causal, q.device)
-        p = softmax_matrix(q, k, valid, self._scale(q.shape[-1]), compute_dtype(q))
+        p = softmax_matrix(q, k, valid, self._scale(q.shape[-1]), cd)
         return dense_spectral_gap(p, valid)
 
 
