@@ -239,3 +239,94 @@ def test_store_stats_warns_when_a_general_mask_leaves_out_the_gap():
             Masked()(q, k, v, mask)
     f = rec.frame()
     assert "spectral_gap" not in set(f.metric) and "entropy" in set(f.metric)
+
+
+# ---- the log-normal fit: store="stats" and the dense path take the same ln P entries ----------------
+
+LOGNORMAL = [f"lognormal_{m}" for m in ("mu", "sigma", "ks", "ks_pvalue", "ad", "skew", "excess_kurtosis")]
+
+
+def both_ways(model, inputs, metrics):
+    """rec.frame(batch="each") of a dense (store="qk") and a store="stats" recording of one forward."""
+    with torch.no_grad(), attnstats.record(model) as dense:
+        model(**inputs)
+    with torch.no_grad(), attnstats.record(model, store="stats", metrics=[m for m in metrics if m != "temperature"]) as st:
+        model(**inputs)
+    key = ["layer", "head", "batch", "metric"]
+    a = dense.frame(metrics=metrics, batch="each").set_index(key).value.sort_index()
+    b = st.frame(metrics=metrics, batch="each").set_index(key).value.sort_index()
+    assert list(a.index) == list(b.index)
+    return a, b, dense
+
+
+def test_store_stats_equals_dense_on_minilm():
+    # Sentences of ~10 tokens: every valid entry is used both ways (far fewer than max_samples). The
+    # values of ln P agree to ~1e-15 (float64 softmax vs s − LSE), so every fit agrees to ~1e-10; the
+    # spectral gap to the eigen-solvers' 1e-10.
+    from attnstats.models import load_model
+
+    model, tok = load_model()
+    enc = tok(["A cat sat on the mat.", "Attention maps, measured without eager mode at all."],
+              padding=True, return_tensors="pt")
+    a, b, _ = both_ways(model, dict(enc), ("entropy", "spectral_gap", "lognormal", "moments"))
+    assert set(LOGNORMAL) <= set(a.index.get_level_values("metric"))
+    np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-9, atol=1e-10)
+
+
+def test_store_stats_lognormal_equals_dense_where_it_samples():
+    # 400 tokens: batch element 0 has 160 000 valid entries per head, more than max_samples = 100 000,
+    # so both paths sample, drawing the same ranks of the same enumeration; element 1 (310 real
+    # tokens, 96 100 entries) uses every entry. Agreement to float rounding either way.
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    ids = torch.randint(1, 100, (2, 400), generator=torch.Generator().manual_seed(1))
+    att = torch.ones(2, 400, dtype=torch.long)
+    att[1, 310:] = 0
+    a, b, dense = both_ways(model, {"input_ids": ids, "attention_mask": att}, ("lognormal",))
+    # n is no frame metric: the sizes from the dense fit itself
+    fit = attnstats.lognormal_fit(dense.records[0].probs(dtype=torch.float64), dense.records[0].stats_mask())
+    assert fit.n[0].tolist() == [100_000, 100_000] and fit.n[1].tolist() == [310**2, 310**2]
+    np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_store_stats_frame_cannot_redraw_the_sample(recorded):
+    causal, q, k, rec = recorded
+    qq, kk, v, pad = inputs()
+    with attnstats.record(Stack(causal), store="stats") as rs:
+        Stack(causal)(qq, kk, v, pad)
+    with pytest.raises(ValueError, match=r"max_samples, seed: .*drawn during the forward with max_samples=100000, seed=0"):
+        rs.frame(max_samples=50)
+    rs.frame(metrics=("entropy",), max_samples=50)  # no log-normal fit asked for: nothing to redraw
+
+
+# ---- large records: statistics from q, k without the dense matrix ----------------------------------
+
+
+def test_large_records_get_the_dense_numbers_from_q_and_k(recorded, monkeypatch):
+    from attnstats.capture.record import AttentionRecord
+
+    causal, q, k, rec = recorded
+    dense = {ms: rec.frame(batch="each", max_samples=ms) for ms in (100_000, 20)}  # every entry; a sample
+    monkeypatch.setattr(attnstats.frame, "STREAMING_FROM_TOKENS", 2)  # N = 12: "large"
+
+    def no_dense(*args, **kwargs):
+        raise AssertionError("the dense matrix was built")
+
+    monkeypatch.setattr(AttentionRecord, "probs", no_dense)
+    for ms, want in dense.items():
+        got = rec.frame(batch="each", max_samples=ms)
+        pd.testing.assert_frame_equal(got.drop(columns="value"), want.drop(columns="value"))
+        np.testing.assert_allclose(got.value.to_numpy(), want.value.to_numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_records_past_the_memory_budget_get_their_statistics_from_q_and_k(recorded):
+    causal, q, k, rec = recorded
+    want = rec.frame(batch="each")
+    with attnstats.memory_budget(B * H * N * N * 8 - 1):  # the float64 [B, H, N, N] matrix does not fit
+        with pytest.raises(attnstats.DenseTooLargeError):
+            rec.records[0].probs(dtype=torch.float64)
+        got = rec.frame(batch="each")
+    np.testing.assert_allclose(got.value.to_numpy(), want.value.to_numpy(), rtol=1e-9, atol=1e-12)
