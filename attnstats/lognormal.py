@@ -142,12 +142,12 @@ def sample_ranks(count: int, size: int, generator: torch.Generator) -> torch.Ten
 def _mask_counts(m: torch.Tensor, n: int) -> torch.Tensor:
     """Valid entries per matrix ``[M]`` (int64, CPU) of a broadcast bool mask ``[*batch, N, N]``.
 
-    Read in blocks of about 16 Mi entries: a sum over a broadcast mask would first make an int64
-    copy of all of it.
+    Read in blocks of about 2 Mi entries: a sum over a bool mask makes an int64 copy of what it sums
+    (16 MiB per block; of all of a broadcast mask, were it summed at once).
     """
     batch = tuple(m.shape[:-2])
     count = math.prod(batch)
-    rows = max(1, (1 << 24) // n)
+    rows = max(1, (1 << 21) // n)
     per, step = max(1, rows // n), min(rows, n)
     out = torch.zeros(count, dtype=torch.int64)
     for i0 in range(0, count, per):
