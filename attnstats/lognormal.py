@@ -186,7 +186,7 @@ def log_entries(
     seen = [0] * count  # valid entries of each matrix in the blocks read so far
     parts: list[list[torch.Tensor]] = [[] for _ in range(count)]
     for i0, i1, r0, r1, x, valid in probability_blocks(p, m):
-        vals = x.reshape(-1) if valid is None else x[valid]  # row-major, matrix after matrix
+        vals = x.reshape(-1) if valid is None else torch.masked_select(x, valid)  # row-major, matrix after matrix
         sizes = ([x.shape[1] * n] * x.shape[0]) if valid is None else valid.sum((-2, -1)).tolist()
         for i, v in zip(range(i0, i1), torch.split(vals, sizes)):
             if ranks[i] is not None:
