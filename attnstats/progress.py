@@ -1,59 +1,40 @@
-"""A small progress bar on stderr for long loops (analyses, sweeps, training)."""
+"""Progress bars on stderr for long loops (analyses, sweeps, training): a thin wrapper over tqdm.
+
+Bars are drawn when stderr is a terminal; the environment variable ``ATTNSTATS_PROGRESS=1`` forces
+them (also into a log file or a pipe) and ``ATTNSTATS_PROGRESS=0`` silences them.
+"""
 from __future__ import annotations
 
 import os
 import sys
-import time
 
-__all__ = ["progress"]
+from tqdm import tqdm
+
+__all__ = ["progress", "progress_enabled"]
 
 
-def _enabled(stream) -> bool:
+def progress_enabled(stream=None) -> bool:
+    """Whether a bar is drawn on ``stream`` (default stderr): ``ATTNSTATS_PROGRESS`` if set, else
+    whether ``stream`` is a terminal."""
+    stream = stream or sys.stderr
     flag = os.environ.get("ATTNSTATS_PROGRESS")
     if flag is not None:
-        return flag not in ("0", "", "false", "no")
+        return flag.strip().lower() not in ("0", "", "false", "no", "off")
     return hasattr(stream, "isatty") and stream.isatty()
 
 
-def progress(iterable, total: int | None = None, desc: str = "", stream=None, min_interval: float = 0.1):
-    """Yield from ``iterable`` while drawing ``desc [####....] i/total  elapsed  eta`` on stderr.
+_enabled = progress_enabled  # the name callers used before
 
-    Drawn only when stderr is a terminal, or when the environment variable ``ATTNSTATS_PROGRESS=1``
-    forces it (``0`` silences it); otherwise the items pass through untouched.
+
+def progress(iterable=None, total: int | None = None, desc: str = "", stream=None, min_interval: float = 0.1,
+             **options) -> tqdm:
+    """A tqdm bar over ``iterable`` (or, with ``iterable=None``, one advanced by ``.update(n)``).
+
+    Iterating yields the items of ``iterable`` whether or not the bar is drawn; it is drawn on
+    ``stream`` (default stderr) only when :func:`progress_enabled` says so. ``total`` defaults to
+    ``len(iterable)``; ``min_interval`` is the least time between redraws in seconds; ``options`` go to
+    ``tqdm`` (``unit=``, ``leave=``, ...). Use it as an iterator or as a context manager.
     """
     stream = stream or sys.stderr
-    if total is None:
-        try:
-            total = len(iterable)
-        except TypeError:
-            total = None
-    if not _enabled(stream):
-        yield from iterable
-        return
-    start = last = time.monotonic()
-    width = 28
-
-    def draw(i: int, final: bool = False) -> None:
-        elapsed = time.monotonic() - start
-        if total:
-            frac = i / total
-            bar = "#" * int(frac * width) + "." * (width - int(frac * width))
-            eta = elapsed / i * (total - i) if i else 0.0
-            line = f"\r{desc} [{bar}] {i}/{total}  {elapsed:6.1f}s  eta {eta:6.1f}s"
-        else:
-            line = f"\r{desc} {i}  {elapsed:6.1f}s"
-        stream.write(line + ("\n" if final else ""))
-        stream.flush()
-
-    i = 0
-    draw(0)
-    try:
-        for item in iterable:
-            yield item
-            i += 1
-            now = time.monotonic()
-            if now - last >= min_interval:
-                draw(i)
-                last = now
-    finally:
-        draw(i, final=True)
+    return tqdm(iterable, total=total, desc=desc or None, file=stream, mininterval=min_interval,
+                disable=not progress_enabled(stream), dynamic_ncols=True, **options)
