@@ -2,13 +2,26 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
+from pathlib import Path
 
 __all__ = ["main"]
+
+# argument names of the library's errors, as the command line spells them
+_OPTIONS = {"max_tokens": "--max-tokens", "model": "--model", "texts": "--text/--sentences"}
 
 
 class UserError(Exception):
     """A mistake in the command line or its files: printed without a traceback, exit code 2."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that the same cleanup runs: temporary files
+    of :func:`attnstats.files.atomic_path` are removed and an output folder the run created and left
+    empty is removed."""
 
 
 def _format_table(frame) -> str:
@@ -29,7 +42,7 @@ def cmd_validate(args) -> int:
     from .claims import claims_frame, run_claims
     from .files import write_csv
 
-    csv = _writable(args.csv) if args.csv else None  # fail before the work, not after it
+    csv = _writable_file(args.csv, "--csv", args.created) if args.csv else None  # fail before the work, not after it
     frame = claims_frame(run_claims(quick=args.quick, seed=args.seed))
     print(_format_table(frame))
     if csv:
@@ -47,7 +60,7 @@ def cmd_validate(args) -> int:
 def cmd_reproduce(args) -> int:
     from .reproduce import FIGURES, default_out
 
-    out = _writable(args.out if args.out is not None else default_out(args.quick))
+    out = _writable_dir(args.out if args.out is not None else default_out(args.quick), args.created)
     names = list(FIGURES) if args.figure == "all" else [args.figure]
     written = []
     for name in names:
@@ -83,7 +96,6 @@ def _read_sentences(args) -> list[str]:
 
 def cmd_analyze(args) -> int:
     from .analysis import analyze_model
-
     from .kernels import KERNEL_NAMES
 
     unknown = [k for k in args.alongside if k not in KERNEL_NAMES]
@@ -91,31 +103,81 @@ def cmd_analyze(args) -> int:
         raise UserError(f"--alongside: unknown kernel {unknown[0]!r}; expected some of {', '.join(KERNEL_NAMES)}")
     if args.max_tokens < 2:
         raise UserError(f"--max-tokens: expected at least 2, got {args.max_tokens}")
-    out = _writable(args.out)
+    out = _writable_dir(args.out, args.created)
     texts = _read_sentences(args)
-    try:
-        summary = analyze_model(args.model, texts, out, alongside=args.alongside, max_tokens=args.max_tokens)
-    except (OSError, ImportError) as e:  # a missing or unreadable model folder, a missing extra
-        raise UserError(str(e)) from None
+    summary = analyze_model(args.model, texts, out, alongside=args.alongside, max_tokens=args.max_tokens,
+                            seed=args.seed, note=lambda message: print(f"attnstats analyze: note: {message}",
+                                                                       file=sys.stderr, flush=True))
     print(summary.to_string(float_format=lambda v: f"{v:.4g}"))
     print(f"\nwrote {out / 'stats.csv'} and the plots {', '.join(p.name for p in sorted(out.glob('*.png')))} in {out}/")
     return 0
 
 
-def _writable(path):
-    from pathlib import Path
-
+def _writable_dir(path, created: list) -> Path:
+    """``path`` as an output folder, created if missing (new folders appended to ``created``, deepest first)."""
     p = Path(path)
-    parent = p.parent if p.suffix else p
+    missing = []
+    for d in (p, *p.parents):
+        if d.exists() or d.is_symlink():
+            break
+        missing.append(d)
     try:
-        parent.mkdir(parents=True, exist_ok=True)
+        p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create the output folder {parent}: {e.strerror}") from None
-    import os
-
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"the output folder {parent} is not writable")
+        raise UserError(f"cannot create the output folder {p}: {e.strerror}") from None
+    created.extend(missing)
+    if not os.access(p, os.W_OK):
+        raise UserError(f"the output folder {p} is not writable")
     return p
+
+
+def _writable(path, created: list | None = None) -> Path:
+    """:func:`_writable_dir` for callers that keep no list of created folders."""
+    return _writable_dir(path, [] if created is None else created)
+
+
+def _writable_file(path, option: str, created: list) -> Path:
+    """``path`` as an output file: not a folder, its folder created if missing and writable."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{option}: {p} is a directory; expected a file name, e.g. {p / 'claims.csv'}")
+    _writable_dir(p.parent, created)
+    return p
+
+
+def _user_error(e: BaseException) -> str | None:
+    """The one-line message of an exception that is a user's mistake, or None for a bug (traceback)."""
+    from .analysis import AnalysisInputError
+    from .budget import DenseTooLargeError
+    from .models import ModelFolderError
+
+    if isinstance(e, UserError):
+        return str(e)
+    if isinstance(e, AnalysisInputError):
+        return f"{_OPTIONS.get(e.argument, e.argument)}: {e.detail}"
+    if isinstance(e, ModelFolderError):
+        return "--" + str(e) if str(e).startswith("model: ") else str(e)
+    if isinstance(e, DenseTooLargeError):  # the check before the work could not know the size
+        return f"{str(e).split('. ')[0]}; lower --max-tokens"
+    if isinstance(e, FileNotFoundError) and str(e).startswith("model: "):
+        return "--" + str(e)
+    if isinstance(e, (OSError, ImportError)):  # an unreadable model folder, a full disk, a missing extra
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return None
+
+
+def _remove_if_empty(folders: list) -> None:
+    """Remove the folders a failed run created (deepest first) as long as they are empty."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:  # not empty (or gone): it and its parents stay
+            break
+
+
+def _raise_terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,8 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--sentences", nargs="+", metavar="SENTENCE", help="sentences given on the command line")
     a.add_argument("--out", default="attnstats-out", metavar="DIR", help="output folder (default attnstats-out)")
     a.add_argument("--alongside", nargs="*", default=["lln"], metavar="KERNEL",
-                   help="kernels run alongside on the same q, k (default: lln; none: --alongside)")
-    a.add_argument("--max-tokens", type=int, default=256, help="truncate each sentence to this many tokens (default 256)")
+                   help="kernels run alongside on the same q, k (default: lln; none: --alongside; softmax is the "
+                   "captured attention, always there)")
+    a.add_argument("--max-tokens", type=int, default=256,
+                   help="truncate each sentence to this many tokens (default 256; at most what the model takes, "
+                   "512 for all-MiniLM-L6-v2)")
     a.add_argument("--seed", type=int, default=0, help="seed of the default sentences (default 0)")
     a.set_defaults(func=cmd_analyze)
 
@@ -165,16 +230,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run the command; returns the exit code: 0 done, 1 a failed check, 2 a user mistake (one line on
+    stderr), 130 Ctrl-C, 143 SIGTERM. On any failure the output folders the run created are removed
+    if they are still empty."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.created = []
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
+    code = 1
     try:
-        return args.func(args)
-    except UserError as e:
-        print(f"attnstats {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        code = args.func(args)
+        return code
+    except Terminated:
+        code = 128 + signal.SIGTERM
+        print(f"attnstats {args.command}: terminated", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
+        code = 130
         print(f"attnstats {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return code
+    except Exception as e:
+        message = _user_error(e)
+        if message is None:
+            raise
+        code = 2
+        print(f"attnstats {args.command}: error: {message}", file=sys.stderr)
+        return code
+    finally:
+        if code != 0:
+            _remove_if_empty(args.created)
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

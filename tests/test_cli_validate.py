@@ -56,3 +56,24 @@ def test_console_entry_point_help():
     assert r.returncode == 0 and "--quick" in r.stdout
     r = subprocess.run([sys.executable, "-m", "attnstats", "nonsense"], capture_output=True, text=True)
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_csv_that_is_a_directory_is_a_user_error_before_the_work(tmp_path, capsys, monkeypatch):
+    import attnstats.claims as claims
+
+    def no_work(quick, seed):
+        raise AssertionError("the claims ran although --csv cannot be written")
+
+    monkeypatch.setattr(claims, "run_claims", no_work)
+    assert main(["validate", "--csv", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"attnstats validate: error: --csv: {tmp_path} is a directory; expected a file name, e.g. {tmp_path / 'claims.csv'}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_csv_without_suffix_is_a_file(tmp_path, monkeypatch):
+    import attnstats.claims as claims
+
+    monkeypatch.setattr(claims, "run_claims", lambda quick, seed: [])
+    assert main(["validate", "--csv", str(tmp_path / "claims")]) == 0
+    assert (tmp_path / "claims").is_file()
