@@ -131,11 +131,6 @@ def _writable_dir(path, created: list) -> Path:
     return p
 
 
-def _writable(path, created: list | None = None) -> Path:
-    """:func:`_writable_dir` for callers that keep no list of created folders."""
-    return _writable_dir(path, [] if created is None else created)
-
-
 def _writable_file(path, option: str, created: list) -> Path:
     """``path`` as an output file: not a folder, its folder created if missing and writable."""
     p = Path(path)
