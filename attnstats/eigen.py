@@ -149,7 +149,7 @@ _ARNOLDI_MIN = 2 * _NEV + 3  # heads with fewer tokens are always solved densely
 # method="auto" solves heads of up to this many tokens densely (LAPACK on P, batched over heads):
 # below it one dense solve costs less than a certified Arnoldi solve on the CPU (measured in
 # benchmarks/RESULTS.md, "dense vs Arnoldi gap").
-DENSE_MAX_TOKENS = 256
+DENSE_MAX_TOKENS = 448
 
 
 def _certify_tol(dtype: torch.dtype) -> float:
