@@ -188,13 +188,16 @@ def _arnoldi_gap(op: AttentionOperator, tol: float, max_iterations: int | None, 
     v0 = rng.standard_normal(n)
     v0 -= v0.mean()
     op.calls = 0
-    # Rank-one attention (identical queries or keys) makes A vanish: ARPACK would stop on a zero
-    # Krylov vector. A random vector that A sends to rounding level bounds every |λ| by about
-    # sqrt(N)·‖A v0‖/‖v0‖ (a random direction sees a 1/sqrt(N) share of ‖A‖).
-    av0 = apply(v0)
-    zero_level = float(np.linalg.norm(av0) / np.linalg.norm(v0))
-    if zero_level <= 64 * n * torch.finfo(op.dtype).eps:
-        return 0j, op.calls, zero_level, True, math.sqrt(n) * zero_level
+    # Rank-one attention (identical queries or keys) makes A vanish up to rounding, and ARPACK stops
+    # on a zero Krylov vector. Three random vectors that A sends to rounding level (the error of a
+    # product, ~sqrt(N)·eps relative) mean λ_2 = 0: a random direction sees about a 1/sqrt(N) share
+    # of ‖A‖, and the factor 100 covers an unlucky draw (all three below 1/100 of it: odds ~1e-6).
+    probes = rng.standard_normal((n, 3))
+    probes -= probes.mean(0)
+    level = float((np.linalg.norm(apply(probes), axis=0) / np.linalg.norm(probes, axis=0)).max())
+    vanishing_bound = 100 * math.sqrt(n) * level
+    if level <= 64 * math.sqrt(n) * torch.finfo(op.dtype).eps:
+        return 0j, op.calls, level, True, vanishing_bound
 
     # Three eigenvalues, not two: with the bulk of the spectrum a disc whose edge lies close to
     # |λ_2|, asking ARPACK for a single one can converge to a neighbour of nearly the same modulus.
@@ -212,8 +215,8 @@ def _arnoldi_gap(op: AttentionOperator, tol: float, max_iterations: int | None, 
             return np.zeros(0, complex), np.zeros((n, 0), complex), False
 
     vals, vecs, converged = solve(False)
-    if len(vals) == 0:
-        return complex("nan"), op.calls, math.nan, False, math.inf
+    if len(vals) == 0:  # a breakdown: the start vector's images were all that A showed of itself
+        return 0j, op.calls, level, False, vanishing_bound
     i = int(np.argmax(np.abs(vals)))
     lam, v = complex(vals[i]), vecs[:, i]
     residual = float(np.linalg.norm(apply_c(v) - lam * v) / np.linalg.norm(v))

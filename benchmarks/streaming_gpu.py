@@ -222,9 +222,9 @@ def part_eigen(dev):
         diff = max(abs(float(r.gap[h]) - dense[h]) for h in range(2))
         rows.append(dict(n=4096, sigma2=sigma2, gap_matrix_free=r.gap.tolist(), gap_dense=dense, max_abs_diff=diff,
                          iterations=r.iterations.tolist(), residual=r.residual.tolist(), converged=r.converged.tolist(),
-                         s_per_head_matrix_free=t_mf, s_per_head_dense_fp64_gpu=t_dense))
+                         certified=r.certified.tolist(), error_bound=r.error_bound.tolist(), s_per_head_matrix_free=t_mf, s_per_head_dense_fp64_gpu=t_dense))
         print(f"eigen N=4096 sigma2={sigma2}: |gap - dense| = {diff:.2e}; matrix-free {t_mf:.3f} s/head "
-              f"(iterations {r.iterations.tolist()}), dense fp64 eigvals {t_dense:.2f} s/head", flush=True)
+              f"(iterations {r.iterations.tolist()}, certified {r.certified.tolist()}, bound {r.error_bound.tolist()}), dense fp64 eigvals {t_dense:.2f} s/head", flush=True)
     for dt in (torch.float32, torch.bfloat16):
         for sigma2 in (1.0, 4.0):
             s = sigma2 ** 0.25
@@ -238,10 +238,12 @@ def part_eigen(dev):
             x = torch.randn(16384, 1, device=dev)
             t_mv = bench(lambda: op.matmat(x)) / 1e3
             rows.append(dict(n=16384, sigma2=sigma2, dtype=str(dt), gap=r.gap.tolist(), iterations=r.iterations.tolist(),
-                             residual=r.residual.tolist(), converged=r.converged.tolist(), s_per_head=t,
+                             residual=r.residual.tolist(), converged=r.converged.tolist(), certified=r.certified.tolist(),
+                             error_bound=r.error_bound.tolist(), s_per_head=t,
                              s_per_product=t_mv))
             print(f"eigen N=16384 {dt} sigma2={sigma2}: {t:.3f} s/head, gap {r.gap.tolist()}, iterations "
                   f"{r.iterations.tolist()}, residual {r.residual.tolist()}, converged {r.converged.tolist()}, "
+                  f"certified {r.certified.tolist()}, bound {r.error_bound.tolist()}, "
                   f"one product P x {t_mv * 1e3:.3f} ms", flush=True)
     return rows
 
