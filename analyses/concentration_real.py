@@ -6,7 +6,7 @@ Run: python analyses/concentration_real.py [--out DIR] [--quick] [--seed N]   (s
 """
 import sys
 
-from attnstats.cli import main
+from attnstats.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["reproduce", "concentration", *sys.argv[1:]]))

@@ -6,7 +6,7 @@ Run: python analyses/fig1_training.py [--out DIR] [--quick] [--seed N]   (same a
 """
 import sys
 
-from attnstats.cli import main
+from attnstats.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["reproduce", "fig1", *sys.argv[1:]]))

@@ -6,7 +6,7 @@ Run: python analyses/fig2_kernels.py [--out DIR] [--quick] [--seed N]   (same as
 """
 import sys
 
-from attnstats.cli import main
+from attnstats.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["reproduce", "fig2", *sys.argv[1:]]))

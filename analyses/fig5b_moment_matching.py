@@ -6,7 +6,7 @@ Run: python analyses/fig5b_moment_matching.py [--out DIR] [--quick] [--seed N]  
 """
 import sys
 
-from attnstats.cli import main
+from attnstats.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["reproduce", "fig5b", *sys.argv[1:]]))

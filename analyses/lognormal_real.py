@@ -6,7 +6,7 @@ Run: python analyses/lognormal_real.py [--out DIR] [--quick] [--seed N]   (same 
 """
 import sys
 
-from attnstats.cli import main
+from attnstats.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["reproduce", "lognormal", *sys.argv[1:]]))

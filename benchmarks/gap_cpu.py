@@ -6,7 +6,7 @@ Two tables, every time the median of ``--repeat`` runs in this process:
    against ``torch.linalg.eigvals`` of the explicitly deflated matrix ``P[:-1, :-1] − P[-1:, :-1]``
    (the route attnstats took before it solved P itself), for random and peaked heads.
 2. ``spectral_gap_from_qk(q, k, method=...)`` per head, ``"dense"`` against ``"arnoldi"`` (certified:
-   two ARPACK runs), over N: the crossover behind ``attnstats.eigen.DENSE_MAX_TOKENS``.
+   two ARPACK runs), over N: the crossover behind ``attnstats.stats.spectral.DENSE_MAX_TOKENS``.
 
 Usage: ``python benchmarks/gap_cpu.py [--repeat 3] [--out results/gap_cpu.json]``.
 """

@@ -14,8 +14,9 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attnstats import streaming_triton  # noqa: E402
-from attnstats.streaming import _reshape_rows, _row_pass, moments_from_rows, prepare_qk, streaming_stats  # noqa: E402
+from attnstats.stats import online_triton as streaming_triton  # noqa: E402
+from attnstats.stats.online import _reshape_rows, _row_pass, moments_from_rows, prepare_qk  # noqa: E402
+from attnstats.stats.qk import streaming_stats  # noqa: E402
 
 q, k = [torch.randn(1, 16, 16384, 64, device='cuda', dtype=torch.bfloat16) for _ in range(2)]
 qb, kb, scale, _, _ = prepare_qk(q, k)

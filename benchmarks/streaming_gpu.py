@@ -30,9 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import bench, run_parts  # noqa: E402
 
-from attnstats import streaming_triton  # noqa: E402
-from attnstats.eigen import AttentionOperator, spectral_gap_from_qk  # noqa: E402
-from attnstats.streaming import prepare_qk, streaming_stats  # noqa: E402
+from attnstats.stats import online_triton as streaming_triton  # noqa: E402
+from attnstats.stats.arnoldi import AttentionOperator  # noqa: E402
+from attnstats.stats.spectral import spectral_gap_from_qk  # noqa: E402
+from attnstats.stats.online import prepare_qk  # noqa: E402
+from attnstats.stats.qk import streaming_stats  # noqa: E402
 
 
 def dense_reference(q, k, scale, mask, causal):

@@ -27,14 +27,14 @@ SENTENCES = [
 @pytest.fixture(scope="module")
 def minilm():
     pytest.importorskip("transformers")
-    from attnstats.models import load_model
+    from attnstats.app.models import load_model
 
     return load_model(attn_implementation="sdpa")
 
 
 @pytest.fixture(scope="module")
 def minilm_eager_attentions(minilm):
-    from attnstats.models import load_model
+    from attnstats.app.models import load_model
 
     model, tok = minilm
     inputs = tok(SENTENCES, padding=True, return_tensors="pt")
@@ -47,7 +47,7 @@ def minilm_eager_attentions(minilm):
 @pytest.fixture(scope="module")
 def minilm_eager_records(minilm_eager_attentions):
     """The eager model's own records, on the same inputs."""
-    from attnstats.models import load_model
+    from attnstats.app.models import load_model
 
     inputs, _ = minilm_eager_attentions
     eager, _ = load_model(attn_implementation="eager")
@@ -96,7 +96,7 @@ def test_minilm_probs_equal_eager_attentions(minilm, minilm_eager_attentions, mi
 
 
 def test_minilm_layers_selection_and_eager_backend(minilm, minilm_eager_attentions):
-    from attnstats.models import load_model
+    from attnstats.app.models import load_model
 
     model, _ = minilm
     inputs, att = minilm_eager_attentions

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import attnstats
-from attnstats.cli import main
-from attnstats.models import load_model
+from attnstats.app.cli import main
+from attnstats.app.models import load_model
 
 
 def run(*args, cwd=None):
@@ -75,8 +75,8 @@ def model():
 @pytest.fixture(scope="module")
 def batched(tmp_path_factory):
     """``analyze_model`` on TEXTS, two sentences per forward pass, with the lognormal figure's inputs kept."""
-    import attnstats.analysis as analysis
-    import attnstats.plot as plot
+    import attnstats.app.analysis as analysis
+    import attnstats.app.plot as plot
 
     out = tmp_path_factory.mktemp("batched")
     seen, notes = {}, []
@@ -185,12 +185,12 @@ def test_dense_attention_over_the_budget_is_refused_before_the_work(tmp_path, ca
 
 
 def test_dense_error_during_the_work_is_one_line(tmp_path, capsys, monkeypatch):
-    import attnstats.analysis
+    import attnstats.app.analysis
 
     def too_large(*args, **kwargs):
         attnstats.budget.check_dense_fits((1, 12, 10**5, 10**5), 8)
 
-    monkeypatch.setattr(attnstats.analysis, "analyze_model", too_large)
+    monkeypatch.setattr(attnstats.app.analysis, "analyze_model", too_large)
     assert main(["analyze", "--sentences", "a", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("attnstats analyze: error: the dense attention matrix of shape (1, 12, 100000, 100000)")

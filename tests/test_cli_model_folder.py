@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from attnstats.cli import main
-from attnstats.models import default_model_path
+from attnstats.app.cli import main
+from attnstats.app.models import default_model_path
 
 EVIL = "import pathlib\npathlib.Path({marker!r}).write_text('ran')\n"
 
@@ -72,7 +72,7 @@ def test_remote_tokenizer_code_is_never_run(tmp_path, capsys):
 def test_every_transformers_load_passes_trust_remote_code_false(monkeypatch):
     import transformers
 
-    from attnstats.models import load_model
+    from attnstats.app.models import load_model
 
     calls = []
 

@@ -1,7 +1,7 @@
-"""attnstats.progress: tqdm bars behind the ATTNSTATS_PROGRESS switch."""
+"""attnstats.app.progress: tqdm bars behind the ATTNSTATS_PROGRESS switch."""
 import io
 
-from attnstats.progress import progress, progress_enabled
+from attnstats.app.progress import progress, progress_enabled
 
 
 def test_switch(monkeypatch):

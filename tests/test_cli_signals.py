@@ -10,8 +10,8 @@ import textwrap
 CHILD = textwrap.dedent("""
     import sys, time
     import pandas as pd
-    import attnstats.claims as claims
-    from attnstats.cli import main
+    import attnstats.app.claims as claims
+    from attnstats.app.cli import main
 
     claims.run_claims = lambda quick, seed: [claims.ClaimResult("§2", "c", 1.0, 1.0, "rel 0.1", True, True, "r")]
 

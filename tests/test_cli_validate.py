@@ -3,8 +3,8 @@ import sys
 
 import pandas as pd
 
-from attnstats.claims import run_claims
-from attnstats.cli import main
+from attnstats.app.claims import run_claims
+from attnstats.app.cli import main
 
 
 def test_claims_inside_their_regime_hold_on_sections_2_and_3():
@@ -18,7 +18,7 @@ def test_claims_inside_their_regime_hold_on_sections_2_and_3():
 
 
 def test_validate_prints_table_and_writes_csv(tmp_path, capsys, monkeypatch):
-    import attnstats.claims as claims
+    import attnstats.app.claims as claims
 
     real = claims.run_claims
     monkeypatch.setattr(claims, "run_claims", lambda quick, seed: real(quick=True, seed=seed, sections=("§2",)))
@@ -32,7 +32,7 @@ def test_validate_prints_table_and_writes_csv(tmp_path, capsys, monkeypatch):
 
 
 def test_validate_exit_code_is_non_zero_when_a_claim_breaks(monkeypatch, capsys):
-    import attnstats.claims as claims
+    import attnstats.app.claims as claims
 
     bad = claims.ClaimResult("§2", "a claim that breaks", 1.0, 2.0, "rel 0.1", False, True, "test")
     monkeypatch.setattr(claims, "run_claims", lambda quick, seed: [bad])
@@ -41,7 +41,7 @@ def test_validate_exit_code_is_non_zero_when_a_claim_breaks(monkeypatch, capsys)
 
 
 def test_unwritable_csv_is_a_user_error(tmp_path, capsys, monkeypatch):
-    import attnstats.claims as claims
+    import attnstats.app.claims as claims
 
     monkeypatch.setattr(claims, "run_claims", lambda quick, seed: [])
     blocker = tmp_path / "file"
@@ -59,7 +59,7 @@ def test_console_entry_point_help():
 
 
 def test_csv_that_is_a_directory_is_a_user_error_before_the_work(tmp_path, capsys, monkeypatch):
-    import attnstats.claims as claims
+    import attnstats.app.claims as claims
 
     def no_work(quick, seed):
         raise AssertionError("the claims ran although --csv cannot be written")
@@ -72,7 +72,7 @@ def test_csv_that_is_a_directory_is_a_user_error_before_the_work(tmp_path, capsy
 
 
 def test_csv_without_suffix_is_a_file(tmp_path, monkeypatch):
-    import attnstats.claims as claims
+    import attnstats.app.claims as claims
 
     monkeypatch.setattr(claims, "run_claims", lambda quick, seed: [])
     assert main(["validate", "--csv", str(tmp_path / "claims")]) == 0

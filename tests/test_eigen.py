@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 
 import attnstats
 from attnstats.budget import DenseTooLargeError, memory_budget
-from attnstats import eigen
-from attnstats.eigen import AttentionOperator, linear_spectral_gap, spectral_gap_from_qk
+from attnstats.stats import spectral as eigen
+from attnstats.stats.arnoldi import AttentionOperator
+from attnstats.stats.spectral import linear_spectral_gap, spectral_gap_from_qk
 from helpers import gaussian_qk, softmax_attention
 
 

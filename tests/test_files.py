@@ -4,7 +4,7 @@ import stat
 import pandas as pd
 import pytest
 
-from attnstats.files import atomic_path, write_csv, write_text
+from attnstats.app.files import atomic_path, write_csv, write_text
 
 
 def test_written_whole_with_ordinary_permissions(tmp_path):

@@ -263,7 +263,7 @@ def test_store_stats_equals_dense_on_minilm():
     # Sentences of ~10 tokens: every valid entry is used both ways (far fewer than max_samples). The
     # values of ln P agree to ~1e-15 (float64 softmax vs s − LSE), so every fit agrees to ~1e-10; the
     # spectral gap to the eigen-solvers' 1e-10.
-    from attnstats.models import load_model
+    from attnstats.app.models import load_model
 
     model, tok = load_model()
     enc = tok(["A cat sat on the mat.", "Attention maps, measured without eager mode at all."],
@@ -310,7 +310,7 @@ def test_large_records_get_the_dense_numbers_from_q_and_k(recorded, monkeypatch)
 
     causal, q, k, rec = recorded
     dense = {ms: rec.frame(batch="each", max_samples=ms) for ms in (100_000, 20)}  # every entry; a sample
-    monkeypatch.setattr(attnstats.frame, "STREAMING_FROM_TOKENS", 2)  # N = 12: "large"
+    monkeypatch.setattr(attnstats.metrics, "STREAMING_FROM_TOKENS", 2)  # N = 12: "large"
 
     def no_dense(*args, **kwargs):
         raise AssertionError("the dense matrix was built")

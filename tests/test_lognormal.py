@@ -6,7 +6,7 @@ import torch
 from scipy import stats as sps
 
 import attnstats
-from attnstats.lognormal import fit_log_values, log_entries
+from attnstats.stats.lognormal import fit_log_values, log_entries
 from helpers import gaussian_qk, softmax_attention
 
 

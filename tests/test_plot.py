@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from attnstats import plot
-from attnstats.files import save_figure
+from attnstats.app import plot
+from attnstats.app.files import save_figure
 
 # The numbers drawn are means, minima and maxima of a few float64 values: pandas and numpy may sum
 # them in another order, which changes the result by a few ulps at most.

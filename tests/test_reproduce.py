@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from attnstats import reproduce
-from attnstats.cli import main
+from attnstats.app import reproduce
+from attnstats.app.cli import main
 
 
 def read(out, name, written):

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnstats
-from attnstats.spectral import causal_spectral_gap, gap_from_eigenvalues
+from attnstats.stats.spectral import causal_spectral_gap, gap_from_eigenvalues
 from helpers import gaussian_qk, softmax_attention
 
 

@@ -150,7 +150,7 @@ def test_dense_statistics_are_guarded_by_the_memory_budget(fn):
 
 
 def test_prepare_probs_is_guarded_by_the_memory_budget():
-    from attnstats.stats import prepare_probs
+    from attnstats.stats.dense import prepare_probs
 
     p = softmax_attention(*gaussian_qk((2,), 16, 4, seed=7)).float()
     with attnstats.memory_budget(2 * 16 * 16 * 8 - 1):  # the float64 copy of p needs 4 KiB

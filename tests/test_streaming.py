@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from attnstats.lognormal import log_entries, lognormal_fit
-from attnstats.stats import entry_moments, row_entropy
-from attnstats.streaming import _triangle_index, sample_log_probs, streaming_lognormal_fit, streaming_stats
+from attnstats.stats.lognormal import log_entries, lognormal_fit
+from attnstats.stats.dense import entry_moments, row_entropy
+from attnstats.stats.qk import _triangle_index, sample_log_probs, streaming_lognormal_fit, streaming_stats
 from helpers import gaussian_qk, softmax_attention
 
 
@@ -211,8 +211,8 @@ def test_log_samples_subsample_valid_and_distinct():
 
 def test_auto_falls_back_when_the_kernel_fails(monkeypatch):
     # A GPU the Triton kernel does not compile for: "auto" warns and uses the PyTorch path.
-    import attnstats.streaming as streaming
-    from attnstats import streaming_triton
+    import attnstats.stats.online as streaming
+    from attnstats.stats import online_triton as streaming_triton
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of resource: shared memory")
@@ -304,7 +304,7 @@ def test_log_samples_of_a_matrix_with_no_valid_entry_name_it():
 
 @pytest.mark.parametrize("count", [1000, 100_000])  # a permutation; draws with repeats dropped
 def test_sample_ranks_are_distinct_uniform_and_reproducible(count):
-    from attnstats.lognormal import matrix_generator, sample_ranks
+    from attnstats.stats.lognormal import matrix_generator, sample_ranks
 
     size = 200
     r = sample_ranks(count, size, matrix_generator(0, 0))

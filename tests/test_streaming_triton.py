@@ -1,6 +1,6 @@
 """The fused Triton kernels against dense float64 attention, on the CPU under TRITON_INTERPRET=1.
 
-Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when attnstats.streaming_triton is
+Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when attnstats.stats.online_triton is
 first imported, so the check runs in a fresh interpreter with the variable set. Sizes are tiny:
 the interpreter runs each program in Python. bf16 is checked on the GPU only
 (benchmarks/streaming_gpu.py): the interpreter has no bf16 arithmetic.
@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = textwrap.dedent(
     """
     import math, torch
-    from attnstats import streaming_triton
-    from attnstats.streaming import streaming_stats
-    from attnstats.stats import entry_moments, row_entropy
+    from attnstats.stats import online_triton as streaming_triton
+    from attnstats.stats.qk import streaming_stats
+    from attnstats.stats.dense import entry_moments, row_entropy
 
     assert streaming_triton.available()
 

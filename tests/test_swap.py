@@ -5,7 +5,7 @@ import torch
 pytest.importorskip("transformers")
 
 import attnstats  # noqa: E402
-from attnstats.models import load_model  # noqa: E402
+from attnstats.app.models import load_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

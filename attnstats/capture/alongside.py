@@ -8,11 +8,7 @@ causality); an attention bias or softcap of the captured layer is not applied to
 """
 from __future__ import annotations
 
-import torch
-
-from ..validation import compute_dtype
-
-__all__ = ["resolve_kernels", "kernel_probs", "kernel_gap"]
+__all__ = ["resolve_kernels"]
 
 
 def resolve_kernels(alongside) -> list:
@@ -39,35 +35,3 @@ def resolve_kernels(alongside) -> list:
         names.add(kernel.name)
         kernels.append(kernel)
     return kernels
-
-
-def _resolve(kernel):
-    if isinstance(kernel, str):
-        from ..kernels import get_kernel
-
-        return get_kernel(kernel)
-    return kernel
-
-
-def _qk(rec):
-    b = rec.shape[0]
-    q = rec.q.expand(b, *rec.q.shape[1:])
-    k = rec.k.expand(b, *rec.k.shape[1:])
-    dtype = compute_dtype(q)
-    return q.to(dtype), k.to(dtype)
-
-
-def kernel_probs(rec, kernel) -> torch.Tensor:
-    """``kernel.matrix`` on the record's q, k: ``[B, H, Nq, Nk]`` row-stochastic over valid entries."""
-    kernel = _resolve(kernel)
-    q, k = _qk(rec)
-    with torch.no_grad():
-        return kernel.matrix(q, k, causal=rec.is_causal, mask=rec.stats_mask())
-
-
-def kernel_gap(rec, kernel) -> torch.Tensor:
-    """``kernel.spectral_gap`` on the record's q, k: ``[B, H]`` (exact r×r rule for linearised kernels)."""
-    kernel = _resolve(kernel)
-    q, k = _qk(rec)
-    with torch.no_grad():
-        return kernel.spectral_gap(q, k, causal=rec.is_causal, mask=rec.stats_mask())

@@ -151,7 +151,7 @@ class AttentionRecord:
         nbytes = max(4, torch.finfo(dtype).bits // 8, torch.finfo(compute_dtype(self.q)).bits // 8)
         check_dense_fits((b, h, nq, nk), nbytes, f"record {self.name!r} (layer {self.layer}): the dense attention matrix")
         if kernel is not None:
-            from .alongside import kernel_probs
+            from ..metrics import kernel_probs
 
             return kernel_probs(self, kernel).to(dtype)
         s = self.scores()

@@ -188,9 +188,9 @@ class Recorder:
         if metrics is not None and store != "stats":
             raise ValueError("metrics: chooses what store='stats' computes during the forward; with store='qk' pass "
                              "metrics to rec.frame(metrics=...) instead")
-        from ..frame import _check_metrics
+        from ..metrics import check_metrics
 
-        self.stats_metrics = _check_metrics(metrics if metrics is not None else ("entropy", "spectral_gap", "lognormal", "moments"))
+        self.stats_metrics = check_metrics(metrics if metrics is not None else ("entropy", "spectral_gap", "lognormal", "moments"))
         self.records: list[AttentionRecord] = []
         self._select = _selector(layers)
         self._capture_fn = capture

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ..budget import check_dense_fits
-from ..spectral import spectral_gap as dense_spectral_gap
+from ..stats.spectral import spectral_gap as dense_spectral_gap
 from ..validation import compute_dtype
 from .base import Kernel, _register, check_qk4, check_real, check_qkv, full_mask, matrix_dtype, work_dtype
 from .softmax import softmax_matrix

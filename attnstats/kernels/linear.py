@@ -24,7 +24,7 @@ import math
 import torch
 
 from ..budget import check_dense_fits
-from ..spectral import causal_spectral_gap, eigenvalues, gap_from_eigenvalues
+from ..stats.spectral import causal_spectral_gap, eigenvalues, gap_from_eigenvalues
 from ..validation import compute_dtype, first_index
 from .base import (
     Kernel,

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .. import theory
-from ..spectral import spectral_gap as dense_spectral_gap
+from ..stats.spectral import spectral_gap as dense_spectral_gap
 from .base import Kernel, _register, check_qk4, check_qkv, full_mask
 from .block_diagonal import BlockDiagonalAttention
 from .lln import LLNAttention

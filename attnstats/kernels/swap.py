@@ -148,7 +148,7 @@ def use_kernel(model, kernel, **kwargs) -> KernelSwap:
 
     Example::
 
-        model, tok = attnstats.models.load_model()
+        model, tok = attnstats.app.models.load_model()
         with attnstats.use_kernel(model, "lln"):
             out = model(**tok(["a sentence"], return_tensors="pt")).last_hidden_state
     """

@@ -20,7 +20,7 @@ class UserError(Exception):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread like Ctrl-C so that the same cleanup runs: temporary files
-    of :func:`attnstats.files.atomic_path` are removed and an output folder the run created and left
+    of :func:`attnstats.app.files.atomic_path` are removed and an output folder the run created and left
     empty is removed."""
 
 
@@ -96,7 +96,7 @@ def _read_sentences(args) -> list[str]:
 
 def cmd_analyze(args) -> int:
     from .analysis import analyze_model
-    from .kernels import KERNEL_NAMES
+    from ..kernels import KERNEL_NAMES
 
     unknown = [k for k in args.alongside if k not in KERNEL_NAMES]
     if unknown:
@@ -143,7 +143,7 @@ def _writable_file(path, option: str, created: list) -> Path:
 def _user_error(e: BaseException) -> str | None:
     """The one-line message of an exception that is a user's mistake, or None for a bug (traceback)."""
     from .analysis import AnalysisInputError
-    from .budget import DenseTooLargeError
+    from ..budget import DenseTooLargeError
     from .models import ModelFolderError
 
     if isinstance(e, UserError):

@@ -1,6 +1,6 @@
-"""The figures of attnstats, drawn from the tidy long-format DataFrames of :mod:`attnstats.reproduce`
+"""The figures of attnstats, drawn from the tidy long-format DataFrames of :mod:`attnstats.app.reproduce`
 and ``rec.frame()``. Each function returns a matplotlib Figure; save it with
-:func:`attnstats.files.save_figure` (written whole or not at all).
+:func:`attnstats.app.files.save_figure` (written whole or not at all).
 """
 from __future__ import annotations
 
@@ -279,7 +279,7 @@ def layer_head_heatmaps(df, metrics=("entropy", "spectral_gap"), kernels=None, t
     colour scale per metric (shared by the kernels, so equal colours mean equal values).
 
     With up to five metrics the figure stays under 2000 × 2000 px at the 110 dpi of
-    :func:`attnstats.files.save_figure` however many kernels there are: rows get shorter instead.
+    :func:`attnstats.app.files.save_figure` however many kernels there are: rows get shorter instead.
 
     Args:
         df: ``rec.frame()`` or its columns ``layer, head, metric, value`` and optionally ``kernel``

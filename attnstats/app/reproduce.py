@@ -14,11 +14,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import plot, theory
+from .. import theory
+from . import plot
 from .files import save_figure, write_csv
 from .progress import progress
-from .spectral import spectral_gap
-from .stats import entry_moments, row_entropy
+from ..stats.spectral import spectral_gap
+from ..stats.dense import entry_moments, row_entropy
 
 __all__ = ["FIGURES", "FULL_OUT", "QUICK_OUT", "default_out", "fig5a_moments", "fig5b_moment_matching",
            "fig2_kernels", "fig1_training", "lognormal_real", "concentration_real", "write_figure"]
@@ -90,7 +91,7 @@ def fig5b_moment_matching(out=None, quick: bool = False, seed: int = 0) -> list[
     Gaussian q, k (``σ_q = σ_k``), d = 64, N = 1024, the σ² sweep of Figure 5a, 3 seeds (quick:
     N = 256, 1 seed). Columns: ``n, d, sigma2, seed, kernel, metric, value``.
     """
-    from .kernels import get_kernel
+    from ..kernels import get_kernel
 
     n, d, seeds = (256, 64, [seed]) if quick else (1024, 64, [seed, seed + 1, seed + 2])
     sigma2s = np.geomspace(0.1, 8.0, 12 if quick else 14)
@@ -119,7 +120,7 @@ def fig2_kernels(out=None, quick: bool = False, seed: int = 0) -> list[Path]:
     5 seeds (quick: N = 64, 8 temperatures, 2 seeds). The spectral gap of linearised kernels is the
     exact r×r rule; of softmax, the dense eigen-solver. Columns: ``n, d, tau, seed, kernel, metric, value``.
     """
-    from .kernels import get_kernel
+    from ..kernels import get_kernel
 
     n, d, seeds, taus = (64, 64, [seed, seed + 1], np.geomspace(0.2, 5, 8)) if quick else \
         (256, 64, list(range(seed, seed + 5)), np.geomspace(0.2, 5, 12))
@@ -161,8 +162,8 @@ def lognormal_real(out=None, quick: bool = False, seed: int = 0) -> list[Path]:
     of the batch pooled per head), and per layer with ``head`` empty (all heads pooled). Columns:
     ``layer, head, metric, value``.
     """
-    from .capture import record
-    from .lognormal import fit_log_values, log_entries
+    from ..capture import record
+    from ..stats.lognormal import fit_log_values, log_entries
 
     model, batch = _minilm_batch(quick, seed)
     with torch.no_grad(), record(model) as rec:
@@ -207,7 +208,7 @@ def concentration_real(out=None, quick: bool = False, seed: int = 0) -> list[Pat
     evaluated alongside on the same captured q, k (batch mean over a padded batch of sentences).
     Columns: those of ``rec.frame()`` (``call, layer, name, kernel, head, batch, metric, value``).
     """
-    from .capture import record
+    from ..capture import record
 
     model, batch = _minilm_batch(quick, seed)
     with torch.no_grad(), record(model, alongside=["lln"]) as rec:
@@ -260,8 +261,8 @@ def _train_encoder(kernel: str, tok, steps: int, seed: int, sizes: dict) -> pd.D
 
     import transformers
 
-    from .capture import record
-    from .kernels.swap import use_kernel
+    from ..capture import record
+    from ..kernels.swap import use_kernel
 
     torch.manual_seed(seed)
     batches, vocab_size, pad_id = _mlm_batches(tok, sizes["seq"], sizes["batch"], steps, seed)

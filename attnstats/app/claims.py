@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from . import theory
-from .spectral import spectral_gap
-from .stats import entry_moments, row_entropy
+from .. import theory
+from ..stats.spectral import spectral_gap
+from ..stats.dense import entry_moments, row_entropy
 
 __all__ = ["ClaimResult", "run_claims", "claims_frame"]
 
@@ -128,7 +128,7 @@ def _section3(n, d, heads, gen):
 
 
 def _section4(n, d, heads, gen):
-    from .kernels import get_kernel
+    from ..kernels import get_kernel
 
     out = []
     q, k = (t[None] for t in _gaussian(heads, min(n, 256), d, 1.0, gen))  # kernels take [B, H, N, d]

@@ -22,7 +22,6 @@ import os
 
 import torch
 
-from .streaming import RowAccumulators
 
 __all__ = ["available", "row_accumulators", "raw_accumulators", "attention_matmat"]
 
@@ -238,7 +237,7 @@ def raw_accumulators(q, k, scale, mask, causal, config=None) -> torch.Tensor:
     """Run the kernel; return ``[6, B·Hq, Nq]`` float32 rows ``lse, entropy, sum_p2, count, s_mean, s_m2``.
 
     ``q: [B, Hq, Nq, d]``, ``k: [B, Hk, Nk, d]`` and ``mask: [B, Hq, 1, Nk]`` bool or None, as
-    :func:`attnstats.streaming.prepare_qk` returns them; ``config`` overrides the tile
+    :func:`attnstats.stats.online.prepare_qk` returns them; ``config`` overrides the tile
     ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``.
     """
     if not _HAVE_TRITON:
@@ -274,11 +273,15 @@ def raw_accumulators(q, k, scale, mask, causal, config=None) -> torch.Tensor:
     return out
 
 
-def row_accumulators(q, k, scale, mask, causal, config=None) -> RowAccumulators:
-    """The fused pass as :class:`attnstats.streaming.RowAccumulators` (float32 rows, ``[B, Hq, Nq]``)."""
+def row_accumulators(q, k, scale, mask, causal, config=None) -> tuple[torch.Tensor, ...]:
+    """The fused pass as the fields of :class:`attnstats.stats.online.RowAccumulators`, in order:
+    ``(lse, entropy, sum_p2, count, s_mean, s_m2)``, each ``[B, Hq, Nq]`` (float32; count int64).
+
+    Plain tensors rather than the dataclass, so that this module imports nothing back from the
+    reference pass that dispatches to it."""
     B, Hq, Nq, _ = q.shape
-    lse, ent, sp2, n, s_mean, s_m2 = raw_accumulators(q, k, scale, mask, causal, config).reshape(6, B, Hq, Nq).unbind(0)
-    return RowAccumulators(lse=lse, entropy=ent, sum_p2=sp2, count=n.round().to(torch.int64), s_mean=s_mean, s_m2=s_m2)
+    lse, ent, sp2, n, s_mean, s_m2 = raw_accumulators(q, k, scale, mask, causal, config).reshape(6, B, Hq, Nq).unbind(0)  # [B, Hq, Nq] each
+    return lse, ent, sp2, n.round().to(torch.int64), s_mean, s_m2
 
 
 def attention_matmat(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, x: torch.Tensor, scale: float) -> torch.Tensor:

@@ -43,7 +43,7 @@ def analyze_model(model=None, texts=None, out="attnstats-out", *, alongside=("ll
 
     Args:
         model: a local model folder, or None for the packaged all-MiniLM-L6-v2. Code in the folder is
-            never run (see :func:`attnstats.models.load_model`).
+            never run (see :func:`attnstats.app.models.load_model`).
         texts: sentences; None for 8 sentences of the documentation text.
         out: output folder; receives ``stats.csv`` (long format: ``call, layer, name, kernel, head,
             batch, metric, value``; every value is the mean over sentences of the per-sentence
@@ -54,7 +54,7 @@ def analyze_model(model=None, texts=None, out="attnstats-out", *, alongside=("ll
             ``"softmax"`` is the captured attention itself, which is always there: it is dropped
             with a note rather than written twice.
         max_tokens: sentences longer than this many tokens are truncated (with a note); at most
-            what the model takes (:func:`attnstats.models.model_max_tokens`).
+            what the model takes (:func:`attnstats.app.models.model_max_tokens`).
         seed: of the default sentences and of the ``ln P`` sample drawn for the histogram.
         batch_size: sentences per forward pass.
         note: callable receiving one-line messages for the user (truncated sentences, a dropped
@@ -68,11 +68,11 @@ def analyze_model(model=None, texts=None, out="attnstats-out", *, alongside=("ll
         AnalysisInputError: ``texts`` empty, ``max_tokens`` above what the model takes or too large for
             the dense statistics within the memory budget, or a tokenizer that turns every word of
             ``texts`` into its unknown token.
-        FileNotFoundError, attnstats.models.ModelFolderError: a model folder that cannot be used.
+        FileNotFoundError, attnstats.app.models.ModelFolderError: a model folder that cannot be used.
     """
-    from .capture import record
+    from ..capture import record
     from .corpus import sentences
-    from .frame import records_frame
+    from ..frame import records_frame
     from .models import load_model, model_max_tokens
     from .progress import progress
 
@@ -181,7 +181,7 @@ def _token_counts(tok, texts, label: str) -> list[int]:
 
 def _check_dense_fits(net, tokens: int) -> None:
     """Refuse before any work when one sentence's dense attention ``[H, N, N]`` is over the budget."""
-    from .budget import DenseTooLargeError, check_dense_fits, get_memory_budget
+    from ..budget import DenseTooLargeError, check_dense_fits, get_memory_budget
 
     heads = getattr(getattr(net, "config", None), "num_attention_heads", None)
     if not isinstance(heads, int) or heads < 1:
@@ -262,7 +262,7 @@ class _PooledLogP:
         self.sample: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def add(self, rec) -> None:
-        from .lognormal import log_entries
+        from ..stats.lognormal import log_entries
 
         p = rec.probs(dtype=torch.float64)
         values = torch.cat(log_entries(p, rec.stats_mask(), max_samples=max(3, p[0, 0].numel())))

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from scipy import stats as sps
 
-from .validation import _gather, broadcast_mask, check_square, check_tensor, probability_blocks
+from ..validation import _gather, broadcast_mask, check_square, check_tensor, probability_blocks
 
 __all__ = [
     "LogNormalFit",

@@ -1,18 +1,20 @@
-"""Spectral gap of attention without the N×N matrix.
+"""The spectral gap of attention, by every route: from P, from q and k, and the one eigen-solver policy.
 
-``P`` is row-stochastic: ``λ_1 = 1`` with eigenvector ``1``, and the gap is ``γ = 1 − |λ_2|``.
-Three exact routes avoid building ``P``:
+``P`` is row-stochastic, so ``λ_1 = 1`` (eigenvector ``1``); the gap is ``γ = 1 − |λ_2|`` with
+``λ_2`` the eigenvalue of second-largest modulus. Causal attention is lower-triangular, so its
+eigenvalues are its diagonal and ``γ = 1 − max_{i≥1} P_ii`` exactly, without an eigen-solver.
 
-- non-causal softmax attention: Arnoldi iteration (ARPACK, implicitly restarted) on the operator
-  ``x ↦ P x``, which is attention with ``V = x`` and is applied tile by tile; ``λ_1 = 1`` is
-  deflated away first, so the largest eigenvalue left is ``λ_2``. Each result is checked: a
-  second run on ``Pᵀ`` gives the left eigenvector, hence the condition number of ``λ_2`` and a
-  first-order error bound; short heads (and uncertified ones that fit the memory budget) are
-  solved by LAPACK on ``P`` itself instead (:mod:`attnstats.spectral`);
-- causal softmax attention: ``P`` is lower-triangular, so its eigenvalues are its diagonal
-  ``P_ii = exp(scale·q_i·k_i − LSE_i)`` (``LSE`` from one streaming pass), ``γ = 1 − max_{i≥1} P_ii``;
-- linearised attention ``P = D⁻¹ Φ_Q Φ_Kᵀ``: its nonzero eigenvalues are those of the ``r×r``
-  matrix ``Φ_Kᵀ D⁻¹ Φ_Q`` (causal: its diagonal, from prefix sums).
+Every dense gap in attnstats (this module, :func:`attnstats.spectral_gap_from_qk` on small heads,
+the kernels' ``r × r`` matrices) goes through :func:`eigenvalues` and :func:`gap_from_eigenvalues`:
+LAPACK ``geev`` on ``P`` itself, with balancing, and a check that the solver found ``λ_1 = 1``.
+Solving ``P`` itself matters: an explicit deflation such as ``P[:-1, :-1] − P[-1:, :-1]`` has the
+same eigenvalues in exact arithmetic, but on peaked attention it is so ill-conditioned that LAPACK
+returns ``|λ_2|`` wrong by up to 0.02 (seen on 30×30 heads; the test suite keeps such cases).
+
+From ``q`` and ``k`` (:func:`spectral_gap_from_qk`): causal attention by the exact diagonal rule,
+short heads by LAPACK on ``P`` batched over heads, long ones by the certified Arnoldi solver of
+:mod:`attnstats.stats.arnoldi`; linearised attention from its ``r × r`` matrix
+(:func:`linear_spectral_gap`).
 """
 from __future__ import annotations
 
@@ -23,12 +25,204 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .budget import check_dense_fits, get_memory_budget
-from .spectral import UncertifiedGapWarning
-from .streaming import prepare_qk, streaming_row_accumulators
-from .validation import check_finite, check_tensor, compute_dtype
+from ..budget import check_dense_fits, get_memory_budget
+from .arnoldi import ARNOLDI_MIN_TOKENS, AttentionOperator, arnoldi_gap, certify_tol
+from .dense import prepare_probs
+from .online import prepare_qk, streaming_row_accumulators
+from ..validation import check_finite, check_tensor, compute_dtype, first_index, row_sum_tolerance
 
-__all__ = ["SpectralGap", "AttentionOperator", "spectral_gap_from_qk", "linear_spectral_gap"]
+__all__ = [
+    "spectral_gap",
+    "spectral_gap_from_qk",
+    "SpectralGap",
+    "linear_spectral_gap",
+    "DENSE_MAX_TOKENS",
+    "eigenvalues",
+    "gap_from_eigenvalues",
+    "perron_tolerance",
+    "UncertifiedGapWarning",
+    "causal_spectral_gap",
+    "is_lower_triangular",
+    "valid_block",
+]
+
+
+class UncertifiedGapWarning(RuntimeWarning):
+    """A spectral gap whose accuracy the solver could not confirm; the value is reported anyway."""
+
+
+def causal_spectral_gap(diagonal: torch.Tensor) -> torch.Tensor:
+    """Exact gap of lower-triangular row-stochastic attention from its diagonal ``[..., N]``.
+
+    The eigenvalues of a triangular matrix are its diagonal, with ``P_00 = 1``: ``γ = 1 − max_{i≥1} P_ii``.
+    A single token (N = 1) has no second eigenvalue; its gap is 1.
+    """
+    if diagonal.shape[-1] == 1:
+        return torch.ones(diagonal.shape[:-1], dtype=diagonal.dtype, device=diagonal.device)
+    return (1.0 - diagonal[..., 1:].amax(-1)).clamp(0.0, 1.0)
+
+
+def is_lower_triangular(x: torch.Tensor) -> torch.Tensor:
+    """Per matrix of ``x: [..., N, N]``: True where every entry above the diagonal is exactly 0."""
+    upper = torch.triu(torch.ones(x.shape[-2:], dtype=torch.bool, device=x.device), diagonal=1)
+    return ~((x != 0) & upper).flatten(-2).any(-1)
+
+
+def valid_block(x: torch.Tensor, m: torch.Tensor, tol: float = 1e-6, index=()) -> torch.Tensor:
+    """The square block of one matrix ``x: [N, N]`` over the tokens that are valid as keys and queries.
+
+    Padding removes a token's column (no query attends to it) and may remove its row (no valid
+    entry). What stays must still be row-stochastic: a mask that sends valid attention outside the
+    block is not a padding (+ causal) mask, and the block's spectrum would not be a spectral gap.
+    """
+    keep = m.any(-2) & m.any(-1)
+    idx = torch.nonzero(keep, as_tuple=False)[:, 0]
+    if idx.numel() == 0:
+        raise ValueError(
+            f"mask: the matrix at batch index {index} has no token that is both a valid query and a valid key; "
+            "spectral_gap expects a padding (and/or causal) mask"
+        )
+    block = x[idx][:, idx]
+    sums = block.sum(-1)
+    off = (sums - 1).abs() > tol
+    if bool(off.any()):
+        row = int(idx[first_index(off)[0]])
+        raise ValueError(
+            f"mask: row {row} puts probability {1 - sums[first_index(off)].item():.3g} on tokens that are not "
+            "valid queries; spectral_gap expects a padding (and/or causal) mask whose valid tokens form a square block"
+        )
+    return block
+
+
+def eigenvalues(a: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues ``[..., N]`` (complex) of square matrices ``a: [..., N, N]``.
+
+    On the CPU: numpy's stacked LAPACK ``geev`` (balanced; one call for the whole batch). A matrix
+    on which it fails to converge is retried alone with scipy's driver. On a GPU:
+    ``torch.linalg.eigvals``. The result is on ``a``'s device.
+    """
+    if a.shape[-1] == 0:
+        return torch.zeros(a.shape[:-1], dtype=torch.complex128, device=a.device)
+    if a.device.type != "cpu":
+        try:
+            return torch.linalg.eigvals(a)
+        except RuntimeError:  # no converged solve on the device: the CPU path below balances and retries
+            pass
+    x = a.detach().cpu().double().numpy().reshape(-1, *a.shape[-2:])
+    try:
+        ev = np.linalg.eigvals(x)
+    except np.linalg.LinAlgError:
+        import scipy.linalg
+
+        ev = np.stack([scipy.linalg.eigvals(m, check_finite=False) for m in x])
+    return torch.from_numpy(ev.astype(np.complex128)).reshape(*a.shape[:-1]).to(a.device)
+
+
+def perron_tolerance(n: int, dtype: torch.dtype = torch.float64) -> float:
+    """How far a backward-stable solver may put ``λ_1 = 1`` of an ``n × n`` stochastic matrix.
+
+    The solve is exact for a matrix within ``~n·eps·‖P‖`` of ``P`` (``‖P‖_F ≤ sqrt(n)``), and the
+    condition number of ``λ_1`` is ``sqrt(n)·‖π‖ ≤ sqrt(n)`` (``π`` the stationary distribution), so
+    ``|λ̂_1 − 1| ≲ n²·eps``; a margin of 16 covers the constants of Householder reductions.
+    """
+    return 16.0 * n * n * torch.finfo(dtype).eps
+
+
+def gap_from_eigenvalues(ev: torch.Tensor, what: str = "p") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Spectral gap from the eigenvalues of row-stochastic matrices.
+
+    Args:
+        ev: ``[M, n]`` complex eigenvalues, one row per matrix (all ``n`` of them, or, for a
+            low-rank matrix, all its nonzero ones: the others are 0 and never the second largest
+            unless every one is).
+        what: name of the matrices in the warning.
+
+    Returns:
+        ``(gap, lambda2, certified)``, each ``[M]``: the gap ``1 − |λ_2|`` clamped to ``[0, 1]``
+        (rounding can put ``|λ_2|`` of a permutation a hair above 1) in float64, ``λ_2`` (complex128),
+        and whether the solver's ``λ_1`` lies within :func:`perron_tolerance` of 1. ``λ_1`` is the
+        eigenvalue closest to 1, removed once; ``λ_2`` is the largest modulus left. One eigenvalue
+        (``n = 1``) gives ``λ_2 = 0`` and gap 1. Uncertified matrices raise an
+        :class:`UncertifiedGapWarning` naming the first.
+    """
+    ev = ev.to(torch.complex128).cpu()
+    m, n = ev.shape
+    if n <= 1:
+        lam2 = torch.zeros(m, dtype=torch.complex128)
+        return torch.ones(m, dtype=torch.float64), lam2, torch.ones(m, dtype=torch.bool)
+    dist = (ev - 1).abs()
+    i1 = dist.argmin(-1)
+    perron_error = dist.gather(-1, i1[:, None])[:, 0]
+    rest = ev.clone()
+    rest.scatter_(-1, i1[:, None], 0)
+    i2 = rest.abs().argmax(-1)
+    lam2 = rest.gather(-1, i2[:, None])[:, 0]
+    gap = (1.0 - lam2.abs()).clamp(0.0, 1.0)
+    certified = perron_error <= perron_tolerance(n)
+    if not bool(certified.all()):
+        j = int((~certified).nonzero()[0, 0])
+        warnings.warn(
+            f"spectral gap of {what}: the eigen-solver put λ_1 at distance {perron_error[j].item():.3g} from 1 for "
+            f"matrix {j} (tolerance {perron_tolerance(n):.2g}); its gap {gap[j].item():.6g} is not certified",
+            UncertifiedGapWarning,
+            stacklevel=3,
+        )
+    return gap, lam2, certified
+
+
+def stochastic_gap(x: torch.Tensor, what: str = "p") -> torch.Tensor:
+    """Gap of each row-stochastic matrix of ``x: [M, N, N]``: triangular ones by the diagonal rule, others by LAPACK."""
+    out = torch.ones(x.shape[0], dtype=torch.float64, device=x.device)
+    if x.shape[-1] == 1 or x.shape[0] == 0:
+        return out
+    tri = is_lower_triangular(x)
+    if bool(tri.any()):
+        out[tri] = causal_spectral_gap(torch.diagonal(x[tri], dim1=-2, dim2=-1)).to(out.dtype)
+    if bool((~tri).any()):
+        gap, _, _ = gap_from_eigenvalues(eigenvalues(x[~tri]), what)
+        out[~tri] = gap.to(out.device)
+    return out
+
+
+def spectral_gap(p: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Spectral gap ``1 − |λ_2|`` of each attention matrix.
+
+    Args:
+        p: ``[..., N, N]`` row-stochastic attention.
+        mask: bool, broadcastable to ``p``, True = attend. Padded tokens (columns no query attends
+            to, rows with no valid entry) are removed and the valid square block is analysed.
+
+    Returns:
+        ``[...]`` float64 (the compute dtype on a GPU), in ``[0, 1]``. Lower-triangular (causal)
+        matrices use the exact diagonal rule ``1 − max_{i≥1} P_ii``; others LAPACK ``geev`` on ``P``
+        itself (``O(N³)``), ``λ_1`` checked against 1 (see :func:`gap_from_eigenvalues`). A single
+        token gives 1. Raises :class:`attnstats.DenseTooLargeError` past the memory budget.
+    """
+    if isinstance(p, torch.Tensor):
+        check_dense_fits(p.shape, 8, "the float64 copy of p that spectral_gap solves")
+    x, m = prepare_probs(p, mask)
+    batch = x.shape[:-2]
+    flat = x.reshape(-1, *x.shape[-2:])
+    if m is None or flat.shape[0] == 0:
+        return stochastic_gap(flat).to(x.dtype).reshape(batch)
+    mflat = m.reshape(-1, *m.shape[-2:])
+    tol = row_sum_tolerance(p.dtype, p.shape[-1])
+    blocks = []
+    for i in range(flat.shape[0]):
+        where = tuple(int(j) for j in torch.unravel_index(torch.tensor(i), tuple(batch))) if batch else ()
+        block = valid_block(flat[i], mflat[i], tol, where)
+        # half-precision rows sum to 1 only within their rounding: renormalise so λ_1 is exactly 1
+        blocks.append(block / block.sum(-1, keepdim=True))
+    gaps = torch.empty(flat.shape[0], dtype=torch.float64, device=x.device)
+    sizes = torch.tensor([b.shape[-1] for b in blocks])
+    for n in sizes.unique().tolist():  # one batched solve per block size
+        idx = (sizes == n).nonzero()[:, 0]
+        gaps[idx.to(x.device)] = stochastic_gap(torch.stack([blocks[i] for i in idx.tolist()]))
+    return gaps.to(x.dtype).reshape(batch)
+
+
+# ----------------------------------------------------------------------------------------------
+# from q and k: the dispatcher over the exact rules, LAPACK and Arnoldi
 
 
 @dataclass(frozen=True)
@@ -64,180 +258,15 @@ class SpectralGap:
     method: str
 
 
-class AttentionOperator:
-    """``x ↦ P x`` for ``P = softmax(scale · q kᵀ)`` of one head, never holding more than a tile of P.
-
-    Args:
-        q: ``[N, d]`` queries, k: ``[N, d]`` keys (one head, padding already removed).
-        scale: logit scale.
-        tile_bytes: memory of one ``rows × N`` tile of ``P`` on the PyTorch path (default 64 MiB).
-        backend: ``"auto"`` (the fused Triton product on CUDA when Triton imports), ``"torch"``
-            (tiles of ``P``, float64 on the CPU, float32 on a GPU) or ``"triton"``.
-    """
-
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, scale: float, tile_bytes: int = 64 * 1024**2, backend="auto"):
-        if backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
-        from . import streaming_triton
-
-        if backend == "auto":
-            fused = q.device.type == "cuda" and streaming_triton.available() and q.shape[-1] in (16, 32, 64, 128, 256)
-            backend = "triton" if fused else "torch"
-        self.backend = backend
-        self.dtype = compute_dtype(q)
-        self.scale = scale
-        self.n = q.shape[0]
-        self.calls = 0
-        if backend == "triton":
-            # The fused product needs LSE up front: one streaming pass. q, k keep their dtype
-            # (bf16 products are exact in the float32 accumulator).
-            rows, _, _ = streaming_row_accumulators(q[None, None], k[None, None], scale=scale, backend="triton")
-            self.q, self.k, self.lse = q, k, rows.lse.reshape(-1)
-            self.dtype = torch.float32
-        else:
-            self.q = q.to(self.dtype)
-            self.k = k.to(self.dtype)
-            self.lse = None
-        self.kt = self.k.to(self.dtype).T.contiguous()  # [d, N]
-        itemsize = torch.finfo(self.dtype).bits // 8
-        self.rows = max(1, min(self.n, tile_bytes // (itemsize * self.n)))
-        # When all of P fits in one tile, it is built once: a solve takes hundreds of products, and
-        # rebuilding P costs d times a product with it.
-        self.p = self._tile(0, self.n) if self.rows == self.n else None  # [N, N] or None
-
-    def _tile(self, i0: int, i1: int) -> torch.Tensor:
-        """Rows ``i0:i1`` of ``P`` in the compute dtype: ``[i1 − i0, N]``."""
-        s = (self.q[i0:i1].to(self.dtype) @ self.kt) * self.scale  # [rows, N]
-        if self.lse is None:
-            return torch.softmax(s, dim=-1)
-        return torch.exp(s - self.lse[i0:i1, None])
-
-    def matmat(self, x: torch.Tensor) -> torch.Tensor:
-        """``P x`` for ``x: [N, c]`` (same device), as attention with ``V = x``."""
-        self.calls += 1
-        if self.backend == "triton":
-            from .streaming_triton import attention_matmat
-
-            cols = [attention_matmat(self.q, self.k, self.lse, x[:, i:i + 15].float(), self.scale)
-                    for i in range(0, x.shape[1], 15)]
-            return torch.cat(cols, 1)
-        x = x.to(self.dtype)
-        if self.p is not None:
-            return self.p @ x  # [N, N] @ [N, c]
-        out = torch.empty(self.n, x.shape[1], dtype=self.dtype, device=x.device)  # [N, c]
-        for i0 in range(0, self.n, self.rows):
-            i1 = min(self.n, i0 + self.rows)
-            out[i0:i1] = self._tile(i0, i1) @ x  # [rows, N] @ [N, c]
-        return out
-
-    def rmatmat(self, x: torch.Tensor) -> torch.Tensor:
-        """``Pᵀ x`` for ``x: [N, c]``: the left eigenvectors that certify an eigenvalue need it."""
-        self.calls += 1
-        x = x.to(self.dtype)
-        if self.p is not None:
-            return self.p.T @ x  # [N, N] @ [N, c]
-        out = torch.zeros(self.n, x.shape[1], dtype=self.dtype, device=x.device)  # [N, c]
-        for i0 in range(0, self.n, self.rows):
-            i1 = min(self.n, i0 + self.rows)
-            out += self._tile(i0, i1).T @ x[i0:i1]  # [N, rows] @ [rows, c]
-        return out
-
-
-_NEV = 3  # eigenvalues ARPACK is asked for (λ_2, its conjugate, one more); the largest modulus is |λ_2|
-_NCV = 96  # Krylov basis size: a larger basis restarts less (measured on H100, N = 16k: 0.92 s vs 1.43 s at 32)
-_ARNOLDI_MIN = 2 * _NEV + 3  # heads with fewer tokens are always solved densely (ARPACK needs nev + 1 < ncv ≤ N)
 # method="auto" solves heads of up to this many tokens densely (LAPACK on P, batched over heads):
 # below it one dense solve costs less than a certified Arnoldi solve on the CPU (measured in
 # benchmarks/RESULTS.md, "dense vs Arnoldi gap").
 DENSE_MAX_TOKENS = 448
 
 
-def _certify_tol(dtype: torch.dtype) -> float:
-    """Largest first-order error bound ``κ(λ_2)·‖r‖`` on ``|λ_2|`` accepted as certified."""
-    return 1e-6 if dtype == torch.float64 else 1e-3
-
-
-def _arnoldi_gap(op: AttentionOperator, tol: float, max_iterations: int | None, ncv: int | None, seed: int):
-    """``(λ_2, iterations, residual, converged, error_bound)`` of one head by ARPACK.
-
-    ARPACK runs on ``A = (I − 1 1ᵀ/N) P``, which keeps ``λ_2 … λ_N`` and sends ``λ_1 = 1`` (eigenvector
-    ``1``) to 0. A small residual ``‖A v − λ v‖`` does not prove ``λ`` accurate: on peaked attention
-    the eigenvalue can be so ill-conditioned that a residual of 1e-15 hides an error of 1e-3. The
-    error bound is therefore the first-order one, ``κ(λ)·‖r‖`` with ``κ = ‖u‖‖v‖ / |uᵀv|`` from the left
-    eigenvector ``u`` (a second ARPACK run on ``Aᵀ``); it is ``inf`` when that run finds no eigenvalue
-    next to ``λ``.
-    """
-    from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigs
-
-    n = op.n
-    dev = op.q.device
-
-    def apply(v: np.ndarray, transpose: bool = False) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)).reshape(n, -1).to(dev)  # [N, c]
-        if transpose:  # Aᵀ x = Pᵀ (x − mean x)
-            y = op.rmatmat(x - x.mean(0, keepdim=True))
-        else:  # A x = P x − mean(P x)
-            y = op.matmat(x)
-            y = y - y.mean(0, keepdim=True)
-        return y.double().cpu().numpy().reshape(v.shape)
-
-    def apply_c(v: np.ndarray, transpose: bool = False) -> np.ndarray:
-        return apply(v.real, transpose) + 1j * apply(v.imag, transpose) if np.iscomplexobj(v) else apply(v, transpose)
-
-    rng = np.random.default_rng(seed)
-    v0 = rng.standard_normal(n)
-    v0 -= v0.mean()
-    op.calls = 0
-    # Rank-one attention (identical queries or keys) makes A vanish up to rounding, and ARPACK stops
-    # on a zero Krylov vector. Three random vectors that A sends to rounding level (the error of a
-    # product, ~sqrt(N)·eps relative) mean λ_2 = 0: a random direction sees about a 1/sqrt(N) share
-    # of ‖A‖, and the factor 100 covers an unlucky draw (all three below 1/100 of it: odds ~1e-6).
-    probes = rng.standard_normal((n, 3))
-    probes -= probes.mean(0)
-    level = float((np.linalg.norm(apply(probes), axis=0) / np.linalg.norm(probes, axis=0)).max())
-    vanishing_bound = 100 * math.sqrt(n) * level
-    if level <= 64 * math.sqrt(n) * torch.finfo(op.dtype).eps:
-        return 0j, op.calls, level, True, vanishing_bound
-
-    # Three eigenvalues, not two: with the bulk of the spectrum a disc whose edge lies close to
-    # |λ_2|, asking ARPACK for a single one can converge to a neighbour of nearly the same modulus.
-    nev = min(_NEV, n - 2)
-    ncv = min(n, max(ncv or _NCV, 2 * nev + 2))
-
-    def solve(transpose: bool):
-        A = LinearOperator((n, n), matvec=lambda v: apply(v, transpose), dtype=np.float64)
-        try:
-            vals, vecs = eigs(A, k=nev, which="LM", v0=v0, ncv=ncv, tol=tol, maxiter=max_iterations)
-            return vals, vecs, True
-        except ArpackNoConvergence as err:
-            return err.eigenvalues, err.eigenvectors, False
-        except ArpackError:  # a breakdown ARPACK cannot restart from: reported as not converged
-            return np.zeros(0, complex), np.zeros((n, 0), complex), False
-
-    vals, vecs, converged = solve(False)
-    if len(vals) == 0:  # a breakdown: the start vector's images were all that A showed of itself
-        return 0j, op.calls, level, False, vanishing_bound
-    i = int(np.argmax(np.abs(vals)))
-    lam, v = complex(vals[i]), vecs[:, i]
-    residual = float(np.linalg.norm(apply_c(v) - lam * v) / np.linalg.norm(v))
-    iterations = op.calls
-    lvals, lvecs, _ = solve(True)
-    bound = math.inf
-    if len(lvals):
-        j = int(np.argmin(np.abs(lvals - lam)))
-        u = lvecs[:, j]
-        overlap = abs(np.dot(u, v))  # uᵀv: u is a right eigenvector of Aᵀ, i.e. ū a left one of A
-        if overlap > 0:
-            kappa = np.linalg.norm(u) * np.linalg.norm(v) / overlap
-            # the two runs must agree on λ as well: their distance is part of the error
-            bound = float(kappa * residual + abs(lvals[j] - lam))
-    return lam, iterations, residual, converged, bound
-
 
 def _dense_gaps(heads: list[tuple[torch.Tensor, torch.Tensor]], scale: float):
     """``(gap, λ_2, certified)`` of each head ``(q [n, d], k [n, d])`` by LAPACK on ``P``, batched by ``n``."""
-    from .spectral import gap_from_eigenvalues, eigenvalues
-
     m = len(heads)
     gap = torch.empty(m, dtype=torch.float64)
     lam2 = torch.empty(m, dtype=torch.complex128)
@@ -353,16 +382,16 @@ def spectral_gap_from_qk(
     conv = torch.ones(m, dtype=torch.bool)
     cert = torch.ones(m, dtype=torch.bool)
     dense = [i for i, (qi, _) in enumerate(heads)
-             if method == "dense" or qi.shape[0] < _ARNOLDI_MIN
+             if method == "dense" or qi.shape[0] < ARNOLDI_MIN_TOKENS
              or (method == "auto" and qi.shape[0] <= DENSE_MAX_TOKENS and _dense_fits(qi.shape[0]))]
     redo = []
     for i in sorted(set(range(m)) - set(dense)):
         qi, ki = heads[i]
         op = AttentionOperator(qi, ki, scale, backend=backend)
-        lam, it, r, c, eb = _arnoldi_gap(op, tol, max_iterations, ncv, seed)
+        lam, it, r, c, eb = arnoldi_gap(op, tol, max_iterations, ncv, seed)
         lam2[i], iters[i], res[i], conv[i], bound[i] = lam, it, r, c, eb
         gap[i] = min(max(1.0 - abs(lam), 0.0), 1.0) if math.isfinite(abs(lam)) else math.nan
-        cert[i] = c and eb <= _certify_tol(op.dtype)
+        cert[i] = c and eb <= certify_tol(op.dtype)
         if not cert[i] and method == "auto" and _dense_fits(qi.shape[0]):
             redo.append(i)
     if dense or redo:
@@ -451,7 +480,7 @@ def linear_spectral_gap(phi_q, phi_k, *, causal=False) -> torch.Tensor:
         if bool((x < 0).any()):
             idx = tuple(int(i) for i in (x < 0).nonzero()[0])
             raise ValueError(f"{name}: expected non-negative features, found {x[idx].item()} at index {idx}")
-    from .kernels.linear import linear_spectral_gap as gap_from_log_features
+    from ..kernels.linear import linear_spectral_gap as gap_from_log_features
 
     dt = compute_dtype(phi_q)
     batch, (n, r) = phi_q.shape[:-2], phi_q.shape[-2:]

@@ -1,0 +1,307 @@
+"""The one metric table: a record (or a kernel on its q, k) → ``{metric: float64 tensor [B, H]}``.
+
+Every place that reports statistics per layer and head reads them here: ``record(..., store="stats")``
+during the forward (:func:`streaming_values`), :meth:`attnstats.capture.Recorder.frame` and
+:func:`attnstats.frame.records_frame` (:func:`record_metrics`), and the command and figures through
+them. Metric names are those of :data:`METRIC_NAMES`, one spelling each, taken from the fields of the
+result types (:func:`lognormal_fields`, :func:`moment_fields`).
+
+Metrics (per matrix, i.e. per batch element and head):
+
+============== ==========================================================================================
+group          metric names
+============== ==========================================================================================
+entropy        ``entropy``: mean over valid query rows of the row entropy (nats)
+spectral_gap   ``spectral_gap``: ``1 − |λ₂|`` over the valid tokens (exact diagonal rule when causal);
+               self-attention only (no row for a cross-attention record, ``Nq ≠ Nk``)
+lognormal      ``lognormal_mu``, ``lognormal_sigma``, ``lognormal_ks``, ``lognormal_ks_pvalue``,
+               ``lognormal_ad``, ``lognormal_skew``, ``lognormal_excess_kurtosis``: fit of ``ln P``
+moments        ``p_mean``, ``p_var``, ``logp_mean``, ``logp_var``: mean and variance of ``P`` and ``ln P``
+temperature    ``temperature`` ``= 1/(σ_q σ_k)``, ``sigma_q``, ``sigma_k`` (docs/theory.md), softmax only
+============== ==========================================================================================
+
+Softmax statistics come from the record's dense matrix, or from its q, k by the streaming functions
+when the matrices are large (:func:`uses_streaming`: the same numbers without P); kernels alongside
+use their own matrix and gap.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .budget import get_memory_budget
+from .stats.dense import entry_moments, row_entropy
+from .stats.lognormal import lognormal_fit
+from .stats.qk import streaming_lognormal_fit, streaming_stats
+from .stats.spectral import causal_spectral_gap, spectral_gap, spectral_gap_from_qk
+from .validation import compute_dtype
+
+__all__ = [
+    "METRIC_NAMES", "METRICS", "check_metrics", "record_metrics", "streaming_values", "uses_streaming",
+    "gives_every_metric", "lognormal_fields", "moment_fields", "kernel_probs", "kernel_gap",
+]
+
+METRIC_NAMES = {
+    "entropy": ("entropy",),
+    "spectral_gap": ("spectral_gap",),
+    "lognormal": (
+        "lognormal_mu",
+        "lognormal_sigma",
+        "lognormal_ks",
+        "lognormal_ks_pvalue",
+        "lognormal_ad",
+        "lognormal_skew",
+        "lognormal_excess_kurtosis",
+    ),
+    "moments": ("p_mean", "p_var", "logp_mean", "logp_var"),
+    "temperature": ("temperature", "sigma_q", "sigma_k"),
+}
+METRICS = tuple(METRIC_NAMES)
+
+
+def check_metrics(metrics) -> tuple[str, ...]:
+    if isinstance(metrics, str):
+        metrics = (metrics,)
+    metrics = tuple(metrics)
+    for i, m in enumerate(metrics):
+        if m not in METRIC_NAMES:
+            raise ValueError(f"metrics[{i}]: unknown metric group {m!r}, expected some of {METRICS}")
+    if not metrics:
+        raise ValueError(f"metrics: expected at least one of {METRICS}, got none")
+    return metrics
+
+
+def _square(p: torch.Tensor, mask):
+    """A non-square ``[B, H, Nq, Nk]`` (cross-attention) embedded in ``[B, H, M, M]``, the rest masked out.
+
+    The dense statistics take square matrices; the added rows have no valid entry (absent) and the
+    added columns are masked, so entropy, moments and the log-normal fit are those of ``p`` itself.
+    """
+    b, h, nq, nk = p.shape
+    if nq == nk:
+        return p, mask
+    m = max(nq, nk)
+    big = p.new_zeros((b, h, m, m))
+    big[..., :nq, :nk] = p
+    valid = torch.zeros((b, h, m, m), dtype=torch.bool, device=p.device)
+    valid[..., :nq, :nk] = True if mask is None else mask
+    return big, valid
+
+
+def lognormal_fields(fit) -> dict:
+    """The metric names of the log-normal group, mapped to the fields of a LogNormalFit."""
+    return {
+        "lognormal_mu": fit.mu,
+        "lognormal_sigma": fit.sigma,
+        "lognormal_ks": fit.ks_statistic,
+        "lognormal_ks_pvalue": fit.ks_pvalue,
+        "lognormal_ad": fit.ad_statistic,
+        "lognormal_skew": fit.skew,
+        "lognormal_excess_kurtosis": fit.excess_kurtosis,
+    }
+
+
+def moment_fields(mom) -> dict:
+    """The metric names of the moments group, mapped to the fields of an EntryMoments."""
+    return {"p_mean": mom.mean, "p_var": mom.var, "logp_mean": mom.log_mean, "logp_var": mom.log_var}
+
+
+# A record whose matrices have at least this many tokens (max(Nq, Nk)) gets its softmax statistics
+# from q, k by the streaming functions, as record(..., store="stats") computes them, instead of from
+# the dense P. Measured on a shared 2-core CPU, one thread, d = 32, Gaussian q, k, entropy + moments +
+# lognormal, seconds per head, dense vs streaming: N = 512: 0.38 vs 0.45; 1024: 0.53–1.02 vs
+# 0.51–0.53; 2048: 1.06–1.13 vs 0.64–0.70; 4096: 3.2 vs 1.2, with a peak of 1.5 GiB vs 0.2 GiB for
+# 4 heads (entropy and moments alone: 0.16 vs 0.08 s at 1024). The spectral gap then comes from
+# attnstats.spectral_gap_from_qk, whose method="auto" picks LAPACK on P or Arnoldi by its own rule;
+# with the gap too, one head: N = 1536: 3.5 vs 2.0 s; 2048: 5.8 vs 1.6 s.
+STREAMING_FROM_TOKENS = 1024
+
+
+def uses_streaming(rec) -> bool:
+    """Whether :func:`record_metrics` computes the softmax statistics of ``rec`` from q, k, without P.
+
+    True when the streaming statistics give every metric of the dense path (no bias or softcap; no
+    mask, key padding, causal; see :func:`gives_every_metric`) and the
+    matrices are large: ``max(Nq, Nk) >= STREAMING_FROM_TOKENS``, or the dense ``[B, H, Nq, Nk]``
+    matrix in the compute dtype would exceed the memory budget.
+    """
+    b, h, nq, nk = rec.shape
+    if rec.q is None or rec.bias is not None or rec.softcap is not None or not gives_every_metric(rec.mask, nq, nk):
+        return False
+    itemsize = torch.finfo(compute_dtype(rec.q)).bits // 8
+    return max(nq, nk) >= STREAMING_FROM_TOKENS or b * h * nq * nk * itemsize > get_memory_budget()
+
+
+def record_metrics(rec, metrics=METRICS, *, kernel=None, max_samples: int = 100_000, seed: int = 0) -> dict:
+    """Statistics of one record (or of ``kernel`` on its q, k): metric name -> float64 tensor ``[B, H]``.
+
+    Softmax statistics come from the dense matrix, or from q, k by the streaming functions when the
+    matrices are large (:func:`uses_streaming`); both give the same numbers (the log-normal fit on
+    the same ``ln P`` entries). Kernels alongside use their own dense matrix and gap.
+
+    Metrics that a record cannot give are left out: ``spectral_gap`` of a non-square (cross-attention)
+    matrix, and with ``store="stats"`` the groups not computed during the forward (``metrics=`` of
+    :func:`attnstats.record`) and the ``spectral_gap`` of a layer whose mask is neither key padding nor
+    causal (warned about during the forward).
+    """
+    metrics = check_metrics(metrics)
+    b, h, nq, nk = rec.shape
+    out: dict = {}
+    if rec.q is None:  # store="stats": computed during the forward pass
+        drawn = (getattr(rec.stats, "max_samples", max_samples), getattr(rec.stats, "seed", seed))
+        if "lognormal" in metrics and "lognormal_mu" in rec.stats and drawn != (max_samples, seed):
+            raise ValueError(
+                f"max_samples, seed: record {rec.name!r} was captured with store='stats', whose ln P sample was "
+                f"drawn during the forward with max_samples={drawn[0]}, seed={drawn[1]}; frame() cannot redraw it "
+                f"with max_samples={max_samples}, seed={seed}"
+            )
+        for group in metrics:
+            if group == "temperature":
+                continue
+            for name in METRIC_NAMES[group]:
+                if name in rec.stats:
+                    out[name] = rec.stats[name]
+    elif kernel is None and uses_streaming(rec):
+        groups = [g for g in metrics if g != "temperature"]
+        if groups:
+            with torch.no_grad():
+                out.update(
+                    streaming_values(rec.q, rec.k, rec.mask, rec.is_causal, rec.scale, groups, rec.name, max_samples, seed)
+                )
+    else:
+        needs_p = [g for g in metrics if g in ("entropy", "lognormal", "moments") or (g == "spectral_gap" and nq == nk)]
+        if needs_p:
+            mask = rec.stats_mask()
+            if kernel is None:
+                p = rec.probs(dtype=torch.float64 if rec.q.device.type == "cpu" else torch.float32)
+            else:
+                p = kernel_probs(rec, kernel)
+            p, mask = _square(p, mask)
+            if "entropy" in metrics:
+                out["entropy"] = torch.nanmean(row_entropy(p, mask), -1)  # rows with no valid entry are NaN
+            if "spectral_gap" in metrics and nq == nk:
+                if kernel is not None and getattr(kernel, "name", "softmax") != "softmax":
+                    out["spectral_gap"] = kernel_gap(rec, kernel)
+                else:
+                    out["spectral_gap"] = spectral_gap(p, mask)
+            if "moments" in metrics:
+                out.update(moment_fields(entry_moments(p, mask)))
+            if "lognormal" in metrics:
+                out.update(lognormal_fields(lognormal_fit(p, mask, max_samples=max_samples, seed=seed)))
+    if "temperature" in metrics and kernel is None:
+        out["sigma_q"] = rec.sigma_q
+        out["sigma_k"] = rec.sigma_k
+        out["temperature"] = 1.0 / (rec.sigma_q * rec.sigma_k)
+    order = [n for g in metrics for n in METRIC_NAMES[g]]
+    return {n: out[n].detach().to("cpu", torch.float64).reshape(b, h) for n in order if n in out}
+
+
+def _qk_spectral_gap(q, k, scale, causal, lse):
+    """Spectral gap of one self-attention ``[1, H, N, d]`` without the matrix."""
+    if causal:  # lower-triangular: the eigenvalues are the diagonal P_ii = exp(s_ii - LSE_i)
+        diag_s = (q.double() * k.double()).sum(-1) * scale
+        return causal_spectral_gap(torch.exp(diag_s - lse.double()))
+    return spectral_gap_from_qk(q, k, scale=scale, causal=False).gap
+
+
+def gives_every_metric(mask, nq: int, nk: int) -> bool:
+    """Whether the streaming statistics of a call give every metric the dense path gives.
+
+    They do without a mask, with key padding shared by the heads (pad tokens are compacted away), and
+    in cross-attention with key padding (no spectral gap either way). Another mask leaves the spectral
+    gap out, and a per-head key padding in self-attention would keep pad tokens as queries.
+    """
+    if mask is None:
+        return True
+    return mask.shape[-2] == 1 and (mask.shape[1] == 1 or nq != nk)
+
+
+def streaming_values(q, k, mask, causal, scale, groups, name, max_samples=100_000, seed=0) -> dict:
+    """Statistics of one call from ``q: [B, H, Nq, d]``, ``k: [B, H, Nk, d]``, canonical mask, no N×N matrix.
+
+    Args:
+        groups: metric groups of :data:`METRIC_NAMES` to compute (``"temperature"`` is ignored).
+        name: the layer, for the warning when a mask leaves the spectral gap out.
+        max_samples, seed: of the log-normal fit (the sample of matrix ``(b, h)`` is that of
+            :func:`attnstats.lognormal_fit` on the dense batch: same entries).
+
+    Returns:
+        metric name -> float64 CPU tensor ``[B, H]``, equal to what the dense statistics give on the
+        record's :meth:`~attnstats.capture.AttentionRecord.stats_mask`.
+    """
+    b = max(q.shape[0], k.shape[0])
+    h, nq, nk = q.shape[1], q.shape[2], k.shape[2]
+    q = q.expand(b, *q.shape[1:])
+    k = k.expand(b, *k.shape[1:])
+    keypad = mask is not None and mask.shape[-2] == 1
+    compact = keypad and nq == nk and mask.shape[1] == 1
+    per_batch: list[dict] = []
+    for bi in range(b):
+        qb, kb = q[bi : bi + 1], k[bi : bi + 1]
+        m = None if mask is None else mask[bi : bi + 1] if mask.shape[0] > 1 else mask
+        if compact:
+            idx = torch.nonzero(m[0, 0, 0], as_tuple=False)[:, 0]
+            qb, kb, m = qb[:, :, idx], kb[:, :, idx], None
+        st = streaming_stats(qb, kb, scale=scale, mask=m, causal=causal)
+        vals = {}
+        if "entropy" in groups:
+            vals["entropy"] = torch.nanmean(st.entropy, -1)  # rows with no valid key are NaN
+        if "moments" in groups:
+            vals.update(moment_fields(st.entry_moments))
+        square_self = m is None and qb.shape[2] == kb.shape[2]  # pad tokens compacted away, or none
+        if "spectral_gap" in groups and square_self:
+            vals["spectral_gap"] = _qk_spectral_gap(qb, kb, scale, causal, st.lse)
+        elif "spectral_gap" in groups and bi == 0:
+            warnings.warn(
+                f"record(store='stats'): layer {name!r} has a mask that is not key padding (+ causal) or is "
+                "cross-attention; its spectral gap is not computed without the matrix (use store='qk')",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if "lognormal" in groups:
+            # matrix (bi, h) of the whole batch: the dense fit draws its sample from the same generator
+            fit = streaming_lognormal_fit(
+                qb, kb, scale=scale, mask=m, causal=causal, lse=st.lse, max_samples=max_samples, seed=seed,
+                first_matrix=bi * h,
+            )
+            vals.update(lognormal_fields(fit))
+        per_batch.append({key: v.detach().to("cpu", torch.float64).reshape(1, h) for key, v in vals.items()})
+    return {key: torch.cat([pb[key] for pb in per_batch]) for key in per_batch[0]} if per_batch else {}
+
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels alongside, on a record's q and k
+
+
+def _resolve(kernel):
+    if isinstance(kernel, str):
+        from .kernels import get_kernel
+
+        return get_kernel(kernel)
+    return kernel
+
+
+def _qk(rec):
+    b = rec.shape[0]
+    q = rec.q.expand(b, *rec.q.shape[1:])
+    k = rec.k.expand(b, *rec.k.shape[1:])
+    dtype = compute_dtype(q)
+    return q.to(dtype), k.to(dtype)
+
+
+def kernel_probs(rec, kernel) -> torch.Tensor:
+    """``kernel.matrix`` on the record's q, k: ``[B, H, Nq, Nk]`` row-stochastic over valid entries."""
+    kernel = _resolve(kernel)
+    q, k = _qk(rec)
+    with torch.no_grad():
+        return kernel.matrix(q, k, causal=rec.is_causal, mask=rec.stats_mask())
+
+
+def kernel_gap(rec, kernel) -> torch.Tensor:
+    """``kernel.spectral_gap`` on the record's q, k: ``[B, H]`` (exact r×r rule for linearised kernels)."""
+    kernel = _resolve(kernel)
+    q, k = _qk(rec)
+    with torch.no_grad():
+        return kernel.spectral_gap(q, k, causal=rec.is_causal, mask=rec.stats_mask())

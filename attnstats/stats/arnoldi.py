@@ -1,0 +1,183 @@
+"""The matrix-free eigen-solver behind :func:`attnstats.spectral_gap_from_qk` for long heads.
+
+``P = softmax(scale · q kᵀ)`` is applied as ``x ↦ P x``, attention with ``V = x``, tile by tile (or by
+the fused Triton kernel on CUDA), so ``P`` never exists whole. ARPACK (implicitly restarted Arnoldi)
+runs on ``A = (I − 1 1ᵀ/N) P``, which keeps ``λ_2 … λ_N`` and sends ``λ_1 = 1`` to 0. Each result is
+checked: a second run on ``Aᵀ`` gives the left eigenvector, hence the condition number of ``λ_2`` and a
+first-order error bound (:func:`arnoldi_gap`).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .online import streaming_row_accumulators
+from ..validation import compute_dtype
+
+__all__ = ["AttentionOperator", "arnoldi_gap", "certify_tol", "ARNOLDI_MIN_TOKENS"]
+
+
+class AttentionOperator:
+    """``x ↦ P x`` for ``P = softmax(scale · q kᵀ)`` of one head, never holding more than a tile of P.
+
+    Args:
+        q: ``[N, d]`` queries, k: ``[N, d]`` keys (one head, padding already removed).
+        scale: logit scale.
+        tile_bytes: memory of one ``rows × N`` tile of ``P`` on the PyTorch path (default 64 MiB).
+        backend: ``"auto"`` (the fused Triton product on CUDA when Triton imports), ``"torch"``
+            (tiles of ``P``, float64 on the CPU, float32 on a GPU) or ``"triton"``.
+    """
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, scale: float, tile_bytes: int = 64 * 1024**2, backend="auto"):
+        if backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
+        from . import online_triton as streaming_triton
+
+        if backend == "auto":
+            fused = q.device.type == "cuda" and streaming_triton.available() and q.shape[-1] in (16, 32, 64, 128, 256)
+            backend = "triton" if fused else "torch"
+        self.backend = backend
+        self.dtype = compute_dtype(q)
+        self.scale = scale
+        self.n = q.shape[0]
+        self.calls = 0
+        if backend == "triton":
+            # The fused product needs LSE up front: one streaming pass. q, k keep their dtype
+            # (bf16 products are exact in the float32 accumulator).
+            rows, _, _ = streaming_row_accumulators(q[None, None], k[None, None], scale=scale, backend="triton")
+            self.q, self.k, self.lse = q, k, rows.lse.reshape(-1)
+            self.dtype = torch.float32
+        else:
+            self.q = q.to(self.dtype)
+            self.k = k.to(self.dtype)
+            self.lse = None
+        self.kt = self.k.to(self.dtype).T.contiguous()  # [d, N]
+        itemsize = torch.finfo(self.dtype).bits // 8
+        self.rows = max(1, min(self.n, tile_bytes // (itemsize * self.n)))
+        # When all of P fits in one tile, it is built once: a solve takes hundreds of products, and
+        # rebuilding P costs d times a product with it.
+        self.p = self._tile(0, self.n) if self.rows == self.n else None  # [N, N] or None
+
+    def _tile(self, i0: int, i1: int) -> torch.Tensor:
+        """Rows ``i0:i1`` of ``P`` in the compute dtype: ``[i1 − i0, N]``."""
+        s = (self.q[i0:i1].to(self.dtype) @ self.kt) * self.scale  # [rows, N]
+        if self.lse is None:
+            return torch.softmax(s, dim=-1)
+        return torch.exp(s - self.lse[i0:i1, None])
+
+    def matmat(self, x: torch.Tensor) -> torch.Tensor:
+        """``P x`` for ``x: [N, c]`` (same device), as attention with ``V = x``."""
+        self.calls += 1
+        if self.backend == "triton":
+            from .online_triton import attention_matmat
+
+            cols = [attention_matmat(self.q, self.k, self.lse, x[:, i:i + 15].float(), self.scale)
+                    for i in range(0, x.shape[1], 15)]
+            return torch.cat(cols, 1)
+        x = x.to(self.dtype)
+        if self.p is not None:
+            return self.p @ x  # [N, N] @ [N, c]
+        out = torch.empty(self.n, x.shape[1], dtype=self.dtype, device=x.device)  # [N, c]
+        for i0 in range(0, self.n, self.rows):
+            i1 = min(self.n, i0 + self.rows)
+            out[i0:i1] = self._tile(i0, i1) @ x  # [rows, N] @ [N, c]
+        return out
+
+    def rmatmat(self, x: torch.Tensor) -> torch.Tensor:
+        """``Pᵀ x`` for ``x: [N, c]``: the left eigenvectors that certify an eigenvalue need it."""
+        self.calls += 1
+        x = x.to(self.dtype)
+        if self.p is not None:
+            return self.p.T @ x  # [N, N] @ [N, c]
+        out = torch.zeros(self.n, x.shape[1], dtype=self.dtype, device=x.device)  # [N, c]
+        for i0 in range(0, self.n, self.rows):
+            i1 = min(self.n, i0 + self.rows)
+            out += self._tile(i0, i1).T @ x[i0:i1]  # [N, rows] @ [rows, c]
+        return out
+
+
+_NEV = 3  # eigenvalues ARPACK is asked for (λ_2, its conjugate, one more); the largest modulus is |λ_2|
+_NCV = 96  # Krylov basis size: a larger basis restarts less (measured on H100, N = 16k: 0.92 s vs 1.43 s at 32)
+ARNOLDI_MIN_TOKENS = 2 * _NEV + 3  # heads with fewer tokens are always solved densely (ARPACK needs nev + 1 < ncv ≤ N)
+def certify_tol(dtype: torch.dtype) -> float:
+    """Largest first-order error bound ``κ(λ_2)·‖r‖`` on ``|λ_2|`` accepted as certified."""
+    return 1e-6 if dtype == torch.float64 else 1e-3
+
+
+def arnoldi_gap(op: AttentionOperator, tol: float, max_iterations: int | None, ncv: int | None, seed: int):
+    """``(λ_2, iterations, residual, converged, error_bound)`` of one head by ARPACK.
+
+    ARPACK runs on ``A = (I − 1 1ᵀ/N) P``, which keeps ``λ_2 … λ_N`` and sends ``λ_1 = 1`` (eigenvector
+    ``1``) to 0. A small residual ``‖A v − λ v‖`` does not prove ``λ`` accurate: on peaked attention
+    the eigenvalue can be so ill-conditioned that a residual of 1e-15 hides an error of 1e-3. The
+    error bound is therefore the first-order one, ``κ(λ)·‖r‖`` with ``κ = ‖u‖‖v‖ / |uᵀv|`` from the left
+    eigenvector ``u`` (a second ARPACK run on ``Aᵀ``); it is ``inf`` when that run finds no eigenvalue
+    next to ``λ``.
+    """
+    from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigs
+
+    n = op.n
+    dev = op.q.device
+
+    def apply(v: np.ndarray, transpose: bool = False) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)).reshape(n, -1).to(dev)  # [N, c]
+        if transpose:  # Aᵀ x = Pᵀ (x − mean x)
+            y = op.rmatmat(x - x.mean(0, keepdim=True))
+        else:  # A x = P x − mean(P x)
+            y = op.matmat(x)
+            y = y - y.mean(0, keepdim=True)
+        return y.double().cpu().numpy().reshape(v.shape)
+
+    def apply_c(v: np.ndarray, transpose: bool = False) -> np.ndarray:
+        return apply(v.real, transpose) + 1j * apply(v.imag, transpose) if np.iscomplexobj(v) else apply(v, transpose)
+
+    rng = np.random.default_rng(seed)
+    v0 = rng.standard_normal(n)
+    v0 -= v0.mean()
+    op.calls = 0
+    # Rank-one attention (identical queries or keys) makes A vanish up to rounding, and ARPACK stops
+    # on a zero Krylov vector. Three random vectors that A sends to rounding level (the error of a
+    # product, ~sqrt(N)·eps relative) mean λ_2 = 0: a random direction sees about a 1/sqrt(N) share
+    # of ‖A‖, and the factor 100 covers an unlucky draw (all three below 1/100 of it: odds ~1e-6).
+    probes = rng.standard_normal((n, 3))
+    probes -= probes.mean(0)
+    level = float((np.linalg.norm(apply(probes), axis=0) / np.linalg.norm(probes, axis=0)).max())
+    vanishing_bound = 100 * math.sqrt(n) * level
+    if level <= 64 * math.sqrt(n) * torch.finfo(op.dtype).eps:
+        return 0j, op.calls, level, True, vanishing_bound
+
+    # Three eigenvalues, not two: with the bulk of the spectrum a disc whose edge lies close to
+    # |λ_2|, asking ARPACK for a single one can converge to a neighbour of nearly the same modulus.
+    nev = min(_NEV, n - 2)
+    ncv = min(n, max(ncv or _NCV, 2 * nev + 2))
+
+    def solve(transpose: bool):
+        A = LinearOperator((n, n), matvec=lambda v: apply(v, transpose), dtype=np.float64)
+        try:
+            vals, vecs = eigs(A, k=nev, which="LM", v0=v0, ncv=ncv, tol=tol, maxiter=max_iterations)
+            return vals, vecs, True
+        except ArpackNoConvergence as err:
+            return err.eigenvalues, err.eigenvectors, False
+        except ArpackError:  # a breakdown ARPACK cannot restart from: reported as not converged
+            return np.zeros(0, complex), np.zeros((n, 0), complex), False
+
+    vals, vecs, converged = solve(False)
+    if len(vals) == 0:  # a breakdown: the start vector's images were all that A showed of itself
+        return 0j, op.calls, level, False, vanishing_bound
+    i = int(np.argmax(np.abs(vals)))
+    lam, v = complex(vals[i]), vecs[:, i]
+    residual = float(np.linalg.norm(apply_c(v) - lam * v) / np.linalg.norm(v))
+    iterations = op.calls
+    lvals, lvecs, _ = solve(True)
+    bound = math.inf
+    if len(lvals):
+        j = int(np.argmin(np.abs(lvals - lam)))
+        u = lvecs[:, j]
+        overlap = abs(np.dot(u, v))  # uᵀv: u is a right eigenvector of Aᵀ, i.e. ū a left one of A
+        if overlap > 0:
+            kappa = np.linalg.norm(u) * np.linalg.norm(v) / overlap
+            # the two runs must agree on λ as well: their distance is part of the error
+            bound = float(kappa * residual + abs(lvals[j] - lam))
+    return lam, iterations, residual, converged, bound
