@@ -1,4 +1,4 @@
-"""Closed-form predictions of the paper (THEORY.md §2–4), for Gaussian queries and keys.
+"""Closed-form predictions of the paper (docs/theory.md §2–4), for Gaussian queries and keys.
 
 Model: entries of ``q_i`` i.i.d. ``N(0, σ_q²)``, of ``k_j`` i.i.d. ``N(0, σ_k²)``, scores
 ``s_ij = q_i·k_j / sqrt(d)`` with variance ``σ² = σ_q² σ_k²``. All functions accept Python floats or
@@ -52,7 +52,7 @@ def _out(x):
 
 @dataclass(frozen=True)
 class SALogNormal:
-    """Predicted moments of the entries of a softmax attention matrix (THEORY.md §2).
+    """Predicted moments of the entries of a softmax attention matrix (docs/theory.md §2).
 
     Attributes:
         sigma2: score variance ``σ² = σ_q² σ_k²`` (dimensionless).
@@ -114,7 +114,7 @@ def sa_entropy(sigma2, n):
 def sa_spectral_gap(sigma2, n):
     """Heuristic spectral gap of Gaussian softmax attention: ``1 − sqrt((e^{σ²} − 1)/N)``.
 
-    A heuristic, not a theorem (THEORY.md §3): ``|λ_2|`` is taken as ``sqrt(N·Var[P])``, the scale
+    A heuristic, not a theorem (docs/theory.md §3): ``|λ_2|`` is taken as ``sqrt(N·Var[P])``, the scale
     of the eigenvalues of the centred random part of ``P``. Good for small ``σ²``; clipped at 0.
     """
     s2 = np.asarray(sigma2, dtype=float)
@@ -133,7 +133,7 @@ def fenton_wilkinson(sigma2, n):
 
 
 def lln_alpha_beta(sigma_q, sigma_k, a: float = LLN_A, b: float = LLN_B):
-    """Moment-matching temperatures ``(α, β)`` of LLN attention (THEORY.md §4).
+    """Moment-matching temperatures ``(α, β)`` of LLN attention (docs/theory.md §4).
 
     Solves ``σ_q²σ_k² = a·σ_t² + b`` with ``σ_t² = α²σ_q² + β²σ_k²`` and ``ασ_q = βσ_k``:
     ``σ̃ = sqrt((σ_q²σ_k² − b)/(2a))``, ``α = σ̃/σ_q``, ``β = σ̃/σ_k``.

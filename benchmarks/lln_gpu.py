@@ -52,7 +52,7 @@ def fwd_bwd(f, q, k, v, g):
 
 
 def lln_features(q, k):
-    """LLN features with the kernel's own temperatures, stabilised as in THEORY.md §4."""
+    """LLN features with the kernel's own temperatures, stabilised as in docs/theory.md §4."""
     kern = get_kernel("lln")
     alpha, beta = kern.alpha_beta(q, k)
     lq = q.float() * alpha

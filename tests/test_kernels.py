@@ -1,4 +1,4 @@
-"""Kernels against independent dense float64 references (THEORY.md §1, §4)."""
+"""Kernels against independent dense float64 references (docs/theory.md §1, §4)."""
 import math
 
 import numpy as np
@@ -143,7 +143,7 @@ def test_block_diagonal_against_dense_reference(block, causal):
 
 
 def reference_lln(q, k, v, a=LLN_A, b=LLN_B, causal=False, moment_matching=True):
-    """THEORY.md §4 written out in NumPy float64, no shifts (small inputs only)."""
+    """docs/theory.md §4 written out in NumPy float64, no shifts (small inputs only)."""
     qn, kn, vn = (x.double().numpy() for x in (q, k, v))
     if moment_matching:
         sq, sk = qn.std(ddof=1), kn.std(ddof=1)
@@ -250,7 +250,7 @@ def test_feature_maps_against_dense_reference(fmap):
 
 
 def test_relu_attention_has_no_temperature():
-    """THEORY.md §3: rescaling q and k leaves ReLU linear attention exactly unchanged."""
+    """docs/theory.md §3: rescaling q and k leaves ReLU linear attention exactly unchanged."""
     q, k, _ = qkv(seed=11)
     ker = LinearAttention("relu")
     torch.testing.assert_close(ker.matrix(q * 0.5, k * 0.5), ker.matrix(q * 2.0, k * 2.0), rtol=1e-12, atol=1e-14)

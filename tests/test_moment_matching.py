@@ -1,4 +1,4 @@
-"""Moment matching of LLN attention (THEORY.md §4, the paper's Figure 5b)."""
+"""Moment matching of LLN attention (docs/theory.md §4, the paper's Figure 5b)."""
 import numpy as np
 import pytest
 import torch

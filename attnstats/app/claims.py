@@ -1,4 +1,4 @@
-"""The propositions of THEORY.md §2–4, each checked numerically on Gaussian queries and keys.
+"""The propositions of docs/theory.md §2–4, each checked numerically on Gaussian queries and keys.
 
 Each claim yields a :class:`ClaimResult`: what is predicted, what was measured, the tolerance, whether
 it holds, and whether it is expected to (inside the regime of validity) — claims outside their regime
@@ -24,7 +24,7 @@ class ClaimResult:
     """One numerical check of a claim.
 
     Attributes:
-        section: where the claim stands in THEORY.md (e.g. "§2").
+        section: where the claim stands in docs/theory.md (e.g. "§2").
         claim: the claim, in words.
         prediction: the predicted value.
         measurement: the measured value.

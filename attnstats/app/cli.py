@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_reproduce)
 
     v = sub.add_parser("validate", help="check the paper's propositions numerically and print a table",
-                       description="Run each proposition of THEORY.md §2–4 on Gaussian inputs and print claim, "
+                       description="Run each proposition of docs/theory.md §2–4 on Gaussian inputs and print claim, "
                        "prediction, measurement, tolerance, whether it holds, and its regime. Exit code 1 if a "
                        "claim that should hold (inside its regime) does not.")
     v.add_argument("--quick", action="store_true", help="N = 256 instead of 1024 (seconds)")

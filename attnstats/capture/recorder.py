@@ -153,7 +153,7 @@ def head_sigmas(q: torch.Tensor, k: torch.Tensor, mask, is_causal: bool):
     """Standard deviations ``(sigma_q, sigma_k)``, each ``[B, H]`` float64, of the valid q and k entries.
 
     ``q: [B, H, Nq, d]``, ``k: [B, H, Nk, d]``; valid tokens as :func:`attnstats.capture.record.valid_tokens`
-    (pad tokens left out). Unbiased (``torch.std``) convention. The temperature of THEORY.md §1 is
+    (pad tokens left out). Unbiased (``torch.std``) convention. The temperature of docs/theory.md §1 is
     ``1/(sigma_q·sigma_k)``.
     """
     b = max(q.shape[0], k.shape[0])

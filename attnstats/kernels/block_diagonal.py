@@ -1,4 +1,4 @@
-"""Block-diagonal softmax attention: exact softmax inside consecutive blocks of tokens (THEORY.md §4)."""
+"""Block-diagonal softmax attention: exact softmax inside consecutive blocks of tokens (docs/theory.md §4)."""
 from __future__ import annotations
 
 import torch

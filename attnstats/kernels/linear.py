@@ -1,4 +1,4 @@
-"""Linearised attention ``P_ij ∝ φ_Q(q_i)·φ_K(k_j)`` (THEORY.md §1, §4) and its feature maps.
+"""Linearised attention ``P_ij ∝ φ_Q(q_i)·φ_K(k_j)`` (docs/theory.md §1, §4) and its feature maps.
 
 Every feature map here is non-negative, so the engine works with the *logarithm* of the features,
 ``lq = log φ_Q(q)``, ``lk = log φ_K(k)`` (``-inf`` for a zero feature). Shifts taken in log space
@@ -9,7 +9,7 @@ cancel in the normalisation, and they are chosen so that no denominator can unde
 - queries: ``exp(lq_il + m_l − M_i)`` with ``M_i = max_l (lq_il + m_l)``, so each row has a term
   equal to 1 against a ``z_l ≥ 1``: every denominator is ≥ 1 before ``eps`` is added.
 
-This is a stronger form of the shifts of THEORY.md §4 (one maximum per token for queries, one per
+This is a stronger form of the shifts of docs/theory.md §4 (one maximum per token for queries, one per
 head for keys); it keeps outputs finite and accurate for |q|, |k| in the tens.
 
 Costs: non-causal output ``O(N·r·d_v)`` time, ``O(N·r + r·d_v)`` memory; causal output by chunks of
@@ -387,7 +387,7 @@ class LogFeatureAttention(Kernel):
         return linear_matrix(lq, lk, valid, self.name).to(matrix_dtype(q))
 
     def spectral_gap(self, q, k, *, causal: bool = False, mask=None) -> torch.Tensor:
-        """Spectral gap ``[B, H]`` from the ``r × r`` matrix ``Φ_Kᵀ D⁻¹ Φ_Q`` of THEORY.md §4 (causal:
+        """Spectral gap ``[B, H]`` from the ``r × r`` matrix ``Φ_Kᵀ D⁻¹ Φ_Q`` of docs/theory.md §4 (causal:
         diagonal rule); the N×N matrix is never built."""
         check_qk4(q, k, causal, square=True)
         shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])

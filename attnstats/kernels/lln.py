@@ -1,4 +1,4 @@
-"""Linear Log-Normal (LLN) attention (THEORY.md §4).
+"""Linear Log-Normal (LLN) attention (docs/theory.md §4).
 
 Feature maps ``φ_Q(q) = exp(α q)``, ``φ_K(k) = exp(β k)`` element-wise (``r = d``). With moment
 matching, ``α`` and ``β`` make the log-variance of the LLN matrix equal that of softmax attention

@@ -1,4 +1,4 @@
-"""LLN+Diag attention: LLN attention plus exact softmax inside blocks of ``d`` tokens (THEORY.md §4)."""
+"""LLN+Diag attention: LLN attention plus exact softmax inside blocks of ``d`` tokens (docs/theory.md §4)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Refit the LLN moment-matching constants ``(a, b)`` for any head dim (THEORY.md §4).
+"""Refit the LLN moment-matching constants ``(a, b)`` for any head dim (docs/theory.md §4).
 
 LLN attention with feature maps ``exp(αq)``, ``exp(βk)`` on Gaussian q, k has a log-variance
 ``Var[log P]`` that grows with ``σ_t² = α²σ_q² + β²σ_k²``; moment matching uses the linear fit

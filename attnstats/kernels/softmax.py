@@ -27,7 +27,7 @@ def softmax_matrix(q: torch.Tensor, k: torch.Tensor, valid, scale: float, dtype:
 
 
 class SoftmaxAttention(Kernel):
-    """Softmax attention ``P = softmax(scale · q kᵀ)`` (THEORY.md §1).
+    """Softmax attention ``P = softmax(scale · q kᵀ)`` (docs/theory.md §1).
 
     Args:
         scale: score scale; None = ``1/sqrt(d)``.

@@ -1,7 +1,7 @@
 """The one-pass reference: per-row accumulators of softmax attention from ``q`` and ``k``, no N×N matrix.
 
 The public statistics built on it are in :mod:`attnstats.stats.qk`. All per-row statistics come
-from one online-softmax pass over blocks of keys (THEORY.md §5). For
+from one online-softmax pass over blocks of keys (docs/theory.md §5). For
 row ``i`` and its valid keys ``j``, with ``s_ij = scale · q_i·k_j`` and a running maximum ``m_i``,
 the pass keeps
 
