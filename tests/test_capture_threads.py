@@ -224,7 +224,7 @@ def test_other_thread_runs_the_same_model_unrecorded(impl):
     for out in outputs_b:
         assert torch.equal(out, reference_b)  # bit-identical to a run without any recorder
     assert_records_equal(recs["a"], expect_a)
-    assert recs["a"].forward_calls == 2
+    assert len(recs["a"].records) == 2 * N_LAYERS  # A's two forwards, none of B's
     assert_same_objects(before)
 
 
@@ -361,6 +361,7 @@ def test_compiled_call_inside_a_block_passes_through(impl):
         after = compiled(**x).last_hidden_state
     assert torch.equal(out, reference) and torch.equal(after, reference)
     assert torch.equal(eager_out, model(**x).last_hidden_state)
-    assert rec.forward_calls == 1  # the uncompiled call; the compiled one is not seen by the hooks
+    # the module hooks see the uncompiled call only: the compiled call leaves no record named after a module
+    assert [r.name for r in rec.records if r.name] == ["encoder.layer.0.attention.self"]
     assert_same_objects(before)
     assert torch._C._len_torch_function_stack() == 0

@@ -60,14 +60,6 @@ def install_hf(recorder, stack: contextlib.ExitStack) -> None:
             stack.callback(patch_entry(vars(mod), "eager_attention_forward", functools.partial(_wrap, impl="eager")))
 
 
-def _discard(contexts: list, context: dict) -> None:
-    """Remove ``context`` by identity (equal dicts of other calls may sit in the list)."""
-    for i in range(len(contexts) - 1, -1, -1):
-        if contexts[i] is context:
-            del contexts[i]
-            return
-
-
 def _wrap(fn, impl: str):
     """The wrapper of one attention function: records for the blocks open in the calling thread only."""
     try:
@@ -79,21 +71,18 @@ def _wrap(fn, impl: str):
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         if compiling():
             return fn(module, query, key, value, attention_mask, *args, **kwargs)
-        contexts = []
+        recorders = []
         for recorder in active_recorders():
             name = recorder.module_name(module)
-            if name is not None and "hf" in recorder.backends and recorder._here():
-                contexts.append((recorder, {"name": name, "captured": False}))
-        if not contexts:
+            if name is not None and "hf" in recorder.backends and recorder.is_recording():
+                recorders.append((recorder, name))
+        if not recorders:
             return fn(module, query, key, value, attention_mask, *args, **kwargs)
-        for recorder, context in contexts:
-            recorder._hf_context.append(context)
-        try:
+        # while fn runs, an SDPA call inside it is captured by the sdpa backend under the module's name
+        with contextlib.ExitStack() as stack:
+            running = [(recorder, stack.enter_context(recorder.function_call(name))) for recorder, name in recorders]
             out = fn(module, query, key, value, attention_mask, *args, **kwargs)
-        finally:
-            for recorder, context in contexts:
-                _discard(recorder._hf_context, context)
-        pending = [(recorder, context) for recorder, context in contexts if not context["captured"]]
+        pending = [(recorder, running_call) for recorder, running_call in running if not running_call.captured]
         if pending:
             call = {}
             if signature is not None:
@@ -104,8 +93,8 @@ def _wrap(fn, impl: str):
             extra = call.pop("kwargs", None) or {}
             call.update(kwargs)
             call.update(extra)
-            for recorder, context in pending:
-                _capture_call(recorder, context["name"], impl, module, query, key, attention_mask, call)
+            for recorder, running_call in pending:
+                _capture_call(recorder, running_call.name, impl, module, query, key, attention_mask, call)
         return out
 
     attention.__wrapped_by_attnstats__ = fn

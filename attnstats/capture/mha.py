@@ -28,7 +28,7 @@ from torch import nn
 
 from .threads import MISSING, active_recorders, compiling, patch_entry
 
-__all__ = ["install_mha", "install_fast_path_guards", "hook_free_modules", "mha_qk"]
+__all__ = ["install_fast_path_guards", "hook_free_modules", "mha_qk"]
 
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 _TEL_SIGNATURE = inspect.signature(nn.TransformerEncoderLayer.forward)
@@ -42,11 +42,6 @@ def hook_free_modules(model: nn.Module) -> set[int]:
         if isinstance(module, nn.TransformerEncoderLayer):
             ids.update(id(m) for m in module.modules())
     return ids
-
-
-def install_mha(recorder, stack: contextlib.ExitStack) -> None:
-    """Kept for symmetry with the other backends: the work is done by :func:`install_fast_path_guards`."""
-    install_fast_path_guards(recorder, stack)
 
 
 def install_fast_path_guards(recorder, stack: contextlib.ExitStack) -> None:
@@ -76,7 +71,7 @@ def install_fast_path_guards(recorder, stack: contextlib.ExitStack) -> None:
             resume_capture_modes(suspended.stack.pop())
 
     def pre(module, args, kwargs):
-        if not capture or compiling() or not recorder._here():
+        if not capture or compiling() or not recorder.is_recording():
             return None
         name = recorder.module_name(module)
         if name is None:
@@ -93,14 +88,14 @@ def install_fast_path_guards(recorder, stack: contextlib.ExitStack) -> None:
 
     def encoder_pre(module, args, kwargs):
         suspend(module)
-        if compiling() or not recorder._here():
+        if compiling() or not recorder.is_recording():
             return
         call = _ENC_SIGNATURE.bind(module, *args, **kwargs)
-        recorder._padding_stash.append(call.arguments.get("src_key_padding_mask"))
+        recorder.push_encoder_padding(call.arguments.get("src_key_padding_mask"))
 
     def encoder_post(module, args, kwargs, output):
-        if not compiling() and recorder._here() and recorder._padding_stash:
-            recorder._padding_stash.pop()
+        if not compiling() and recorder.is_recording():
+            recorder.pop_encoder_padding()
         resume(module)
 
     for module in dict.fromkeys(recorder.model.modules()):
@@ -139,14 +134,13 @@ def _encoder_layer_forward(layer: nn.TransformerEncoderLayer, original):
         try:
             for recorder in active_recorders():
                 name = recorder.module_name(layer)
-                if name is None or "mha" not in recorder.backends or not recorder._here():
+                if name is None or "mha" not in recorder.backends or not recorder.is_recording():
                     continue
                 bound = _TEL_SIGNATURE.bind(layer, *args, **kwargs)
                 bound.apply_defaults()
                 with torch.no_grad():
                     _capture_encoder_layer(
-                        recorder, layer, f"{name}.self_attn" if name else "self_attn", bound.arguments,
-                        recorder._padding_stash,
+                        recorder, layer, f"{name}.self_attn" if name else "self_attn", bound.arguments
                     )
             return call(*args, **kwargs)
         finally:
@@ -155,11 +149,11 @@ def _encoder_layer_forward(layer: nn.TransformerEncoderLayer, original):
     return forward
 
 
-def _capture_encoder_layer(recorder, layer, attn_name: str, a: dict, padding_stash: list) -> None:
+def _capture_encoder_layer(recorder, layer, attn_name: str, a: dict) -> None:
     src, kpm = a["src"], a["src_key_padding_mask"]
     if src.is_nested:
         # TransformerEncoder's fast path: a left-aligned nested batch, its padding mask kept aside
-        kpm = padding_stash[-1] if padding_stash else None
+        kpm = recorder.encoder_padding()
         if kpm is None:
             raise ValueError(f"record(): {attn_name} got a nested tensor without the encoder's src_key_padding_mask")
         b, n = kpm.shape

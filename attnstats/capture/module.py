@@ -20,9 +20,8 @@ from .threads import compiling
 __all__ = ["install_module_capture"]
 
 
-def _chosen(recorder):
-    spec = recorder._modules_filter
-    for name, module in recorder.model.named_modules():
+def _chosen(model, spec):
+    for name, module in model.named_modules():
         if spec is None:
             yield name, module
         elif isinstance(spec, str):
@@ -38,12 +37,15 @@ def _chosen(recorder):
             )
 
 
-def install_module_capture(recorder, stack: contextlib.ExitStack) -> None:
-    """Register ``recorder._capture_fn`` as a forward hook (with kwargs) on the chosen modules."""
-    fn = recorder._capture_fn
+def install_module_capture(recorder, stack: contextlib.ExitStack, fn, modules) -> None:
+    """Register ``fn`` (``record``'s ``capture=``) as a forward hook (with kwargs) on the chosen modules.
+
+    ``modules`` is ``record``'s ``modules=``; modules chosen by it are claimed
+    (:meth:`~attnstats.capture.recorder.Recorder.own_module`), so SDPA calls inside them are left to ``fn``.
+    """
 
     def hook(module, args, kwargs, output):
-        if compiling() or not recorder._here():  # another thread's forward, or dynamo tracing
+        if compiling() or not recorder.is_recording():  # another thread's forward, or dynamo tracing
             return None
         name = recorder.module_name(module)
         if name is None:
@@ -69,8 +71,7 @@ def install_module_capture(recorder, stack: contextlib.ExitStack) -> None:
         recorder.capture(name, q, k, mask, bool(causal), scale, backend="module")
         return None
 
-    for name, module in _chosen(recorder):
-        if recorder._modules_filter is not None:
-            recorder._owned.add(id(module))
+    for name, module in _chosen(recorder.model, modules):
+        if modules is not None:
+            recorder.own_module(module)
         stack.callback(module.register_forward_hook(hook, with_kwargs=True).remove)
-    stack.callback(recorder._owned.clear)

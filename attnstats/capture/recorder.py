@@ -7,6 +7,25 @@ attention-function registry and each model file's ``eager_attention_forward``), 
 The recorder owns what they share: the stack of module paths that names each call, the layer numbering,
 the ``layers=`` selection, and the copy of q and k into an :class:`AttentionRecord`.
 
+How a backend hands a call to the recorder: ``Recorder.__enter__`` calls the backend's ``install_*(recorder,
+stack, ...)``, which puts its hooks, modes or patches in place and registers their removal on ``stack``.
+When an attention call runs, the backend checks :meth:`Recorder.is_recording` (the block is open and the
+calling thread opened it), names the call with :meth:`Recorder.module_name` (the attention module) or
+:meth:`Recorder.current_module` (the innermost module running), and passes the call's arguments, q and k
+as the attention function received them, to :meth:`Recorder.capture`, which applies ``layers=``, copies
+q and k and appends the :class:`AttentionRecord`. Backends read ``model``, ``backends`` and
+``stats_metrics`` and nothing private; what they must tell each other goes through the recorder:
+
+- a backend that captures some modules itself (``module`` with ``modules=``) claims them with
+  :meth:`Recorder.own_module`; the ``sdpa`` backend skips SDPA calls made while
+  :meth:`Recorder.in_owned_module` is true, so no call is captured twice;
+- the ``hf`` backend wraps each transformers attention function call in :meth:`Recorder.function_call`;
+  an SDPA call inside it (:meth:`Recorder.current_function_call`) is named after that module and marks
+  it captured, else ``hf`` captures the call from the function's own arguments afterwards;
+- the ``mha`` backend keeps the key-padding mask of each running ``nn.TransformerEncoder``
+  (:meth:`Recorder.push_encoder_padding`, :meth:`Recorder.pop_encoder_padding`) for its layers, which
+  may get a nested tensor without one (:meth:`Recorder.encoder_padding`).
+
 Nothing that the model computes is changed: the backends read the arguments of the attention call
 and pass them on untouched; every hook, mode and patch is removed when the block exits, also when the
 forward raises.
@@ -26,12 +45,14 @@ attention is not recorded reliably (nothing, or SDPA calls without module names,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
+import inspect
 import re
 import sys
 import threading
 import warnings
-from typing import Callable, Iterable
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -49,56 +70,17 @@ class NothingCapturedWarning(UserWarning):
     """A ``record()`` block ended without capturing any attention call."""
 
 
-def record(
-    model: nn.Module,
-    *,
-    layers=None,
-    backend="auto",
-    capture: Callable | None = None,
-    modules=None,
-    store: str = "qk",
-    alongside: Iterable | None = None,
-    metrics=None,
-) -> "Recorder":
-    """Capture the attention of ``model``: ``with attnstats.record(model) as rec: model(**inputs)``.
+@dataclasses.dataclass(eq=False)
+class FunctionCall:
+    """A transformers attention function call in progress (:meth:`Recorder.function_call`).
 
-    Args:
-        model: any ``nn.Module`` that is not compiled (a ``torch.compile`` module is refused with a
-            TypeError: pass the uncompiled module, ``compiled._orig_mod``). The block records the calls
-            made in the thread that opened it only.
-        layers: which attention modules to keep (others are seen but not copied): None for all; an int
-            (layer index, in the order the attention modules are first called), a ``str`` glob over the
-            module path (``"encoder.layer.*.attention.self"``), a compiled regex, or a list of these.
-        backend: ``"auto"`` (``sdpa`` always; ``hf`` for transformers models; ``mha`` when the model has
-            ``nn.MultiheadAttention`` layers; ``module`` when ``capture`` is given) or one name / a list
-            of names from ``"sdpa", "hf", "mha", "module"``.
-        capture: for the ``module`` backend: ``capture(module, args, kwargs, output)`` returning None
-            (not an attention module) or ``(q, k, mask, causal, scale)`` with ``q: [B, H, Nq, d]``,
-            ``k: [B, H|Hkv, Nk, d]``, ``mask`` None / bool (True = attend) / float additive,
-            broadcastable to ``[B, H, Nq, Nk]``, ``causal`` bool, ``scale`` float or None (1/sqrt(d)).
-        modules: for the ``module`` backend, which modules ``capture`` is called on: None (every module),
-            a module class or tuple of classes, or a glob over module paths.
-        store: ``"qk"`` keeps detached copies of q and k (``probs()`` works); ``"stats"`` computes the
-            streaming statistics during the forward pass and keeps no q, k (O(N) memory per layer).
-        alongside: kernel names (``"lln"``, ``"relu"``, …, see :func:`attnstats.kernels.get_kernel`) or
-            kernel objects evaluated on every captured q, k; :meth:`Recorder.frame` then has a ``kernel``
-            column with ``"softmax"`` for the captured attention.
-        metrics: with ``store="stats"``, the metric groups computed during the forward pass (default
-            all of ``"entropy", "spectral_gap", "lognormal", "moments"``; ``"temperature"`` is always
-            kept). The log-normal fit samples ``ln P`` per head and dominates the cost at short N.
-
-    Returns:
-        A :class:`Recorder`, to be used as a context manager; its ``records`` list the captured calls.
-
-    Raises:
-        TypeError: ``model`` is not an ``nn.Module``, or it is compiled (``torch.compile`` /
-            ``nn.Module.compile``).
-        ValueError: a submodule of ``model`` is compiled.
+    Attributes:
+        name: path of the attention module that called the function.
+        captured: set once an SDPA call inside it has been captured under ``name``.
     """
-    return Recorder(
-        model, layers=layers, backend=backend, capture=capture, modules=modules, store=store, alongside=alongside,
-        metrics=metrics,
-    )
+
+    name: str
+    captured: bool = False
 
 
 def _check_not_compiled(model: nn.Module) -> None:
@@ -171,7 +153,42 @@ def _masked_std(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 class Recorder:
-    """The context manager returned by :func:`record`; see there. ``records`` lists the captured calls."""
+    """Capture the attention of ``model``: ``with attnstats.record(model) as rec: model(**inputs)``.
+
+    ``attnstats.record(model, ...)`` is ``Recorder(model, ...)``. The recorder is a context manager;
+    ``rec.records`` lists the captured calls (:class:`AttentionRecord`), in call order, and
+    :meth:`frame` tabulates their statistics.
+
+    Args:
+        model: any ``nn.Module`` that is not compiled (a ``torch.compile`` module is refused with a
+            TypeError: pass the uncompiled module, ``compiled._orig_mod``). The block records the calls
+            made in the thread that opened it only.
+        layers: which attention modules to keep (others are seen but not copied): None for all; an int
+            (layer index, in the order the attention modules are first called), a ``str`` glob over the
+            module path (``"encoder.layer.*.attention.self"``), a compiled regex, or a list of these.
+        backend: ``"auto"`` (``sdpa`` always; ``hf`` for transformers models; ``mha`` when the model has
+            ``nn.MultiheadAttention`` layers; ``module`` when ``capture`` is given) or one name / a list
+            of names from ``"sdpa", "hf", "mha", "module"``.
+        capture: for the ``module`` backend: ``capture(module, args, kwargs, output)`` returning None
+            (not an attention module) or ``(q, k, mask, causal, scale)`` with ``q: [B, H, Nq, d]``,
+            ``k: [B, H|Hkv, Nk, d]``, ``mask`` None / bool (True = attend) / float additive,
+            broadcastable to ``[B, H, Nq, Nk]``, ``causal`` bool, ``scale`` float or None (1/sqrt(d)).
+        modules: for the ``module`` backend, which modules ``capture`` is called on: None (every module),
+            a module class or tuple of classes, or a glob over module paths.
+        store: ``"qk"`` keeps detached copies of q and k (``probs()`` works); ``"stats"`` computes the
+            streaming statistics during the forward pass and keeps no q, k (O(N) memory per layer).
+        alongside: kernel names (``"lln"``, ``"relu"``, …, see :func:`attnstats.kernels.get_kernel`) or
+            kernel objects evaluated on every captured q, k; :meth:`frame` then has a ``kernel``
+            column with ``"softmax"`` for the captured attention.
+        metrics: with ``store="stats"``, the metric groups computed during the forward pass (default
+            all of ``"entropy", "spectral_gap", "lognormal", "moments"``; ``"temperature"`` is always
+            kept). The log-normal fit samples ``ln P`` per head and dominates the cost at short N.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or it is compiled (``torch.compile`` /
+            ``nn.Module.compile``).
+        ValueError: a submodule of ``model`` is compiled.
+    """
 
     def __init__(
         self, model, *, layers=None, backend="auto", capture=None, modules=None, store="qk", alongside=None, metrics=None
@@ -207,15 +224,14 @@ class Recorder:
         self._layer_of: dict[str, int] = {}
         self._stack: list[str] = []
         self._calls_in_forward: dict[str, int] = {}
-        self._hf_context: list[dict] = []  # innermost transformers attention call in progress
+        self._function_calls: list[FunctionCall] = []  # transformers attention function calls in progress
         self._owned: set[int] = set()  # ids of modules a backend captures itself (sdpa calls inside are skipped)
         self._owned_depth = 0
-        self._padding_stash: list = []  # src_key_padding_mask of each nn.TransformerEncoder running
+        self._encoder_padding: list = []  # src_key_padding_mask of each nn.TransformerEncoder running
         self._exit_stack: contextlib.ExitStack | None = None
         self._active = False
         self._owner: int | None = None  # threading.get_ident() of the thread whose calls are recorded
         self._thread_list: list | None = None
-        self.forward_calls = 0
 
     # ----- backends -----------------------------------------------------------------------------
     def _choose_backends(self, backend, capture) -> tuple[str, ...]:
@@ -244,8 +260,8 @@ class Recorder:
         self.records = []
         self._layer_of = {}
         self._stack = []
-        self._padding_stash = []
-        self.forward_calls = 0
+        self._encoder_padding = []
+        self._owned, self._owned_depth = set(), 0
         self._owner = threading.get_ident()
         stack = contextlib.ExitStack()
         try:
@@ -257,7 +273,7 @@ class Recorder:
             if "module" in self.backends:
                 from .module import install_module_capture
 
-                install_module_capture(self, stack)
+                install_module_capture(self, stack, self._capture_fn, self._modules_filter)
             if "hf" in self.backends:
                 from .hf import install_hf
 
@@ -279,9 +295,10 @@ class Recorder:
         self._active = False
         stack, self._exit_stack, self._thread_list = self._exit_stack, None, None
         self._stack = []
-        self._hf_context = []
-        self._padding_stash = []
+        self._function_calls = []
+        self._encoder_padding = []
         stack.close()
+        self._owned, self._owned_depth = set(), 0
         if exc_type is None and not self.records:
             warnings.warn(self._nothing_message(), NothingCapturedWarning, stacklevel=2)
         return False
@@ -302,29 +319,21 @@ class Recorder:
             f"Only calls made in the thread that opened the block are recorded, and calls through torch.compile are not seen"
         )
 
-    def _here(self) -> bool:
-        """True when the block is open and the calling thread is the one that opened it."""
-        return self._active and self._owner == threading.get_ident()
-
     # ----- naming --------------------------------------------------------------------------------
     def _install_module_stack(self, stack: contextlib.ExitStack) -> None:
-        root = self.model
-
         def pre(module, args):
-            if compiling() or not self._here():  # dynamo tracing, or another thread's forward
+            if compiling() or not self.is_recording():  # dynamo tracing, or another thread's forward
                 return
             name = self._names.get(id(module))
             if name is None:
                 return
-            if module is root:
-                self.forward_calls += 1
             self._stack.append(name)
             self._calls_in_forward[name] = 0
             if id(module) in self._owned:
                 self._owned_depth += 1
 
         def post(module, args, output):
-            if compiling() or not self._here():
+            if compiling() or not self.is_recording():
                 return
             name = self._names.get(id(module))
             if name is None:
@@ -345,19 +354,80 @@ class Recorder:
             stack.callback(module.register_forward_pre_hook(pre).remove)
             stack.callback(module.register_forward_hook(post, always_call=True).remove)
 
+    def _call_name(self, name: str) -> str:
+        """``name``, suffixed ``#j`` for the j-th extra attention call in one forward of the same module."""
+        count = self._calls_in_forward.get(name, 0)
+        self._calls_in_forward[name] = count + 1
+        return name if count == 0 else f"{name}#{count}"
+
+    # ----- the interface of the backends (see the module docstring) ------------------------------
+    def is_recording(self) -> bool:
+        """True when the block is open and the calling thread is the one that opened it.
+
+        Backends capture a call only then: other threads' calls, and calls outside the block, pass
+        through unrecorded.
+        """
+        return self._active and self._owner == threading.get_ident()
+
     def module_name(self, module) -> str | None:
-        """Path of ``module`` inside the recorded model, or None if it is not part of it."""
+        """Path of ``module`` inside the recorded model (``""`` for the model itself), or None if not part of it."""
         return self._names.get(id(module))
 
     def current_module(self) -> str:
         """Path of the innermost module of the model whose forward is running ('' if none)."""
         return self._stack[-1] if self._stack else ""
 
-    def _call_name(self, name: str) -> str:
-        """``name``, suffixed ``#j`` for the j-th extra attention call in one forward of the same module."""
-        count = self._calls_in_forward.get(name, 0)
-        self._calls_in_forward[name] = count + 1
-        return name if count == 0 else f"{name}#{count}"
+    def own_module(self, module) -> None:
+        """Declare that a backend captures ``module`` itself: SDPA calls made inside its forward are skipped.
+
+        For the rest of the block (the claim ends when it exits), :meth:`in_owned_module` is True while
+        the forward of ``module`` runs, so the ``sdpa`` backend does not capture the same call twice.
+        """
+        self._owned.add(id(module))
+
+    def in_owned_module(self) -> bool:
+        """True while the forward of a module claimed with :meth:`own_module` runs in the recording thread."""
+        return self._owned_depth > 0
+
+    @contextlib.contextmanager
+    def function_call(self, name: str) -> Iterator[FunctionCall]:
+        """Mark a transformers attention function call of module ``name`` as running, for the ``with`` body.
+
+        Yields its :class:`FunctionCall`; an SDPA call made inside it is named ``name`` and sets
+        ``captured`` (see :meth:`current_function_call`), which tells the ``hf`` backend not to capture
+        the call again from the function's arguments.
+        """
+        call = FunctionCall(name)
+        self._function_calls.append(call)
+        try:
+            yield call
+        finally:
+            # by identity: with several recorders and nested calls, the list need not end with it
+            for i in range(len(self._function_calls) - 1, -1, -1):
+                if self._function_calls[i] is call:
+                    del self._function_calls[i]
+                    break
+
+    def current_function_call(self) -> FunctionCall | None:
+        """The innermost transformers attention function call running (:meth:`function_call`), or None."""
+        return self._function_calls[-1] if self._function_calls else None
+
+    def push_encoder_padding(self, key_padding_mask) -> None:
+        """An ``nn.TransformerEncoder`` starts its forward with ``src_key_padding_mask`` (a tensor or None)."""
+        self._encoder_padding.append(key_padding_mask)
+
+    def pop_encoder_padding(self) -> None:
+        """The innermost running ``nn.TransformerEncoder`` ends its forward (nothing happens if none runs)."""
+        if self._encoder_padding:
+            self._encoder_padding.pop()
+
+    def encoder_padding(self):
+        """``src_key_padding_mask`` of the innermost running ``nn.TransformerEncoder``, or None (also if none runs).
+
+        Its layers may receive a nested tensor of the unpadded tokens and no mask; this is the
+        ``[B, N]`` mask (bool True = pad, or float) that padded them.
+        """
+        return self._encoder_padding[-1] if self._encoder_padding else None
 
     # ----- capture -------------------------------------------------------------------------------
     def capture(
@@ -374,7 +444,27 @@ class Recorder:
         softcap: float | None = None,
         bias: torch.Tensor | None = None,
     ) -> AttentionRecord | None:
-        """Turn the arguments of one attention call into an :class:`AttentionRecord` (if selected)."""
+        """Hand over one attention call: its :class:`AttentionRecord` is appended to ``records`` if selected.
+
+        Backends call this once per attention call they see, from the recording thread. The arguments
+        are those of ``F.scaled_dot_product_attention``, untouched.
+
+        Args:
+            name: path of the module the call belongs to; a second call of the same module in one of
+                its forwards becomes ``name#1``, and so on. ``layers=`` selects on the result.
+            q: ``[..., Nq, d]`` queries (missing leading dims become 1, extra ones fold into B).
+            k: ``[..., Hkv, Nk, d]`` keys; ``Hkv`` key heads dividing ``H`` are repeated to ``H``.
+            attn_mask: None, bool (True = attend) or float additive, broadcastable to ``[B, H, Nq, Nk]``.
+            is_causal: the call's causal flag (top-left aligned, as SDPA's).
+            scale: the factor applied to ``q·k``, None for ``1/sqrt(d)``.
+            backend: name of the backend, kept in the record.
+            enable_gqa: SDPA's flag for grouped key heads (they are repeated to ``H`` either way).
+            softcap: ``s → softcap·tanh(s/softcap)`` on the scaled scores, or None.
+            bias: a float additive term added to the one ``attn_mask`` holds, or None.
+
+        Returns:
+            The new record, or None when ``layers=`` does not select the call.
+        """
         name = self._call_name(name)
         layer = self._layer_of.setdefault(name, len(self._layer_of))
         if not self._select(name, layer):
@@ -449,6 +539,15 @@ class Recorder:
 
     def __repr__(self) -> str:
         return f"Recorder(model={type(self.model).__name__}, backends={self.backends}, records={len(self.records)})"
+
+
+def record(model: nn.Module, **options) -> Recorder:
+    return Recorder(model, **options)
+
+
+# Recorder's docstring and signature are the one source of record's: help(attnstats.record) shows both
+record.__doc__ = Recorder.__doc__
+record.__signature__ = inspect.signature(Recorder).replace(return_annotation="Recorder")
 
 
 def _is_transformers_model(model: nn.Module) -> bool:

@@ -43,14 +43,14 @@ class CaptureMode(TorchFunctionMode):
 
     def _capture(self, args, kwargs) -> None:
         rec = self.recorder
-        if not rec._here() or rec._owned_depth > 0:
+        if not rec.is_recording() or rec.in_owned_module():
             return
         call = dict(zip(_SDPA_PARAMS, args))
         call.update(kwargs)
-        hf = rec._hf_context[-1] if rec._hf_context else None
+        hf = rec.current_function_call()  # inside a transformers attention function: named after its module
         if hf is not None:
-            hf["captured"] = True
-            name = hf["name"]
+            hf.captured = True
+            name = hf.name
         elif "sdpa" in rec.backends:
             name = rec.current_module()
         else:
