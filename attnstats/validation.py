@@ -21,7 +21,6 @@ __all__ = [
     "check_probs",
     "probability_blocks",
     "row_sum_tolerance",
-    "check_qk",
 ]
 
 
@@ -215,25 +214,3 @@ def check_probs(p: torch.Tensor, mask: torch.Tensor | None = None, name: str = "
     """
     for _ in probability_blocks(p, mask, name):
         pass
-
-
-def check_qk(q: torch.Tensor, k: torch.Tensor, qname: str = "q", kname: str = "k") -> None:
-    """Raise unless ``q: [..., Nq, d]`` and ``k: [..., Nk, d]`` are finite float tensors that match."""
-    check_tensor(q, qname)
-    check_tensor(k, kname)
-    if q.dim() < 2 or k.dim() < 2:
-        raise ValueError(f"{qname}, {kname}: expected shape [..., N, d], got {tuple(q.shape)} and {tuple(k.shape)}")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(
-            f"{qname}, {kname}: head dims differ, {qname} has d = {q.shape[-1]} and {kname} has d = {k.shape[-1]}"
-        )
-    if q.shape[-2] == 0 or k.shape[-2] == 0:
-        raise ValueError(f"{qname}, {kname}: empty sequence (N = 0), expected N >= 1")
-    try:
-        torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
-    except RuntimeError:
-        raise ValueError(
-            f"{qname}, {kname}: batch dims {tuple(q.shape[:-2])} and {tuple(k.shape[:-2])} do not broadcast"
-        ) from None
-    check_finite(q, qname)
-    check_finite(k, kname)

@@ -159,17 +159,6 @@ class AttentionRecord:
         p = torch.softmax(s.masked_fill(~valid_row, 0.0), dim=-1).masked_fill(~valid_row, 0.0)
         return p.to(dtype)
 
-    def key_padding(self) -> torch.Tensor | None:
-        """Bool ``[B, 1, 1, Nk]`` key mask when ``mask`` is pure key padding (or None); else ValueError."""
-        if self.mask is None:
-            return None
-        if self.mask.shape[-2] != 1:
-            raise ValueError(
-                f"record {self.name!r}: its mask of shape {tuple(self.mask.shape)} is not a key-padding mask "
-                f"[B, 1, 1, Nk] (plus is_causal); linearised kernels and streaming statistics accept only those"
-            )
-        return self.mask
-
     def _need_qk(self, what: str) -> None:
         if self.q is None or self.k is None:
             raise ValueError(
