@@ -17,7 +17,6 @@ from ..validation import broadcast_mask, check_finite, check_tensor, first_index
 
 __all__ = [
     "Kernel",
-    "KERNEL_NAMES",
     "get_kernel",
     "check_qkv",
     "check_qk4",
@@ -192,25 +191,13 @@ def padding_parts(mask, shape, causal: bool, kernel: str):
     return query_valid, key_valid
 
 
-# name -> (constructor, fixed keyword arguments); filled by the kernel modules through _register
+# name -> (constructor, fixed keyword arguments); filled by the kernel modules through _register, and
+# the one list of kernel names (attnstats.kernels.KERNEL_NAMES is read from it)
 _REGISTRY: dict = {}
 
 
 def _register(name: str, factory, **fixed) -> None:
     _REGISTRY[name] = (factory, fixed)
-
-
-KERNEL_NAMES: tuple = (
-    "softmax",
-    "lln",
-    "lln_no_mm",
-    "block_diag",
-    "lln_diag",
-    "relu",
-    "elu_plus_one",
-    "exp",
-    "performer",
-)
 
 
 def get_kernel(name: str, **kwargs) -> Kernel:
@@ -224,7 +211,7 @@ def get_kernel(name: str, **kwargs) -> Kernel:
     if not isinstance(name, str):
         raise TypeError(f"name: expected a kernel name (str), got {type(name).__name__}")
     if name not in _REGISTRY:
-        raise ValueError(f"name: unknown kernel {name!r}, expected one of {', '.join(KERNEL_NAMES)}")
+        raise ValueError(f"name: unknown kernel {name!r}, expected one of {', '.join(sorted(_REGISTRY))}")
     factory, fixed = _REGISTRY[name]
     clash = sorted(set(fixed) & set(kwargs))
     if clash:
