@@ -44,7 +44,7 @@ def test_padding_removes_tokens():
     q, k = gaussian_qk((2,), n, 16, 1.5, 1.5, seed=1)
     pad = torch.ones(2, n, dtype=torch.bool)
     pad[1, 150:] = False
-    r = spectral_gap_from_qk(q, k, padding_mask=pad)
+    r = spectral_gap_from_qk(q, k, mask=pad[:, None, :])
     for h, m in ((0, n), (1, 150)):
         p = softmax_attention(q[h, :m], k[h, :m]).numpy()
         assert abs(float(r.gap[h]) - numpy_gap_and_lambda2(p)[0]) < 1e-6
@@ -56,7 +56,7 @@ def test_causal_diagonal_rule():
     pad = torch.ones(3, n, dtype=torch.bool)
     pad[1, :20] = False  # left padding: the first real token is 20
     pad[2, 1:] = False  # one real token: no second eigenvalue, gap 1
-    r = spectral_gap_from_qk(q, k, causal=True, padding_mask=pad)
+    r = spectral_gap_from_qk(q, k, causal=True, mask=pad[:, None, :])
     assert r.method == "causal-diagonal" and bool(r.converged.all()) and (r.iterations == 0).all()
     for h in range(2):
         keep = pad[h]

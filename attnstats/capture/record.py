@@ -19,6 +19,7 @@ import math
 import torch
 
 from ..budget import check_dense_fits
+from ..masks import full_mask, is_key_padding, valid_parts
 from ..validation import compute_dtype
 
 __all__ = ["AttentionRecord", "normalize_mask", "expand_kv_heads", "to_4d", "valid_tokens"]
@@ -84,16 +85,7 @@ class AttentionRecord:
 
     def full_mask(self) -> torch.Tensor | None:
         """Bool ``[B, H, Nq, Nk]`` (expanded view) combining ``mask`` and ``is_causal``; None if neither."""
-        if self.mask is None and not self.is_causal:
-            return None
-        b, h, nq, nk = self.shape
-        device = self.mask.device if self.mask is not None else self.q.device
-        m = torch.ones((1, 1, nq, nk), dtype=torch.bool, device=device)
-        if self.is_causal:
-            m = torch.ones((nq, nk), dtype=torch.bool, device=device).tril()[None, None]
-        if self.mask is not None:
-            m = m & self.mask
-        return m.expand(b, h, nq, nk)
+        return full_mask(self.mask, self.shape, self.is_causal, None if self.q is None else self.q.device)
 
     def scores(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``[B, H, Nq, Nk]`` pre-softmax scores ``scale·q·kᵀ`` (+ softcap, + bias), masked entries ``-inf``."""
@@ -191,32 +183,16 @@ def expand_kv_heads(k: torch.Tensor, heads: int, name: str = "key") -> torch.Ten
 def valid_tokens(mask, is_causal: bool, shape, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Which queries and keys of an attention call statistics use: ``(qv [B, H, Nq], kv [B, H, Nk])`` bool.
 
-    Valid keys are those some query attends. Valid queries are rows with at least one valid key and,
-    in self-attention with a key-padding mask (``Nq == Nk``, mask ``[..., 1, Nk]``), not at a padded
-    position: BERT-style models let pad tokens attend, but a pad token is no query of interest. (A
-    cross-attention whose query count happens to equal the key count would be misread by this rule;
-    give it a full mask.)
+    Valid keys are those some query attends and valid queries rows with at least one valid key
+    (:func:`attnstats.masks.valid_parts`); in self-attention with a key-padding mask (``Nq == Nk``,
+    mask ``[..., 1, Nk]``) a query at a padded position is not valid either: BERT-style models let pad
+    tokens attend, but a pad token is no query of interest. (A cross-attention whose query count
+    happens to equal the key count would be misread by this rule; give it a full mask.)
     """
-    b, h, nq, nk = shape
-    device = mask.device if mask is not None else device
-    qv = torch.ones((b, h, nq), dtype=torch.bool, device=device)
-    if mask is not None and mask.shape[-2] == 1:
-        kv = mask[..., 0, :].expand(b, h, nk)
-        if is_causal:
-            qv = (kv.cumsum(-1)[..., :nq] > 0) if nq <= nk else qv
-        if nq == nk:
-            qv = qv & kv
-        return qv, kv
-    if mask is None and not is_causal:
-        return qv, torch.ones((b, h, nk), dtype=torch.bool, device=device)
-    full = torch.ones((nq, nk), dtype=torch.bool, device=device)
-    if is_causal:
-        full = full.tril()
-    full = full[None, None]
-    if mask is not None:
-        full = full & mask
-    full = full.expand(b, h, nq, nk)
-    return full.any(-1), full.any(-2)
+    qv, kv = valid_parts(mask, is_causal, shape, device)
+    if mask is not None and is_key_padding(mask) and shape[-2] == shape[-1]:
+        qv = qv & kv
+    return qv, kv
 
 
 def _mask_to_4d(m: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .dense import EntryMoments
+from ..masks import broadcast_mask
 from ..validation import check_finite, check_tensor, compute_dtype
 
 __all__ = ["RowAccumulators", "streaming_row_accumulators", "prepare_qk", "moments_from_rows"]
@@ -87,7 +88,8 @@ def prepare_qk(q, k, scale=None, mask=None, causal=False, check_values=True):
     Returns:
         ``(q, k, scale, mask, batch)``: q ``[B, Hq, Nq, d]``, k ``[B, Hk, Nk, d]`` (views, expanded
         over broadcast batch dims), the scale as float, the mask as a ``[B, Hq, Nq|1, Nk]`` bool view
-        or None, and the batch shape ``[..., Hq]`` of the results.
+        (one row for key padding, :func:`attnstats.masks.is_key_padding`) or None, and the batch
+        shape ``[..., Hq]`` of the results.
     """
     check_tensor(q, "q")
     check_tensor(k, "k")
@@ -130,22 +132,10 @@ def prepare_qk(q, k, scale=None, mask=None, causal=False, check_values=True):
         scale = 1.0 / math.sqrt(d)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale: expected a positive finite float, got {scale!r}")
-    m = None
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask: expected a bool torch.Tensor or None, got {type(mask).__name__}")
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask: expected dtype torch.bool (True = attend), got {mask.dtype}")
-        full = (*batch, nq, nk)
-        # A mask with one row ([..., 1, Nk]: key padding) stays one row: O(N) instead of O(N²).
-        rows = nq if mask.dim() >= 2 and mask.shape[-2] != 1 else 1
-        try:
-            if mask.dim() > len(full):
-                raise RuntimeError
-            m = mask.to(q.device).expand(*batch, rows, nk)
-        except RuntimeError:
-            raise ValueError(f"mask: shape {tuple(mask.shape)} does not broadcast to the attention shape {full}") from None
-        m = m.reshape(qb.shape[0], hq, rows, nk)
+    # Key padding ([..., 1, Nk], or a mask expanded from one) stays one row: O(N) instead of O(N²).
+    m = broadcast_mask(mask, (*batch, nq, nk), keep_key_padding=True, device=q.device)  # [*batch, Nq|1, Nk]
+    if m is not None:
+        m = m.reshape(qb.shape[0], hq, m.shape[-2], nk)
     return qb, kb, float(scale), m, batch
 
 

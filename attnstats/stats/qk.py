@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..masks import causal_mask, is_key_padding, no_valid_entry
 from .dense import EntryMoments
 from .online import _raise_if_not_finite, _reshape_rows, _row_pass, moments_from_rows, prepare_qk, streaming_row_accumulators
 
@@ -74,8 +75,7 @@ def streaming_stats(q, k, *, scale=None, mask=None, causal=False, backend="auto"
     # Checks that need the device are read last, so that all the work is queued before one sync.
     _raise_if_not_finite(q, k, finite)
     if mask is not None and bool((rows.count.reshape(-1, rows.count.shape[-1]).sum(-1) == 0).any()):
-        bad = (rows.count.sum(-1) == 0).nonzero()[0].tolist()
-        raise ValueError(f"mask: no valid entry in the matrix at batch index {tuple(bad)}; expected at least one True")
+        raise no_valid_entry((rows.count.sum(-1) == 0).nonzero()[0].tolist())
     return StreamingStats(
         entropy=rows.entropy,
         lse=rows.lse,
@@ -103,7 +103,7 @@ def _valid_count(mask_bh, nq: int, nk: int, causal: bool) -> int:
     """Number of valid entries of one matrix (``mask_bh``: ``[Nq or 1, Nk]`` bool or None)."""
     if mask_bh is None:
         return nq * (nq + 1) // 2 if causal else nq * nk
-    if mask_bh.shape[0] == 1:
+    if is_key_padding(mask_bh):
         keys = mask_bh[0]
         return int(keys.long().cumsum(0)[:nq].sum()) if causal else nq * int(keys.sum())
     return sum(int(blk.sum()) for blk in _mask_row_blocks(mask_bh, causal))
@@ -119,7 +119,7 @@ def _mask_row_blocks(mask_bh, causal: bool):
     for r0 in range(0, nq, step):
         blk = mask_bh[r0 : r0 + step]
         if causal:
-            blk = blk & (torch.arange(nk)[None, :] <= torch.arange(r0, r0 + blk.shape[0])[:, None])
+            blk = blk & causal_mask(blk.shape[0], nk, blk.device, row0=r0)
         yield blk
 
 
@@ -130,7 +130,7 @@ def _entries_of_ranks(ranks, mask_bh, nq: int, nk: int, causal: bool):
     """
     if mask_bh is None:
         return _triangle_index(ranks) if causal else (ranks // nk, ranks % nk)
-    if mask_bh.shape[0] == 1:  # key padding: row i's valid keys are the first cnt_i valid key positions
+    if is_key_padding(mask_bh):  # row i's valid keys are the first cnt_i valid key positions
         keys = torch.nonzero(mask_bh[0], as_tuple=False)[:, 0]
         if not causal:
             return ranks // keys.numel(), keys[ranks % keys.numel()]
@@ -195,7 +195,7 @@ def sample_log_probs(
         count = _valid_count(mask_bh, Nq, Nk, causal)
         if count == 0:
             where = tuple(int(x) for x in torch.unravel_index(torch.tensor(t), tuple(batch))) if batch else ()
-            raise ValueError(f"mask: no valid entry in the matrix at batch index {where}; expected at least one True")
+            raise no_valid_entry(where)
         masks.append(mask_bh)
         counts.append(count)
     if lse is None:

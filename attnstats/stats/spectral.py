@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..budget import check_dense_fits, get_memory_budget
+from ..masks import block_tokens, from_padding, no_token, valid_tokens
 from .arnoldi import ARNOLDI_MIN_TOKENS, AttentionOperator, arnoldi_gap, certify_tol
 from .dense import prepare_probs
 from .online import prepare_qk, streaming_row_accumulators
@@ -75,13 +76,10 @@ def valid_block(x: torch.Tensor, m: torch.Tensor, tol: float = 1e-6, index=()) -
     entry). What stays must still be row-stochastic: a mask that sends valid attention outside the
     block is not a padding (+ causal) mask, and the block's spectrum would not be a spectral gap.
     """
-    keep = m.any(-2) & m.any(-1)
+    keep = valid_tokens(m, False, m.shape)  # [N]: the causal rule is in x itself, not in m
     idx = torch.nonzero(keep, as_tuple=False)[:, 0]
     if idx.numel() == 0:
-        raise ValueError(
-            f"mask: the matrix at batch index {index} has no token that is both a valid query and a valid key; "
-            "spectral_gap expects a padding (and/or causal) mask"
-        )
+        raise no_token(index)
     block = x[idx][:, idx]
     sums = block.sum(-1)
     off = (sums - 1).abs() > tol
@@ -296,7 +294,7 @@ def spectral_gap_from_qk(
     k,
     *,
     scale=None,
-    padding_mask=None,
+    mask=None,
     causal=False,
     method="auto",
     tol=None,
@@ -304,6 +302,7 @@ def spectral_gap_from_qk(
     ncv=None,
     seed=0,
     backend="auto",
+    padding_mask=None,
 ) -> SpectralGap:
     """Spectral gap of ``P = softmax(scale · q kᵀ)`` for each head, without building ``P`` when long.
 
@@ -311,8 +310,12 @@ def spectral_gap_from_qk(
         q: ``[..., Hq, N, d]`` queries; k: ``[..., Hk, N, d]`` keys (GQA allowed, as in
             :func:`attnstats.streaming_stats`). Gradients are not followed (the inputs are detached).
         scale: positive logit scale, default ``1/sqrt(d)``.
-        padding_mask: ``[..., N]`` bool (broadcastable to the batch shape and N), True = real token.
-            Padded tokens are removed as queries and as keys, as :func:`attnstats.spectral_gap` does.
+        mask: bool, broadcastable to ``[..., Hq, N, N]``, True = attend, as in
+            :func:`attnstats.streaming_stats`: key padding ``[..., 1, N]`` (``O(N)``). Padded tokens
+            are removed as queries and as keys, as :func:`attnstats.spectral_gap` does, and the gap
+            is that of the square block of the valid tokens. A mask of another form is accepted
+            only where it is key padding in effect (each valid token attends exactly the valid
+            tokens, ``j ≤ i`` with ``causal``); any other raises a ValueError naming ``mask``.
         causal: lower-triangular attention; the gap is then exact from the diagonal, ``O(N·d)`` memory.
         method: ``"auto"`` (causal: the exact diagonal rule; otherwise LAPACK on ``P`` for heads of
             up to :data:`DENSE_MAX_TOKENS` tokens, all heads of one length in one batched call, and
@@ -323,6 +326,8 @@ def spectral_gap_from_qk(
         ncv: Krylov subspace size (default ``min(N, 96)``; at least ``2·3 + 2``).
         seed: seed of the start vector.
         backend: product ``P x`` by ``"auto"``, ``"torch"`` or ``"triton"`` (see :class:`AttentionOperator`).
+        padding_mask: deprecated, to be removed in the next release: ``[..., N]`` bool, True = real
+            token; pass ``mask=padding_mask[..., None, :]`` (the same key padding) instead.
 
     Returns:
         :class:`SpectralGap` with fields of the batch shape. Heads under 9 tokens are always solved
@@ -347,20 +352,13 @@ def spectral_gap_from_qk(
     B, Hq, N, d = qb.shape
     if kb.shape[2] != N:
         raise ValueError(f"q, k: the spectral gap needs a square matrix, got Nq = {N} and Nk = {kb.shape[2]}")
-    valid = None
+    name = "mask"
     if padding_mask is not None:
-        if not isinstance(padding_mask, torch.Tensor) or padding_mask.dtype != torch.bool:
-            raise TypeError("padding_mask: expected a bool torch.Tensor [..., N], True = real token")
-        try:
-            valid = padding_mask.to(qb.device).expand(*batch, N).reshape(B, Hq, N)
-        except RuntimeError:
-            raise ValueError(
-                f"padding_mask: shape {tuple(padding_mask.shape)} does not broadcast to {(*batch, N)}"
-            ) from None
-        none = ~valid.any(-1).reshape(batch)
-        if bool(none.any()):
-            idx = tuple(int(i) for i in none.nonzero()[0])
-            raise ValueError(f"padding_mask: no real token in the matrix at batch index {idx}; expected at least one True")
+        mask, name = _deprecated_padding(padding_mask, mask, batch, N), "padding_mask"
+    # [*batch, N] tokens of the square block (None: all), as [B, Hq, N]
+    valid = block_tokens(mask, causal, (*batch, N, N), name, "spectral_gap_from_qk")
+    if valid is not None:
+        valid = valid.to(qb.device).reshape(B, Hq, N)
     if causal:
         return _causal_gap(qb, kb, scale, valid, batch, method)
     if tol is None:
@@ -422,10 +420,35 @@ def spectral_gap_from_qk(
     )
 
 
+def _deprecated_padding(padding_mask, mask, batch, n: int):
+    """``padding_mask [..., N]`` of the previous release as the key padding ``[..., 1, N]`` it means."""
+    warnings.warn(
+        "spectral_gap_from_qk: padding_mask= is deprecated and will be removed in the next release; pass "
+        "mask=padding_mask[..., None, :] instead (bool key padding [..., 1, N], True = attend, as streaming_stats takes)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    if mask is not None:
+        raise ValueError("padding_mask: give mask= or the deprecated padding_mask=, not both")
+    key_pad = from_padding(padding_mask, "padding_mask")  # [..., 1, N]
+    try:
+        real = padding_mask.expand(*batch, n)
+    except RuntimeError:
+        raise ValueError(f"padding_mask: shape {tuple(padding_mask.shape)} does not broadcast to {(*batch, n)}") from None
+    none = ~real.any(-1)
+    if bool(none.any()):
+        idx = tuple(int(i) for i in none.nonzero()[0])
+        raise ValueError(f"padding_mask: no real token in the matrix at batch index {idx}; expected at least one True")
+    return key_pad
+
+
 def _causal_gap(qb, kb, scale, valid, batch, method):
-    """Exact causal gap ``1 − max_{i≥1} P_ii`` with ``P_ii = exp(scale q_i·k_i − LSE_i)``."""
+    """Exact causal gap ``1 − max_{i≥1} P_ii`` with ``P_ii = exp(scale q_i·k_i − LSE_i)``.
+
+    ``valid``: ``[B, Hq, N]`` tokens of the square block (key padding with ``causal``), or None.
+    """
     B, Hq, N, d = qb.shape
-    mask = None if valid is None else valid[:, :, None, :]
+    mask = None if valid is None else from_padding(valid)  # [B, Hq, 1, N]
     rows, _, _ = streaming_row_accumulators(qb, kb, scale=scale, mask=mask, causal=True)
     g = Hq // kb.shape[1]
     k_rep = kb.repeat_interleave(g, dim=1) if g > 1 else kb
