@@ -13,7 +13,8 @@ conversion between that form and the others the code needs lives here:
   :func:`block_tokens` (the same, for statistics that accept only key padding plus ``causal``);
 - padding parts ``mask_ij = query_valid_i & key_valid_j`` of linearised attention:
   :func:`padding_parts`, :func:`from_parts`, :func:`tokens_of_parts`;
-- the errors a mask that leaves nothing raises: :func:`no_valid_entry`, :func:`no_token`.
+- the errors a mask that leaves nothing raises: :func:`no_valid_entry` (from :mod:`attnstats.validation`,
+  whose checks raise it too), :func:`no_token`.
 
 Shapes: ``shape`` arguments are the attention shape ``(*batch, Nq, Nk)``; token masks are
 ``[*batch, N]``. Functions never modify their inputs; results may be broadcast views.
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .validation import first_index
+from .validation import first_index, no_valid_entry
 
 __all__ = [
     "check_mask",
@@ -287,11 +288,6 @@ def check_parts(query_valid, key_valid, causal: bool, name: str = "mask", user: 
     has_token = tokens_of_parts(query_valid, key_valid).any(-1)
     if not bool(has_token.all()):
         raise no_token(first_index(~has_token), name, user)
-
-
-def no_valid_entry(index, name: str = "mask") -> ValueError:
-    """The error for a matrix (at batch ``index``, a tuple) whose mask leaves no valid entry."""
-    return ValueError(f"{name}: no valid entry in the matrix at batch index {tuple(index)}; expected at least one True")
 
 
 def no_token(index, name: str = "mask", user: str = "spectral_gap") -> ValueError:

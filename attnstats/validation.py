@@ -17,10 +17,9 @@ __all__ = [
     "check_tensor",
     "check_finite",
     "check_square",
-    "broadcast_mask",
-    "check_probs",
     "probability_blocks",
     "row_sum_tolerance",
+    "no_valid_entry",
 ]
 
 
@@ -73,20 +72,9 @@ def check_square(p: torch.Tensor, name: str = "p") -> int:
     return n
 
 
-def broadcast_mask(mask, shape: torch.Size, name: str = "mask") -> torch.Tensor | None:
-    """``mask`` as a bool tensor expanded to ``shape`` (True = attend), or None."""
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name}: expected a bool torch.Tensor or None, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"{name}: expected dtype torch.bool (True = attend), got {mask.dtype}")
-    try:
-        return mask.expand(shape)
-    except RuntimeError:
-        raise ValueError(
-            f"{name}: shape {tuple(mask.shape)} does not broadcast to the attention shape {tuple(shape)}"
-        ) from None
+def no_valid_entry(index, name: str = "mask") -> ValueError:
+    """The error for a matrix (at batch ``index``, a tuple) whose mask leaves no valid entry."""
+    return ValueError(f"{name}: no valid entry in the matrix at batch index {tuple(index)}; expected at least one True")
 
 
 def row_sum_tolerance(dtype: torch.dtype, n: int) -> float:
@@ -123,7 +111,8 @@ def probability_blocks(p: torch.Tensor, mask: torch.Tensor | None = None, name: 
 
     Args:
         p: ``[..., N, N]`` attention probabilities, any float dtype (square, N ≥ 1: checked by the caller).
-        mask: bool broadcastable to ``p`` (True = attend), or None.
+        mask: bool (True = attend) broadcastable to ``p``, as :func:`attnstats.masks.broadcast_mask`
+            checks and returns it (the callers' first step), or None.
 
     Yields:
         ``(i0, i1, r0, r1, x, valid)``: rows ``r0:r1`` of the matrices ``i0:i1`` of the flattened batch,
@@ -141,7 +130,7 @@ def probability_blocks(p: torch.Tensor, mask: torch.Tensor | None = None, name: 
 
     n = p.shape[-1]
     batch = tuple(p.shape[:-2])
-    m = broadcast_mask(mask, p.shape)
+    m = None if mask is None else mask.expand(p.shape)
     if not batch:  # one matrix: a batch of one, so that every block is gathered (never a view of p)
         p = p[None]
         m = None if m is None else m[None]
@@ -151,7 +140,7 @@ def probability_blocks(p: torch.Tensor, mask: torch.Tensor | None = None, name: 
         per_matrix = m.any(-1).any(-1)
         if not bool(per_matrix.all()):
             idx = first_index(~per_matrix)[len(shape) - len(batch) :]
-            raise ValueError(f"mask: no valid entry in the matrix at batch index {idx}; expected at least one True")
+            raise no_valid_entry(idx)
     cd = compute_dtype(p)
     itemsize = torch.finfo(cd).bits // 8
     rows = max(1, min(_BLOCK_BYTES, get_memory_budget()) // (n * itemsize))
@@ -199,18 +188,3 @@ def probability_blocks(p: torch.Tensor, mask: torch.Tensor | None = None, name: 
             # exactly row-stochastic in the compute dtype: statistics then never see the input's rounding
             x.div_(torch.where(has_row, sums, torch.ones_like(sums)))
             yield i0, i1, r0, r1, x, valid
-
-
-def check_probs(p: torch.Tensor, mask: torch.Tensor | None = None, name: str = "p") -> None:
-    """Raise unless ``p`` holds row-stochastic attention over its valid entries.
-
-    Args:
-        p: ``[..., N, N]`` attention probabilities, any float dtype.
-        mask: ``[..., N, N]`` bool (broadcastable to ``p``), True = attend, or None.
-
-    Checks: finite and non-negative on valid entries; every row with a valid entry sums to 1 over
-    them within :func:`row_sum_tolerance`; every matrix has at least one valid entry (see
-    :func:`probability_blocks`, which the dense statistics use to read ``p`` renormalised).
-    """
-    for _ in probability_blocks(p, mask, name):
-        pass

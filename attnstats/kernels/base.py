@@ -13,7 +13,9 @@ import numbers
 import torch
 from torch import nn
 
-from ..validation import broadcast_mask, check_finite, check_tensor, first_index
+from ..masks import full_mask  # the kernels' combined mask: attnstats' one rule for mask + causal
+from ..masks import padding_parts as _padding_parts
+from ..validation import check_finite, check_tensor
 
 __all__ = [
     "Kernel",
@@ -145,50 +147,11 @@ def matrix_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def full_mask(mask, shape, causal: bool, device) -> torch.Tensor | None:
-    """Combined bool mask ``[B, H, N, M]`` (expanded, True = attend) of ``mask`` and the causal rule."""
-    m = broadcast_mask(mask, torch.Size(shape))
-    if causal:
-        tril = torch.ones(shape[-2], shape[-1], dtype=torch.bool, device=device).tril()
-        m = tril.expand(shape) if m is None else m & tril
-    return m
-
-
 def padding_parts(mask, shape, causal: bool, kernel: str):
-    """Split a padding mask into ``(query_valid [B, H, N] | None, key_valid [B, H, M] | None)``.
-
-    Linearised kernels factorise ``P`` through features, so they support masks that only remove
-    tokens: ``mask_ij = query_valid_i & key_valid_j`` (``& j <= i`` when causal). A key-padding mask
-    ``[B, 1, 1, M]`` is the usual case. Any other mask raises a ValueError that names the first entry
-    that breaks the rule.
-    """
-    m = broadcast_mask(mask, torch.Size(shape))
-    if m is None:
-        return None, None
-    if m.shape[-2] == 1 or m.stride(-2) == 0:
-        # constant along the query axis: a pure key-padding mask, read without any N×M work
-        return None, m[..., 0, :]
-    eff = m
-    tril = None
-    if causal:
-        tril = torch.ones(shape[-2], shape[-1], dtype=torch.bool, device=m.device).tril()
-        eff = m & tril
-    key_valid = eff.any(-2)
-    query_valid = eff.any(-1)
-    expected = query_valid[..., :, None] & key_valid[..., None, :]
-    if tril is not None:
-        expected = expected & tril
-    bad = expected != eff
-    if bool(bad.any()):
-        idx = first_index(bad)
-        raise ValueError(
-            f"mask: kernel {kernel!r} is linearised and supports only padding masks (True exactly where query "
-            f"i and key j are both real tokens{', j <= i' if causal else ''}), such as a key-padding mask of shape "
-            f"[B, 1, 1, N]; entry {idx} is {bool(eff[idx])}, expected {bool(expected[idx])}"
-        )
-    if bool(query_valid.all()):
-        query_valid = None
-    return query_valid, key_valid
+    """``(query_valid [B, H, N] | None, key_valid [B, H, M] | None)`` of a padding mask for the
+    linearised ``kernel``: features factorise ``P``, so a mask may only remove tokens (see
+    :func:`attnstats.masks.padding_parts`, which names the first entry of any other mask)."""
+    return _padding_parts(mask, shape, causal, user=f"kernel {kernel!r} is linearised and")
 
 
 # name -> (constructor, fixed keyword arguments); filled by the kernel modules through _register, and

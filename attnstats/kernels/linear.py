@@ -24,6 +24,7 @@ import math
 import torch
 
 from ..budget import check_dense_fits
+from ..masks import check_parts, from_parts, tokens_of_parts
 from ..stats.spectral import causal_spectral_gap, eigenvalues, gap_from_eigenvalues
 from ..validation import compute_dtype, first_index
 from .base import (
@@ -382,7 +383,7 @@ class LogFeatureAttention(Kernel):
         cd = compute_dtype(q)
         check_dense_fits(shape, torch.finfo(cd).bits // 8, f"the {self.name} attention matrix")
         query_valid, key_valid = padding_parts(mask, shape, causal, self.name)
-        valid = _valid_dense(shape, query_valid, key_valid, causal, q.device)
+        valid = from_parts(query_valid, key_valid, causal, shape, q.device)
         lq, lk = self.log_features(q, k, cd)
         return linear_matrix(lq, lk, valid, self.name).to(matrix_dtype(q))
 
@@ -392,8 +393,8 @@ class LogFeatureAttention(Kernel):
         check_qk4(q, k, causal, square=True)
         shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
         query_valid, key_valid = padding_parts(mask, shape, causal, self.name)
-        tokens = _valid_tokens(query_valid, key_valid)
-        _check_some_entry(query_valid, key_valid, tokens, causal)
+        check_parts(query_valid, key_valid, causal)  # a matrix with no entry, or no square block, raises
+        tokens = tokens_of_parts(query_valid, key_valid)
         lq, lk = self.log_features(q, k, compute_dtype(q))
         return linear_spectral_gap(lq, lk, tokens, causal, self.name)
 
@@ -466,53 +467,6 @@ class LinearAttention(LogFeatureAttention):
             return x @ w.T - 0.5 * (x * x).sum(-1, keepdim=True)
 
         return favor(q), favor(k)
-
-
-def _valid_dense(shape, query_valid, key_valid, causal: bool, device):
-    """``[B, H, N, M]`` bool from the padding parts and the causal rule, or None when all valid."""
-    if query_valid is None and key_valid is None and not causal:
-        return None
-    v = torch.ones(shape, dtype=torch.bool, device=device)
-    if key_valid is not None:
-        v = v & key_valid[..., None, :]
-    if query_valid is not None:
-        v = v & query_valid[..., :, None]
-    if causal:
-        v = v & torch.ones(shape[-2:], dtype=torch.bool, device=device).tril()
-    return v
-
-
-def _check_some_entry(query_valid, key_valid, tokens, causal: bool) -> None:
-    """Raise, as :func:`attnstats.spectral_gap` does on the dense matrix, for a matrix whose padding
-    leaves no valid entry, or no token that is both a valid query and a valid key (no square block)."""
-    if key_valid is None and query_valid is None:
-        return  # no mask: every entry (on and below the diagonal when causal) is valid
-    if key_valid is None:
-        key_valid = torch.ones_like(query_valid)
-    if causal:  # entry (i, j) valid iff query i and key j are valid and j <= i
-        rows = key_valid.cumsum(-1) > 0
-        has_entry = (rows if query_valid is None else rows & query_valid).any(-1)
-    else:
-        has_entry = key_valid.any(-1) if query_valid is None else key_valid.any(-1) & query_valid.any(-1)
-    if not bool(has_entry.all()):
-        idx = first_index(~has_entry)
-        raise ValueError(f"mask: no valid entry in the matrix at batch index {idx}; expected at least one True")
-    has_token = tokens.any(-1)  # tokens is not None: key_valid is set
-    if not bool(has_token.all()):
-        idx = first_index(~has_token)
-        raise ValueError(
-            f"mask: the matrix at batch index {idx} has no token that is both a valid query and a valid key; "
-            "spectral_gap expects a padding (and/or causal) mask"
-        )
-
-
-def _valid_tokens(query_valid, key_valid):
-    """Tokens valid as both query and key (the square block a spectral gap is taken on), or None."""
-    if query_valid is None:
-        return key_valid
-    if key_valid is None:
-        return query_valid
-    return query_valid & key_valid
 
 
 for _name in FEATURE_MAPS:

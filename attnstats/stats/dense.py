@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from ..budget import check_dense_fits
-from ..validation import broadcast_mask, check_square, check_tensor, compute_dtype, probability_blocks
+from ..masks import broadcast_mask
+from ..validation import check_square, check_tensor, compute_dtype, probability_blocks
 
 __all__ = ["EntryMoments", "row_entropy", "entry_moments", "prepare_probs"]
 

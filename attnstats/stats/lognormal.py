@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from scipy import stats as sps
 
-from ..validation import _gather, broadcast_mask, check_square, check_tensor, probability_blocks
+from ..masks import broadcast_mask
+from ..validation import _gather, check_square, check_tensor, probability_blocks
 
 __all__ = [
     "LogNormalFit",
