@@ -14,7 +14,7 @@ import torch
 
 from .. import theory
 from ..stats.spectral import spectral_gap
-from ..stats.dense import entry_moments, row_entropy
+from ..stats.dense import entry_moments, row_entropy, softmax_attention
 
 __all__ = ["ClaimResult", "run_claims", "claims_frame"]
 
@@ -57,13 +57,6 @@ def _gaussian(heads, n, d, sigma2, gen):
     return q, k
 
 
-def _softmax(q, k, scale=None, mask=None):
-    s = q @ k.mT * (q.shape[-1] ** -0.5 if scale is None else scale)
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    return torch.softmax(s, -1)
-
-
 def _section2(n, d, heads, gen):
     out = []
     for sigma2 in (0.5, 1.0, 2.0, 4.0):
@@ -72,7 +65,7 @@ def _section2(n, d, heads, gen):
             "inside (≤ 0.01)" if inside else "outside (> 0.01)"
         )
         q, k = _gaussian(heads, n, d, sigma2, gen)
-        m = entry_moments(_softmax(q, k))
+        m = entry_moments(softmax_attention(q, k))
         pred = theory.sa_lognormal(sigma2**0.5, 1.0, n)
         out += [
             _check("§2", "mean of P entries = 1/N", pred.mean, m.mean.mean(), 1e-9, "rel", True, regime),
@@ -87,11 +80,11 @@ def _section3(n, d, heads, gen):
     out = []
     q, k = _gaussian(heads, n, d, 1.0, gen)
     regime = f"N={n}, d={d}, σ²=1"
-    h = row_entropy(_softmax(q, k)).mean()
+    h = row_entropy(softmax_attention(q, k)).mean()
     out.append(_check("§3", "mean row entropy = ln N − σ²/2", theory.sa_entropy(1.0, n), h, 0.02, "abs", True, regime))
 
     taus = [0.25, 0.5, 1.0, 2.0, 4.0]
-    ps = [_softmax(q, k, scale=d**-0.5 / t) for t in taus]
+    ps = [softmax_attention(q, k, scale=d**-0.5 / t) for t in taus]
     hs = np.array([row_entropy(p).mean().item() for p in ps])
     gs = np.array([spectral_gap(p).mean().item() for p in ps])
     tau_regime = f"N={n}, d={d}, τ ∈ {taus}, mean over {heads} heads"
@@ -101,10 +94,10 @@ def _section3(n, d, heads, gen):
     small = min(n, 256)
     q2, k2 = _gaussian(heads, small, d, 0.5, gen)
     out.append(_check("§3", "spectral gap ≈ 1 − sqrt((e^σ²−1)/N) (heuristic)", theory.sa_spectral_gap(0.5, small),
-                      spectral_gap(_softmax(q2, k2)).mean(), 0.03, "abs", True, f"N={small}, d={d}, σ²=0.5"))
+                      spectral_gap(softmax_attention(q2, k2)).mean(), 0.03, "abs", True, f"N={small}, d={d}, σ²=0.5"))
 
     causal = torch.ones(small, small, dtype=torch.bool).tril()
-    pc = _softmax(q2[:1], k2[:1], mask=causal)[0]
+    pc = softmax_attention(q2[:1], k2[:1], mask=causal)[0]
     dense = 1 - np.sort(np.abs(np.linalg.eigvals(pc.numpy())))[-2]
     out.append(_check("§3", "causal gap = 1 − max_{i≥1} P_ii (exact)", dense, spectral_gap(pc, causal), 1e-9, "abs", True,
                       f"N={small}, eigenvalues by numpy.linalg.eigvals"))
@@ -141,7 +134,7 @@ def _section4(n, d, heads, gen):
     n = 1024  # the claim is made at N = 1024, d = 64 (quick or not)
     for sigma in (0.5, 0.75, 1.0, 1.25, 1.5):  # σ_q = σ_k = sqrt(σ), so σ_qσ_k = σ
         q, k = (t[None] for t in _gaussian(heads, n, d, sigma**2, gen))
-        sa = entry_moments(_softmax(q, k)).log_var.mean()
+        sa = entry_moments(softmax_attention(q, k)).log_var.mean()
         matched = entry_moments(lln.matrix(q, k)).log_var.mean()
         raw = entry_moments(lln_raw.matrix(q, k)).log_var.mean()
         regime = f"N={n}, d={d}, σ_qσ_k={sigma:g}"

@@ -19,7 +19,7 @@ from . import plot
 from .files import save_figure, write_csv
 from .progress import progress
 from ..stats.spectral import spectral_gap
-from ..stats.dense import entry_moments, row_entropy
+from ..stats.dense import entry_moments, row_entropy, softmax_attention
 
 __all__ = ["FIGURES", "FULL_OUT", "QUICK_OUT", "default_out", "fig5a_moments", "fig5b_moment_matching",
            "fig2_kernels", "fig1_training", "lognormal_real", "concentration_real", "write_figure"]
@@ -55,10 +55,6 @@ def _gaussian(shape, sigma_q, sigma_k, gen):
     return q, k
 
 
-def _softmax(q, k):
-    return torch.softmax(q @ k.mT * q.shape[-1] ** -0.5, -1)
-
-
 def fig5a_moments(out=None, quick: bool = False, seed: int = 0) -> list[Path]:
     """Figure 5a: mean and variance of ``P`` and of ``ln P`` against the input variance ``σ_q²σ_k²``.
 
@@ -74,7 +70,7 @@ def fig5a_moments(out=None, quick: bool = False, seed: int = 0) -> list[Path]:
         gen = torch.Generator().manual_seed(sd * 100_003 + n)
         s = s2**0.25
         q, k = _gaussian((n, d), s, s, gen)
-        m = entry_moments(_softmax(q, k))
+        m = entry_moments(softmax_attention(q, k))
         pred = theory.sa_lognormal(s, s, n)
         inside = bool(theory.sa_lognormal_holds(s2, n))
         for metric, value, p in [("mean_p", m.mean, pred.mean), ("var_p", m.var, pred.var),
@@ -101,7 +97,7 @@ def fig5b_moment_matching(out=None, quick: bool = False, seed: int = 0) -> list[
         gen = torch.Generator().manual_seed(sd * 100_003 + int(s2 * 1000))
         s = s2**0.25
         q, k = _gaussian((1, 1, n, d), s, s, gen)
-        mats = {"softmax": _softmax(q, k)} | {name: kern.matrix(q, k) for name, kern in kernels.items()}
+        mats = {"softmax": softmax_attention(q, k)} | {name: kern.matrix(q, k) for name, kern in kernels.items()}
         for name, p in mats.items():
             rows.append(dict(n=n, d=d, sigma2=float(s2), seed=sd, kernel=name, metric="log_var_p",
                              value=float(entry_moments(p).log_var.mean())))

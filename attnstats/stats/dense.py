@@ -1,4 +1,8 @@
-"""Statistics of a dense attention matrix: row entropy and moments of the entries.
+"""The dense attention matrix: softmax attention from ``q, k``, and its row entropy and entry moments.
+
+:func:`softmax_attention` is the one place attnstats turns scores into a dense softmax matrix; the
+kernels, the dense eigen-solver and the command's checks call it. The statistics below read any
+row-stochastic ``p``.
 
 ``p`` is ``[..., N, N]`` (rows are queries, columns keys), any float dtype; ``mask`` is bool,
 broadcastable to ``p``, True = attend. Masked entries are absent from every sum and statistic, not
@@ -7,16 +11,70 @@ zeros of the distribution. Everything is computed in float64 on the CPU (at leas
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 
 import torch
 
 from ..budget import check_dense_fits
-from ..masks import broadcast_mask
-from ..validation import check_square, check_tensor, compute_dtype, probability_blocks
+from ..masks import broadcast_mask, full_mask
+from ..validation import check_finite, check_square, check_tensor, compute_dtype, probability_blocks
 
-__all__ = ["EntryMoments", "row_entropy", "entry_moments", "prepare_probs"]
+__all__ = ["EntryMoments", "row_entropy", "entry_moments", "prepare_probs", "softmax_attention"]
+
+
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None, mask: torch.Tensor | None = None,
+                      causal: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dense softmax attention ``P = softmax(scale · q kᵀ)`` over the valid keys of each row.
+
+    Args:
+        q: ``[..., Nq, d]`` queries; k: ``[..., Nk, d]`` keys (batch dims broadcast together).
+        scale: positive logit scale; None = ``d ** -0.5``.
+        mask: bool, broadcastable to ``[..., Nq, Nk]``, True = attend; None = every key valid.
+        causal: query ``i`` attends to keys ``j <= i`` only (needs ``Nq == Nk``).
+        dtype: dtype of the scores and of ``P``; None = :func:`attnstats.validation.compute_dtype`
+            of ``q`` (float64 on the CPU, at least float32 on a GPU).
+
+    Returns:
+        ``[..., Nq, Nk]`` in ``dtype``: each row with a valid key sums to 1; masked entries are
+        exactly 0, and a row with no valid key is all 0 (never NaN).
+
+    Raises:
+        attnstats.DenseTooLargeError: if ``[..., Nq, Nk]`` in ``dtype`` exceeds the memory budget.
+    """
+    check_tensor(q, "q")
+    check_tensor(k, "k")
+    if q.dim() < 2 or k.dim() < 2:
+        raise ValueError(f"q, k: expected shapes [..., N, d], got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q, k: head dims differ, q has d = {q.shape[-1]} and k has d = {k.shape[-1]}")
+    nq, nk = q.shape[-2], k.shape[-2]
+    if causal and nq != nk:
+        raise ValueError(f"causal: expects as many queries as keys, got Nq = {nq} and Nk = {nk}")
+    try:
+        batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    except RuntimeError:
+        raise ValueError(f"q, k: batch dims {tuple(q.shape[:-2])} and {tuple(k.shape[:-2])} do not broadcast") from None
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale: expected a positive finite float or None, got {scale!r}")
+    scale = float(scale)
+    if dtype is None:
+        dtype = compute_dtype(q)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a floating-point torch.dtype or None, got {dtype!r}")
+    shape = torch.Size((*batch, nq, nk))
+    check_dense_fits(shape, torch.finfo(dtype).bits // 8, "the softmax attention matrix")
+    check_finite(q, "q")
+    check_finite(k, "k")
+    valid = full_mask(broadcast_mask(mask, shape, device=q.device), shape, causal, q.device)  # [..., Nq, Nk] or None
+    s = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) * scale  # [..., Nq, Nk]
+    if valid is None:
+        return torch.softmax(s, dim=-1)
+    p = torch.softmax(s.masked_fill(~valid, float("-inf")), dim=-1)  # [..., Nq, Nk], NaN rows where no key is valid
+    return torch.where(valid.any(-1, keepdim=True), p, torch.zeros((), dtype=p.dtype, device=p.device))
 
 
 def _checked(p, mask):

@@ -28,7 +28,7 @@ import torch
 from ..budget import check_dense_fits, get_memory_budget
 from ..masks import block_tokens, from_padding, no_token, valid_tokens
 from .arnoldi import ARNOLDI_MIN_TOKENS, AttentionOperator, arnoldi_gap, certify_tol
-from .dense import prepare_probs
+from .dense import prepare_probs, softmax_attention
 from .online import prepare_qk, streaming_row_accumulators
 from ..validation import check_finite, check_tensor, compute_dtype, first_index, row_sum_tolerance
 
@@ -279,7 +279,7 @@ def _dense_gaps(heads: list[tuple[torch.Tensor, torch.Tensor]], scale: float):
             part = idx[c0:c0 + per_chunk]
             q = torch.stack([heads[i][0] for i in part]).to(torch.float64)  # [M, n, d]
             k = torch.stack([heads[i][1] for i in part]).to(torch.float64)  # [M, n, d]
-            p = torch.softmax((q @ k.mT) * scale, dim=-1)  # [M, n, n]
+            p = softmax_attention(q, k, scale=scale)  # [M, n, n] float64
             g, l2, c = gap_from_eigenvalues(eigenvalues(p), "the attention of a head")
             gap[part], lam2[part], cert[part] = g, l2, c
     return gap, lam2, cert
