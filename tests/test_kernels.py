@@ -92,6 +92,65 @@ def test_float32_output_within_float32_tolerance(name):
         torch.testing.assert_close(p32.sum(-1), torch.ones(B, H, N), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", kernels.KERNEL_NAMES)
+def test_matrix_and_gap_are_computed_in_the_compute_dtype_not_the_input_dtype(name):
+    """The base class fixes one dtype policy: on the CPU every kernel computes its matrix and gap in
+    float64 whatever the input dtype, so float32 inputs give the float64 numbers of the same values
+    (the matrix then rounded once to float32) to the bit."""
+    q, k, _ = qkv(seed=3, dtype=torch.float32)
+    ker = make(name)
+    for causal in (False, True):
+        for mask in (None, key_padding()):
+            p32 = ker.matrix(q, k, causal=causal, mask=mask)
+            p64 = ker.matrix(q.double(), k.double(), causal=causal, mask=mask)
+            assert p32.dtype == torch.float32 and torch.equal(p32, p64.float())
+            gap32 = ker.spectral_gap(q, k, causal=causal, mask=mask)
+            assert torch.equal(gap32, ker.spectral_gap(q.double(), k.double(), causal=causal, mask=mask))
+
+
+def _template_kernel():
+    """The minimal kernel of attnstats.kernels.base's docstring, run from the docstring itself."""
+    import textwrap
+
+    from attnstats.kernels import base
+
+    doc = base.__doc__
+    code = doc[doc.index("class UniformAttention(Kernel):"):doc.index("Register it under a name")]
+    namespace = {name: getattr(base, name) for name in ("Kernel", "check_qkv", "result_dtype")} | {"torch": torch}
+    exec(textwrap.dedent("    " + code), namespace)
+    return namespace["UniformAttention"]()
+
+
+def test_the_documented_template_kernel_gets_checks_budget_dtype_and_gap_from_the_base():
+    uniform = _template_kernel()
+    q, k, v = qkv(seed=4, b=1, h=2, n=6, d=3)
+    # uniform over all keys: every entry 1/6; rank one, so λ_2 = 0 and the gap is 1
+    p = uniform.matrix(q, k)
+    assert p.dtype == torch.float64 and torch.equal(p, torch.full((1, 2, 6, 6), 1 / 6, dtype=torch.float64))
+    torch.testing.assert_close(uniform(q, k, v), v.mean(-2, keepdim=True).expand(1, 2, 6, 3), rtol=0, atol=1e-15)
+    # LAPACK on a rank-one 6 × 6 matrix: λ_2 is 0 up to a few ulps of ‖P‖ = 1
+    torch.testing.assert_close(uniform.spectral_gap(q, k), torch.ones(1, 2, dtype=torch.float64), rtol=0, atol=1e-12)
+    # causal: P_ij = 1/(i+1) for j <= i, lower-triangular with eigenvalues 1/(i+1): λ_2 = 1/2 exactly
+    pc = uniform.matrix(q.float(), k.float(), causal=True)
+    want = torch.tril(torch.ones(6, 6)) / torch.arange(1, 7)[:, None]
+    assert pc.dtype == torch.float32 and torch.equal(pc[0, 0], want)
+    torch.testing.assert_close(uniform.spectral_gap(q, k, causal=True), torch.full((1, 2), 0.5, dtype=torch.float64),
+                               rtol=0, atol=1e-12)
+    # key padding: 1/4 on the 4 valid keys, exactly 0 on the 2 padded ones
+    pad = torch.tensor([True, True, False, True, False, True])[None, None, None, :]
+    pp = uniform.matrix(q, k, mask=pad)
+    assert torch.equal(pp[0, 1, 2], torch.tensor([0.25, 0.25, 0, 0.25, 0, 0.25], dtype=torch.float64))
+    # the checks and the budget are the base class's
+    with pytest.raises(ValueError, match=r"q: expected shape \[B, H, N, d\], got a 3-d tensor"):
+        uniform.matrix(q[0], k)
+    with pytest.raises(ValueError, match="q, k: a spectral gap needs as many queries as keys"):
+        uniform.spectral_gap(q, k[:, :, :5])
+    with pytest.raises(ValueError, match=r"k: expected finite values, found nan"):
+        uniform.matrix(q, k.masked_fill(torch.ones_like(k, dtype=torch.bool), float("nan")))
+    with memory_budget(100), pytest.raises(DenseTooLargeError, match=r"the uniform attention matrix of shape \(1, 2, 6, 6\)"):
+        uniform.matrix(q, k)
+
+
 # ---------------------------------------------------------------- softmax and block-diagonal
 
 
@@ -364,8 +423,8 @@ def test_dense_spectral_gap_is_guarded_before_the_matrix_is_built(name, monkeypa
     q, k, _ = qkv(seed=18, b=1, h=2, n=600)
     ker = get_kernel(name)
     with memory_budget(5 * 2**20):
-        monkeypatch.setattr(sm, "softmax_matrix", built)
-        monkeypatch.setattr(bd, "softmax_matrix", built)
+        monkeypatch.setattr(sm, "softmax_attention", built)
+        monkeypatch.setattr(bd, "softmax_attention", built)
         with pytest.raises(DenseTooLargeError, match=r"attention matrix \(for its spectral gap\) of shape \(1, 2, 600, 600\)"):
             ker.spectral_gap(q, k)
 

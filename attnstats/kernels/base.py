@@ -4,6 +4,40 @@ A kernel maps queries, keys and values ``q, k: [B, H, N, d]``, ``v: [B, H, N, d_
 attention output ``[B, H, N, d_v]`` and exposes, for analysis, the dense row-stochastic matrix it
 applies to ``v`` and that matrix's spectral gap. Masks are bool, broadcastable to ``[B, H, N, N]``,
 True = attend.
+
+The kernel template. :class:`Kernel` owns everything that is the same for every kernel: the checks
+of ``q, k``, the memory budget, the dtype policy (compute in :func:`attnstats.validation.compute_dtype`,
+return :func:`matrix_dtype`) and the dispatch of :meth:`Kernel.matrix` and :meth:`Kernel.spectral_gap`.
+A kernel writes only its mathematics:
+
+- ``forward(q, k, v, *, causal=False, mask=None)``: the output; it starts with :func:`check_qkv` and
+  picks its own output dtype (:func:`result_dtype`, :func:`work_dtype`);
+- ``_matrix(q, k, valid, *, causal, dtype)``: the dense matrix ``[B, H, N, M]`` in ``dtype``;
+- ``_gap(q, k, valid, *, causal, dtype)`` (optional): the spectral gap ``[B, H]``; by default the
+  dense gap of ``_matrix``, after a budget check;
+- ``_valid(mask, shape, causal, device)`` (optional): what ``_matrix`` and ``_gap`` receive as
+  ``valid``; by default :func:`full_mask`, the bool ``[B, H, N, M]`` of ``mask`` and the causal rule
+  (or None when every entry is valid). Linearised kernels take padding parts instead.
+
+A minimal kernel, uniform attention over the valid keys::
+
+    class UniformAttention(Kernel):
+        name = "uniform"
+
+        def forward(self, q, k, v, *, causal=False, mask=None):
+            check_qkv(q, k, v, causal)
+            p = self.matrix(q, k, causal=causal, mask=mask)  # [B, H, N, M]
+            return (p @ v.to(p.dtype)).to(result_dtype(q, k, v))  # [B, H, N, d_v]
+
+        def _matrix(self, q, k, valid, *, causal, dtype):
+            shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
+            w = torch.ones(shape, dtype=dtype, device=q.device)  # [B, H, N, M]
+            if valid is not None:
+                w = w * valid
+            return w / w.sum(-1, keepdim=True).clamp_min(1)  # rows with no valid key stay 0
+
+Register it under a name with ``_register("uniform", UniformAttention)`` so that :func:`get_kernel`
+finds it. tests/test_kernels.py runs this very kernel through the template.
 """
 from __future__ import annotations
 
@@ -13,9 +47,11 @@ import numbers
 import torch
 from torch import nn
 
+from ..budget import check_dense_fits
 from ..masks import full_mask  # the kernels' combined mask: attnstats' one rule for mask + causal
 from ..masks import padding_parts as _padding_parts
-from ..validation import check_finite, check_tensor
+from ..stats.spectral import spectral_gap as dense_spectral_gap
+from ..validation import check_finite, check_tensor, compute_dtype
 
 __all__ = [
     "Kernel",
@@ -34,20 +70,54 @@ __all__ = [
 class Kernel(nn.Module):
     """Base class of every attnstats attention kernel (an ``nn.Module``, so kernels can learn).
 
-    Subclasses implement :meth:`forward` (the attention output), :meth:`matrix` (the dense
-    row-stochastic matrix, guarded by the memory budget) and :meth:`spectral_gap`.
+    Subclasses write :meth:`forward` and ``_matrix`` (and may write ``_gap`` and ``_valid``); the
+    public :meth:`matrix` and :meth:`spectral_gap` are written once, here (see the module docstring
+    for the template and a minimal kernel).
+
+    Attributes:
+        name: the kernel's name (:data:`KERNEL_NAMES`), used in messages.
+        pairs_tokens: what, besides causal attention and a spectral gap, makes the kernel pair query
+            ``i`` with key ``i`` (so ``N == M`` is required), for the message; None when nothing does.
     """
 
     name: str = "kernel"
+    pairs_tokens: str | None = None
 
     def forward(self, q, k, v, *, causal: bool = False, mask=None) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def matrix(self, q, k, *, causal: bool = False, mask=None) -> torch.Tensor:  # pragma: no cover - abstract
+    def _matrix(self, q, k, valid, *, causal: bool, dtype: torch.dtype) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def spectral_gap(self, q, k, *, causal: bool = False, mask=None) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    def _valid(self, mask, shape, causal: bool, device):
+        """The mask as ``_matrix`` and ``_gap`` take it: bool ``[B, H, N, M]`` (mask and causal rule
+        combined) or None when every entry is valid."""
+        return full_mask(mask, shape, causal, device)
+
+    def _gap(self, q, k, valid, *, causal: bool, dtype: torch.dtype) -> torch.Tensor:
+        """Spectral gap ``[B, H]`` of the dense ``_matrix``; ``valid`` must be :func:`full_mask`'s."""
+        shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
+        # the matrix and the eigen-solver's copy of it are each this large
+        check_dense_fits(shape, torch.finfo(dtype).bits // 8, f"the {self.name} attention matrix (for its spectral gap)")
+        return dense_spectral_gap(self._matrix(q, k, valid, causal=causal, dtype=dtype), valid)
+
+    def matrix(self, q, k, *, causal: bool = False, mask=None, **options) -> torch.Tensor:
+        """Dense row-stochastic ``[B, H, N, M]`` (float64 for float64 input, else float32), guarded by
+        the memory budget; rows with no valid key are 0. ``options`` go to the kernel's ``_matrix``."""
+        check_qk4(q, k, causal, why=self.pairs_tokens)
+        shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
+        dtype = compute_dtype(q)
+        check_dense_fits(shape, torch.finfo(dtype).bits // 8, f"the {self.name} attention matrix")
+        valid = self._valid(mask, shape, causal, q.device)
+        return self._matrix(q, k, valid, causal=causal, dtype=dtype, **options).to(matrix_dtype(q))
+
+    def spectral_gap(self, q, k, *, causal: bool = False, mask=None, **options) -> torch.Tensor:
+        """Spectral gap ``1 − |λ_2|`` ``[B, H]`` of :meth:`matrix` (needs ``N == M``), computed in
+        :func:`attnstats.validation.compute_dtype`. ``options`` go to the kernel's ``_gap``."""
+        check_qk4(q, k, causal, square=True, why=self.pairs_tokens)
+        shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
+        valid = self._valid(mask, shape, causal, q.device)
+        return self._gap(q, k, valid, causal=causal, dtype=compute_dtype(q), **options)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"

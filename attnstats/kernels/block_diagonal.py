@@ -4,11 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..budget import check_dense_fits
-from ..stats.spectral import spectral_gap as dense_spectral_gap
-from ..validation import compute_dtype
-from .base import Kernel, _register, check_qk4, check_real, check_qkv, full_mask, matrix_dtype, work_dtype
-from .softmax import softmax_matrix
+from ..stats.dense import softmax_attention
+from .base import Kernel, _register, check_qkv, check_real, full_mask, work_dtype
 
 __all__ = ["BlockDiagonalAttention", "block_mask"]
 
@@ -16,8 +13,8 @@ __all__ = ["BlockDiagonalAttention", "block_mask"]
 def block_mask(n: int, block: int, device=None) -> torch.Tensor:
     """``[N, N]`` bool, True where tokens ``i`` and ``j`` lie in the same block of ``block`` tokens
     (consecutive, non-overlapping; the remainder forms one last smaller block)."""
-    ids = torch.arange(n, device=device) // block
-    return ids[:, None] == ids[None, :]
+    ids = torch.arange(n, device=device) // block  # [N]: block of each token
+    return ids[:, None] == ids[None, :]  # [N, N]
 
 
 class BlockDiagonalAttention(Kernel):
@@ -34,6 +31,7 @@ class BlockDiagonalAttention(Kernel):
     """
 
     name = "block_diag"
+    pairs_tokens = "block-diagonal attention"  # blocks pair query i with key i
 
     def __init__(self, block: int | None = None, scale: float | None = None):
         super().__init__()
@@ -52,46 +50,42 @@ class BlockDiagonalAttention(Kernel):
     def _scale(self, d: int) -> float:
         return d**-0.5 if self.scale is None else float(self.scale)
 
-    def _valid(self, shape, causal, mask, d, device):
-        blocks = block_mask(shape[-1], self.block_size(d), device)
-        m = full_mask(mask, shape, causal, device)
-        return blocks.expand(shape) if m is None else m & blocks
-
     def row_has_key(self, q, *, causal: bool = False, mask=None) -> torch.Tensor:
         """``[B, H, N]`` bool: True where the query's block holds at least one key it may attend to."""
         b, h, n, d = q.shape
-        m = full_mask(mask, (b, h, n, n), False, q.device)
+        m = full_mask(mask, (b, h, n, n), False, q.device)  # [B, H, N, N] or None
         if m is None:
-            return torch.ones(b, h, n, dtype=torch.bool, device=q.device)
+            return torch.ones(b, h, n, dtype=torch.bool, device=q.device)  # [B, H, N]
         size = self.block_size(d)
         rows = []
         for s in range(0, n, size):
             e = min(s + size, n)
-            mb = m[:, :, s:e, s:e]
+            mb = m[:, :, s:e, s:e]  # [B, H, C, C]
             if causal:
-                mb = mb & torch.ones(e - s, e - s, dtype=torch.bool, device=q.device).tril()
-            rows.append(mb.any(-1))
-        return torch.cat(rows, dim=-1)
+                mb = mb & torch.ones(e - s, e - s, dtype=torch.bool, device=q.device).tril()  # [B, H, C, C]
+            rows.append(mb.any(-1))  # [B, H, C]
+        return torch.cat(rows, dim=-1)  # [B, H, N]
 
-    def _fallback(self, q, k, v, rows, causal, mask, dtype):
-        """Softmax attention rows (``@ v`` when ``v`` is given) for the ``(b, h, i)`` in ``rows [R, 3]``."""
-        b, h, n, d = q.shape
-        m = full_mask(mask, (b, h, n, n), causal, q.device)
+    def _fallback(self, q, k, v, rows, valid, dtype):
+        """Softmax attention rows over all their valid keys (``@ v`` when ``v`` is given), ``[R, N]``
+        or ``[R, d_v]``, for the ``(b, h, i)`` in ``rows [R, 3]``; ``valid``: bool ``[B, H, N, N]``."""
+        scale = self._scale(q.shape[-1])
         outs = []
         for s in range(0, rows.shape[0], 256):
-            bi, hi, ii = rows[s : s + 256].unbind(-1)
-            sc = (q[bi, hi, ii, None, :].to(dtype) @ k[bi, hi].to(dtype).transpose(-2, -1))[:, 0] * self._scale(d)
-            p = torch.softmax(sc.masked_fill(~m[bi, hi, ii], float("-inf")), dim=-1)
-            outs.append(p if v is None else (p[:, None, :] @ v[bi, hi].to(dtype))[:, 0])
+            bi, hi, ii = rows[s : s + 256].unbind(-1)  # [R'] each
+            # every such row has a valid key: a distribution, never the all-zero row
+            p = softmax_attention(q[bi, hi, ii, None, :], k[bi, hi], scale=scale, mask=valid[bi, hi, ii, None, :],
+                                  dtype=dtype)[:, 0]  # [R', N]
+            outs.append(p if v is None else (p[:, None, :] @ v[bi, hi].to(dtype))[:, 0])  # [R', N] or [R', d_v]
         return torch.cat(outs, 0)
 
-    def _missing_rows(self, q, causal, mask):
-        """``(b, h, i)`` of rows with a valid key somewhere but none in their block, ``[R, 3]``."""
-        if mask is None:
+    def _missing_rows(self, q, valid):
+        """``(b, h, i)`` of rows with a valid key somewhere but none in their block, ``[R, 3]``, or None;
+        ``valid``: bool ``[B, H, N, N]`` (mask and causal rule) or None."""
+        if valid is None:
             return None
-        b, h, n, _ = q.shape
-        anywhere = full_mask(mask, (b, h, n, n), causal, q.device).any(-1)
-        missing = anywhere & ~self.row_has_key(q, causal=causal, mask=mask)
+        blocks = block_mask(q.shape[-2], self.block_size(q.shape[-1]), q.device)  # [N, N]
+        missing = valid.any(-1) & ~(valid & blocks).any(-1)  # [B, H, N]
         return torch.nonzero(missing, as_tuple=False) if bool(missing.any()) else None
 
     def forward(self, q, k, v, *, causal: bool = False, mask=None) -> torch.Tensor:
@@ -99,52 +93,40 @@ class BlockDiagonalAttention(Kernel):
         check_qkv(q, k, v, causal, why="block-diagonal attention")  # blocks pair query i with key i
         b, h, n, d = q.shape
         size = self.block_size(d)
-        m = full_mask(mask, (b, h, n, n), False, q.device)
+        m = full_mask(mask, (b, h, n, n), False, q.device)  # [B, H, N, N] or None
         outs = []
         for s in range(0, n, size):
             e = min(s + size, n)
-            qb, kb, vb = q[:, :, s:e], k[:, :, s:e], v[:, :, s:e]
+            qb, kb, vb = q[:, :, s:e], k[:, :, s:e], v[:, :, s:e]  # [B, H, C, d], [B, H, C, d], [B, H, C, d_v]
             if m is None:
-                outs.append(F.scaled_dot_product_attention(qb, kb, vb, is_causal=causal, scale=self._scale(d)))
+                outs.append(F.scaled_dot_product_attention(qb, kb, vb, is_causal=causal, scale=self._scale(d)))  # [B, H, C, d_v]
                 continue
-            mb = m[:, :, s:e, s:e]
+            mb = m[:, :, s:e, s:e]  # [B, H, C, C]
             if causal:
-                mb = mb & torch.ones(e - s, e - s, dtype=torch.bool, device=q.device).tril()
-            ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mb, scale=self._scale(d))
-            outs.append(torch.where(mb.any(-1)[..., None], ob, torch.zeros((), dtype=ob.dtype, device=ob.device)))
-        out = torch.cat(outs, dim=-2)
-        rows = self._missing_rows(q, causal, mask)
+                mb = mb & torch.ones(e - s, e - s, dtype=torch.bool, device=q.device).tril()  # [B, H, C, C]
+            ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mb, scale=self._scale(d))  # [B, H, C, d_v]
+            outs.append(torch.where(mb.any(-1)[..., None], ob, torch.zeros((), dtype=ob.dtype, device=ob.device)))  # [B, H, C, d_v]
+        out = torch.cat(outs, dim=-2)  # [B, H, N, d_v]
+        valid = None if mask is None else full_mask(mask, (b, h, n, n), causal, q.device)  # [B, H, N, N]
+        rows = self._missing_rows(q, valid)  # [R, 3] or None
         if rows is not None:
-            bi, hi, ii = rows.unbind(-1)
-            out[bi, hi, ii] = self._fallback(q, k, v, rows, causal, mask, work_dtype(out.dtype)).to(out.dtype)
+            bi, hi, ii = rows.unbind(-1)  # [R] each
+            out[bi, hi, ii] = self._fallback(q, k, v, rows, valid, work_dtype(out.dtype)).to(out.dtype)  # [R, d_v]
         return out
 
-    def _dense(self, q, k, causal, mask, dtype):
+    def _matrix(self, q, k, valid, *, causal: bool, dtype: torch.dtype) -> torch.Tensor:
+        """The dense matrix ``[B, H, N, N]``; ``valid`` (mask and causal rule) is further cut to the
+        blocks. The base :meth:`~attnstats.kernels.Kernel.spectral_gap` takes the dense gap of it: 0
+        whenever there are two or more blocks (each block contributes an eigenvalue 1)."""
         shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
-        valid = self._valid(shape, causal, mask, q.shape[-1], q.device)
-        p = softmax_matrix(q, k, valid, self._scale(q.shape[-1]), dtype)
-        rows = self._missing_rows(q, causal, mask)
+        blocks = block_mask(shape[-1], self.block_size(q.shape[-1]), q.device)  # [N, N]
+        in_blocks = blocks.expand(shape) if valid is None else valid & blocks  # [B, H, N, N]
+        p = softmax_attention(q, k, scale=self._scale(q.shape[-1]), mask=in_blocks, dtype=dtype)  # [B, H, N, N]
+        rows = self._missing_rows(q, valid)  # [R, 3] or None
         if rows is not None:
-            bi, hi, ii = rows.unbind(-1)
-            p[bi, hi, ii] = self._fallback(q, k, None, rows, causal, mask, dtype)
+            bi, hi, ii = rows.unbind(-1)  # [R] each
+            p[bi, hi, ii] = self._fallback(q, k, None, rows, valid, dtype)  # [R, N]
         return p
-
-    def matrix(self, q, k, *, causal: bool = False, mask=None) -> torch.Tensor:
-        """Dense row-stochastic block-diagonal matrix ``[B, H, N, N]``."""
-        check_qk4(q, k, causal, why="block-diagonal attention")
-        shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
-        cd = compute_dtype(q)
-        check_dense_fits(shape, torch.finfo(cd).bits // 8, "the block-diagonal attention matrix")
-        return self._dense(q, k, causal, mask, cd).to(matrix_dtype(q))
-
-    def spectral_gap(self, q, k, *, causal: bool = False, mask=None) -> torch.Tensor:
-        """Spectral gap ``[B, H]`` of the dense matrix (0 whenever there are two or more blocks:
-        each block contributes an eigenvalue 1)."""
-        check_qk4(q, k, causal, why="block-diagonal attention")
-        shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
-        cd = compute_dtype(q)
-        check_dense_fits(shape, torch.finfo(cd).bits // 8, "the block-diagonal attention matrix (for its spectral gap)")
-        return dense_spectral_gap(self._dense(q, k, causal, mask, cd), full_mask(mask, shape, causal, q.device))
 
 
 _register("block_diag", BlockDiagonalAttention)

@@ -23,18 +23,15 @@ import math
 
 import torch
 
-from ..budget import check_dense_fits
 from ..masks import check_parts, from_parts, tokens_of_parts
 from ..stats.spectral import causal_spectral_gap, eigenvalues, gap_from_eigenvalues
-from ..validation import compute_dtype, first_index
+from ..validation import first_index
 from .base import (
     Kernel,
     _register,
     check_count,
-    check_qk4,
     check_qkv,
     check_real,
-    matrix_dtype,
     padding_parts,
     result_dtype,
     work_dtype,
@@ -74,11 +71,11 @@ def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
 def _logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
     """``log Σ exp(x)`` over ``dim`` whose gradient stays finite when every term is -inf (a pair of
     tokens with no common nonzero feature): ``torch.logsumexp`` gives NaN gradients there."""
-    m = _finite_or_zero(x.amax(dim, keepdim=True))
-    s = torch.exp(x - m).sum(dim, keepdim=True)
-    pos = s > 0
-    out = torch.log(torch.where(pos, s, torch.ones_like(s))) + m
-    return torch.where(pos, out, torch.full_like(out, _NEG_INF)).squeeze(dim)
+    m = _finite_or_zero(x.amax(dim, keepdim=True))  # x's shape with dim kept as 1
+    s = torch.exp(x - m).sum(dim, keepdim=True)  # as m
+    pos = s > 0  # as m
+    out = torch.log(torch.where(pos, s, torch.ones_like(s))) + m  # as m
+    return torch.where(pos, out, torch.full_like(out, _NEG_INF)).squeeze(dim)  # x's shape without dim
 
 
 def _denominator(den: torch.Tensor, eps: float) -> torch.Tensor:
@@ -92,11 +89,11 @@ def _shifted_features(lq: torch.Tensor, lk: torch.Tensor):
 
     ``lk`` must already hold -inf at padded keys.
     """
-    m = lk.amax(-2, keepdim=True)  # [B,H,1,r], -inf for a feature no valid key has
-    kt = torch.exp(lk - _finite_or_zero(m))
-    w = lq + m  # a feature no key has stays at -inf: it carries no weight
-    big = _finite_or_zero(w.amax(-1, keepdim=True))
-    qt = torch.exp(w - big)
+    m = lk.amax(-2, keepdim=True)  # [B, H, 1, r], -inf for a feature no valid key has
+    kt = torch.exp(lk - _finite_or_zero(m))  # [B, H, M, r]
+    w = lq + m  # [B, H, N, r]; a feature no key has stays at -inf: it carries no weight
+    big = _finite_or_zero(w.amax(-1, keepdim=True))  # [B, H, N, 1]
+    qt = torch.exp(w - big)  # [B, H, N, r]
     return qt, kt
 
 
@@ -114,14 +111,14 @@ def linear_attention(lq, lk, v, key_valid=None, query_valid=None, eps: float = 1
         ``[B, H, N, d_v]``; rows with no weight (no valid key, an invalid query, an all-zero ReLU
         feature) are 0.
     """
-    qt, kt = _shifted_features(lq, _mask_keys(lk, key_valid))
-    kv = kt.transpose(-2, -1) @ v  # [B,H,r,dv]
-    z = kt.sum(-2)  # [B,H,r]
-    num = qt @ kv
-    den = (qt * z[..., None, :]).sum(-1, keepdim=True)
-    out = num / _denominator(den, eps)
+    qt, kt = _shifted_features(lq, _mask_keys(lk, key_valid))  # [B, H, N, r], [B, H, M, r]
+    kv = kt.transpose(-2, -1) @ v  # [B, H, r, d_v]
+    z = kt.sum(-2)  # [B, H, r]
+    num = qt @ kv  # [B, H, N, d_v]
+    den = (qt * z[..., None, :]).sum(-1, keepdim=True)  # [B, H, N, 1]
+    out = num / _denominator(den, eps)  # [B, H, N, d_v]
     if query_valid is not None:
-        out = out * query_valid[..., None]
+        out = out * query_valid[..., None]  # [B, H, N, d_v]
     return out
 
 
@@ -152,7 +149,7 @@ def linear_attention_causal(
     Args: as :func:`linear_attention` (``N == M``), plus ``chunk``: tokens per chunk (default:
         chosen from the memory of the ``[B, H, C, C, r]`` intra-chunk tensor).
     """
-    lk = _mask_keys(lk, key_valid)
+    lk = _mask_keys(lk, key_valid)  # [B, H, N, r]
     b, h, n, r = lq.shape
     dv = v.shape[-1]
     c = _chunk_size(lq.shape, r, chunk)
@@ -161,49 +158,49 @@ def linear_attention_causal(
     nc = -(-n // c)
     pad = nc * c - n
     if pad:  # padding keys at -inf carry no weight; padding queries are cut off at the end
-        lq = torch.nn.functional.pad(lq, (0, 0, 0, pad))
-        lk = torch.nn.functional.pad(lk, (0, 0, 0, pad), value=_NEG_INF)
-        v = torch.nn.functional.pad(v, (0, 0, 0, pad))
-    lq = lq.reshape(b, h, nc, c, r)
-    lk = lk.reshape(b, h, nc, c, r)
-    v = v.reshape(b, h, nc, c, dv)
+        lq = torch.nn.functional.pad(lq, (0, 0, 0, pad))  # [B, H, nc·C, r]
+        lk = torch.nn.functional.pad(lk, (0, 0, 0, pad), value=_NEG_INF)  # [B, H, nc·C, r]
+        v = torch.nn.functional.pad(v, (0, 0, 0, pad))  # [B, H, nc·C, d_v]
+    lq = lq.reshape(b, h, nc, c, r)  # [B, H, nc, C, r]
+    lk = lk.reshape(b, h, nc, c, r)  # [B, H, nc, C, r]
+    v = v.reshape(b, h, nc, c, dv)  # [B, H, nc, C, d_v]
     # each chunk's key sums, relative to the chunk's own per-feature maximum
-    mk = lk.amax(-2)  # [B,H,nc,r]
-    kt = torch.exp(lk - _finite_or_zero(mk)[..., None, :])
-    s_loc = kt.transpose(-2, -1) @ v  # [B,H,nc,r,dv]
-    z_loc = kt.sum(-2)  # [B,H,nc,r]
+    mk = lk.amax(-2)  # [B, H, nc, r]
+    kt = torch.exp(lk - _finite_or_zero(mk)[..., None, :])  # [B, H, nc, C, r]
+    s_loc = kt.transpose(-2, -1) @ v  # [B, H, nc, r, d_v]
+    z_loc = kt.sum(-2)  # [B, H, nc, r]
     # m_prev[c]: per-feature maximum over chunks before c (-inf for the first chunk)
-    first = torch.full_like(mk[:, :, :1], _NEG_INF)
-    m_prev = torch.cat([first, torch.cummax(mk, dim=2).values[:, :, :-1]], dim=2)
+    first = torch.full_like(mk[:, :, :1], _NEG_INF)  # [B, H, 1, r]
+    m_prev = torch.cat([first, torch.cummax(mk, dim=2).values[:, :, :-1]], dim=2)  # [B, H, nc, r]
     # exclusive scan over chunks: the state seen by chunk ci, relative to m_prev[ci]
-    ref = _finite_or_zero(m_prev)
-    old = torch.exp(m_prev[:, :, :-1] - ref[:, :, 1:])  # rescales the state: 0 where it was empty
-    loc = torch.exp(mk[:, :, :-1] - ref[:, :, 1:])  # rescales the previous chunk's own sums
-    states, zsums = [torch.zeros_like(s_loc[:, :, 0])], [torch.zeros_like(z_loc[:, :, 0])]
+    ref = _finite_or_zero(m_prev)  # [B, H, nc, r]
+    old = torch.exp(m_prev[:, :, :-1] - ref[:, :, 1:])  # [B, H, nc − 1, r]; rescales the state: 0 where it was empty
+    loc = torch.exp(mk[:, :, :-1] - ref[:, :, 1:])  # [B, H, nc − 1, r]; rescales the previous chunk's own sums
+    states, zsums = [torch.zeros_like(s_loc[:, :, 0])], [torch.zeros_like(z_loc[:, :, 0])]  # [B, H, r, d_v], [B, H, r] each
     for ci in range(1, nc):
-        states.append(states[-1] * old[:, :, ci - 1, :, None] + s_loc[:, :, ci - 1] * loc[:, :, ci - 1, :, None])
-        zsums.append(zsums[-1] * old[:, :, ci - 1] + z_loc[:, :, ci - 1] * loc[:, :, ci - 1])
-    state = torch.stack(states, dim=2)
-    zsum = torch.stack(zsums, dim=2)
+        states.append(states[-1] * old[:, :, ci - 1, :, None] + s_loc[:, :, ci - 1] * loc[:, :, ci - 1, :, None])  # [B, H, r, d_v]
+        zsums.append(zsums[-1] * old[:, :, ci - 1] + z_loc[:, :, ci - 1] * loc[:, :, ci - 1])  # [B, H, r]
+    state = torch.stack(states, dim=2)  # [B, H, nc, r, d_v]
+    zsum = torch.stack(zsums, dim=2)  # [B, H, nc, r]
     # all chunks' outputs, in groups that bound the [B, H, G, C, C, r] intra-chunk tensor
     group = max(1, 2**25 // max(1, b * h * c * c * r))
-    tril = torch.ones(c, c, dtype=torch.bool, device=lq.device).tril()
+    tril = torch.ones(c, c, dtype=torch.bool, device=lq.device).tril()  # [C, C]
     outs = []
     for g0 in range(0, nc, group):
         sl = slice(g0, g0 + group)
-        lq_g = lq[:, :, sl]
-        log_a = _logsumexp(lq_g[..., :, None, :] + lk[:, :, sl][..., None, :, :], dim=-1)  # [B,H,G,C,C]
-        log_a = log_a.masked_fill(~tril, _NEG_INF)
-        w = lq_g + m_prev[:, :, sl][..., None, :]  # inter-chunk log weights per feature
-        big = _finite_or_zero(torch.maximum(w.amax(-1), log_a.amax(-1)))[..., None]
-        qt = torch.exp(w - big)
-        a = torch.exp(log_a - big)
-        num = qt @ state[:, :, sl] + a @ v[:, :, sl]
-        den = (qt * zsum[:, :, sl][..., None, :]).sum(-1, keepdim=True) + a.sum(-1, keepdim=True)
-        outs.append(num / _denominator(den, eps))
-    out = torch.cat(outs, dim=2).reshape(b, h, nc * c, dv)[:, :, :n]
+        lq_g = lq[:, :, sl]  # [B, H, G, C, r]
+        log_a = _logsumexp(lq_g[..., :, None, :] + lk[:, :, sl][..., None, :, :], dim=-1)  # [B, H, G, C, C]
+        log_a = log_a.masked_fill(~tril, _NEG_INF)  # [B, H, G, C, C]
+        w = lq_g + m_prev[:, :, sl][..., None, :]  # [B, H, G, C, r]: inter-chunk log weights per feature
+        big = _finite_or_zero(torch.maximum(w.amax(-1), log_a.amax(-1)))[..., None]  # [B, H, G, C, 1]
+        qt = torch.exp(w - big)  # [B, H, G, C, r]
+        a = torch.exp(log_a - big)  # [B, H, G, C, C]
+        num = qt @ state[:, :, sl] + a @ v[:, :, sl]  # [B, H, G, C, d_v]
+        den = (qt * zsum[:, :, sl][..., None, :]).sum(-1, keepdim=True) + a.sum(-1, keepdim=True)  # [B, H, G, C, 1]
+        outs.append(num / _denominator(den, eps))  # [B, H, G, C, d_v]
+    out = torch.cat(outs, dim=2).reshape(b, h, nc * c, dv)[:, :, :n]  # [B, H, N, d_v]
     if query_valid is not None:
-        out = out * query_valid[..., None]
+        out = out * query_valid[..., None]  # [B, H, N, d_v]
     return out
 
 
@@ -216,7 +213,7 @@ def _undefined_row(at, kernel: str):
 
 def _log_row_weights(lq_rows: torch.Tensor, lk_b: torch.Tensor) -> torch.Tensor:
     """Exact ``log A_j = logsumexp_l(lq_l + lk_jl)`` for a few rows: ``[R, r]`` × ``[R, M, r]`` → ``[R, M]``."""
-    return _logsumexp(lq_rows[:, None, :] + lk_b, dim=-1)
+    return _logsumexp(lq_rows[:, None, :] + lk_b, dim=-1)  # [R, M]
 
 
 def linear_matrix(lq, lk, valid, kernel: str) -> torch.Tensor:
@@ -231,29 +228,29 @@ def linear_matrix(lq, lk, valid, kernel: str) -> torch.Tensor:
     later keys) are recomputed exactly in log space. Rows with no valid entry are 0. A row whose
     valid weights are all exactly zero (ReLU features) has no attention distribution: ValueError.
     """
-    key_valid = None if valid is None else valid.any(-2)
-    qt, kt = _shifted_features(lq, _mask_keys(lk, key_valid))
-    a = qt @ kt.transpose(-2, -1)
+    key_valid = None if valid is None else valid.any(-2)  # [B, H, M] or None
+    qt, kt = _shifted_features(lq, _mask_keys(lk, key_valid))  # [B, H, N, r], [B, H, M, r]
+    a = qt @ kt.transpose(-2, -1)  # [B, H, N, M]
     if valid is not None:
-        a = a.masked_fill(~valid, 0)
-    s = a.sum(-1, keepdim=True)
-    has_row = torch.ones_like(s[..., 0], dtype=torch.bool) if valid is None else valid.any(-1)
-    small = (s[..., 0] < math.sqrt(torch.finfo(a.dtype).tiny)) & has_row
+        a = a.masked_fill(~valid, 0)  # [B, H, N, M]
+    s = a.sum(-1, keepdim=True)  # [B, H, N, 1]
+    has_row = torch.ones_like(s[..., 0], dtype=torch.bool) if valid is None else valid.any(-1)  # [B, H, N]
+    small = (s[..., 0] < math.sqrt(torch.finfo(a.dtype).tiny)) & has_row  # [B, H, N]
     if bool(small.any()):
-        idx = torch.nonzero(small, as_tuple=False)
+        idx = torch.nonzero(small, as_tuple=False)  # [S, 3]: (b, h, i) of the rows to recompute
         for start in range(0, idx.shape[0], 64):
-            bi, hi, ii = idx[start : start + 64].unbind(-1)
-            log_rows = _log_row_weights(lq[bi, hi, ii], lk[bi, hi])
+            bi, hi, ii = idx[start : start + 64].unbind(-1)  # [R] each, R ≤ 64
+            log_rows = _log_row_weights(lq[bi, hi, ii], lk[bi, hi])  # [R, M]
             if valid is not None:
-                log_rows = log_rows.masked_fill(~valid[bi, hi, ii], _NEG_INF)
-            lse = _logsumexp(log_rows, dim=-1)[:, None]
-            zero = ~torch.isfinite(lse[:, 0])
+                log_rows = log_rows.masked_fill(~valid[bi, hi, ii], _NEG_INF)  # [R, M]
+            lse = _logsumexp(log_rows, dim=-1)[:, None]  # [R, 1]
+            zero = ~torch.isfinite(lse[:, 0])  # [R]
             if bool(zero.any()):
                 _undefined_row(tuple(int(t) for t in idx[start + int(torch.nonzero(zero)[0, 0])]), kernel)
-            a[bi, hi, ii] = torch.exp(log_rows - lse)
+            a[bi, hi, ii] = torch.exp(log_rows - lse)  # [R, M]
             s[bi, hi, ii] = 1.0
-    s = torch.where(has_row[..., None], s, torch.ones_like(s))
-    return a / s
+    s = torch.where(has_row[..., None], s, torch.ones_like(s))  # [B, H, N, 1]
+    return a / s  # [B, H, N, M]
 
 
 def linear_spectral_gap(lq, lk, valid_tokens, causal: bool, kernel: str) -> torch.Tensor:
@@ -272,39 +269,39 @@ def linear_spectral_gap(lq, lk, valid_tokens, causal: bool, kernel: str) -> torc
     Returns:
         ``[B, H]``; 1 for a matrix with a single valid token.
     """
-    lk = _mask_keys(lk, valid_tokens)
+    lk = _mask_keys(lk, valid_tokens)  # [B, H, N, r]
     b, h, n, r = lq.shape
     if causal:
-        log_den = torch.logsumexp(lq + torch.logcumsumexp(lk, dim=-2), dim=-1)  # [B,H,N]
-        log_diag = torch.logsumexp(lq + lk, dim=-1)
-        bad = ~torch.isfinite(log_den)
+        log_den = torch.logsumexp(lq + torch.logcumsumexp(lk, dim=-2), dim=-1)  # [B, H, N]
+        log_diag = torch.logsumexp(lq + lk, dim=-1)  # [B, H, N]
+        bad = ~torch.isfinite(log_den)  # [B, H, N]
         if valid_tokens is not None:
             bad = bad & valid_tokens
         if bool(bad.any()):
             _undefined_row(first_index(bad), kernel)
-        diag = torch.exp(log_diag - _finite_or_zero(log_den))
+        diag = torch.exp(log_diag - _finite_or_zero(log_den))  # [B, H, N]: the eigenvalues P_ii
         if valid_tokens is None:
             return causal_spectral_gap(diag)
         # the first valid token's row is (1, 0, ...): drop it, as the dense rule drops P_00
-        first = valid_tokens & (valid_tokens.cumsum(-1) == 1)
-        d = diag.masked_fill(~valid_tokens | first, _NEG_INF)
-        top = d.amax(-1)
+        first = valid_tokens & (valid_tokens.cumsum(-1) == 1)  # [B, H, N]
+        d = diag.masked_fill(~valid_tokens | first, _NEG_INF)  # [B, H, N]
+        top = d.amax(-1)  # [B, H]
         return torch.where(torch.isfinite(top), 1.0 - top, torch.ones_like(top))
-    qt, kt = _shifted_features(lq, lk)
-    z = kt.sum(-2)
-    den = (qt * z[..., None, :]).sum(-1)  # [B,H,N]
-    bad = den <= 0
+    qt, kt = _shifted_features(lq, lk)  # [B, H, N, r] each
+    z = kt.sum(-2)  # [B, H, r]
+    den = (qt * z[..., None, :]).sum(-1)  # [B, H, N]
+    bad = den <= 0  # [B, H, N]
     if valid_tokens is not None:
         bad = bad & valid_tokens
     if bool(bad.any()):
         _undefined_row(first_index(bad), kernel)
-    qd = qt / torch.where(den > 0, den, torch.ones_like(den))[..., None]
+    qd = qt / torch.where(den > 0, den, torch.ones_like(den))[..., None]  # [B, H, N, r]
     if valid_tokens is not None:
-        qd = qd * valid_tokens[..., None]
-    small = kt.transpose(-2, -1) @ qd  # [B,H,r,r]
-    gap = _second_modulus_gap(small).to(lq.dtype)
+        qd = qd * valid_tokens[..., None]  # [B, H, N, r]
+    small = kt.transpose(-2, -1) @ qd  # [B, H, r, r]
+    gap = _second_modulus_gap(small).to(lq.dtype)  # [B, H]
     if valid_tokens is not None:
-        count = valid_tokens.sum(-1)
+        count = valid_tokens.sum(-1)  # [B, H]
         gap = torch.where(count <= 1, torch.ones_like(gap), gap)
     elif n == 1:
         gap = torch.ones_like(gap)
@@ -315,8 +312,8 @@ def _second_modulus_gap(small: torch.Tensor) -> torch.Tensor:
     """``1 − |λ_2|`` of each ``[..., r, r]`` matrix whose largest eigenvalue is 1 (r = 1 gives 1)."""
     if small.shape[-1] == 1:
         return torch.ones(small.shape[:-2], dtype=small.dtype, device=small.device)
-    gap, _, _ = gap_from_eigenvalues(eigenvalues(small).reshape(-1, small.shape[-1]), "the r × r matrix Φ_Kᵀ D⁻¹ Φ_Q")
-    return gap.reshape(small.shape[:-2]).to(device=small.device)
+    gap, _, _ = gap_from_eigenvalues(eigenvalues(small).reshape(-1, small.shape[-1]), "the r × r matrix Φ_Kᵀ D⁻¹ Φ_Q")  # [B·H]
+    return gap.reshape(small.shape[:-2]).to(device=small.device)  # [B, H]
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,39 +361,36 @@ class LogFeatureAttention(Kernel):
         out_dt = result_dtype(q, k, v)
         dt = work_dtype(out_dt)
         shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
-        query_valid, key_valid = padding_parts(mask, shape, causal, self.name)
-        lq, lk = self.log_features(q, k, dt)
-        vv = v.to(dt)
+        query_valid, key_valid = padding_parts(mask, shape, causal, self.name)  # [B, H, N] | None, [B, H, M] | None
+        lq, lk = self.log_features(q, k, dt)  # [B, H, N, r], [B, H, M, r]
+        vv = v.to(dt)  # [B, H, M, d_v]
         if causal:
-            out = linear_attention_causal(lq, lk, vv, key_valid, query_valid, self.eps, self.chunk)
+            out = linear_attention_causal(lq, lk, vv, key_valid, query_valid, self.eps, self.chunk)  # [B, H, N, d_v]
         else:
-            out = linear_attention(lq, lk, vv, key_valid, query_valid, self.eps)
+            out = linear_attention(lq, lk, vv, key_valid, query_valid, self.eps)  # [B, H, N, d_v]
         return out.to(out_dt)
 
-    def matrix(self, q, k, *, causal: bool = False, mask=None) -> torch.Tensor:
-        """Dense row-stochastic matrix ``[B, H, N, N]`` (float64 for float64 input, else float32).
+    def _valid(self, mask, shape, causal: bool, device):
+        """``(query_valid [B, H, N] | None, key_valid [B, H, M] | None)``: features factorise ``P``, so
+        only padding masks are supported (:func:`~attnstats.kernels.base.padding_parts`)."""
+        return padding_parts(mask, shape, causal, self.name)
 
-        Guarded by the memory budget. Rows with no valid key (all padded) are 0.
-        """
-        check_qk4(q, k, causal)
+    def _matrix(self, q, k, valid, *, causal: bool, dtype: torch.dtype) -> torch.Tensor:
+        """The dense matrix ``[B, H, N, M]`` from the log-features; rows with no valid key are 0."""
+        query_valid, key_valid = valid  # [B, H, N] | None, [B, H, M] | None
         shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
-        cd = compute_dtype(q)
-        check_dense_fits(shape, torch.finfo(cd).bits // 8, f"the {self.name} attention matrix")
-        query_valid, key_valid = padding_parts(mask, shape, causal, self.name)
-        valid = from_parts(query_valid, key_valid, causal, shape, q.device)
-        lq, lk = self.log_features(q, k, cd)
-        return linear_matrix(lq, lk, valid, self.name).to(matrix_dtype(q))
+        dense_valid = from_parts(query_valid, key_valid, causal, shape, q.device)  # [B, H, N, M] or None
+        lq, lk = self.log_features(q, k, dtype)  # [B, H, N, r], [B, H, M, r]
+        return linear_matrix(lq, lk, dense_valid, self.name)  # [B, H, N, M]
 
-    def spectral_gap(self, q, k, *, causal: bool = False, mask=None) -> torch.Tensor:
+    def _gap(self, q, k, valid, *, causal: bool, dtype: torch.dtype) -> torch.Tensor:
         """Spectral gap ``[B, H]`` from the ``r × r`` matrix ``Φ_Kᵀ D⁻¹ Φ_Q`` of docs/theory.md §4 (causal:
         diagonal rule); the N×N matrix is never built."""
-        check_qk4(q, k, causal, square=True)
-        shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
-        query_valid, key_valid = padding_parts(mask, shape, causal, self.name)
+        query_valid, key_valid = valid  # [B, H, N] | None, [B, H, N] | None
         check_parts(query_valid, key_valid, causal)  # a matrix with no entry, or no square block, raises
-        tokens = tokens_of_parts(query_valid, key_valid)
-        lq, lk = self.log_features(q, k, compute_dtype(q))
-        return linear_spectral_gap(lq, lk, tokens, causal, self.name)
+        tokens = tokens_of_parts(query_valid, key_valid)  # [B, H, N] or None
+        lq, lk = self.log_features(q, k, dtype)  # [B, H, N, r] each
+        return linear_spectral_gap(lq, lk, tokens, causal, self.name)  # [B, H]
 
 
 class LinearAttention(LogFeatureAttention):
@@ -449,7 +443,7 @@ class LinearAttention(LogFeatureAttention):
 
     def log_features(self, q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype):
         """``(log φ(q), log φ(k))`` in ``dtype``, ``[B, H, N, r]``; ``-inf`` marks a zero feature."""
-        q, k = q.to(dtype), k.to(dtype)
+        q, k = q.to(dtype), k.to(dtype)  # [B, H, N, d], [B, H, M, d]
         f = self.feature_map
         if f == "relu":
             return _log_relu(q), _log_relu(k)
@@ -458,13 +452,13 @@ class LinearAttention(LogFeatureAttention):
         if f == "exp":
             return q, k
         d = q.shape[-1]
-        w = self.projection(d, q.device, dtype)
+        w = self.projection(d, q.device, dtype)  # [m, d]
         scale = d ** -0.25
 
         def favor(x):
-            x = x * scale
+            x = x * scale  # [B, H, N, d]
             # the constant −log(m)/2 cancels in the normalisation and is left out
-            return x @ w.T - 0.5 * (x * x).sum(-1, keepdim=True)
+            return x @ w.T - 0.5 * (x * x).sum(-1, keepdim=True)  # [B, H, N, m]
 
         return favor(q), favor(k)
 

@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 from .. import theory
+from ..budget import check_dense_fits
 from ..stats.spectral import spectral_gap as dense_spectral_gap
-from .base import Kernel, _register, check_qk4, check_qkv, full_mask
+from .base import Kernel, _register, check_qkv
 from .block_diagonal import BlockDiagonalAttention
 from .lln import LLNAttention
 
@@ -31,7 +32,10 @@ class LLNPlusDiagAttention(Kernel):
     :meth:`matrix` returns ``w_L P_LLN + w_D P_Diag``, the matrix applied to value channel
     ``channel`` (weights equal over channels need no ``channel``). It is row-stochastic for
     ``average`` and ``learnable_ratio``; under ``learnable_scale`` its rows sum to ``r + p``.
+    Both parts are computed in the compute dtype and combined there, then rounded once.
     """
+
+    pairs_tokens = "block-diagonal attention"  # the Diag part pairs query i with key i
 
     def __init__(self, mode: str = "average", *, num_heads: int | None = None, head_dim: int | None = None,
                  block: int | None = None, moment_matching: bool = True, a: float = theory.LLN_A,
@@ -75,12 +79,12 @@ class LLNPlusDiagAttention(Kernel):
         """Attention output ``[B, H, N, d_v]``."""
         check_qkv(q, k, v, causal, why="block-diagonal attention")
         self._check_heads(q, v)
-        out_l = self.lln(q, k, v, causal=causal, mask=mask)
-        out_d = self.diag(q, k, v, causal=causal, mask=mask)
-        wl, wd = self.weights()
+        out_l = self.lln(q, k, v, causal=causal, mask=mask)  # [B, H, N, d_v]
+        out_d = self.diag(q, k, v, causal=causal, mask=mask)  # [B, H, N, d_v]
+        wl, wd = self.weights()  # floats, or [H, d_v] each
         if self.mode != "average":
-            wl, wd = wl[None, :, None, :], wd[None, :, None, :]
-        return (wl * out_l + wd * out_d).to(out_l.dtype)
+            wl, wd = wl[None, :, None, :], wd[None, :, None, :]  # [1, H, 1, d_v]
+        return (wl * out_l + wd * out_d).to(out_l.dtype)  # [B, H, N, d_v]
 
     def _channel_weights(self, channel):
         """``(w_L, w_D)`` as ``[H]`` tensors (or floats) for one value channel."""
@@ -98,25 +102,35 @@ class LLNPlusDiagAttention(Kernel):
 
     def matrix(self, q, k, *, causal: bool = False, mask=None, channel: int | None = None) -> torch.Tensor:
         """Dense ``w_L P_LLN + w_D P_Diag`` ``[B, H, N, N]`` for value channel ``channel``."""
-        check_qk4(q, k, causal, why="block-diagonal attention")
-        self._check_heads(q)
-        wl, wd = self._channel_weights(channel)
-        pl = self.lln.matrix(q, k, causal=causal, mask=mask)
-        pd = self.diag.matrix(q, k, causal=causal, mask=mask)
-        if not isinstance(wl, float):
-            wl = wl.to(pl.dtype)[None, :, None, None]
-            wd = wd.to(pl.dtype)[None, :, None, None]
-        return wl * pl + wd * pd
+        return super().matrix(q, k, causal=causal, mask=mask, channel=channel)
 
     def spectral_gap(self, q, k, *, causal: bool = False, mask=None, channel: int | None = None) -> torch.Tensor:
         """Spectral gap ``[B, H]`` of the dense :meth:`matrix` (:func:`attnstats.spectral_gap`)."""
+        return super().spectral_gap(q, k, causal=causal, mask=mask, channel=channel)
+
+    def _valid(self, mask, shape, causal: bool, device):
+        """``(LLN's padding parts, the block kernel's bool [B, H, N, N] or None)``."""
+        return self.lln._valid(mask, shape, causal, device), self.diag._valid(mask, shape, causal, device)
+
+    def _matrix(self, q, k, valid, *, causal: bool, dtype: torch.dtype, channel: int | None = None) -> torch.Tensor:
+        self._check_heads(q)
+        wl, wd = self._channel_weights(channel)  # floats, or [H] each
+        valid_l, valid_d = valid
+        pl = self.lln._matrix(q, k, valid_l, causal=causal, dtype=dtype)  # [B, H, N, N]
+        pd = self.diag._matrix(q, k, valid_d, causal=causal, dtype=dtype)  # [B, H, N, N]
+        if not isinstance(wl, float):
+            wl = wl.to(dtype)[None, :, None, None]  # [1, H, 1, 1]
+            wd = wd.to(dtype)[None, :, None, None]
+        return wl * pl + wd * pd  # [B, H, N, N]
+
+    def _gap(self, q, k, valid, *, causal: bool, dtype: torch.dtype, channel: int | None = None) -> torch.Tensor:
         if self.mode == "learnable_scale":
             raise ValueError("mode: 'learnable_scale' makes a matrix whose rows sum to r + p, not 1; "
                              "a spectral gap needs a row-stochastic matrix ('average' or 'learnable_ratio')")
-        p = self.matrix(q, k, causal=causal, mask=mask, channel=channel)
-        shape = p.shape
-        valid = full_mask(mask, shape, causal, q.device)
-        return dense_spectral_gap(p, valid)
+        shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
+        check_dense_fits(shape, torch.finfo(dtype).bits // 8, f"the {self.name} attention matrix (for its spectral gap)")
+        p = self._matrix(q, k, valid, causal=causal, dtype=dtype, channel=channel)  # [B, H, N, N]
+        return dense_spectral_gap(p, valid[1])  # the block kernel's valid: the mask and the causal rule
 
 
 _register("lln_diag", LLNPlusDiagAttention)
