@@ -21,7 +21,7 @@ __all__ = [
     "sa_spectral_gap",
     "fenton_wilkinson",
     "lln_alpha_beta",
-    "lln_log_variance",
+    "lln_predicted_log_variance",
 ]
 
 # Moment-matching constants of the reference implementation, fitted on Gaussian inputs at d = 64:
@@ -154,8 +154,13 @@ def lln_alpha_beta(sigma_q, sigma_k, a: float = LLN_A, b: float = LLN_B):
     return _out(s_tilde / sq), _out(s_tilde / sk)
 
 
-def lln_log_variance(alpha, beta, sigma_q, sigma_k, a: float = LLN_A, b: float = LLN_B):
-    """Fitted log-variance of LLN attention entries: ``a·(α²σ_q² + β²σ_k²) + b``."""
+def lln_predicted_log_variance(alpha, beta, sigma_q, sigma_k, a: float = LLN_A, b: float = LLN_B):
+    """Predicted ``Var[ln P]`` of LLN attention entries, from the moment-matching line:
+    ``a·(α²σ_q² + β²σ_k²) + b`` (docs/theory.md §4).
+
+    A closed form, no sampling; :func:`attnstats.kernels.moment_matching.lln_measured_log_variance`
+    measures the same quantity on Gaussian draws (it is what ``a, b`` are fitted to).
+    """
     a_ = np.asarray(alpha, dtype=float)
     b_ = np.asarray(beta, dtype=float)
     return _out(a * (a_**2 * np.asarray(sigma_q, dtype=float) ** 2 + b_**2 * np.asarray(sigma_k, dtype=float) ** 2) + b)

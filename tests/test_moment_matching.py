@@ -5,7 +5,7 @@ import torch
 
 import attnstats
 from attnstats.kernels import LLNAttention, SoftmaxAttention
-from attnstats.kernels.moment_matching import lln_log_variance
+from attnstats.kernels.moment_matching import lln_measured_log_variance
 from attnstats.theory import LLN_A, LLN_B
 
 
@@ -16,7 +16,7 @@ def test_sampled_log_variance_matches_dense_matrix():
     """The sampled estimate against the variance over all N² entries of the dense LLN matrix,
     built from the same Gaussian draw."""
     d, n, heads, sigma = 32, 256, 2, 1.7
-    est = lln_log_variance(sigma, d, n, heads=heads, samples=40_000, generator=torch.Generator().manual_seed(5))
+    est = lln_measured_log_variance(sigma, d, n, heads=heads, samples=40_000, generator=torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)
     q = torch.randn(heads, n, d, generator=g, dtype=torch.float64) * sigma
     k = torch.randn(heads, n, d, generator=g, dtype=torch.float64) * sigma
@@ -73,3 +73,23 @@ def test_fit_bad_input():
         attnstats.fit_moment_matching(16, n=1)
     res = attnstats.fit_moment_matching(8, n=64, sigmas=np.linspace(1, 2, 3), heads=1, samples=500)
     assert res.a == res[0] and res.b == res[1]
+
+
+def test_predicted_and_measured_log_variance_are_the_fitted_line_and_its_data():
+    """theory.lln_predicted_log_variance is the line fit_moment_matching fits to
+    lln_measured_log_variance: with α = β = 1, σ_q = σ_k = σ it reads σ_t² = 2σ², as the fit does,
+    so the least-squares residuals sum to zero (a line with an intercept), up to float64 rounding
+    of sums of a few O(1) numbers (1e-12)."""
+    from attnstats import theory
+    from attnstats.kernels import moment_matching
+
+    assert not hasattr(theory, "lln_log_variance") and not hasattr(moment_matching, "lln_log_variance")
+    sigmas = np.array([0.75, 1.25, 2.0, 2.5])
+    d, n, heads, samples, seed = 8, 64, 1, 2_000, 3
+    a, b = attnstats.fit_moment_matching(d, n=n, sigmas=sigmas, seed=seed, heads=heads, samples=samples)
+    g = torch.Generator().manual_seed(seed)  # the draws fit_moment_matching made, in its order
+    measured = np.array([lln_measured_log_variance(float(s), d, n, heads, samples, g) for s in sigmas])
+    predicted = theory.lln_predicted_log_variance(1.0, 1.0, sigmas, sigmas, a, b)
+    assert abs(float(np.sum(predicted - measured))) < 1e-12
+    # and the line is no constant: the residuals are small next to the spread of the data
+    assert np.max(np.abs(predicted - measured)) < 0.1 * np.ptp(measured)

@@ -83,7 +83,7 @@ def test_lln_alpha_beta_matches_moments(sq, sk):
     alpha, beta = theory.lln_alpha_beta(sq, sk)
     assert math.isclose(alpha * sq, beta * sk, rel_tol=1e-12)
     # the fitted LLN log-variance equals the SA log-variance σ_q²σ_k²
-    assert math.isclose(theory.lln_log_variance(alpha, beta, sq, sk, a, b), sq**2 * sk**2, rel_tol=1e-12)
+    assert math.isclose(theory.lln_predicted_log_variance(alpha, beta, sq, sk, a, b), sq**2 * sk**2, rel_tol=1e-12)
 
 
 def test_bad_arguments_are_named():

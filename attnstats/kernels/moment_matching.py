@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["fit_moment_matching", "MomentMatching", "lln_log_variance", "log_variance_table", "DEFAULT_SIGMAS"]
+__all__ = ["fit_moment_matching", "MomentMatching", "lln_measured_log_variance", "log_variance_table", "DEFAULT_SIGMAS"]
 
 # Feature scales σ of the sweep. Least squares over this range reproduces the paper's d = 64
 # constants (a = 0.1486, b = −0.355); it spans the σ_t² that those constants assign to softmax score
@@ -28,9 +28,12 @@ class MomentMatching(NamedTuple):
     b: float
 
 
-def lln_log_variance(sigma: float, d: int, n: int, heads: int = 8, samples: int = 100_000,
-                     generator: torch.Generator | None = None) -> float:
-    """``Var[log P]`` of LLN attention with ``α = β = 1`` on Gaussian q, k of std ``sigma``.
+def lln_measured_log_variance(sigma: float, d: int, n: int, heads: int = 8, samples: int = 100_000,
+                              generator: torch.Generator | None = None) -> float:
+    """Measured ``Var[log P]`` of LLN attention with ``α = β = 1`` on Gaussian q, k of std ``sigma``.
+
+    A Monte-Carlo measurement (the data :func:`fit_moment_matching` fits a line to);
+    :func:`attnstats.theory.lln_predicted_log_variance` is the line's closed-form prediction.
 
     Exact row normalisers ``log D_i = logsumexp_l(q_il + logsumexp_j k_jl)`` (``O(N·d)``) and
     ``samples`` uniformly drawn entries ``(i, j)`` per head, ``log P_ij = logsumexp_l(q_il + k_jl) −
@@ -63,7 +66,7 @@ def fit_moment_matching(d: int, n: int = 1024, sigmas=None, seed: int = 0, heads
             :data:`DEFAULT_SIGMAS` (0.75 to 3.0 by 0.125). At least two distinct positive values.
         seed: seed of the draws.
         heads, samples: independent draws per scale and entries sampled per draw
-            (see :func:`lln_log_variance`).
+            (see :func:`lln_measured_log_variance`).
 
     Returns:
         :class:`MomentMatching` ``(a, b)``, for ``attnstats.kernels.LLNAttention(a=a, b=b)``.
@@ -81,7 +84,7 @@ def fit_moment_matching(d: int, n: int = 1024, sigmas=None, seed: int = 0, heads
     if np.unique(s).size < 2:
         raise ValueError(f"sigmas: a line needs at least two distinct scales, got {s.tolist()}")
     g = torch.Generator().manual_seed(int(seed))
-    var = np.array([lln_log_variance(float(x), d, n, heads, samples, g) for x in s])
+    var = np.array([lln_measured_log_variance(float(x), d, n, heads, samples, g) for x in s])
     a, b = np.polyfit(2 * s**2, var, 1)
     if not a > 0 or not math.isfinite(b):
         raise ValueError(f"sigmas: the fitted slope is {a:.4g}; expected the log-variance to grow with σ_t² "
