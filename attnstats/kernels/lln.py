@@ -22,7 +22,7 @@ def _std_or_one(x: torch.Tensor) -> float:
     features do not depend on the temperature."""
     if x.numel() < 2:
         return 1.0
-    s = float(x.detach().to(torch.float64).std())
+    s = float(x.detach().to(torch.float64).std())  # a Python float: one σ for the whole tensor
     return s if s > 0 else 1.0
 
 
@@ -73,7 +73,7 @@ class LLNAttention(LogFeatureAttention):
         """
         if not self.moment_matching:
             return 1.0, 1.0
-        sq, sk = _std_or_one(q), _std_or_one(k)
+        sq, sk = _std_or_one(q), _std_or_one(k)  # Python floats
         d = q.shape[-1]
         # a softmax scale c gives scores of variance c²·d·σ_q²σ_k²: match that by rescaling σ_q, σ_k
         c = 1.0 if self.scale is None else float(self.scale) * d**0.5
@@ -82,8 +82,8 @@ class LLNAttention(LogFeatureAttention):
 
     def log_features(self, q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype):
         """``(α q, β k)`` in ``dtype``: the logarithms of the LLN features."""
-        alpha, beta = self.alpha_beta(q, k)
-        return q.to(dtype) * alpha, k.to(dtype) * beta
+        alpha, beta = self.alpha_beta(q, k)  # Python floats
+        return q.to(dtype) * alpha, k.to(dtype) * beta  # [B, H, N, d], [B, H, M, d]: r = d features
 
 
 _register("lln", LLNAttention, moment_matching=True)

@@ -47,11 +47,11 @@ class AttentionOperator:
             # The fused product needs LSE up front: one streaming pass. q, k keep their dtype
             # (bf16 products are exact in the float32 accumulator).
             rows, _, _ = streaming_row_accumulators(q[None, None], k[None, None], scale=scale, backend="triton")
-            self.q, self.k, self.lse = q, k, rows.lse.reshape(-1)
+            self.q, self.k, self.lse = q, k, rows.lse.reshape(-1)  # [N, d], [N, d], [N]
             self.dtype = torch.float32
         else:
-            self.q = q.to(self.dtype)
-            self.k = k.to(self.dtype)
+            self.q = q.to(self.dtype)  # [N, d]
+            self.k = k.to(self.dtype)  # [N, d]
             self.lse = None
         self.kt = self.k.to(self.dtype).T.contiguous()  # [d, N]
         itemsize = torch.finfo(self.dtype).bits // 8
@@ -61,11 +61,16 @@ class AttentionOperator:
         self.p = self._tile(0, self.n) if self.rows == self.n else None  # [N, N] or None
 
     def _tile(self, i0: int, i1: int) -> torch.Tensor:
-        """Rows ``i0:i1`` of ``P`` in the compute dtype: ``[i1 − i0, N]``."""
+        """Rows ``i0:i1`` of ``P`` in the compute dtype: ``[i1 − i0, N]``.
+
+        A tile of the operator, kept apart from :func:`attnstats.stats.dense.softmax_attention`: it
+        reads the transposed keys made once for the whole solve, and with ``lse`` known it needs no
+        row maximum or sum.
+        """
         s = (self.q[i0:i1].to(self.dtype) @ self.kt) * self.scale  # [rows, N]
         if self.lse is None:
-            return torch.softmax(s, dim=-1)
-        return torch.exp(s - self.lse[i0:i1, None])
+            return torch.softmax(s, dim=-1)  # [rows, N]
+        return torch.exp(s - self.lse[i0:i1, None])  # [rows, N]
 
     def matmat(self, x: torch.Tensor) -> torch.Tensor:
         """``P x`` for ``x: [N, c]`` (same device), as attention with ``V = x``."""
@@ -74,9 +79,9 @@ class AttentionOperator:
             from .online_triton import attention_matmat
 
             cols = [attention_matmat(self.q, self.k, self.lse, x[:, i:i + 15].float(), self.scale)
-                    for i in range(0, x.shape[1], 15)]
-            return torch.cat(cols, 1)
-        x = x.to(self.dtype)
+                    for i in range(0, x.shape[1], 15)]  # [N, ≤ 15] each
+            return torch.cat(cols, 1)  # [N, c]
+        x = x.to(self.dtype)  # [N, c]
         if self.p is not None:
             return self.p @ x  # [N, N] @ [N, c]
         out = torch.empty(self.n, x.shape[1], dtype=self.dtype, device=x.device)  # [N, c]
@@ -88,7 +93,7 @@ class AttentionOperator:
     def rmatmat(self, x: torch.Tensor) -> torch.Tensor:
         """``Pᵀ x`` for ``x: [N, c]``: the left eigenvectors that certify an eigenvalue need it."""
         self.calls += 1
-        x = x.to(self.dtype)
+        x = x.to(self.dtype)  # [N, c]
         if self.p is not None:
             return self.p.T @ x  # [N, N] @ [N, c]
         out = torch.zeros(self.n, x.shape[1], dtype=self.dtype, device=x.device)  # [N, c]
@@ -124,24 +129,24 @@ def arnoldi_gap(op: AttentionOperator, tol: float, max_iterations: int | None, n
     def apply(v: np.ndarray, transpose: bool = False) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)).reshape(n, -1).to(dev)  # [N, c]
         if transpose:  # Aᵀ x = Pᵀ (x − mean x)
-            y = op.rmatmat(x - x.mean(0, keepdim=True))
+            y = op.rmatmat(x - x.mean(0, keepdim=True))  # [N, c]
         else:  # A x = P x − mean(P x)
-            y = op.matmat(x)
-            y = y - y.mean(0, keepdim=True)
-        return y.double().cpu().numpy().reshape(v.shape)
+            y = op.matmat(x)  # [N, c]
+            y = y - y.mean(0, keepdim=True)  # [N, c]
+        return y.double().cpu().numpy().reshape(v.shape)  # as v: [N] or [N, c]
 
     def apply_c(v: np.ndarray, transpose: bool = False) -> np.ndarray:
         return apply(v.real, transpose) + 1j * apply(v.imag, transpose) if np.iscomplexobj(v) else apply(v, transpose)
 
     rng = np.random.default_rng(seed)
-    v0 = rng.standard_normal(n)
+    v0 = rng.standard_normal(n)  # [N]
     v0 -= v0.mean()
     op.calls = 0
     # Rank-one attention (identical queries or keys) makes A vanish up to rounding, and ARPACK stops
     # on a zero Krylov vector. Three random vectors that A sends to rounding level (the error of a
     # product, ~sqrt(N)·eps relative) mean λ_2 = 0: a random direction sees about a 1/sqrt(N) share
     # of ‖A‖, and the factor 100 covers an unlucky draw (all three below 1/100 of it: odds ~1e-6).
-    probes = rng.standard_normal((n, 3))
+    probes = rng.standard_normal((n, 3))  # [N, 3]
     probes -= probes.mean(0)
     level = float((np.linalg.norm(apply(probes), axis=0) / np.linalg.norm(probes, axis=0)).max())
     vanishing_bound = 100 * math.sqrt(n) * level
@@ -156,7 +161,7 @@ def arnoldi_gap(op: AttentionOperator, tol: float, max_iterations: int | None, n
     def solve(transpose: bool):
         A = LinearOperator((n, n), matvec=lambda v: apply(v, transpose), dtype=np.float64)
         try:
-            vals, vecs = eigs(A, k=nev, which="LM", v0=v0, ncv=ncv, tol=tol, maxiter=max_iterations)
+            vals, vecs = eigs(A, k=nev, which="LM", v0=v0, ncv=ncv, tol=tol, maxiter=max_iterations)  # [nev], [N, nev]
             return vals, vecs, True
         except ArpackNoConvergence as err:
             return err.eigenvalues, err.eigenvectors, False
@@ -167,14 +172,14 @@ def arnoldi_gap(op: AttentionOperator, tol: float, max_iterations: int | None, n
     if len(vals) == 0:  # a breakdown: the start vector's images were all that A showed of itself
         return 0j, op.calls, level, False, vanishing_bound
     i = int(np.argmax(np.abs(vals)))
-    lam, v = complex(vals[i]), vecs[:, i]
+    lam, v = complex(vals[i]), vecs[:, i]  # λ_2, its right eigenvector [N]
     residual = float(np.linalg.norm(apply_c(v) - lam * v) / np.linalg.norm(v))
     iterations = op.calls
     lvals, lvecs, _ = solve(True)
     bound = math.inf
     if len(lvals):
         j = int(np.argmin(np.abs(lvals - lam)))
-        u = lvecs[:, j]
+        u = lvecs[:, j]  # [N], the right eigenvector of Aᵀ next to λ_2
         overlap = abs(np.dot(u, v))  # uᵀv: u is a right eigenvector of Aᵀ, i.e. ū a left one of A
         if overlap > 0:
             kappa = np.linalg.norm(u) * np.linalg.norm(v) / overlap

@@ -166,76 +166,80 @@ def _default_block(n_matrices: int, nq: int, nk: int, itemsize: int) -> int:
 
 
 def _torch_row_accumulators(q, k, scale, mask, causal, block=None) -> RowAccumulators:
-    """The online pass in PyTorch on ``q [B, Hq, Nq, d]``, ``k [B, Hk, Nk, d]`` (see module doc)."""
+    """The online pass in PyTorch on ``q [B, Hq, Nq, d]``, ``k [B, Hk, Nk, d]`` (see module doc).
+
+    ``mask``: bool ``[B, Hq, Nq|1, Nk]`` or None, as :func:`prepare_qk` returns it. Query tiles of
+    ``R`` rows meet key tiles of ``C`` keys (both ``block``); every per-row array is ``[B, Hq, R]``.
+    """
     dt = compute_dtype(q)
     B, Hq, Nq, d = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     if Hk != Hq:  # GQA: query head h reads key head h // g (the repeat_kv layout)
-        k = k.repeat_interleave(Hq // Hk, dim=1)
+        k = k.repeat_interleave(Hq // Hk, dim=1)  # [B, Hq, Nk, d]
     if block is None:
         block = _default_block(B * Hq, Nq, Nk, torch.finfo(dt).bits // 8)
     dev = q.device
     shape = (B, Hq)
-    lse = torch.empty(*shape, Nq, dtype=dt, device=dev)
-    ent, sp2, s_mean, s_m2 = (torch.empty_like(lse) for _ in range(4))
-    cnt = torch.empty(*shape, Nq, dtype=torch.int64, device=dev)
+    lse = torch.empty(*shape, Nq, dtype=dt, device=dev)  # [B, Hq, Nq]
+    ent, sp2, s_mean, s_m2 = (torch.empty_like(lse) for _ in range(4))  # [B, Hq, Nq] each
+    cnt = torch.empty(*shape, Nq, dtype=torch.int64, device=dev)  # [B, Hq, Nq]
     for i0 in range(0, Nq, block):
         i1 = min(Nq, i0 + block)
-        qi = q[:, :, i0:i1].to(dt)
+        qi = q[:, :, i0:i1].to(dt)  # [B, Hq, R, d]
         R = i1 - i0
-        m = torch.full((*shape, R), -math.inf, dtype=dt, device=dev)
-        l, t, u, mean, m2 = (torch.zeros(*shape, R, dtype=dt, device=dev) for _ in range(5))
-        n = torch.zeros(*shape, R, dtype=dt, device=dev)
+        m = torch.full((*shape, R), -math.inf, dtype=dt, device=dev)  # [B, Hq, R] running max of s
+        l, t, u, mean, m2 = (torch.zeros(*shape, R, dtype=dt, device=dev) for _ in range(5))  # [B, Hq, R] each
+        n = torch.zeros(*shape, R, dtype=dt, device=dev)  # [B, Hq, R] valid keys so far
         jend = min(Nk, i1) if causal else Nk
         for j0 in range(0, jend, block):
             j1 = min(jend, j0 + block)
             s = (qi @ k[:, :, j0:j1].to(dt).transpose(-1, -2)) * scale  # [B, Hq, R, C]
-            valid = _block_valid(mask, causal, i0, i1, j0, j1, dev)
+            valid = _block_valid(mask, causal, i0, i1, j0, j1, dev)  # broadcastable to [B, Hq, R, C], or None
             if valid is None:
-                nb = torch.full_like(n, j1 - j0)
-                s_valid = s
-                s_for_max = s
+                nb = torch.full_like(n, j1 - j0)  # [B, Hq, R]
+                s_valid = s  # [B, Hq, R, C]
+                s_for_max = s  # [B, Hq, R, C]
             else:
-                valid = valid.expand(s.shape)
-                nb = valid.sum(-1).to(dt)
-                s_valid = s.masked_fill(~valid, 0)
-                s_for_max = s.masked_fill(~valid, -math.inf)
-            m_new = torch.maximum(m, s_for_max.amax(-1))
-            m_use = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+                valid = valid.expand(s.shape)  # [B, Hq, R, C]
+                nb = valid.sum(-1).to(dt)  # [B, Hq, R]
+                s_valid = s.masked_fill(~valid, 0)  # [B, Hq, R, C]
+                s_for_max = s.masked_fill(~valid, -math.inf)  # [B, Hq, R, C]
+            m_new = torch.maximum(m, s_for_max.amax(-1))  # [B, Hq, R]
+            m_use = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # [B, Hq, R]
             # Rescale what was accumulated against the old maximum (nothing to rescale if n == 0).
-            seen = n > 0
-            alpha = torch.where(seen, torch.exp(m - m_use), torch.zeros_like(m))
-            delta = torch.where(seen, m - m_use, torch.zeros_like(m))
-            dlt = s - m_use[..., None]
-            e = torch.exp(s_for_max - m_use[..., None])  # 0 on invalid entries
+            seen = n > 0  # [B, Hq, R]
+            alpha = torch.where(seen, torch.exp(m - m_use), torch.zeros_like(m))  # [B, Hq, R]
+            delta = torch.where(seen, m - m_use, torch.zeros_like(m))  # [B, Hq, R]
+            dlt = s - m_use[..., None]  # [B, Hq, R, C]
+            e = torch.exp(s_for_max - m_use[..., None])  # [B, Hq, R, C], 0 on invalid entries
             if valid is not None:
-                dlt = dlt.masked_fill(~valid, 0)
-            t = alpha * (t + delta * l) + (e * dlt).sum(-1)
-            l = alpha * l + e.sum(-1)
-            u = alpha * alpha * u + (e * e).sum(-1)
+                dlt = dlt.masked_fill(~valid, 0)  # [B, Hq, R, C]
+            t = alpha * (t + delta * l) + (e * dlt).sum(-1)  # [B, Hq, R]
+            l = alpha * l + e.sum(-1)  # [B, Hq, R]
+            u = alpha * alpha * u + (e * e).sum(-1)  # [B, Hq, R]
             # Mean and M2 of s merged block by block (Chan et al.): no cancellation.
-            nb_safe = nb.clamp_min(1)
-            bmean = s_valid.sum(-1) / nb_safe
-            dev_b = s - bmean[..., None]
+            nb_safe = nb.clamp_min(1)  # [B, Hq, R]
+            bmean = s_valid.sum(-1) / nb_safe  # [B, Hq, R]
+            dev_b = s - bmean[..., None]  # [B, Hq, R, C]
             if valid is not None:
-                dev_b = dev_b.masked_fill(~valid, 0)
-            bm2 = (dev_b * dev_b).sum(-1)
-            tot = n + nb
-            tot_safe = tot.clamp_min(1)
-            diff = bmean - mean
-            mean = torch.where(nb > 0, mean + diff * nb / tot_safe, mean)
-            m2 = torch.where(nb > 0, m2 + bm2 + diff * diff * n * nb / tot_safe, m2)
-            n = tot
-            m = torch.where(nb > 0, m_use, m)
-        empty = n == 0
-        nan = torch.full_like(l, math.nan)
-        l_safe = torch.where(empty, torch.ones_like(l), l)
-        lse[..., i0:i1] = torch.where(empty, nan, m + torch.log(l_safe))
-        ent[..., i0:i1] = torch.where(empty, nan, torch.log(l_safe) - t / l_safe)
-        sp2[..., i0:i1] = torch.where(empty, nan, u / (l_safe * l_safe))
-        s_mean[..., i0:i1] = torch.where(empty, nan, mean)
-        s_m2[..., i0:i1] = torch.where(empty, nan, m2)
-        cnt[..., i0:i1] = n.round().to(torch.int64)
+                dev_b = dev_b.masked_fill(~valid, 0)  # [B, Hq, R, C]
+            bm2 = (dev_b * dev_b).sum(-1)  # [B, Hq, R]
+            tot = n + nb  # [B, Hq, R]
+            tot_safe = tot.clamp_min(1)  # [B, Hq, R]
+            diff = bmean - mean  # [B, Hq, R]
+            mean = torch.where(nb > 0, mean + diff * nb / tot_safe, mean)  # [B, Hq, R]
+            m2 = torch.where(nb > 0, m2 + bm2 + diff * diff * n * nb / tot_safe, m2)  # [B, Hq, R]
+            n = tot  # [B, Hq, R]
+            m = torch.where(nb > 0, m_use, m)  # [B, Hq, R]
+        empty = n == 0  # [B, Hq, R]
+        nan = torch.full_like(l, math.nan)  # [B, Hq, R]
+        l_safe = torch.where(empty, torch.ones_like(l), l)  # [B, Hq, R]
+        lse[..., i0:i1] = torch.where(empty, nan, m + torch.log(l_safe))  # [B, Hq, R]
+        ent[..., i0:i1] = torch.where(empty, nan, torch.log(l_safe) - t / l_safe)  # [B, Hq, R]
+        sp2[..., i0:i1] = torch.where(empty, nan, u / (l_safe * l_safe))  # [B, Hq, R]
+        s_mean[..., i0:i1] = torch.where(empty, nan, mean)  # [B, Hq, R]
+        s_m2[..., i0:i1] = torch.where(empty, nan, m2)  # [B, Hq, R]
+        cnt[..., i0:i1] = n.round().to(torch.int64)  # [B, Hq, R]
     return RowAccumulators(lse=lse, entropy=ent, sum_p2=sp2, count=cnt, s_mean=s_mean, s_m2=s_m2)
 
 
@@ -249,21 +253,21 @@ def moments_from_rows(rows: RowAccumulators) -> EntryMoments:
     Rows are merged with the parallel-variance rule, so that no step subtracts two large numbers:
     ``Σ_j (P_ij − 1/n_i)² = Σ_j P_ij² − 1/n_i`` within a row, then the spread of row means.
     """
-    n = rows.count.to(torch.float64)
-    has = n > 0
-    count = n.sum(-1)
-    zero = lambda x: torch.where(has, x.to(torch.float64), torch.zeros_like(n))  # noqa: E731
-    inv_n = torch.where(has, 1.0 / n.clamp_min(1), torch.zeros_like(n))
-    mean = has.to(torch.float64).sum(-1) / count
+    n = rows.count.to(torch.float64)  # [..., Nq] valid keys per row
+    has = n > 0  # [..., Nq]
+    count = n.sum(-1)  # [...]
+    zero = lambda x: torch.where(has, x.to(torch.float64), torch.zeros_like(n))  # noqa: E731 - [..., Nq] -> [..., Nq]
+    inv_n = torch.where(has, 1.0 / n.clamp_min(1), torch.zeros_like(n))  # [..., Nq] row mean of P
+    mean = has.to(torch.float64).sum(-1) / count  # [...]
     # Within-row spread of P around the row mean 1/n_i, then between rows.
-    within_p = zero(rows.sum_p2 - inv_n).clamp_min(0).sum(-1)
-    between_p = (n * (inv_n - mean[..., None]) ** 2).sum(-1)
-    var = (within_p + between_p) / count
-    row_log_mean = zero(rows.s_mean - rows.lse)
-    log_mean = (n * row_log_mean).sum(-1) / count
-    within_l = zero(rows.s_m2).sum(-1)
-    between_l = (n * (row_log_mean - log_mean[..., None]) ** 2).sum(-1)
-    log_var = (within_l + between_l) / count
+    within_p = zero(rows.sum_p2 - inv_n).clamp_min(0).sum(-1)  # [...]
+    between_p = (n * (inv_n - mean[..., None]) ** 2).sum(-1)  # [...]
+    var = (within_p + between_p) / count  # [...]
+    row_log_mean = zero(rows.s_mean - rows.lse)  # [..., Nq] mean of ln P over the row
+    log_mean = (n * row_log_mean).sum(-1) / count  # [...]
+    within_l = zero(rows.s_m2).sum(-1)  # [...]
+    between_l = (n * (row_log_mean - log_mean[..., None]) ** 2).sum(-1)  # [...]
+    log_var = (within_l + between_l) / count  # [...]
     return EntryMoments(
         mean=mean,
         var=var,

@@ -55,41 +55,50 @@ if _HAVE_TRITON:
         BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
         HAS_KMASK: tl.constexpr, F32: tl.constexpr, F32_PRECISION: tl.constexpr,
     ):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+        # One key tile against the program's query rows; returns the updated accumulators.
+        # acc_m … acc_n: [BLOCK_M] float32 each, the running sums of the module docstring (base 2),
+        #                acc_m the running maximum of y = s·log2 e, acc_n the valid keys so far
+        # q:        [BLOCK_M, D] the program's query rows (loaded once, input dtype)
+        # k_ptrs:   [D, BLOCK_N] pointers to the keys start_n … start_n + BLOCK_N − 1, transposed
+        # km_ptrs:  pointer to key 0 of this (batch, head)'s key-padding row, unit stride (HAS_KMASK)
+        # offs_m:   [BLOCK_M] query indices (for the causal rule); start_n: first key of the tile
+        # N_K:      number of keys; qk_scale: scale·log2 e
+        # MASKED:   the tile needs bounds, causal or padding checks (the tiles before it need none)
+        offs_n = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N]
         if MASKED:
-            k = tl.load(k_ptrs, mask=offs_n[None, :] < N_K, other=0.0)
+            k = tl.load(k_ptrs, mask=offs_n[None, :] < N_K, other=0.0)  # [D, BLOCK_N]
         else:
-            k = tl.load(k_ptrs)
+            k = tl.load(k_ptrs)  # [D, BLOCK_N]
         if F32:
-            x = tl.dot(q, k, input_precision=F32_PRECISION)
+            x = tl.dot(q, k, input_precision=F32_PRECISION)  # [BLOCK_M, BLOCK_N] q·k, float32
         else:
-            x = tl.dot(q, k)
+            x = tl.dot(q, k)  # [BLOCK_M, BLOCK_N]
         # scale > 0, so the row maximum of s is the maximum of q·k times the scale; y − m is then
         # one fused multiply-add per entry.
         if MASKED:
-            valid = offs_n[None, :] < N_K
+            valid = offs_n[None, :] < N_K  # [1, BLOCK_N]
             if CAUSAL:
-                valid = valid & (offs_n[None, :] <= offs_m[:, None])
+                valid = valid & (offs_n[None, :] <= offs_m[:, None])  # [BLOCK_M, BLOCK_N]
             if HAS_KMASK:
-                km = tl.load(km_ptrs + offs_n, mask=offs_n < N_K, other=0)
+                km = tl.load(km_ptrs + offs_n, mask=offs_n < N_K, other=0)  # [BLOCK_N] int8
                 valid = valid & (km[None, :] != 0)
-            x = tl.where(valid, x, float("-inf"))
-            n_blk = tl.sum(valid.to(tl.float32), 1)
-        m_blk = tl.max(x, 1) * qk_scale
+            x = tl.where(valid, x, float("-inf"))  # [BLOCK_M, BLOCK_N]
+            n_blk = tl.sum(valid.to(tl.float32), 1)  # [BLOCK_M]
+        m_blk = tl.max(x, 1) * qk_scale  # [BLOCK_M]
         if not MASKED:
-            n_blk = tl.zeros_like(m_blk) + BLOCK_N
-        m_new = tl.maximum(acc_m, m_blk)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        seen = acc_n > 0
-        delta = tl.where(seen, acc_m - m_use, 0.0)
-        alpha = tl.math.exp2(delta)
+            n_blk = tl.zeros_like(m_blk) + BLOCK_N  # [BLOCK_M]
+        m_new = tl.maximum(acc_m, m_blk)  # [BLOCK_M]
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # [BLOCK_M]
+        seen = acc_n > 0  # [BLOCK_M]
+        delta = tl.where(seen, acc_m - m_use, 0.0)  # [BLOCK_M]
+        alpha = tl.math.exp2(delta)  # [BLOCK_M]
         alpha = tl.where(seen, alpha, 0.0)
-        d = x * qk_scale - m_use[:, None]
+        d = x * qk_scale - m_use[:, None]  # [BLOCK_M, BLOCK_N]: y − m
         if MASKED:
             d = tl.where(valid, d, 0.0)
-            e = tl.where(valid, tl.math.exp2(d), 0.0)
+            e = tl.where(valid, tl.math.exp2(d), 0.0)  # [BLOCK_M, BLOCK_N]
         else:
-            e = tl.math.exp2(d)
+            e = tl.math.exp2(d)  # [BLOCK_M, BLOCK_N]
         # Shift the sums of (y − m) and (y − m)² to the new maximum before adding this tile.
         acc_b = acc_b + 2.0 * delta * acc_a + acc_n * delta * delta + tl.sum(d * d, 1)
         acc_a = acc_a + acc_n * delta + tl.sum(d, 1)
@@ -111,20 +120,30 @@ if _HAVE_TRITON:
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr, F32: tl.constexpr, F32_PRECISION: tl.constexpr,
     ):
+        # Q:    [B, H, N_Q, D] queries (fp16, bf16 or fp32), strides (sq_b, sq_h, sq_n, sq_d)
+        # K:    [B, H // GROUP, N_K, D] keys, Q's dtype, strides (sk_b, sk_h, sk_n, sk_d); query head h
+        #       reads key head h // GROUP (grouped-query attention)
+        # KM:   [B, H, N_K] int8 key-padding mask (nonzero = attend), strides (skm_b, skm_h, 1); when
+        #       not HAS_KMASK a one-element placeholder, never read
+        # OUT:  [6, B·H, N_Q] float32, strides (so_f, so_bh, 1): rows lse, entropy, sum_p2, count,
+        #       s_mean, s_m2 (see RowAccumulators)
+        # H:    query heads; N_Q, N_K: queries, keys; qk_scale: scale·log2 e; LN2: ln 2
+        # D:    head dim (16 … 256, a power of two); BLOCK_M query rows per program, BLOCK_N keys per tile
+        # grid: (cdiv(N_Q, BLOCK_M), B·H)
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         # 64-bit offsets: batch × head strides pass 2^31 elements for large batches of long sequences.
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
         hk = h // GROUP
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, D)
-        q_ptrs = Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d
-        q = tl.load(q_ptrs, mask=offs_m[:, None] < N_Q, other=0.0)
-        kbase = K + b * sk_b + hk * sk_h + offs_d[:, None] * sk_d
-        km_base = KM + b * skm_b + h * skm_h
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+        offs_d = tl.arange(0, D)  # [D]
+        q_ptrs = Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d  # [BLOCK_M, D]
+        q = tl.load(q_ptrs, mask=offs_m[:, None] < N_Q, other=0.0)  # [BLOCK_M, D]
+        kbase = K + b * sk_b + hk * sk_h + offs_d[:, None] * sk_d  # [D, 1]
+        km_base = KM + b * skm_b + h * skm_h  # pointer to key 0 of this (b, h)
 
-        acc_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        acc_m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # [BLOCK_M], as acc_l … acc_n
         acc_l = tl.zeros([BLOCK_M], tl.float32)
         acc_t = tl.zeros([BLOCK_M], tl.float32)
         acc_u = tl.zeros([BLOCK_M], tl.float32)
@@ -142,14 +161,14 @@ if _HAVE_TRITON:
         if HAS_KMASK:
             hi_full = 0
         for start_n in range(0, hi_full, BLOCK_N):
-            k_ptrs = kbase + (start_n + tl.arange(0, BLOCK_N))[None, :] * sk_n
+            k_ptrs = kbase + (start_n + tl.arange(0, BLOCK_N))[None, :] * sk_n  # [D, BLOCK_N]
             acc_m, acc_l, acc_t, acc_u, acc_a, acc_b, acc_n = _tile(
                 acc_m, acc_l, acc_t, acc_u, acc_a, acc_b, acc_n,
                 q, k_ptrs, km_base, offs_m, start_n, N_K, qk_scale,
                 BLOCK_N, False, CAUSAL, HAS_KMASK, F32, F32_PRECISION,
             )
         for start_n in range(hi_full, hi, BLOCK_N):
-            k_ptrs = kbase + (start_n + tl.arange(0, BLOCK_N))[None, :] * sk_n
+            k_ptrs = kbase + (start_n + tl.arange(0, BLOCK_N))[None, :] * sk_n  # [D, BLOCK_N]
             acc_m, acc_l, acc_t, acc_u, acc_a, acc_b, acc_n = _tile(
                 acc_m, acc_l, acc_t, acc_u, acc_a, acc_b, acc_n,
                 q, k_ptrs, km_base, offs_m, start_n, N_K, qk_scale,
@@ -158,7 +177,7 @@ if _HAVE_TRITON:
 
         # Epilogue: the sums become row statistics in nats (see RowAccumulators); NaN where a row
         # has no valid key.
-        empty = acc_n == 0
+        empty = acc_n == 0  # [BLOCK_M], as every row statistic below
         l_safe = tl.where(empty, 1.0, acc_l)
         n_safe = tl.where(empty, 1.0, acc_n)
         log2l = tl.math.log2(l_safe)
@@ -168,9 +187,9 @@ if _HAVE_TRITON:
         sp2 = tl.where(empty, nan, acc_u / (l_safe * l_safe))
         s_mean = tl.where(empty, nan, LN2 * (acc_m + acc_a / n_safe))
         s_m2 = tl.where(empty, nan, LN2 * LN2 * tl.maximum(acc_b - acc_a * acc_a / n_safe, 0.0))
-        out = OUT + bh.to(tl.int64) * so_bh + offs_m
-        keep = offs_m < N_Q
-        sf = so_f + tl.zeros([BLOCK_M], tl.int64)
+        out = OUT + bh.to(tl.int64) * so_bh + offs_m  # [BLOCK_M] pointers into row 0 (lse)
+        keep = offs_m < N_Q  # [BLOCK_M]
+        sf = so_f + tl.zeros([BLOCK_M], tl.int64)  # [BLOCK_M], the 64-bit stride between rows
         tl.store(out + 0 * sf, lse, mask=keep)
         tl.store(out + 1 * sf, ent, mask=keep)
         tl.store(out + 2 * sf, sp2, mask=keep)
@@ -188,25 +207,32 @@ if _HAVE_TRITON:
         F32_PRECISION: tl.constexpr,
     ):
         # out_i = Σ_j 2^{y_ij − lse2_i} x_j over all keys: attention with V = x, the softmax
-        # normaliser known in advance, so no running maximum is needed.
+        # normaliser known in advance, so no running maximum is needed. One head.
+        # Q:    [N, D] queries (fp16, bf16 or fp32), strides (sq_n, 1)
+        # K:    [N, D] keys, Q's dtype, strides (sk_n, 1)
+        # LSE2: [N] float32 row log-normalisers in base 2 (LSE_i·log2 e), stride 1
+        # X:    [N, R] float32 vectors, strides (sx_n, 1)
+        # OUT:  [N, R] float32, strides (so_n, 1): P·X
+        # N: tokens; qk_scale: scale·log2 e; D: head dim; R: columns of X (16)
+        # grid: (cdiv(N, BLOCK_M),)
         pid = tl.program_id(0)
-        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, D)
-        offs_r = tl.arange(0, R)
-        q = tl.load(Q + offs_m[:, None] * sq_n + offs_d[None, :], mask=offs_m[:, None] < N, other=0.0)
-        lse2 = tl.load(LSE2 + offs_m, mask=offs_m < N, other=0.0)
-        acc = tl.zeros([BLOCK_M, R], tl.float32)
+        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+        offs_d = tl.arange(0, D)  # [D]
+        offs_r = tl.arange(0, R)  # [R]
+        q = tl.load(Q + offs_m[:, None] * sq_n + offs_d[None, :], mask=offs_m[:, None] < N, other=0.0)  # [BLOCK_M, D]
+        lse2 = tl.load(LSE2 + offs_m, mask=offs_m < N, other=0.0)  # [BLOCK_M]
+        acc = tl.zeros([BLOCK_M, R], tl.float32)  # [BLOCK_M, R]
         for start_n in range(0, N, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            k = tl.load(K + offs_n[None, :] * sk_n + offs_d[:, None], mask=offs_n[None, :] < N, other=0.0)
+            offs_n = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+            k = tl.load(K + offs_n[None, :] * sk_n + offs_d[:, None], mask=offs_n[None, :] < N, other=0.0)  # [D, BLOCK_N]
             if F32:
-                x = tl.dot(q, k, input_precision=F32_PRECISION)
+                x = tl.dot(q, k, input_precision=F32_PRECISION)  # [BLOCK_M, BLOCK_N]
             else:
-                x = tl.dot(q, k)
-            p = tl.math.exp2(x * qk_scale - lse2[:, None])
+                x = tl.dot(q, k)  # [BLOCK_M, BLOCK_N]
+            p = tl.math.exp2(x * qk_scale - lse2[:, None])  # [BLOCK_M, BLOCK_N]: rows of P
             p = tl.where(offs_n[None, :] < N, p, 0.0)
-            v = tl.load(X + offs_n[:, None] * sx_n + offs_r[None, :], mask=offs_n[:, None] < N, other=0.0)
-            acc += tl.dot(p, v, input_precision=F32_PRECISION)
+            v = tl.load(X + offs_n[:, None] * sx_n + offs_r[None, :], mask=offs_n[:, None] < N, other=0.0)  # [BLOCK_N, R]
+            acc += tl.dot(p, v, input_precision=F32_PRECISION)  # [BLOCK_M, R]
         tl.store(OUT + offs_m[:, None] * so_n + offs_r[None, :], acc, mask=offs_m[:, None] < N)
 
 
@@ -253,9 +279,9 @@ def raw_accumulators(q, k, scale, mask, causal, config=None) -> torch.Tensor:
         q, k = q.float(), k.float()
     interp = _interpreting()
     bm, bn, warps, stages = config or _config(d, q.dtype, interp, bool(causal))
-    out = torch.empty(6, B * Hq, Nq, dtype=torch.float32, device=q.device)
+    out = torch.empty(6, B * Hq, Nq, dtype=torch.float32, device=q.device)  # [6, B·Hq, Nq]
     if mask is not None:
-        km = mask[:, :, 0, :].to(torch.int8).contiguous()
+        km = mask[:, :, 0, :].to(torch.int8).contiguous()  # [B, Hq, Nk]
         skm_b, skm_h = km.stride(0), km.stride(1)
     else:
         km = torch.empty(1, dtype=torch.int8, device=q.device)
@@ -304,19 +330,19 @@ def attention_matmat(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, x: tor
     if c > 15:
         raise ValueError(f"x: at most 15 columns per call, got {c}")
     r = 16
-    xp = torch.zeros(n, r, dtype=torch.float32, device=x.device)
+    xp = torch.zeros(n, r, dtype=torch.float32, device=x.device)  # [N, 16]
     xp[:, :c] = x
     xp[:, c] = 1.0
-    out = torch.empty_like(xp)
+    out = torch.empty_like(xp)  # [N, 16]
     interp = _interpreting()
     bm, bn = (16, 16) if interp else (64, 64)
     kwargs = {} if interp else {"num_warps": 4, "num_stages": 3}
-    q = q.contiguous()
-    k = k.contiguous().to(q.dtype)
-    lse2 = (lse.to(torch.float32) * _LOG2E).contiguous()
+    q = q.contiguous()  # [N, d]
+    k = k.contiguous().to(q.dtype)  # [N, d]
+    lse2 = (lse.to(torch.float32) * _LOG2E).contiguous()  # [N]
     _matmat_kernel[(triton.cdiv(n, bm),)](
         q, k, lse2, xp, out, q.stride(0), k.stride(0), xp.stride(0), out.stride(0),
         n, float(scale * _LOG2E), D=d, R=r, BLOCK_M=bm, BLOCK_N=bn, F32=q.dtype == torch.float32,
         F32_PRECISION=_f32_precision(), **kwargs,
     )
-    return out[:, :c] / out[:, c:c + 1]
+    return out[:, :c] / out[:, c:c + 1]  # [N, c]
