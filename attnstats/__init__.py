@@ -13,6 +13,7 @@ from . import kernels, theory
 from .budget import DenseTooLargeError, get_memory_budget, memory_budget, set_memory_budget
 from .capture import AttentionRecord, NothingCapturedWarning, Recorder, record
 from .kernels import fit_moment_matching, get_kernel, use_kernel
+from .kernels.linear import linear_spectral_gap
 from .stats import (
     EntryMoments,
     LogNormalFit,
@@ -20,7 +21,6 @@ from .stats import (
     StreamingStats,
     UncertifiedGapWarning,
     entry_moments,
-    linear_spectral_gap,
     lognormal_fit,
     row_entropy,
     sample_log_probs,

@@ -31,6 +31,7 @@ import warnings
 import torch
 
 from .budget import get_memory_budget
+from .masks import is_key_padding
 from .stats.dense import entry_moments, row_entropy
 from .stats.lognormal import lognormal_fit
 from .stats.qk import streaming_lognormal_fit, streaming_stats
@@ -214,7 +215,7 @@ def gives_every_metric(mask, nq: int, nk: int) -> bool:
     """
     if mask is None:
         return True
-    return mask.shape[-2] == 1 and (mask.shape[1] == 1 or nq != nk)
+    return is_key_padding(mask) and (mask.shape[1] == 1 or nq != nk)
 
 
 def streaming_values(q, k, mask, causal, scale, groups, name, max_samples=100_000, seed=0) -> dict:
@@ -234,7 +235,7 @@ def streaming_values(q, k, mask, causal, scale, groups, name, max_samples=100_00
     h, nq, nk = q.shape[1], q.shape[2], k.shape[2]
     q = q.expand(b, *q.shape[1:])
     k = k.expand(b, *k.shape[1:])
-    keypad = mask is not None and mask.shape[-2] == 1
+    keypad = mask is not None and is_key_padding(mask)
     compact = keypad and nq == nk and mask.shape[1] == 1
     per_batch: list[dict] = []
     for bi in range(b):

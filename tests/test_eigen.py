@@ -12,7 +12,8 @@ import attnstats
 from attnstats.budget import DenseTooLargeError, memory_budget
 from attnstats.stats import spectral as eigen
 from attnstats.stats.arnoldi import AttentionOperator
-from attnstats.stats.spectral import linear_spectral_gap, spectral_gap_from_qk
+from attnstats.kernels.linear import linear_spectral_gap
+from attnstats.stats.spectral import spectral_gap_from_qk
 from helpers import gaussian_qk, softmax_attention
 
 

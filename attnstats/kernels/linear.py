@@ -25,7 +25,7 @@ import torch
 
 from ..masks import check_parts, from_parts, tokens_of_parts
 from ..stats.spectral import causal_spectral_gap, eigenvalues, gap_from_eigenvalues
-from ..validation import first_index
+from ..validation import check_finite, check_tensor, compute_dtype, first_index
 from .base import (
     Kernel,
     _register,
@@ -44,6 +44,7 @@ __all__ = [
     "linear_attention_causal",
     "linear_matrix",
     "linear_spectral_gap",
+    "log_feature_gap",
     "performer_projection",
 ]
 
@@ -253,7 +254,7 @@ def linear_matrix(lq, lk, valid, kernel: str) -> torch.Tensor:
     return a / s  # [B, H, N, M]
 
 
-def linear_spectral_gap(lq, lk, valid_tokens, causal: bool, kernel: str) -> torch.Tensor:
+def log_feature_gap(lq, lk, valid_tokens, causal: bool, kernel: str) -> torch.Tensor:
     """Spectral gap ``1 − |λ_2|`` of linearised attention without the N×N matrix.
 
     Non-causal: the nonzero eigenvalues of ``P = D̃⁻¹ qt ktᵀ`` are those of the ``r × r`` matrix
@@ -314,6 +315,40 @@ def _second_modulus_gap(small: torch.Tensor) -> torch.Tensor:
         return torch.ones(small.shape[:-2], dtype=small.dtype, device=small.device)
     gap, _, _ = gap_from_eigenvalues(eigenvalues(small).reshape(-1, small.shape[-1]), "the r × r matrix Φ_Kᵀ D⁻¹ Φ_Q")  # [B·H]
     return gap.reshape(small.shape[:-2]).to(device=small.device)  # [B, H]
+
+
+def linear_spectral_gap(phi_q, phi_k, *, causal=False) -> torch.Tensor:
+    """Exact spectral gap of linearised attention ``P = D⁻¹ Φ_Q Φ_Kᵀ`` from its feature maps.
+
+    Args:
+        phi_q: ``[..., N, r]`` non-negative query features ``φ_Q(q_i)``.
+        phi_k: ``[..., N, r]`` non-negative key features ``φ_K(k_j)``.
+        causal: row ``i`` uses keys ``j ≤ i`` (then ``P`` is lower-triangular).
+
+    Returns:
+        ``[...]`` float64 (on the CPU: float64; on a GPU: the compute dtype) gaps ``1 − |λ_2|``.
+        Non-causal: the nonzero eigenvalues of ``P`` are those of the ``r×r`` matrix
+        ``Φ_Kᵀ D⁻¹ Φ_Q`` (``D_i = φ_Q(q_i)·Σ_j φ_K(k_j)``), ``O(N·r²)``; the rest are 0. Causal:
+        the diagonal ``φ_Q(q_i)·φ_K(k_i) / φ_Q(q_i)·Σ_{j≤i} φ_K(k_j)``, ``O(N·r)``.
+    """
+    check_tensor(phi_q, "phi_q")
+    check_tensor(phi_k, "phi_k")
+    if phi_q.dim() < 2 or phi_q.shape != phi_k.shape:
+        raise ValueError(
+            f"phi_q, phi_k: expected equal shapes [..., N, r], got {tuple(phi_q.shape)} and {tuple(phi_k.shape)}"
+        )
+    check_finite(phi_q, "phi_q")
+    check_finite(phi_k, "phi_k")
+    for name, x in (("phi_q", phi_q), ("phi_k", phi_k)):
+        if bool((x < 0).any()):
+            idx = tuple(int(i) for i in (x < 0).nonzero()[0])
+            raise ValueError(f"{name}: expected non-negative features, found {x[idx].item()} at index {idx}")
+    dt = compute_dtype(phi_q)
+    batch, (n, r) = phi_q.shape[:-2], phi_q.shape[-2:]
+    # the kernels' log-space rule is the one implementation; log 0 = −inf marks a zero feature
+    lq = torch.log(phi_q.to(dt)).reshape(1, -1, n, r)
+    lk = torch.log(phi_k.to(dt)).reshape(1, -1, n, r)
+    return log_feature_gap(lq, lk, None, causal, "linear").reshape(batch)
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,7 +425,7 @@ class LogFeatureAttention(Kernel):
         check_parts(query_valid, key_valid, causal)  # a matrix with no entry, or no square block, raises
         tokens = tokens_of_parts(query_valid, key_valid)  # [B, H, N] or None
         lq, lk = self.log_features(q, k, dtype)  # [B, H, N, r] each
-        return linear_spectral_gap(lq, lk, tokens, causal, self.name)  # [B, H]
+        return log_feature_gap(lq, lk, tokens, causal, self.name)  # [B, H]
 
 
 class LinearAttention(LogFeatureAttention):

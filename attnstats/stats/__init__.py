@@ -4,10 +4,10 @@ alone (``qk``, built on the one-pass ``online`` reference and its fused ``online
 from .dense import EntryMoments, entry_moments, row_entropy
 from .lognormal import LogNormalFit, lognormal_fit
 from .qk import StreamingStats, sample_log_probs, streaming_lognormal_fit, streaming_stats
-from .spectral import SpectralGap, UncertifiedGapWarning, linear_spectral_gap, spectral_gap, spectral_gap_from_qk
+from .spectral import SpectralGap, UncertifiedGapWarning, spectral_gap, spectral_gap_from_qk
 
 __all__ = [
     "row_entropy", "entry_moments", "EntryMoments", "lognormal_fit", "LogNormalFit",
-    "spectral_gap", "spectral_gap_from_qk", "SpectralGap", "linear_spectral_gap", "UncertifiedGapWarning",
+    "spectral_gap", "spectral_gap_from_qk", "SpectralGap", "UncertifiedGapWarning",
     "streaming_stats", "StreamingStats", "sample_log_probs", "streaming_lognormal_fit",
 ]

@@ -13,8 +13,8 @@ returns ``|λ_2|`` wrong by up to 0.02 (seen on 30×30 heads; the test suite kee
 
 From ``q`` and ``k`` (:func:`spectral_gap_from_qk`): causal attention by the exact diagonal rule,
 short heads by LAPACK on ``P`` batched over heads, long ones by the certified Arnoldi solver of
-:mod:`attnstats.stats.arnoldi`; linearised attention from its ``r × r`` matrix
-(:func:`linear_spectral_gap`).
+:mod:`attnstats.stats.arnoldi`. Linearised attention has an exact rule of its own, from its
+``r × r`` matrix (:func:`attnstats.linear_spectral_gap`, beside the kernels that use it).
 """
 from __future__ import annotations
 
@@ -36,7 +36,6 @@ __all__ = [
     "spectral_gap",
     "spectral_gap_from_qk",
     "SpectralGap",
-    "linear_spectral_gap",
     "DENSE_MAX_TOKENS",
     "eigenvalues",
     "gap_from_eigenvalues",
@@ -475,39 +474,3 @@ def _causal_gap(qb, kb, scale, valid, batch, method):
         error_bound=zeros,
         method="causal-diagonal",
     )
-
-
-def linear_spectral_gap(phi_q, phi_k, *, causal=False) -> torch.Tensor:
-    """Exact spectral gap of linearised attention ``P = D⁻¹ Φ_Q Φ_Kᵀ`` from its feature maps.
-
-    Args:
-        phi_q: ``[..., N, r]`` non-negative query features ``φ_Q(q_i)``.
-        phi_k: ``[..., N, r]`` non-negative key features ``φ_K(k_j)``.
-        causal: row ``i`` uses keys ``j ≤ i`` (then ``P`` is lower-triangular).
-
-    Returns:
-        ``[...]`` float64 (on the CPU: float64; on a GPU: the compute dtype) gaps ``1 − |λ_2|``.
-        Non-causal: the nonzero eigenvalues of ``P`` are those of the ``r×r`` matrix
-        ``Φ_Kᵀ D⁻¹ Φ_Q`` (``D_i = φ_Q(q_i)·Σ_j φ_K(k_j)``), ``O(N·r²)``; the rest are 0. Causal:
-        the diagonal ``φ_Q(q_i)·φ_K(k_i) / φ_Q(q_i)·Σ_{j≤i} φ_K(k_j)``, ``O(N·r)``.
-    """
-    check_tensor(phi_q, "phi_q")
-    check_tensor(phi_k, "phi_k")
-    if phi_q.dim() < 2 or phi_q.shape != phi_k.shape:
-        raise ValueError(
-            f"phi_q, phi_k: expected equal shapes [..., N, r], got {tuple(phi_q.shape)} and {tuple(phi_k.shape)}"
-        )
-    check_finite(phi_q, "phi_q")
-    check_finite(phi_k, "phi_k")
-    for name, x in (("phi_q", phi_q), ("phi_k", phi_k)):
-        if bool((x < 0).any()):
-            idx = tuple(int(i) for i in (x < 0).nonzero()[0])
-            raise ValueError(f"{name}: expected non-negative features, found {x[idx].item()} at index {idx}")
-    from ..kernels.linear import linear_spectral_gap as gap_from_log_features
-
-    dt = compute_dtype(phi_q)
-    batch, (n, r) = phi_q.shape[:-2], phi_q.shape[-2:]
-    # the kernels' log-space rule is the one implementation; log 0 = −inf marks a zero feature
-    lq = torch.log(phi_q.to(dt)).reshape(1, -1, n, r)
-    lk = torch.log(phi_k.to(dt)).reshape(1, -1, n, r)
-    return gap_from_log_features(lq, lk, None, causal, "linear").reshape(batch)
