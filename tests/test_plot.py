@@ -155,7 +155,7 @@ def test_concentration_vs_temperature_draws_the_seed_mean():
 def test_moment_figures_have_their_panels():
     s2 = np.array([0.5, 1.0, 2.0])
     rows = [dict(n=n, sigma2=s, seed=0, metric=m, value=1.0 / n, prediction=1.0 / n, in_regime=True)
-            for n in (64, 256) for s in s2 for m in ("mean_p", "var_p", "log_mean_p", "log_var_p")]
+            for n in (64, 256) for s in s2 for m in ("p_mean", "p_var", "logp_mean", "logp_var")]
     fig = plot.moments_vs_variance(pd.DataFrame(rows))
     assert len(fig.axes) == 4 and fig.axes[1].get_yscale() == "log"
     assert [ax.get_ylabel() for ax in fig.axes][0] == "N · mean of P"

@@ -20,16 +20,16 @@ def test_fig5a_moments_match_theory_inside_regime(tmp_path):
     df = read(tmp_path, "fig5a_moments", reproduce.fig5a_moments(tmp_path, quick=True))
     assert list(df.columns) == ["n", "d", "sigma2", "seed", "metric", "value", "prediction", "in_regime"]
     assert df.sigma2.nunique() >= 12 and df.n.nunique() >= 2
-    mean = df[df.metric == "mean_p"]
+    mean = df[df.metric == "p_mean"]
     np.testing.assert_allclose(mean.value, mean.prediction, rtol=1e-9)  # rows sum to 1: exact everywhere
-    var = df[df.metric == "var_p"]
+    var = df[df.metric == "p_var"]
     inside, outside = var[var.in_regime], var[~var.in_regime]
     assert len(inside) >= 8 and len(outside) >= 4
     assert (np.abs(inside.value / inside.prediction - 1) < 0.15).all()
     # the failure of the prediction is visible: at the largest σ² it overshoots by far
     worst = outside[outside.sigma2 == outside.sigma2.max()]
     assert (worst.value < 0.5 * worst.prediction).all()
-    logvar = df[(df.metric == "log_var_p") & df.in_regime]
+    logvar = df[(df.metric == "logp_var") & df.in_regime]
     assert (np.abs(logvar.value / logvar.prediction - 1) < 0.1).all()
 
 

@@ -54,14 +54,14 @@ def moments_vs_variance(df):
 
     Args:
         df: columns ``n, sigma2, metric, value, prediction, in_regime`` with metric in
-            ``mean_p, var_p, log_mean_p, log_var_p`` (one row per N, σ², seed and metric).
+            ``p_mean, p_var, logp_mean, logp_var`` (one row per N, σ², seed and metric).
     """
     plt = _plt()
     panels = [
-        ("mean_p", lambda v, n: v * n, "N · mean of P", "exactly 1 (rows sum to 1)", False),
-        ("var_p", lambda v, n: v * n * n, "N² · Var[P]", r"prediction $e^{\sigma^2} - 1$", True),
-        ("log_mean_p", lambda v, n: v + np.log(n), "mean of ln P + ln N  (nats)", "prediction −σ²/2", False),
-        ("log_var_p", lambda v, n: v, "Var[ln P]", "prediction σ²", False),
+        ("p_mean", lambda v, n: v * n, "N · mean of P", "exactly 1 (rows sum to 1)", False),
+        ("p_var", lambda v, n: v * n * n, "N² · Var[P]", r"prediction $e^{\sigma^2} - 1$", True),
+        ("logp_mean", lambda v, n: v + np.log(n), "mean of ln P + ln N  (nats)", "prediction −σ²/2", False),
+        ("logp_var", lambda v, n: v, "Var[ln P]", "prediction σ²", False),
     ]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7.5), constrained_layout=True)
     ns = sorted(df.n.unique())
@@ -84,7 +84,7 @@ def moments_vs_variance(df):
         ax.set_xlabel("score variance σ² = σ_q² σ_k²")
         ax.set_ylabel(label)
         # the markers are the same in every panel: their legend once, elsewhere only the prediction's
-        ax.legend(loc="best") if metric == "var_p" else ax.legend(handles=ax.get_lines()[-1:], loc="best")
+        ax.legend(loc="best") if metric == "p_var" else ax.legend(handles=ax.get_lines()[-1:], loc="best")
     fig.suptitle("Softmax attention entries vs input variance (Gaussian q, k): measured vs log-normal prediction\n"
                  r"hollow markers: $(e^{\sigma^2} - 1)/N > 0.01$, where the prediction is not expected to hold")
     return fig

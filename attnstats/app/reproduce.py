@@ -18,6 +18,7 @@ from .. import theory
 from . import plot
 from .files import save_figure, write_csv
 from .progress import progress
+from ..metrics import moment_fields
 from ..stats.spectral import spectral_gap
 from ..stats.dense import entry_moments, row_entropy, softmax_attention
 
@@ -73,8 +74,10 @@ def fig5a_moments(out=None, quick: bool = False, seed: int = 0) -> list[Path]:
         m = entry_moments(softmax_attention(q, k))
         pred = theory.sa_lognormal(s, s, n)
         inside = bool(theory.sa_lognormal_holds(s2, n))
-        for metric, value, p in [("mean_p", m.mean, pred.mean), ("var_p", m.var, pred.var),
-                                 ("log_mean_p", m.log_mean, pred.log_mean), ("log_var_p", m.log_var, pred.log_var)]:
+        # measured and predicted moments under the frame's metric names (one spelling: metrics.moment_fields)
+        predicted = moment_fields(pred)
+        for metric, value in moment_fields(m).items():
+            p = predicted[metric]
             rows.append(dict(n=n, d=d, sigma2=float(s2), seed=sd, metric=metric, value=float(value),
                              prediction=float(p), in_regime=inside))
     df = pd.DataFrame(rows)
@@ -99,7 +102,7 @@ def fig5b_moment_matching(out=None, quick: bool = False, seed: int = 0) -> list[
         q, k = _gaussian((1, 1, n, d), s, s, gen)
         mats = {"softmax": softmax_attention(q, k)} | {name: kern.matrix(q, k) for name, kern in kernels.items()}
         for name, p in mats.items():
-            rows.append(dict(n=n, d=d, sigma2=float(s2), seed=sd, kernel=name, metric="log_var_p",
+            rows.append(dict(n=n, d=d, sigma2=float(s2), seed=sd, kernel=name, metric="logp_var",
                              value=float(entry_moments(p).log_var.mean())))
     df = pd.DataFrame(rows)
     return write_figure(df, plot.moment_matching(df), _out(out, quick), "fig5b_moment_matching")
