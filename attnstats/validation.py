@@ -15,6 +15,7 @@ __all__ = [
     "upcast",
     "first_index",
     "check_tensor",
+    "check_qk",
     "check_finite",
     "check_square",
     "probability_blocks",
@@ -48,6 +49,25 @@ def check_tensor(x, name: str) -> torch.Tensor:
     if not x.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
     return x
+
+
+def check_qk(q, k, causal: bool = False) -> None:
+    """Raise unless ``q: [..., Nq, d]`` and ``k: [..., Nk, d]`` are float tensors on one device with
+    one head dim ``d ≥ 1``, ``N ≥ 1``, and ``Nq == Nk`` when ``causal`` (values are not read)."""
+    check_tensor(q, "q")
+    check_tensor(k, "k")
+    if q.dim() < 2 or k.dim() < 2:
+        raise ValueError(f"q, k: expected shape [..., N, d], got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q, k: head dims differ, q has d = {q.shape[-1]} and k has d = {k.shape[-1]}")
+    if q.shape[-2] == 0 or k.shape[-2] == 0:
+        raise ValueError(f"q, k: empty sequence, got Nq = {q.shape[-2]} and Nk = {k.shape[-2]}; expected N >= 1")
+    if q.shape[-1] == 0:
+        raise ValueError("q, k: head dim d = 0, expected d >= 1")
+    if q.device != k.device:
+        raise ValueError(f"q, k: on different devices, {q.device} and {k.device}")
+    if causal and q.shape[-2] != k.shape[-2]:
+        raise ValueError(f"causal: expects as many queries as keys, got Nq = {q.shape[-2]} and Nk = {k.shape[-2]}")
 
 
 def check_finite(x: torch.Tensor, name: str, where: torch.Tensor | None = None) -> None:

@@ -13,7 +13,6 @@ import contextlib
 import fnmatch
 
 import torch
-from torch import nn
 
 from .threads import compiling
 

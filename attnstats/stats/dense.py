@@ -19,7 +19,7 @@ import torch
 
 from ..budget import check_dense_fits
 from ..masks import broadcast_mask, full_mask
-from ..validation import check_finite, check_square, check_tensor, compute_dtype, probability_blocks
+from ..validation import check_finite, check_qk, check_square, check_tensor, compute_dtype, probability_blocks
 
 __all__ = ["EntryMoments", "row_entropy", "entry_moments", "prepare_probs", "softmax_attention"]
 
@@ -43,15 +43,8 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, *, scale: float | None =
     Raises:
         attnstats.DenseTooLargeError: if ``[..., Nq, Nk]`` in ``dtype`` exceeds the memory budget.
     """
-    check_tensor(q, "q")
-    check_tensor(k, "k")
-    if q.dim() < 2 or k.dim() < 2:
-        raise ValueError(f"q, k: expected shapes [..., N, d], got {tuple(q.shape)} and {tuple(k.shape)}")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q, k: head dims differ, q has d = {q.shape[-1]} and k has d = {k.shape[-1]}")
+    check_qk(q, k, causal)
     nq, nk = q.shape[-2], k.shape[-2]
-    if causal and nq != nk:
-        raise ValueError(f"causal: expects as many queries as keys, got Nq = {nq} and Nk = {nk}")
     try:
         batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
     except RuntimeError:

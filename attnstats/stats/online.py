@@ -26,7 +26,7 @@ import torch
 
 from .dense import EntryMoments
 from ..masks import broadcast_mask
-from ..validation import check_finite, check_tensor, compute_dtype
+from ..validation import check_finite, check_qk, compute_dtype
 
 __all__ = ["RowAccumulators", "streaming_row_accumulators", "prepare_qk", "moments_from_rows"]
 
@@ -91,21 +91,8 @@ def prepare_qk(q, k, scale=None, mask=None, causal=False, check_values=True):
         (one row for key padding, :func:`attnstats.masks.is_key_padding`) or None, and the batch
         shape ``[..., Hq]`` of the results.
     """
-    check_tensor(q, "q")
-    check_tensor(k, "k")
-    if q.dim() < 2 or k.dim() < 2:
-        raise ValueError(f"q, k: expected shape [..., N, d], got {tuple(q.shape)} and {tuple(k.shape)}")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q, k: head dims differ, q has d = {q.shape[-1]} and k has d = {k.shape[-1]}")
-    if q.shape[-2] == 0 or k.shape[-2] == 0:
-        raise ValueError(f"q, k: empty sequence, got Nq = {q.shape[-2]} and Nk = {k.shape[-2]}; expected N >= 1")
-    if q.shape[-1] == 0:
-        raise ValueError("q, k: head dim d = 0, expected d >= 1")
-    if q.device != k.device:
-        raise ValueError(f"q, k: on different devices, {q.device} and {k.device}")
+    check_qk(q, k, causal)
     nq, nk, d = q.shape[-2], k.shape[-2], q.shape[-1]
-    if causal and nq != nk:
-        raise ValueError(f"causal: expects as many queries as keys, got Nq = {nq} and Nk = {nk}")
     # Heads: the dim before N, with GQA allowed; everything before it broadcasts.
     q4 = q.reshape(1, 1, nq, d) if q.dim() == 2 else q
     k4 = k.reshape(1, 1, nk, d) if k.dim() == 2 else k

@@ -30,7 +30,7 @@ from ..masks import block_tokens, from_padding, no_token, valid_tokens
 from .arnoldi import ARNOLDI_MIN_TOKENS, AttentionOperator, arnoldi_gap, certify_tol
 from .dense import prepare_probs, softmax_attention
 from .online import prepare_qk, streaming_row_accumulators
-from ..validation import check_finite, check_tensor, compute_dtype, first_index, row_sum_tolerance
+from ..validation import compute_dtype, first_index, row_sum_tolerance
 
 __all__ = [
     "spectral_gap",
