@@ -17,26 +17,42 @@ spectral_gap   ``spectral_gap``: ``1 − |λ₂|`` over the valid tokens (exact 
 lognormal      ``lognormal_mu``, ``lognormal_sigma``, ``lognormal_ks``, ``lognormal_ks_pvalue``,
                ``lognormal_ad``, ``lognormal_skew``, ``lognormal_excess_kurtosis``: fit of ``ln P``
 moments        ``p_mean``, ``p_var``, ``logp_mean``, ``logp_var``: mean and variance of ``P`` and ``ln P``
-temperature    ``temperature`` ``= 1/(σ_q σ_k)``, ``sigma_q``, ``sigma_k`` (docs/theory.md), softmax only
+temperature    ``temperature`` ``= 1/(σ_q σ_k)``, ``sigma_q``, ``sigma_k`` (docs/theory.md), softmax only;
+               absent for a record without q, k (P-only)
+sinks          ``sink_mass``: mean over valid query rows of the sink's probability; only for a record
+               with ``sinks`` (no row otherwise, not 0)
 ============== ==========================================================================================
 
 Softmax statistics come from the record's dense matrix, or from its q, k by the streaming functions
 when the matrices are large (:func:`uses_streaming`: the same numbers without P); kernels alongside
-use their own matrix and gap.
+use their own matrix and gap. A record that holds only ``P`` (q = k = None, ``rec.p`` set) gets
+every statistic but the temperature from ``rec.probs()``, and no kernel alongside.
+
+An attention sink counts as one more key (docs/theory.md §9). Row ``i`` of the model's softmax runs
+over its valid keys and the sink, with probabilities ``P'_ij = c_i·P_ij`` and ``p_i = 1 − c_i``
+(``P`` the softmax over the keys alone). ``entropy`` is that of the whole row, sink included:
+``−Σ_j P'_ij ln P'_ij − p_i ln p_i``. The moments and the log-normal fit take the key entries
+``P'_ij``, as ``rec.probs()`` returns them (rows summing to ``c_i``): the sink is no entry between
+two tokens. The ``spectral_gap`` is that of ``P``, the key block with each row divided by its sum
+``c_i``: the spectral radius of the key block lies between the smallest and largest ``c_i``, so it
+says again what ``sink_mass`` says, and the gap of ``P`` keeps its meaning (``λ₁ = 1``; how the
+tokens mix). Kernels alongside run without the sink.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
 
 from .budget import get_memory_budget
-from .masks import is_key_padding
+from .masks import is_key_padding, no_valid_entry
 from .stats.dense import entry_moments, row_entropy
-from .stats.lognormal import lognormal_fit
+from .stats.lognormal import check_sampling, fits_per_matrix, lognormal_fit, matrix_generator, sample_ranks
+from .stats.online import moments_from_rows, streaming_row_accumulators
 from .stats.qk import streaming_lognormal_fit, streaming_stats
 from .stats.spectral import causal_spectral_gap, spectral_gap, spectral_gap_from_qk
-from .validation import compute_dtype
+from .validation import compute_dtype, first_index, row_sum_tolerance
 
 __all__ = [
     "METRIC_NAMES", "METRICS", "check_metrics", "record_metrics", "streaming_values", "uses_streaming",
@@ -57,6 +73,7 @@ METRIC_NAMES = {
     ),
     "moments": ("p_mean", "p_var", "logp_mean", "logp_var"),
     "temperature": ("temperature", "sigma_q", "sigma_k"),
+    "sinks": ("sink_mass",),
 }
 METRICS = tuple(METRIC_NAMES)
 
@@ -142,14 +159,21 @@ def record_metrics(rec, metrics=METRICS, *, kernel=None, max_samples: int = 100_
     the same ``ln P`` entries). Kernels alongside use their own dense matrix and gap.
 
     Metrics that a record cannot give are left out: ``spectral_gap`` of a non-square (cross-attention)
-    matrix, and with ``store="stats"`` the groups not computed during the forward (``metrics=`` of
-    :func:`attnstats.record`) and the ``spectral_gap`` of a layer whose mask is neither key padding nor
-    causal (warned about during the forward).
+    matrix, ``sink_mass`` of a record without sinks, the temperature and every kernel alongside of a
+    record without q, k (P-only: the dense statistics of ``rec.probs()``), and with ``store="stats"``
+    the groups not computed during the forward (``metrics=`` of :func:`attnstats.record`) and the
+    ``spectral_gap`` of a layer whose mask is neither key padding nor causal (warned about during the
+    forward). A record with sinks counts the sink as one more key (see the module docstring).
     """
     metrics = check_metrics(metrics)
     b, h, nq, nk = rec.shape
     out: dict = {}
-    if rec.q is None:  # store="stats": computed during the forward pass
+    if kernel is not None and rec.q is None:
+        return out  # kernels run on q, k, which a P-only record does not hold
+    sinks = getattr(rec, "sinks", None) if kernel is None else None  # kernels alongside run without the sink
+    if sinks is not None:
+        sinks = _sink_logits(sinks, (b, h, nq), rec.name)
+    if rec.stats is not None:  # store="stats": computed during the forward pass
         drawn = (getattr(rec.stats, "max_samples", max_samples), getattr(rec.stats, "seed", seed))
         if "lognormal" in metrics and "lognormal_mu" in rec.stats and drawn != (max_samples, seed):
             raise ValueError(
@@ -168,16 +192,22 @@ def record_metrics(rec, metrics=METRICS, *, kernel=None, max_samples: int = 100_
         if groups:
             with torch.no_grad():
                 out.update(
-                    streaming_values(rec.q, rec.k, rec.mask, rec.is_causal, rec.scale, groups, rec.name, max_samples, seed)
+                    streaming_values(rec.q, rec.k, rec.mask, rec.is_causal, rec.scale, groups, rec.name, max_samples, seed,
+                                     sinks=sinks)
                 )
     else:
-        needs_p = [g for g in metrics if g in ("entropy", "lognormal", "moments") or (g == "spectral_gap" and nq == nk)]
+        needs_p = [g for g in metrics if g in ("entropy", "lognormal", "moments") or (g == "spectral_gap" and nq == nk)
+                   or (g == "sinks" and sinks is not None)]
         if needs_p:
             mask = rec.stats_mask()
             if kernel is None:
-                p = rec.probs(dtype=torch.float64 if rec.q.device.type == "cpu" else torch.float32)
+                device = (rec.q if rec.q is not None else rec.p).device  # a P-only record holds rec.p
+                p = rec.probs(dtype=torch.float64 if device.type == "cpu" else torch.float32)
             else:
                 p = kernel_probs(rec, kernel)
+        if needs_p and sinks is not None:
+            out.update(_sink_dense_values(p, mask, metrics, max_samples, seed, rec.name))
+        elif needs_p:
             p, mask = _square(p, mask)
             if "entropy" in metrics:
                 out["entropy"] = torch.nanmean(row_entropy(p, mask), -1)  # rows with no valid entry are NaN
@@ -190,12 +220,109 @@ def record_metrics(rec, metrics=METRICS, *, kernel=None, max_samples: int = 100_
                 out.update(moment_fields(entry_moments(p, mask)))
             if "lognormal" in metrics:
                 out.update(lognormal_fields(lognormal_fit(p, mask, max_samples=max_samples, seed=seed)))
-    if "temperature" in metrics and kernel is None:
+    if "temperature" in metrics and kernel is None and rec.sigma_q is not None and rec.sigma_k is not None:
         out["sigma_q"] = rec.sigma_q
         out["sigma_k"] = rec.sigma_k
         out["temperature"] = 1.0 / (rec.sigma_q * rec.sigma_k)
     order = [n for g in metrics for n in METRIC_NAMES[g]]
     return {n: out[n].detach().to("cpu", torch.float64).reshape(b, h) for n in order if n in out}
+
+
+def _sink_logits(sinks, shape, name) -> torch.Tensor:
+    """A record's ``sinks`` as a ``[B, H, Nq]`` view, after the checks: a float tensor, no NaN, no ``+inf``."""
+    if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point():
+        got = type(sinks).__name__ if not isinstance(sinks, torch.Tensor) else f"a {sinks.dtype} tensor"
+        raise TypeError(f"sinks: record {name!r}: expected a float tensor broadcastable to [B, H, Nq] = {list(shape)}, got {got}")
+    try:
+        s = sinks.detach().expand(shape)
+    except RuntimeError:
+        raise ValueError(
+            f"sinks: record {name!r}: expected a tensor broadcastable to [B, H, Nq] = {list(shape)}, got shape "
+            f"{tuple(sinks.shape)}"
+        ) from None
+    bad = torch.isnan(s) | torch.isposinf(s)  # -inf is a sink that takes nothing
+    if bool(bad.any()):
+        idx = first_index(bad)
+        raise ValueError(f"sinks: record {name!r}: expected finite logits or -inf, found {s[idx].item()} at index {idx}")
+    return s
+
+
+def _sink_dense_values(p, mask, metrics, max_samples, seed, name) -> dict:
+    """Statistics of a record with sinks from its key columns ``p: [B, H, Nq, Nk]`` (rows sum to ``1 − p_sink``).
+
+    ``mask``: the record's stats mask (bool, broadcastable to ``p``) or None. The sink counts as one
+    more key (module docstring); its probability is ``1 − Σ_j p_ij``, exact to the rounding of ``p``'s
+    dtype (float64 on the CPU), which needs no second pass over the scores and holds for P-only records.
+    """
+    b, h, nq, nk = p.shape
+    valid = torch.ones(p.shape, dtype=torch.bool, device=p.device) if mask is None else mask.expand(p.shape)
+    keys = p.masked_fill(~valid, 0.0)  # [B, H, Nq, Nk]
+    rows = valid.any(-1)  # [B, H, Nq] valid query rows
+    key_mass = keys.sum(-1)  # [B, H, Nq]
+    over = key_mass > 1 + row_sum_tolerance(p.dtype, nk + 1)  # within rounding of 1: a sink of mass 0
+    if bool(over.any()):
+        idx = first_index(over)
+        raise ValueError(
+            f"record {name!r}: row {idx} of the key columns sums to {key_mass[idx].item()!r}; with sinks, "
+            "expected at most 1 (1 − the sink's probability)"
+        )
+    sink = (1.0 - key_mass).clamp_min(0.0).masked_fill(~rows, 0.0)  # [B, H, Nq]
+    out = {}
+    if "sinks" in metrics:
+        out["sink_mass"] = torch.nanmean(sink.masked_fill(~rows, float("nan")), -1)
+    if "entropy" in metrics:
+        # the whole row, keys then the sink, is a distribution: the dense entropy reads it as any P
+        full = torch.cat([keys, sink[..., None]], -1)  # [B, H, Nq, Nk + 1]
+        full_valid = torch.cat([valid, rows[..., None]], -1)
+        full, full_valid = _square(full, full_valid)
+        out["entropy"] = torch.nanmean(row_entropy(full, full_valid)[..., :nq], -1)
+    if "spectral_gap" in metrics and nq == nk:
+        empty = rows & (key_mass == 0)
+        if bool(empty.any()):
+            raise ValueError(
+                f"record {name!r}: row {first_index(empty)} gives all its probability to the sink; the spectral "
+                "gap of its key block (rows divided by their sums) is undefined"
+            )
+        out["spectral_gap"] = spectral_gap(keys / torch.where(rows, key_mass, 1.0)[..., None], mask)
+    if "moments" in metrics or "lognormal" in metrics:
+        if "lognormal" in metrics:
+            check_sampling(max_samples, seed)
+        moments, logs = [], []
+        for t in range(b * h):  # one matrix at a time: temporaries of one N×N, not of the batch
+            bi, hi = divmod(t, h)
+            v = keys[bi, hi][valid[bi, hi]].to(torch.float64)  # valid key entries, row-major (as log_entries)
+            if v.numel() == 0:
+                raise no_valid_entry((bi, hi))
+            if "moments" in metrics:
+                moments.append(_value_moments(v))
+            if "lognormal" in metrics:
+                if v.numel() > max_samples:  # the entries the dense and streaming fits draw for matrix t
+                    v = v[sample_ranks(v.numel(), max_samples, matrix_generator(seed, t)).to(v.device)]
+                logs.append(torch.log(v[v > 0]).cpu())
+        if moments:
+            table = torch.tensor(moments, dtype=torch.float64).reshape(b, h, 5)
+            zeros = int(table[..., 4].sum())
+            if zeros:
+                warnings.warn(
+                    f"record {name!r}: {zeros} valid entries of p are exactly 0 (log = -inf); they are left out "
+                    "of logp_mean and logp_var",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            out.update(dict(zip(("p_mean", "p_var", "logp_mean", "logp_var"), table.unbind(-1))))
+        if logs:
+            out.update(lognormal_fields(fits_per_matrix(logs, (b, h))))
+    return out
+
+
+def _value_moments(v: torch.Tensor) -> list:
+    """``[mean, var, mean of ln, var of ln, zeros]`` of 1-d float64 entries (population variances; zeros left
+    out of the log moments, as :func:`attnstats.entry_moments` does)."""
+    mean = v.mean()
+    logs = torch.log(v[v > 0])
+    log_mean = logs.mean() if logs.numel() else torch.tensor(float("nan"), dtype=v.dtype)
+    return [float(mean), float((v - mean).square().mean()), float(log_mean), float((logs - log_mean).square().mean()),
+            float(v.numel() - logs.numel())]
 
 
 def _qk_spectral_gap(q, k, scale, causal, lse):
@@ -218,7 +345,7 @@ def gives_every_metric(mask, nq: int, nk: int) -> bool:
     return is_key_padding(mask) and (mask.shape[1] == 1 or nq != nk)
 
 
-def streaming_values(q, k, mask, causal, scale, groups, name, max_samples=100_000, seed=0) -> dict:
+def streaming_values(q, k, mask, causal, scale, groups, name, max_samples=100_000, seed=0, sinks=None) -> dict:
     """Statistics of one call from ``q: [B, H, Nq, d]``, ``k: [B, H, Nk, d]``, canonical mask, no N×N matrix.
 
     Args:
@@ -226,6 +353,9 @@ def streaming_values(q, k, mask, causal, scale, groups, name, max_samples=100_00
         name: the layer, for the warning when a mask leaves the spectral gap out.
         max_samples, seed: of the log-normal fit (the sample of matrix ``(b, h)`` is that of
             :func:`attnstats.lognormal_fit` on the dense batch: same entries).
+        sinks: attention-sink logits broadcastable to ``[B, H, Nq]``, or None. The sink counts as one
+            more key, as on the dense path (module docstring): ``LSE' = logaddexp(LSE, sink)`` is the
+            row's normaliser, and ``sink_mass`` (group ``"sinks"``) is computed too.
 
     Returns:
         metric name -> float64 CPU tensor ``[B, H]``, equal to what the dense statistics give on the
@@ -237,22 +367,32 @@ def streaming_values(q, k, mask, causal, scale, groups, name, max_samples=100_00
     k = k.expand(b, *k.shape[1:])
     keypad = mask is not None and is_key_padding(mask)
     compact = keypad and nq == nk and mask.shape[1] == 1
+    if sinks is not None:
+        sinks = _sink_logits(sinks, (b, h, nq), name)
     per_batch: list[dict] = []
     for bi in range(b):
         qb, kb = q[bi : bi + 1], k[bi : bi + 1]
         m = None if mask is None else mask[bi : bi + 1] if mask.shape[0] > 1 else mask
+        sb = None if sinks is None else sinks[bi : bi + 1]  # [1, H, Nq]
         if compact:
             idx = torch.nonzero(m[0, 0, 0], as_tuple=False)[:, 0]
             qb, kb, m = qb[:, :, idx], kb[:, :, idx], None
-        st = streaming_stats(qb, kb, scale=scale, mask=m, causal=causal)
+            sb = None if sb is None else sb[:, :, idx]
+        if sb is None:
+            st = streaming_stats(qb, kb, scale=scale, mask=m, causal=causal)
+            entropy, moments, lse, log_lse = st.entropy, st.entry_moments, st.lse, st.lse
+        else:
+            entropy, moments, lse, log_lse, sink_p = _streaming_with_sink(qb, kb, scale, m, causal, sb)
         vals = {}
         if "entropy" in groups:
-            vals["entropy"] = torch.nanmean(st.entropy, -1)  # rows with no valid key are NaN
+            vals["entropy"] = torch.nanmean(entropy, -1)  # rows with no valid key are NaN
         if "moments" in groups:
-            vals.update(moment_fields(st.entry_moments))
+            vals.update(moment_fields(moments))
+        if "sinks" in groups and sb is not None:
+            vals["sink_mass"] = torch.nanmean(sink_p, -1)
         square_self = m is None and qb.shape[2] == kb.shape[2]  # pad tokens compacted away, or none
         if "spectral_gap" in groups and square_self:
-            vals["spectral_gap"] = _qk_spectral_gap(qb, kb, scale, causal, st.lse)
+            vals["spectral_gap"] = _qk_spectral_gap(qb, kb, scale, causal, lse)  # of the key block renormalised
         elif "spectral_gap" in groups and bi == 0:
             warnings.warn(
                 f"record(store='stats'): layer {name!r} has a mask that is not key padding (+ causal) or is "
@@ -263,13 +403,34 @@ def streaming_values(q, k, mask, causal, scale, groups, name, max_samples=100_00
         if "lognormal" in groups:
             # matrix (bi, h) of the whole batch: the dense fit draws its sample from the same generator
             fit = streaming_lognormal_fit(
-                qb, kb, scale=scale, mask=m, causal=causal, lse=st.lse, max_samples=max_samples, seed=seed,
+                qb, kb, scale=scale, mask=m, causal=causal, lse=log_lse, max_samples=max_samples, seed=seed,
                 first_matrix=bi * h,
             )
             vals.update(lognormal_fields(fit))
         per_batch.append({key: v.detach().to("cpu", torch.float64).reshape(1, h) for key, v in vals.items()})
     return {key: torch.cat([pb[key] for pb in per_batch]) for key in per_batch[0]} if per_batch else {}
 
+
+
+def _streaming_with_sink(q, k, scale, mask, causal, sink):
+    """Row statistics of one call ``q: [1, H, Nq, d]`` whose softmax has a sink column of logits ``sink: [1, H, Nq]``.
+
+    Returns ``(entropy [1, H, Nq], EntryMoments [1, H], LSE, LSE', p_sink [1, H, Nq])``: ``LSE`` of the keys
+    alone (the key block renormalised, whose spectral gap is reported), ``LSE' = logaddexp(LSE, sink)``
+    of keys and sink (``ln P'_ij = s_ij − LSE'_i``, the key entries the model used). With ``c_i =
+    e^{LSE − LSE'}`` the keys' share, ``H'_i = c_i H_i − c_i ln c_i − p_i ln p_i`` (``H_i`` the entropy over
+    the keys alone). Rows with no valid key are NaN.
+    """
+    rows, _, _ = streaming_row_accumulators(q, k, scale=scale, mask=mask, causal=causal)
+    if mask is not None and bool((rows.count.sum(-1) == 0).any()):
+        raise no_valid_entry((rows.count.sum(-1) == 0).nonzero()[0].tolist())
+    sink = sink.to(rows.lse.dtype)
+    lse_all = torch.logaddexp(rows.lse, sink)  # [1, H, Nq]
+    mass = torch.exp(rows.lse - lse_all)  # [1, H, Nq] the keys' share, 1 − p_sink
+    sink_p = torch.exp(sink - lse_all)  # [1, H, Nq]
+    entropy = mass * rows.entropy - torch.special.xlogy(mass, mass) - torch.special.xlogy(sink_p, sink_p)
+    moments = moments_from_rows(dataclasses.replace(rows, lse=lse_all), mass=mass)
+    return entropy, moments, rows.lse, lse_all, sink_p
 
 
 # ----------------------------------------------------------------------------------------------

@@ -234,21 +234,35 @@ def _torch_row_accumulators(q, k, scale, mask, causal, block=None) -> RowAccumul
 # from rows to matrices
 
 
-def moments_from_rows(rows: RowAccumulators) -> EntryMoments:
+def moments_from_rows(rows: RowAccumulators, mass: torch.Tensor | None = None) -> EntryMoments:
     """Per-matrix :class:`EntryMoments` from per-row accumulators ``[..., Nq]`` (float64).
 
     Rows are merged with the parallel-variance rule, so that no step subtracts two large numbers:
     ``Σ_j (P_ij − 1/n_i)² = Σ_j P_ij² − 1/n_i`` within a row, then the spread of row means.
+
+    ``mass``: ``[..., Nq]`` row sums ``c_i`` of the key entries when the softmax had a column besides
+    the keys (an attention sink: ``c_i = 1 −`` the sink's probability), or None for rows summing to 1.
+    The key entries are then ``c_i·P_ij`` (``P`` the softmax over the keys alone, whose ``Σ P²`` the
+    pass keeps), and ``rows.lse`` must be the normaliser over keys and sink, so that ``s − LSE`` is
+    their logarithm.
     """
     n = rows.count.to(torch.float64)  # [..., Nq] valid keys per row
     has = n > 0  # [..., Nq]
     count = n.sum(-1)  # [...]
     zero = lambda x: torch.where(has, x.to(torch.float64), torch.zeros_like(n))  # noqa: E731 - [..., Nq] -> [..., Nq]
     inv_n = torch.where(has, 1.0 / n.clamp_min(1), torch.zeros_like(n))  # [..., Nq] row mean of P
-    mean = has.to(torch.float64).sum(-1) / count  # [...]
-    # Within-row spread of P around the row mean 1/n_i, then between rows.
-    within_p = zero(rows.sum_p2 - inv_n).clamp_min(0).sum(-1)  # [...]
-    between_p = (n * (inv_n - mean[..., None]) ** 2).sum(-1)  # [...]
+    if mass is None:
+        row_mean = inv_n  # [..., Nq]
+        mean = has.to(torch.float64).sum(-1) / count  # [...]
+        # Within-row spread of P around the row mean 1/n_i, then between rows.
+        within_p = zero(rows.sum_p2 - inv_n).clamp_min(0).sum(-1)  # [...]
+    else:
+        c = zero(mass)  # [..., Nq]
+        row_mean = c * inv_n  # [..., Nq]
+        mean = c.sum(-1) / count  # [...]
+        # Σ_j (c P_ij − c/n_i)² = c² (Σ_j P_ij² − 1/n_i)
+        within_p = (c * c * zero(rows.sum_p2 - inv_n).clamp_min(0)).sum(-1)  # [...]
+    between_p = (n * (row_mean - mean[..., None]) ** 2).sum(-1)  # [...]
     var = (within_p + between_p) / count  # [...]
     row_log_mean = zero(rows.s_mean - rows.lse)  # [..., Nq] mean of ln P over the row
     log_mean = (n * row_log_mean).sum(-1) / count  # [...]
