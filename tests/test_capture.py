@@ -298,7 +298,7 @@ def test_nothing_captured_warns_and_module_backend_captures():
     model = HandMade()
     x = torch.randn(2, 5, 8)
     with pytest.warns(NothingCapturedWarning, match="sdpa"):
-        with attnstats.record(model) as rec:
+        with attnstats.record(model, backend="sdpa") as rec:  # backend="auto" records it with "softmax"
             model(x)
     with pytest.raises(ValueError, match="no attention was captured"):
         rec.frame()

@@ -48,6 +48,10 @@ class AttentionRecord:
         sigma_q, sigma_k: ``[B, H]`` float64 standard deviations of the valid q and k entries (see
             :func:`attnstats.capture.head_sigmas`); the temperature is ``1/(sigma_q·sigma_k)``.
         stats: with ``store="stats"``, the statistics computed during the forward pass, else None.
+        sinks: float32 ``[B|1, H|1, Nq|1]`` attention-sink logits, or None. Row ``i``'s softmax then runs
+            over its valid keys plus one extra "sink" column of logit ``sinks[..., i]`` that attends to
+            nothing (GPT-OSS, gpt-oss-style learned sinks); :meth:`probs` returns the key columns only,
+            so each valid row sums to ``1 − p_sink``, exactly as the model weighs its values.
     """
 
     name: str
@@ -64,6 +68,7 @@ class AttentionRecord:
     sigma_q: torch.Tensor | None = None
     sigma_k: torch.Tensor | None = None
     stats: object | None = None
+    sinks: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         b, h, nq, nk = self.shape
@@ -71,7 +76,8 @@ class AttentionRecord:
         return (
             f"AttentionRecord(name={self.name!r}, layer={self.layer}, shape=[B={b}, H={h}, Nq={nq}, Nk={nk}], "
             f"d={None if self.q is None else self.q.shape[-1]}, mask={mask}, is_causal={self.is_causal}, "
-            f"scale={self.scale:.6g}, bias={self.bias is not None}, backend={self.backend!r}, "
+            f"scale={self.scale:.6g}, bias={self.bias is not None}, sinks={self.sinks is not None}, "
+            f"backend={self.backend!r}, "
             f"store={'qk' if self.q is not None else 'stats'})"
         )
 
@@ -88,7 +94,10 @@ class AttentionRecord:
         return full_mask(self.mask, self.shape, self.is_causal, None if self.q is None else self.q.device)
 
     def scores(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``[B, H, Nq, Nk]`` pre-softmax scores ``scale·q·kᵀ`` (+ softcap, + bias), masked entries ``-inf``."""
+        """``[B, H, Nq, Nk]`` pre-softmax scores ``scale·q·kᵀ`` (+ softcap, + bias), masked entries ``-inf``.
+
+        The key columns only: an attention sink (:attr:`sinks`) is one more logit per row, not a column here.
+        """
         self._need_qk("scores()")
         b, h, nq, nk = self.shape
         dtype = dtype or compute_dtype(self.q)
@@ -127,7 +136,8 @@ class AttentionRecord:
         """Dense attention ``[B, H, Nq, Nk]`` in float32, as the layer computed it (before dropout).
 
         Computed in float64 on the CPU (float32 on a GPU) and rounded to ``dtype`` (float32 unless
-        asked otherwise). Masked entries are 0;
+        asked otherwise). With :attr:`sinks`, the softmax runs over the keys plus the sink logit and the
+        sink column is dropped: rows sum to ``1 − p_sink`` (< 1), as in the model. Masked entries are 0;
         a row with no valid key (e.g. a left-padding query under a causal mask) is all 0, and it is
         absent from every statistic. ``kernel``: a name or :class:`attnstats.kernels` kernel to evaluate
         on the same q, k (mask reduced to key padding + causality) instead of the captured softmax.
@@ -148,8 +158,14 @@ class AttentionRecord:
             return kernel_probs(self, kernel).to(dtype)
         s = self.scores()
         valid_row = torch.isfinite(s).any(-1, keepdim=True)
-        p = torch.softmax(s.masked_fill(~valid_row, 0.0), dim=-1).masked_fill(~valid_row, 0.0)
-        return p.to(dtype)
+        s = s.masked_fill(~valid_row, 0.0)
+        if self.sinks is not None:
+            # the sink is one more softmax column that attends to nothing: normalise with it, then drop it
+            sink = self.sinks.to(s.dtype).expand(b, h, nq)[..., None]
+            p = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :nk]
+        else:
+            p = torch.softmax(s, dim=-1)
+        return p.masked_fill(~valid_row, 0.0).to(dtype)
 
     def _need_qk(self, what: str) -> None:
         if self.q is None or self.k is None:

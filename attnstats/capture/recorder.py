@@ -443,6 +443,7 @@ class Recorder:
         enable_gqa: bool = False,
         softcap: float | None = None,
         bias: torch.Tensor | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> AttentionRecord | None:
         """Hand over one attention call: its :class:`AttentionRecord` is appended to ``records`` if selected.
 
@@ -461,6 +462,8 @@ class Recorder:
             enable_gqa: SDPA's flag for grouped key heads (they are repeated to ``H`` either way).
             softcap: ``s → softcap·tanh(s/softcap)`` on the scaled scores, or None.
             bias: a float additive term added to the one ``attn_mask`` holds, or None.
+            sinks: attention-sink logits broadcastable to ``[B, H, Nq]`` (one extra softmax column per
+                row that attends to nothing, see :attr:`AttentionRecord.sinks`), or None.
 
         Returns:
             The new record, or None when ``layers=`` does not select the call.
@@ -485,6 +488,13 @@ class Recorder:
             scale = float(scale) if scale is not None else d**-0.5
             sigma_q, sigma_k = head_sigmas(q4, k4, mask, causal)
             stats = None
+            if sinks is not None:
+                sinks = sinks.detach().to(torch.float32).clone()
+                if self.store == "stats":
+                    raise ValueError(
+                        f"record(store='stats'): layer {name!r} has attention sinks, which the streaming "
+                        f"statistics do not model; use store='qk' for this model"
+                    )
             if self.store == "stats":
                 from .stats_store import capture_stats
 
@@ -508,6 +518,7 @@ class Recorder:
                 sigma_q=sigma_q,
                 sigma_k=sigma_k,
                 stats=stats,
+                sinks=sinks,
             )
         self.records.append(rec)
         return rec

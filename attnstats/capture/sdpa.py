@@ -4,7 +4,9 @@ The mode sees each call with its exact arguments (bool or additive ``attn_mask``
 ``scale``, ``enable_gqa``), so it covers any code that calls SDPA: transformers' ``sdpa``
 implementation, timm's fused attention, nanoGPT-style modules, user code. It passes the call on
 unchanged and copies q and k afterwards. PyTorch keeps the mode stack per thread, so the mode sees
-only the calls of the thread that opened the block.
+only the calls of the thread that opened the block. A call made inside a transformers attention
+function is named after its module and recorded in that function's ``[B, H, Nq, d]`` layout
+(:func:`attnstats.capture.hf.sdpa_layout`: the grouped-query decode step packs the query heads).
 
 A torch-function mode makes ``torch.overrides.has_torch_function`` true, which turns off the fast
 paths of ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` (their output would change in the
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .hf import sdpa_layout
 from .threads import compiling
 
 __all__ = ["CaptureMode", "install_sdpa", "suspend_capture_modes", "resume_capture_modes"]
@@ -47,19 +50,22 @@ class CaptureMode(TorchFunctionMode):
             return
         call = dict(zip(_SDPA_PARAMS, args))
         call.update(kwargs)
+        query, key, attn_mask = call["query"], call["key"], call.get("attn_mask")
         hf = rec.current_function_call()  # inside a transformers attention function: named after its module
         if hf is not None:
             hf.captured = True
             name = hf.name
+            # transformers may pack the query heads (GQA decode step): back to the function's [B, H, Nq, d]
+            query, key, attn_mask = sdpa_layout(hf, query, key, attn_mask)
         elif "sdpa" in rec.backends:
             name = rec.current_module()
         else:
             return
         rec.capture(
             name,
-            call["query"],
-            call["key"],
-            call.get("attn_mask"),
+            query,
+            key,
+            attn_mask,
             bool(call.get("is_causal", False)),
             call.get("scale"),
             backend="hf" if hf is not None and "sdpa" not in rec.backends else "sdpa",
