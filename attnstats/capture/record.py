@@ -2,7 +2,9 @@
 
 A record keeps what defines the attention matrix, not the matrix: queries and keys ``[B, H, N, d]``
 (O(N·d)), the mask, the causal flag and the scale. :meth:`AttentionRecord.probs` rebuilds the dense
-``[B, H, Nq, Nk]`` matrix on demand, under the memory budget of :mod:`attnstats.budget`.
+``[B, H, Nq, Nk]`` matrix on demand, under the memory budget of :mod:`attnstats.budget`. The one
+exception is a *P-only* record (backend ``softmax``: attention a module computes by hand, whose q and k
+cannot be recovered): it keeps the matrix ``p`` the module computed, and q = k = None.
 
 Masks are normalised to one form for every backend: bool, True = attend, broadcastable to
 ``[B, H, Nq, Nk]``. A padding mask is kept as ``[B, 1, 1, Nk]`` and a causal pattern as
@@ -34,16 +36,18 @@ class AttentionRecord:
             (``""`` when the call came from the root module or from no module of the model).
         layer: index of the attention module in the order modules were first called (the same module
             keeps its index over repeated forward passes).
-        q: ``[B, H, Nq, d]`` queries, detached copy, dtype of the model (None with ``store="stats"``).
-        k: ``[B, H, Nk, d]`` keys, grouped-query heads expanded to ``H`` (None with ``store="stats"``).
+        q: ``[B, H, Nq, d]`` queries, detached copy, dtype of the model (None with ``store="stats"`` and
+            in a P-only record, see ``p``).
+        k: ``[B, H, Nk, d]`` keys, grouped-query heads expanded to ``H`` (None where ``q`` is).
         mask: bool, True = attend, broadcastable to ``[B, H, Nq, Nk]``, or None (no mask besides
             ``is_causal``). Padding masks are ``[B, 1, 1, Nk]``.
         is_causal: row ``i`` attends only keys ``j ≤ i`` (top-left aligned, as in
             ``F.scaled_dot_product_attention``), on top of ``mask``.
-        scale: the factor applied to ``q·k`` (``1/sqrt(d)`` unless the layer used another).
+        scale: the factor applied to ``q·k`` (``1/sqrt(d)`` unless the layer used another; NaN, unknown,
+            in a P-only record).
         bias: float32 additive term broadcastable to ``[B, H, Nq, Nk]`` (e.g. ALiBi), or None.
         softcap: ``s → softcap·tanh(s/softcap)`` applied to the scaled scores before bias and mask, or None.
-        backend: which backend captured it (``"sdpa"``, ``"hf"``, ``"mha"``, ``"module"``).
+        backend: which backend captured it (``"sdpa"``, ``"hf"``, ``"mha"``, ``"module"``, ``"softmax"``).
         call: position in :attr:`Recorder.records`.
         sigma_q, sigma_k: ``[B, H]`` float64 standard deviations of the valid q and k entries (see
             :func:`attnstats.capture.head_sigmas`); the temperature is ``1/(sigma_q·sigma_k)``.
@@ -52,6 +56,12 @@ class AttentionRecord:
             over its valid keys plus one extra "sink" column of logit ``sinks[..., i]`` that attends to
             nothing (GPT-OSS, gpt-oss-style learned sinks); :meth:`probs` returns the key columns only,
             so each valid row sums to ``1 − p_sink``, exactly as the model weighs its values.
+        p: float32 ``[B, H, Nq, Nk]`` attention probabilities captured directly, for calls whose q and k
+            cannot be recovered (backend ``"softmax"``), else None. Such a *P-only* record has q = k =
+            None (:attr:`has_qk` False); :meth:`probs` returns ``p`` (masked entries 0) and the
+            statistics work from it, except the temperature (``sigma_q``, ``sigma_k`` are None),
+            :meth:`scores` and kernels, which need q and k. ``mask`` and ``is_causal`` are those the
+            layer applied, read from its scores.
     """
 
     name: str
@@ -69,6 +79,7 @@ class AttentionRecord:
     sigma_k: torch.Tensor | None = None
     stats: object | None = None
     sinks: torch.Tensor | None = None
+    p: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         b, h, nq, nk = self.shape
@@ -78,12 +89,22 @@ class AttentionRecord:
             f"d={None if self.q is None else self.q.shape[-1]}, mask={mask}, is_causal={self.is_causal}, "
             f"scale={self.scale:.6g}, bias={self.bias is not None}, sinks={self.sinks is not None}, "
             f"backend={self.backend!r}, "
-            f"store={'qk' if self.q is not None else 'stats'})"
+            f"store={'qk' if self.q is not None else 'p' if self.p is not None else 'stats'})"
         )
+
+    @property
+    def has_qk(self) -> bool:
+        """Whether the record holds q and k (False with ``store="stats"`` and for a P-only record)."""
+        return self.q is not None and self.k is not None
+
+    def _device(self):
+        return self.q.device if self.q is not None else self.p.device if self.p is not None else None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
         """``(B, H, Nq, Nk)`` of the attention matrix."""
+        if self.q is None and self.p is not None:
+            return tuple(self.p.shape)
         if self.q is None:
             return tuple(self.stats.shape)  # type: ignore[union-attr]  # store="stats"
         b = max(self.q.shape[0], self.k.shape[0])
@@ -91,7 +112,7 @@ class AttentionRecord:
 
     def full_mask(self) -> torch.Tensor | None:
         """Bool ``[B, H, Nq, Nk]`` (expanded view) combining ``mask`` and ``is_causal``; None if neither."""
-        return full_mask(self.mask, self.shape, self.is_causal, None if self.q is None else self.q.device)
+        return full_mask(self.mask, self.shape, self.is_causal, self._device())
 
     def scores(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``[B, H, Nq, Nk]`` pre-softmax scores ``scale·q·kᵀ`` (+ softcap, + bias), masked entries ``-inf``.
@@ -115,7 +136,7 @@ class AttentionRecord:
 
     def query_valid(self) -> torch.Tensor | None:
         """Bool ``[B, H, Nq]``: the query rows statistics use (see :func:`valid_tokens`), or None for all."""
-        qv, _ = valid_tokens(self.mask, self.is_causal, self.shape, None if self.q is None else self.q.device)
+        qv, _ = valid_tokens(self.mask, self.is_causal, self.shape, self._device())
         return None if bool(qv.all()) else qv
 
     def stats_mask(self) -> torch.Tensor | None:
@@ -141,12 +162,16 @@ class AttentionRecord:
         a row with no valid key (e.g. a left-padding query under a causal mask) is all 0, and it is
         absent from every statistic. ``kernel``: a name or :class:`attnstats.kernels` kernel to evaluate
         on the same q, k (mask reduced to key padding + causality) instead of the captured softmax.
+        A P-only record (:attr:`p`) returns ``p``, the softmax output the module computed, with masked
+        entries and rows with no valid key set to 0 as above (a kernel needs q and k: ValueError).
 
         Raises:
             attnstats.DenseTooLargeError: if ``B·H·Nq·Nk`` numbers of the compute dtype (float64 on
                 the CPU, float32 on a GPU) exceed the memory budget
                 (default 2 GiB, :func:`attnstats.set_memory_budget`); use the streaming statistics then.
         """
+        if self.p is not None and self.q is None:
+            return self._probs_of_p(kernel, dtype)
         self._need_qk("probs()")
         b, h, nq, nk = self.shape
         # the largest tensor built is the scores in the compute dtype (float64 on the CPU), not the output
@@ -167,7 +192,25 @@ class AttentionRecord:
             p = torch.softmax(s, dim=-1)
         return p.masked_fill(~valid_row, 0.0).to(dtype)
 
+    def _probs_of_p(self, kernel, dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`probs` of a P-only record: ``p`` in ``dtype``, entries outside :meth:`full_mask` 0."""
+        if kernel is not None:
+            self._need_qk("probs(kernel=...)")
+        nbytes = max(4, torch.finfo(dtype).bits // 8)
+        check_dense_fits(self.shape, nbytes, f"record {self.name!r} (layer {self.layer}): the dense attention matrix")
+        m = self.full_mask()
+        if m is None:
+            return self.p.to(dtype, copy=True)
+        # the model's own rows with no valid key are uniform (finfo.min everywhere) or NaN (-inf): 0 here
+        return self.p.to(dtype).masked_fill(~m, 0.0)
+
     def _need_qk(self, what: str) -> None:
+        if self.p is not None and (self.q is None or self.k is None):
+            raise ValueError(
+                f"record {self.name!r}: {what} needs q and k, but this record holds only P (backend {self.backend!r}: "
+                f"its module computes softmax(scores) itself, and q, k cannot be recovered from P); probs() and "
+                f"the statistics work from P"
+            )
         if self.q is None or self.k is None:
             raise ValueError(
                 f"record {self.name!r}: {what} needs q and k, but this record was captured with store='stats', "

@@ -3,7 +3,8 @@
 One :class:`Recorder` drives several backends (one module each, see :mod:`attnstats.capture`):
 ``sdpa`` (a ``TorchFunctionMode`` over ``F.scaled_dot_product_attention``), ``hf`` (transformers'
 attention-function registry and each model file's ``eager_attention_forward``), ``mha``
-(``nn.MultiheadAttention``, fast path included) and ``module`` (a user function on module outputs).
+(``nn.MultiheadAttention``, fast path included), ``module`` (a user function on module outputs) and
+``softmax`` (attention a module computes by hand, recorded from its softmax as P only).
 The recorder owns what they share: the stack of module paths that names each call, the layer numbering,
 the ``layers=`` selection, and the copy of q and k into an :class:`AttentionRecord`.
 
@@ -13,7 +14,8 @@ When an attention call runs, the backend checks :meth:`Recorder.is_recording` (t
 calling thread opened it), names the call with :meth:`Recorder.module_name` (the attention module) or
 :meth:`Recorder.current_module` (the innermost module running), and passes the call's arguments, q and k
 as the attention function received them, to :meth:`Recorder.capture`, which applies ``layers=``, copies
-q and k and appends the :class:`AttentionRecord`. Backends read ``model``, ``backends`` and
+q and k and appends the :class:`AttentionRecord` (a backend that sees only the probabilities, ``softmax``,
+passes them to :meth:`Recorder.capture_probs` instead). Backends read ``model``, ``backends`` and
 ``stats_metrics`` and nothing private; what they must tell each other goes through the recorder:
 
 - a backend that captures some modules itself (``module`` with ``modules=``) claims them with
@@ -22,6 +24,8 @@ q and k and appends the :class:`AttentionRecord`. Backends read ``model``, ``bac
 - the ``hf`` backend wraps each transformers attention function call in :meth:`Recorder.function_call`;
   an SDPA call inside it (:meth:`Recorder.current_function_call`) is named after that module and marks
   it captured, else ``hf`` captures the call from the function's own arguments afterwards;
+- the ``softmax`` backend skips softmax calls made inside a transformers attention function call or an
+  owned module, which the ``hf`` and ``module`` backends capture with their q and k;
 - the ``mha`` backend keeps the key-padding mask of each running ``nn.TransformerEncoder``
   (:meth:`Recorder.push_encoder_padding`, :meth:`Recorder.pop_encoder_padding`) for its layers, which
   may get a nested tensor without one (:meth:`Recorder.encoder_padding`).
@@ -62,7 +66,7 @@ from .threads import compiling, enter_thread, leave_thread
 
 __all__ = ["record", "Recorder", "NothingCapturedWarning", "BACKENDS", "head_sigmas"]
 
-BACKENDS = ("sdpa", "hf", "mha", "module")
+BACKENDS = ("sdpa", "hf", "mha", "module", "softmax")
 STORES = ("qk", "stats")
 
 
@@ -167,16 +171,19 @@ class Recorder:
             (layer index, in the order the attention modules are first called), a ``str`` glob over the
             module path (``"encoder.layer.*.attention.self"``), a compiled regex, or a list of these.
         backend: ``"auto"`` (``sdpa`` always; ``hf`` for transformers models; ``mha`` when the model has
-            ``nn.MultiheadAttention`` layers; ``module`` when ``capture`` is given) or one name / a list
-            of names from ``"sdpa", "hf", "mha", "module"``.
+            ``nn.MultiheadAttention`` layers; ``module`` when ``capture`` is given, else ``softmax``,
+            which records attention computed by hand as P only: a capture function covers those
+            modules itself) or one name / a list of names from ``"sdpa", "hf", "mha", "module", "softmax"``.
         capture: for the ``module`` backend: ``capture(module, args, kwargs, output)`` returning None
             (not an attention module) or ``(q, k, mask, causal, scale)`` with ``q: [B, H, Nq, d]``,
             ``k: [B, H|Hkv, Nk, d]``, ``mask`` None / bool (True = attend) / float additive,
             broadcastable to ``[B, H, Nq, Nk]``, ``causal`` bool, ``scale`` float or None (1/sqrt(d)).
         modules: for the ``module`` backend, which modules ``capture`` is called on: None (every module),
             a module class or tuple of classes, or a glob over module paths.
-        store: ``"qk"`` keeps detached copies of q and k (``probs()`` works); ``"stats"`` computes the
-            streaming statistics during the forward pass and keeps no q, k (O(N) memory per layer).
+        store: ``"qk"`` keeps detached copies of q and k (``probs()`` works; a P-only record of the
+            ``softmax`` backend keeps its ``[B, H, Nq, Nk]`` P instead); ``"stats"`` computes the
+            streaming statistics during the forward pass and keeps no q, k (O(N) memory per layer; for
+            a P-only record, the dense statistics of its P, which is not kept).
         alongside: kernel names (``"lln"``, ``"relu"``, …, see :func:`attnstats.kernels.get_kernel`) or
             kernel objects evaluated on every captured q, k; :meth:`frame` then has a ``kernel``
             column with ``"softmax"`` for the captured attention.
@@ -241,8 +248,8 @@ class Recorder:
                 chosen.append("hf")
             if any(isinstance(m, nn.MultiheadAttention) for m in self.model.modules()):
                 chosen.append("mha")
-            if capture is not None:
-                chosen.append("module")
+            # a capture function describes the hand-written attention itself: softmax would record it again
+            chosen.append("module" if capture is not None else "softmax")
             return tuple(chosen)
         names = [backend] if isinstance(backend, str) else list(backend)
         for i, name in enumerate(names):
@@ -282,6 +289,10 @@ class Recorder:
                 from .sdpa import install_sdpa
 
                 install_sdpa(self, stack)
+            if "softmax" in self.backends:
+                from .softmax import install_softmax
+
+                install_softmax(self, stack)
         except BaseException:
             stack.close()
             raise
@@ -309,12 +320,13 @@ class Recorder:
             "hf": "hf (transformers attention functions)",
             "mha": "mha (nn.MultiheadAttention modules)",
             "module": "module (your capture function)",
+            "softmax": "softmax (softmax over q·k scores computed by hand)",
         }
         names = ", ".join(tried[b] for b in self.backends)
         sel = "" if not self._layer_of else f" ({len(self._layer_of)} attention modules were seen but none matched layers=)"
         return (
             f"record(): no attention was captured from {type(self.model).__name__}{sel}. Backends tried: {names}. "
-            f"If the model computes attention some other way (matmul + softmax), pass "
+            f"If the model computes attention some other way (e.g. a softmax whose layout cannot be read), pass "
             f"capture=fn(module, args, kwargs, output) -> (q, k, mask, causal, scale) for the 'module' backend. "
             f"Only calls made in the thread that opened the block are recorded, and calls through torch.compile are not seen"
         )
@@ -520,6 +532,51 @@ class Recorder:
                 stats=stats,
                 sinks=sinks,
             )
+        self.records.append(rec)
+        return rec
+
+    def capture_probs(self, name: str, p: torch.Tensor, attn_mask=None, *, backend: str) -> AttentionRecord | None:
+        """Hand over one attention call known only by its probabilities: a P-only record (q = k = None).
+
+        For backends that see the attention matrix but not the q and k it came from (``softmax``).
+
+        Args:
+            name: path of the module the call belongs to, numbered and selected as in :meth:`capture`.
+            p: ``[B, H, Nq, Nk]`` float probabilities as the layer computed them (before dropout); the
+                record keeps a float32 copy (:attr:`AttentionRecord.p`).
+            attn_mask: None or bool, True = attend, broadcastable to ``[B, H, Nq, Nk]``: the entries the
+                layer masked. Normalised like :meth:`capture`'s masks (key padding ``[B, 1, 1, Nk]``, a
+                causal pattern becomes ``is_causal=True``).
+            backend: name of the backend, kept in the record.
+
+        Returns:
+            The new record, or None when ``layers=`` does not select the call. With ``store="stats"``
+            its statistics are computed from ``p`` now (every group of ``metrics=``; no temperature,
+            which needs q and k) and ``p`` is not kept.
+        """
+        if not isinstance(p, torch.Tensor) or not p.is_floating_point() or p.dim() != 4:
+            got = f"shape {tuple(p.shape)} {p.dtype}" if isinstance(p, torch.Tensor) else type(p).__name__
+            raise ValueError(f"p: expected float probabilities [B, H, Nq, Nk], got {got}")
+        if attn_mask is not None and (not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool):
+            raise TypeError(f"attn_mask: expected None or a bool tensor (True = attend), got {getattr(attn_mask, 'dtype', type(attn_mask).__name__)}")
+        name = self._call_name(name)
+        layer = self._layer_of.setdefault(name, len(self._layer_of))
+        if not self._select(name, layer):
+            return None
+        with torch.no_grad():
+            b, h, nq, nk = p.shape
+            mask, _, causal = normalize_mask(attn_mask, False, nq, nk)
+            keep = p.detach().to(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
+            fields = dict(name=name, layer=layer, q=None, k=None, mask=mask, is_causal=causal, scale=float("nan"),
+                          backend=backend, call=len(self.records))
+            if self.store == "stats":
+                from ..metrics import record_metrics
+                from .stats_store import CapturedStats
+
+                values = record_metrics(AttentionRecord(**fields, p=keep), self.stats_metrics)
+                rec = AttentionRecord(**fields, stats=CapturedStats(shape=(b, h, nq, nk), values=values))
+            else:
+                rec = AttentionRecord(**fields, p=keep)
         self.records.append(rec)
         return rec
 
