@@ -35,6 +35,10 @@ Fields of an entry (the keywords of :func:`arch`):
               that what they add is visible (BEiT's relative position bias table).
   extra_records  attention calls the model makes that its ``output_attentions`` does not return
               (AIMv2's attention-pooling head).
+  reference   what ``output_attentions`` returns: ``"probs"``, or ``"scores"`` where the model returns its
+              pre-softmax scores (SqueezeBERT); the test then takes their softmax.
+  crop        ``output_attentions`` leaves out the first ``crop`` query and key positions of the matrix
+              the model computes (CPM-Ant drops its 32 prompt positions).
 """
 from __future__ import annotations
 
@@ -61,12 +65,6 @@ WAVE = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_he
             num_conv_pos_embedding_groups=4, pad_token_id=1, bos_token_id=0, eos_token_id=2)
 XVECTOR = dict(tdnn_dim=[32, 32], tdnn_kernel=[3, 1], tdnn_dilation=[1, 1], xvector_output_dim=32)
 
-# reasons of the known failures shared by several entries
-OWN = "no capture: the softmax is written in the modeling file"
-POSB = "wrong matrix: the position_bias= argument is not in the record"
-SINK = "wrong matrix: the attention sinks are not in the record"
-PACKED = "wrong heads: the grouped-query decoding step under SDPA is recorded with its query heads packed as positions"
-
 INPUT_KINDS = ("text", "text+decoder", "image", "video", "image+text", "features", "features+decoder", "waveform",
                "waveform+decoder")
 ROUTES = ("registry", "own softmax", "direct sdpa", "other", "gqa", "sliding window", "softcap", "bias", "sink",
@@ -75,7 +73,7 @@ MODES = ("eager", "sdpa", "flex_attention", "eager:decode", "sdpa:decode")
 
 
 def arch(name, inputs, config, *, pad=None, shapes=None, modes=("eager", "sdpa"), routes=("registry",), known=None,
-         extra=None, time_axis=-1, perturb=(), extra_records=0) -> dict:
+         extra=None, time_axis=-1, perturb=(), extra_records=0, reference="probs", crop=0) -> dict:
     """One entry of :data:`ARCHITECTURES` (the fields are described in the module docstring)."""
     if inputs not in INPUT_KINDS:
         raise ValueError(f"{name}: inputs: expected one of {INPUT_KINDS}, got {inputs!r}")
@@ -85,6 +83,8 @@ def arch(name, inputs, config, *, pad=None, shapes=None, modes=("eager", "sdpa")
     for m in modes:
         if m not in MODES:
             raise ValueError(f"{name}: modes: expected names from {MODES}, got {m!r}")
+    if reference not in ("probs", "scores"):
+        raise ValueError(f"{name}: reference: expected 'probs' or 'scores', got {reference!r}")
     if isinstance(known, str):
         known = {m: known for m in modes}
     for m in known or {}:
@@ -98,7 +98,8 @@ def arch(name, inputs, config, *, pad=None, shapes=None, modes=("eager", "sdpa")
                   }.get(inputs, {})
     return dict(name=name, model_type=name.split("+")[0], inputs=inputs, config=config, pad=tuple(pad), shapes=shapes,
                 modes=tuple(modes), routes=tuple(routes), known=dict(known or {}), extra=dict(extra or {}),
-                time_axis=time_axis, perturb=tuple(perturb), extra_records=extra_records)
+                time_axis=time_axis, perturb=tuple(perturb), extra_records=extra_records, reference=reference,
+                crop=crop)
 
 
 # fmt: off
@@ -115,30 +116,30 @@ ARCHITECTURES: list[dict] = [
     arch("clip_text_model", "text", dict(TEXT, projection_dim=32)),
     arch("splinter", "text", TEXT, modes=("eager",)),
     arch("modernbert", "text", dict(TEXT, local_attention=4), routes=("registry", "sliding window")),
-    arch("deberta", "text", dict(TEXT, relative_attention=True, pos_att_type=["p2c", "c2p"], max_relative_positions=16), modes=("eager",), routes=("own softmax",), known=OWN),
-    arch("deberta-v2", "text", dict(TEXT, relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=8, max_relative_positions=16), modes=("eager",), routes=("own softmax",), known=OWN),
-    arch("roformer", "text", dict(TEXT, embedding_size=32), modes=("eager",), routes=("own softmax",), known=OWN),
-    arch("convbert", "text", dict(TEXT, embedding_size=32), modes=("eager",), routes=("own softmax",), known=OWN),
-    arch("squeezebert", "text", dict(TEXT, embedding_size=32), modes=("eager",), routes=("own softmax",), known=OWN),
-    arch("ibert", "text", TEXT, modes=("eager",), routes=("own softmax",), known=OWN),
-    arch("flaubert", "text", dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2), modes=("eager",), routes=("own softmax",), known=OWN),
-    arch("xlm", "text", dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2), modes=("eager",), routes=("own softmax",), known=OWN),
-    arch("megatron-bert", "text", TEXT, modes=("eager",), routes=("own softmax",), known=OWN),
-    arch("big_bird", "text", dict(TEXT, attention_type="original_full"), modes=("eager",), routes=("own softmax",), known=OWN),
-    arch("mpnet", "text", TEXT, modes=("eager",), routes=("own softmax", "bias"), known=OWN),
-    arch("llama", "text", LM, pad=LR, modes=("eager", "sdpa", "flex_attention", "eager:decode", "sdpa:decode"), routes=("registry", "gqa"), known={"sdpa:decode": PACKED}),
-    arch("mistral", "text", LM, pad=LR, modes=("eager", "sdpa", "eager:decode", "sdpa:decode"), routes=("registry", "gqa"), known={"sdpa:decode": PACKED}),
-    arch("qwen2", "text", dict(TEXT, num_key_value_heads=2), pad=LR, modes=("eager", "sdpa", "eager:decode", "sdpa:decode"), routes=("registry", "gqa"), known={"sdpa:decode": PACKED}),
-    arch("qwen3", "text", LM, pad=LR, modes=("eager", "sdpa", "eager:decode", "sdpa:decode"), routes=("registry", "gqa"), known={"sdpa:decode": PACKED}),
-    arch("gemma", "text", LM, pad=LR, modes=("eager", "sdpa", "eager:decode", "sdpa:decode"), routes=("registry", "gqa"), known={"sdpa:decode": PACKED}),
-    arch("olmo2", "text", dict(TEXT, num_key_value_heads=2), pad=LR, modes=("eager", "sdpa", "eager:decode", "sdpa:decode"), routes=("registry", "gqa"), known={"sdpa:decode": PACKED}),
-    arch("starcoder2", "text", dict(TEXT, num_key_value_heads=2), pad=LR, modes=("eager", "sdpa", "eager:decode", "sdpa:decode"), routes=("registry", "gqa"), known={"sdpa:decode": PACKED}),
-    arch("granite", "text", dict(TEXT, num_key_value_heads=2), pad=LR, modes=("eager", "sdpa", "eager:decode", "sdpa:decode"), routes=("registry", "gqa"), known={"sdpa:decode": PACKED}),
-    arch("mistral+swa", "text", dict(LM, sliding_window=4), pad=LR, modes=("eager", "sdpa", "eager:decode", "sdpa:decode"), routes=("registry", "gqa", "sliding window"), known={"sdpa:decode": PACKED}),
-    arch("gemma3_text", "text", dict(LM, sliding_window=4), pad=LR, modes=("eager", "sdpa", "eager:decode", "sdpa:decode"), routes=("registry", "gqa", "sliding window"), known={"sdpa:decode": PACKED}),
+    arch("deberta", "text", dict(TEXT, relative_attention=True, pos_att_type=["p2c", "c2p"], max_relative_positions=16), modes=("eager",), routes=("own softmax",)),
+    arch("deberta-v2", "text", dict(TEXT, relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=8, max_relative_positions=16), modes=("eager",), routes=("own softmax",)),
+    arch("roformer", "text", dict(TEXT, embedding_size=32), modes=("eager",), routes=("own softmax",)),
+    arch("convbert", "text", dict(TEXT, embedding_size=32), modes=("eager",), routes=("own softmax",)),
+    arch("squeezebert", "text", dict(TEXT, embedding_size=32), modes=("eager",), routes=("own softmax",), reference="scores"),
+    arch("ibert", "text", TEXT, modes=("eager",), routes=("own softmax",)),
+    arch("flaubert", "text", dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2), modes=("eager",), routes=("own softmax",)),
+    arch("xlm", "text", dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2), modes=("eager",), routes=("own softmax",)),
+    arch("megatron-bert", "text", TEXT, modes=("eager",), routes=("own softmax",)),
+    arch("big_bird", "text", dict(TEXT, attention_type="original_full"), modes=("eager",), routes=("own softmax",)),
+    arch("mpnet", "text", TEXT, modes=("eager",), routes=("own softmax", "bias")),
+    arch("llama", "text", LM, pad=LR, modes=("eager", "sdpa", "flex_attention", "eager:decode", "sdpa:decode"), routes=("registry", "gqa")),
+    arch("mistral", "text", LM, pad=LR, modes=("eager", "sdpa", "eager:decode", "sdpa:decode"), routes=("registry", "gqa")),
+    arch("qwen2", "text", dict(TEXT, num_key_value_heads=2), pad=LR, modes=("eager", "sdpa", "eager:decode", "sdpa:decode"), routes=("registry", "gqa")),
+    arch("qwen3", "text", LM, pad=LR, modes=("eager", "sdpa", "eager:decode", "sdpa:decode"), routes=("registry", "gqa")),
+    arch("gemma", "text", LM, pad=LR, modes=("eager", "sdpa", "eager:decode", "sdpa:decode"), routes=("registry", "gqa")),
+    arch("olmo2", "text", dict(TEXT, num_key_value_heads=2), pad=LR, modes=("eager", "sdpa", "eager:decode", "sdpa:decode"), routes=("registry", "gqa")),
+    arch("starcoder2", "text", dict(TEXT, num_key_value_heads=2), pad=LR, modes=("eager", "sdpa", "eager:decode", "sdpa:decode"), routes=("registry", "gqa")),
+    arch("granite", "text", dict(TEXT, num_key_value_heads=2), pad=LR, modes=("eager", "sdpa", "eager:decode", "sdpa:decode"), routes=("registry", "gqa")),
+    arch("mistral+swa", "text", dict(LM, sliding_window=4), pad=LR, modes=("eager", "sdpa", "eager:decode", "sdpa:decode"), routes=("registry", "gqa", "sliding window")),
+    arch("gemma3_text", "text", dict(LM, sliding_window=4), pad=LR, modes=("eager", "sdpa", "eager:decode", "sdpa:decode"), routes=("registry", "gqa", "sliding window")),
     arch("gemma2", "text", dict(LM, sliding_window=4), pad=LR, modes=("eager", "flex_attention"), routes=("registry", "gqa", "sliding window", "softcap")),
     arch("vaultgemma", "text", LM, pad=LR, modes=("eager",), routes=("registry", "gqa", "softcap")),
-    arch("gpt_bigcode", "text", dict(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=64, pad_token_id=1, bos_token_id=0, eos_token_id=2), pad=LR, modes=("eager", "sdpa", "eager:decode", "sdpa:decode"), routes=("registry", "gqa"), known={"sdpa:decode": PACKED}),
+    arch("gpt_bigcode", "text", dict(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=64, pad_token_id=1, bos_token_id=0, eos_token_id=2), pad=LR, modes=("eager", "sdpa", "eager:decode", "sdpa:decode"), routes=("registry", "gqa")),
     arch("gpt2", "text", dict(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=64, pad_token_id=1, bos_token_id=0, eos_token_id=2), pad=LR),
     arch("gpt_neox", "text", TEXT, pad=LR),
     arch("opt", "text", dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, ffn_dim=64, pad_token_id=1, bos_token_id=0, eos_token_id=2), pad=LR),
@@ -152,34 +153,34 @@ ARCHITECTURES: list[dict] = [
     arch("qwen2_moe", "text", dict(TEXT, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32), pad=LR, routes=("registry", "gqa")),
     arch("deepseek_v3", "text", dict(TEXT, num_key_value_heads=4, num_experts_per_tok=2, moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, first_k_dense_replace=1, n_group=1, topk_group=1), pad=LR),
     arch("jamba", "text", dict(TEXT, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, use_mamba_kernels=False), pad=LR),
-    arch("bloom", "text", dict(vocab_size=99, hidden_size=32, n_layer=2, n_head=4, pad_token_id=1, bos_token_id=0, eos_token_id=2), pad=LR, modes=("eager",), routes=("own softmax", "bias"), known=OWN),
-    arch("mpt", "text", dict(vocab_size=99, num_hidden_layers=2, num_attention_heads=4, d_model=32, max_seq_len=64, pad_token_id=1, bos_token_id=0, eos_token_id=2, attn_config=dict()), pad=LR, modes=("eager",), routes=("own softmax", "bias"), known=OWN),
-    arch("gpt_neo", "text", dict(vocab_size=99, hidden_size=32, intermediate_size=64, max_position_embeddings=64, num_layers=2, num_heads=4, pad_token_id=1, bos_token_id=0, eos_token_id=2, attention_types=[[["global", "local"], 1]], window_size=4), pad=LR, modes=("eager",), routes=("own softmax", "sliding window"), known=OWN),
-    arch("gptj", "text", dict(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=64, pad_token_id=1, bos_token_id=0, eos_token_id=2, rotary_dim=4), pad=LR, modes=("eager",), routes=("own softmax",), known=OWN),
-    arch("codegen", "text", dict(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_ctx=64, n_inner=64, bos_token_id=0, eos_token_id=2, rotary_dim=4), pad=LR, modes=("eager",), routes=("own softmax",), known=OWN),
-    arch("openai-gpt", "text", dict(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=1, bos_token_id=0, eos_token_id=2), pad=LR, modes=("eager",), routes=("own softmax",), known=OWN),
-    arch("imagegpt", "text", dict(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=64, pad_token_id=1, bos_token_id=0, eos_token_id=2), pad=LR, modes=("eager",), routes=("own softmax",), known=OWN),
-    arch("xglm", "text", dict(vocab_size=99, num_attention_heads=4, max_position_embeddings=64, d_model=32, num_layers=2, ffn_dim=64, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=0), pad=LR, modes=("eager",), routes=("own softmax",), known=OWN),
-    arch("gpt_neox_japanese", "text", dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2), pad=LR, modes=("eager",), routes=("own softmax",), known=OWN),
-    arch("git", "text", dict(TEXT, vision_config=VISION), pad=LR, modes=("eager",), routes=("own softmax",), known=OWN),
-    arch("falcon", "text", dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2), pad=LR, routes=("own softmax", "direct sdpa"), known={"eager": OWN}),
-    arch("falcon+alibi", "text", dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2, alibi=True), pad=LR, routes=("own softmax", "direct sdpa", "bias"), known={"eager": OWN, "sdpa": "reference differs: transformers' eager Falcon adds ALiBi twice, its sdpa once"}),
-    arch("falcon+gqa", "text", dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2, new_decoder_architecture=True, num_kv_heads=2), pad=LR, modes=("eager", "sdpa", "eager:decode", "sdpa:decode"), routes=("own softmax", "direct sdpa", "gqa"), known={"eager": OWN, "eager:decode": OWN}),
-    arch("cpmant", "text", dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4), pad=LR, modes=("eager",), routes=("own softmax", "bias"), known=OWN),
-    arch("xlnet", "text", dict(vocab_size=99, d_model=32, n_layer=2, n_head=4, pad_token_id=1, bos_token_id=0, eos_token_id=2), pad=LR, modes=("eager",), routes=("own softmax", "bias"), known=OWN),
-    arch("gpt_oss", "text", dict(LM, num_local_experts=4, num_experts_per_tok=2), pad=LR, modes=("eager", "flex_attention", "eager:decode"), routes=("registry", "gqa", "sink"), known={"eager": SINK, "eager:decode": SINK}),
-    arch("flint", "text", dict(LM, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32), pad=LR, modes=("eager", "eager:decode"), routes=("registry", "gqa", "sink"), known="wrong matrix: the attention sinks are not in the record"),
-    arch("mimo_v2_flash", "text", dict(LM, num_experts_per_tok=2, moe_intermediate_size=32, n_routed_experts=4, v_head_dim=8, n_group=1, topk_group=1), pad=LR, modes=("eager", "eager:decode"), routes=("registry", "gqa", "sink"), known="wrong matrix: the attention sinks are not in the record"),
-    arch("hy_v4", "text", dict(LM, num_experts_per_tok=2, moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1), pad=LR, modes=("eager", "eager:decode"), routes=("registry", "gqa", "sink"), known="wrong matrix: the attention sinks are not in the record"),
-    arch("openai_privacy_filter", "text", dict(LM, num_local_experts=4, num_experts_per_tok=2), modes=("eager",), routes=("registry", "gqa", "sink"), known="wrong matrix: the attention sinks are not in the record"),
-    arch("inkling2_text", "text", dict(**GQA, vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, num_experts_per_tok=2, moe_intermediate_size=32, n_routed_experts=4, pad_token_id=1, bos_token_id=0, eos_token_id=2), pad=LR, modes=("eager",), routes=("registry", "bias", "sink"), known="wrong matrix: the attention sinks and the position_bias= argument are not in the record", extra_records=4),
-    arch("t5", "text+decoder", dict(vocab_size=99, d_model=32, num_layers=2, num_heads=4, d_ff=64, d_kv=8, num_decoder_layers=2, pad_token_id=1, eos_token_id=2), modes=("eager", "sdpa", "flex_attention"), routes=("registry", "bias", "cross-attention"), known={"eager": POSB}),
-    arch("mt5", "text+decoder", dict(vocab_size=99, d_model=32, num_layers=2, num_heads=4, d_ff=64, d_kv=8, num_decoder_layers=2, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=0), routes=("registry", "bias", "cross-attention"), known={"eager": POSB}),
-    arch("switch_transformers", "text+decoder", dict(vocab_size=99, d_model=32, num_layers=2, num_heads=4, d_ff=64, d_kv=8, num_decoder_layers=2, num_experts=4, pad_token_id=1, bos_token_id=0, eos_token_id=2), modes=("eager",), routes=("registry", "bias", "cross-attention"), known="wrong matrix: the position_bias= argument is not in the record"),
-    arch("umt5", "text+decoder", dict(vocab_size=99, d_model=32, num_layers=2, num_heads=4, d_ff=64, d_kv=8, num_decoder_layers=2, pad_token_id=1, eos_token_id=2, decoder_start_token_id=0), routes=("registry", "bias", "cross-attention"), known={"eager": POSB}),
-    arch("inkling_text", "text", dict(LM, num_experts_per_tok=2, moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1), pad=LR, routes=("registry", "bias"), known={"eager": POSB}),
-    arch("wav2vec2-conformer", "waveform", dict(WAVE, **XVECTOR, max_source_positions=32), routes=("registry", "bias"), known={"eager": POSB}),
-    arch("wav2vec2-bert", "features", dict(**XVECTOR, vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_source_positions=32, pad_token_id=1, bos_token_id=0, eos_token_id=2, feature_projection_input_dim=32, conv_depthwise_kernel_size=3), pad=R, shapes={"input_features": (2, 16, 32)}, routes=("registry", "bias"), time_axis=1, known={"eager": POSB}),
+    arch("bloom", "text", dict(vocab_size=99, hidden_size=32, n_layer=2, n_head=4, pad_token_id=1, bos_token_id=0, eos_token_id=2), pad=LR, modes=("eager",), routes=("own softmax", "bias")),
+    arch("mpt", "text", dict(vocab_size=99, num_hidden_layers=2, num_attention_heads=4, d_model=32, max_seq_len=64, pad_token_id=1, bos_token_id=0, eos_token_id=2, attn_config=dict()), pad=LR, modes=("eager",), routes=("own softmax", "bias")),
+    arch("gpt_neo", "text", dict(vocab_size=99, hidden_size=32, intermediate_size=64, max_position_embeddings=64, num_layers=2, num_heads=4, pad_token_id=1, bos_token_id=0, eos_token_id=2, attention_types=[[["global", "local"], 1]], window_size=4), pad=LR, modes=("eager",), routes=("own softmax", "sliding window")),
+    arch("gptj", "text", dict(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=64, pad_token_id=1, bos_token_id=0, eos_token_id=2, rotary_dim=4), pad=LR, modes=("eager",), routes=("own softmax",)),
+    arch("codegen", "text", dict(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_ctx=64, n_inner=64, bos_token_id=0, eos_token_id=2, rotary_dim=4), pad=LR, modes=("eager",), routes=("own softmax",)),
+    arch("openai-gpt", "text", dict(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=1, bos_token_id=0, eos_token_id=2), pad=LR, modes=("eager",), routes=("own softmax",)),
+    arch("imagegpt", "text", dict(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=64, pad_token_id=1, bos_token_id=0, eos_token_id=2), pad=LR, modes=("eager",), routes=("own softmax",)),
+    arch("xglm", "text", dict(vocab_size=99, num_attention_heads=4, max_position_embeddings=64, d_model=32, num_layers=2, ffn_dim=64, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=0), pad=LR, modes=("eager",), routes=("own softmax",)),
+    arch("gpt_neox_japanese", "text", dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2), pad=LR, modes=("eager",), routes=("own softmax",)),
+    arch("git", "text", dict(TEXT, vision_config=VISION), pad=LR, modes=("eager",), routes=("own softmax",)),
+    arch("falcon", "text", dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2), pad=LR, routes=("own softmax", "direct sdpa")),
+    arch("falcon+alibi", "text", dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2, alibi=True), pad=LR, routes=("own softmax", "direct sdpa", "bias"), known={"sdpa": "reference differs: transformers' eager Falcon adds ALiBi twice, its sdpa once"}),
+    arch("falcon+gqa", "text", dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2, new_decoder_architecture=True, num_kv_heads=2), pad=LR, modes=("eager", "sdpa", "eager:decode", "sdpa:decode"), routes=("own softmax", "direct sdpa", "gqa")),
+    arch("cpmant", "text", dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4), pad=LR, modes=("eager",), routes=("own softmax", "bias"), crop=32),
+    arch("xlnet", "text", dict(vocab_size=99, d_model=32, n_layer=2, n_head=4, pad_token_id=1, bos_token_id=0, eos_token_id=2), pad=LR, modes=("eager",), routes=("own softmax", "bias")),
+    arch("gpt_oss", "text", dict(LM, num_local_experts=4, num_experts_per_tok=2), pad=LR, modes=("eager", "flex_attention", "eager:decode"), routes=("registry", "gqa", "sink")),
+    arch("flint", "text", dict(LM, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32), pad=LR, modes=("eager", "eager:decode"), routes=("registry", "gqa", "sink")),
+    arch("mimo_v2_flash", "text", dict(LM, num_experts_per_tok=2, moe_intermediate_size=32, n_routed_experts=4, v_head_dim=8, n_group=1, topk_group=1), pad=LR, modes=("eager", "eager:decode"), routes=("registry", "gqa", "sink")),
+    arch("hy_v4", "text", dict(LM, num_experts_per_tok=2, moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1), pad=LR, modes=("eager", "eager:decode"), routes=("registry", "gqa", "sink")),
+    arch("openai_privacy_filter", "text", dict(LM, num_local_experts=4, num_experts_per_tok=2), modes=("eager",), routes=("registry", "gqa", "sink")),
+    arch("inkling2_text", "text", dict(**GQA, vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, num_experts_per_tok=2, moe_intermediate_size=32, n_routed_experts=4, pad_token_id=1, bos_token_id=0, eos_token_id=2), pad=LR, modes=("eager",), routes=("registry", "bias", "sink"), extra_records=4),
+    arch("t5", "text+decoder", dict(vocab_size=99, d_model=32, num_layers=2, num_heads=4, d_ff=64, d_kv=8, num_decoder_layers=2, pad_token_id=1, eos_token_id=2), modes=("eager", "sdpa", "flex_attention"), routes=("registry", "bias", "cross-attention")),
+    arch("mt5", "text+decoder", dict(vocab_size=99, d_model=32, num_layers=2, num_heads=4, d_ff=64, d_kv=8, num_decoder_layers=2, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=0), routes=("registry", "bias", "cross-attention")),
+    arch("switch_transformers", "text+decoder", dict(vocab_size=99, d_model=32, num_layers=2, num_heads=4, d_ff=64, d_kv=8, num_decoder_layers=2, num_experts=4, pad_token_id=1, bos_token_id=0, eos_token_id=2), modes=("eager",), routes=("registry", "bias", "cross-attention")),
+    arch("umt5", "text+decoder", dict(vocab_size=99, d_model=32, num_layers=2, num_heads=4, d_ff=64, d_kv=8, num_decoder_layers=2, pad_token_id=1, eos_token_id=2, decoder_start_token_id=0), routes=("registry", "bias", "cross-attention")),
+    arch("inkling_text", "text", dict(LM, num_experts_per_tok=2, moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1), pad=LR, routes=("registry", "bias")),
+    arch("wav2vec2-conformer", "waveform", dict(WAVE, **XVECTOR, max_source_positions=32), routes=("registry", "bias")),
+    arch("wav2vec2-bert", "features", dict(**XVECTOR, vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_source_positions=32, pad_token_id=1, bos_token_id=0, eos_token_id=2, feature_projection_input_dim=32, conv_depthwise_kernel_size=3), pad=R, shapes={"input_features": (2, 16, 32)}, routes=("registry", "bias"), time_axis=1),
     arch("bart", "text+decoder", dict(SEQ2SEQ, max_position_embeddings=64), routes=("registry", "cross-attention")),
     arch("marian", "text+decoder", dict(SEQ2SEQ, max_position_embeddings=64), routes=("registry", "cross-attention")),
     arch("mbart", "text+decoder", dict(SEQ2SEQ, max_position_embeddings=64), routes=("registry", "cross-attention")),
@@ -190,9 +191,9 @@ ARCHITECTURES: list[dict] = [
     arch("speech_to_text", "features+decoder", dict(SEQ2SEQ, max_source_positions=64, max_target_positions=64, input_feat_per_channel=16, input_channels=1, conv_channels=32), pad=R, shapes={"input_features": (2, 32, 16)}, modes=("eager",), routes=("registry", "cross-attention"), time_axis=1),
     arch("moonshine", "waveform+decoder", dict(vocab_size=99, hidden_size=32, num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64, decoder_num_attention_heads=4, decoder_num_hidden_layers=2, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=0), routes=("registry", "cross-attention")),
     arch("t5gemma", "text+decoder", dict(vocab_size=99, encoder=LM, decoder=LM), modes=("eager",), routes=("registry", "cross-attention", "softcap", "gqa")),
-    arch("fsmt", "text+decoder", dict(SEQ2SEQ, max_position_embeddings=64), modes=("eager",), routes=("own softmax", "cross-attention"), known=OWN),
-    arch("mvp", "text+decoder", dict(SEQ2SEQ, max_position_embeddings=64), modes=("eager",), routes=("own softmax", "cross-attention"), known=OWN),
-    arch("bigbird_pegasus", "text+decoder", dict(SEQ2SEQ, max_position_embeddings=64), modes=("eager",), routes=("registry", "own softmax", "cross-attention"), known="no capture of the encoder: its softmax is written in the modeling file"),
+    arch("fsmt", "text+decoder", dict(SEQ2SEQ, max_position_embeddings=64), modes=("eager",), routes=("own softmax", "cross-attention")),
+    arch("mvp", "text+decoder", dict(SEQ2SEQ, max_position_embeddings=64), modes=("eager",), routes=("own softmax", "cross-attention")),
+    arch("bigbird_pegasus", "text+decoder", dict(SEQ2SEQ, max_position_embeddings=64), modes=("eager",), routes=("registry", "own softmax", "cross-attention")),
     arch("gpt2+cross", "text", dict(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=64, pad_token_id=1, bos_token_id=0, eos_token_id=2, add_cross_attention=True), pad=LR, routes=("registry", "cross-attention"), extra={"encoder_hidden_states": "randn:2,6,32"}, known={"sdpa-left": "reference differs: transformers' eager and sdpa differ at pad-token query rows, which a cross-attention record keeps"}),
     arch("vit", "image", VISION, modes=("eager", "sdpa", "flex_attention")),
     arch("deit", "image", VISION),
@@ -206,16 +207,16 @@ ARCHITECTURES: list[dict] = [
     arch("videomae", "video", dict(VISION, decoder_hidden_size=32, decoder_num_attention_heads=4, decoder_num_hidden_layers=2, decoder_intermediate_size=64, num_frames=4, tubelet_size=2), shapes={"pixel_values": (2, 4, 3, 32, 32)}),
     arch("vivit", "video", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32, num_channels=3, num_frames=4, tubelet_size=[2, 8, 8]), shapes={"pixel_values": (2, 4, 3, 32, 32)}),
     arch("detr", "image", dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_channels=3, use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=dict(model_type="resnet", embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], out_features=["stage2"]), num_queries=6), modes=("eager",), routes=("registry", "cross-attention")),
-    arch("pvt", "image", dict(num_attention_heads=[1, 2], image_size=32, num_channels=3, num_encoder_blocks=2, depths=[1, 1], sequence_reduction_ratios=[2, 1], hidden_sizes=[16, 32], patch_sizes=[4, 2], strides=[4, 2], mlp_ratios=[2, 2]), modes=("eager",), routes=("own softmax",), known=OWN),
-    arch("vitdet", "image", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8, num_channels=3), modes=("eager",), routes=("own softmax",), known=OWN),
-    arch("data2vec-vision", "image", VISION, routes=("own softmax", "direct sdpa"), known={"eager": OWN}),
+    arch("pvt", "image", dict(num_attention_heads=[1, 2], image_size=32, num_channels=3, num_encoder_blocks=2, depths=[1, 1], sequence_reduction_ratios=[2, 1], hidden_sizes=[16, 32], patch_sizes=[4, 2], strides=[4, 2], mlp_ratios=[2, 2]), modes=("eager",), routes=("own softmax",)),
+    arch("vitdet", "image", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8, num_channels=3), modes=("eager",), routes=("own softmax",)),
+    arch("data2vec-vision", "image", VISION, routes=("own softmax", "direct sdpa")),
     arch("beit+relpos", "image", dict(VISION, vocab_size=99, use_relative_position_bias=True), routes=("registry", "bias"), perturb=("relative_position_bias",)),
-    arch("data2vec-vision+relpos", "image", dict(VISION, use_relative_position_bias=True), routes=("own softmax", "bias"), known={"eager": OWN}, perturb=("relative_position_bias",)),
+    arch("data2vec-vision+relpos", "image", dict(VISION, use_relative_position_bias=True), routes=("own softmax", "bias"), perturb=("relative_position_bias",)),
     arch("wav2vec2", "waveform", dict(WAVE, **XVECTOR)),
     arch("hubert", "waveform", WAVE),
     arch("data2vec-audio", "waveform", dict(WAVE, **XVECTOR)),
     arch("sew", "waveform", WAVE),
-    arch("sew-d", "waveform", dict(WAVE, max_position_embeddings=64, position_buckets=8, max_relative_positions=16), modes=("eager",), routes=("own softmax",), known=OWN),
+    arch("sew-d", "waveform", dict(WAVE, max_position_embeddings=64, position_buckets=8, max_relative_positions=16), modes=("eager",), routes=("own softmax",)),
     arch("wavlm", "waveform", dict(WAVE, **XVECTOR), modes=("eager",), routes=("other",), known="no capture: the attention runs inside F.multi_head_attention_forward"),
     arch("audio-spectrogram-transformer", "features", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, patch_size=8, num_mel_bins=16, max_length=24, frequency_stride=8, time_stride=8), shapes={"input_values": (2, 24, 16)}),
     arch("qwen2_audio_encoder", "features", dict(d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64, max_source_positions=32, num_mel_bins=16), shapes={"input_features": (2, 16, 64)}),
@@ -223,10 +224,10 @@ ARCHITECTURES: list[dict] = [
     arch("clip", "image+text", dict(projection_dim=32, vision_config=dict(VISION, projection_dim=32), text_config=dict(TEXT, projection_dim=32))),
     arch("siglip", "image+text", dict(vision_config=VISION, text_config=TEXT), extra_records=1),
     arch("owlvit", "image+text", dict(projection_dim=32, text_config=TEXT, vision_config=VISION)),
-    arch("blip", "image+text", dict(projection_dim=32, text_config=dict(TEXT, encoder_hidden_size=32, projection_dim=32), vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, projection_dim=32, image_size=32, patch_size=8)), modes=("eager",), routes=("own softmax",), known=OWN),
+    arch("blip", "image+text", dict(projection_dim=32, text_config=dict(TEXT, encoder_hidden_size=32, projection_dim=32), vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, projection_dim=32, image_size=32, patch_size=8)), modes=("eager",), routes=("own softmax",)),
     arch("aimv2", "image+text", dict(projection_dim=32, vision_config=VISION, text_config=dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64, eos_token_id=2)), extra_records=1),
-    arch("tipsv2", "image+text", dict(text_config=TEXT, vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8, num_channels=3)), known={"eager": "no capture of the text tower: its eager function is named text_eager_attention_forward"}),
-    arch("flava", "text", dict(hidden_size=32, projection_dim=32, text_config=dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64, pad_token_id=1), image_config=dict(VISION, vocab_size=99), multimodal_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64), image_codebook_config=dict(vocab_size=99, hidden_size=32)), modes=("eager",), routes=("own softmax",), known=OWN),
+    arch("tipsv2", "image+text", dict(text_config=TEXT, vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8, num_channels=3))),
+    arch("flava", "text", dict(hidden_size=32, projection_dim=32, text_config=dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64, pad_token_id=1), image_config=dict(VISION, vocab_size=99), multimodal_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64), image_codebook_config=dict(vocab_size=99, hidden_size=32)), modes=("eager",), routes=("own softmax",)),
     arch("chinese_clip", "image+text", dict(projection_dim=32, vision_config=dict(VISION, projection_dim=32), text_config=TEXT)),
 ]
 # fmt: on

@@ -150,8 +150,9 @@ def _prefill(model, inputs):
     return out.past_key_values
 
 
-def _bound(record, pe: torch.Tensor, impl: str) -> torch.Tensor:
-    """Largest ``|probs() − P_eager|`` allowed per entry, ``[B, H, Nq, Nk]`` float64.
+def _bound(record, pe: torch.Tensor, impl: str, crop: int = 0) -> torch.Tensor:
+    """Largest ``|probs() − P_eager|`` allowed per entry, ``[B, H, Nq, Nk]`` float64 (the shape of ``pe``,
+    the record's matrix without its first ``crop`` query and key positions).
 
     Both are softmaxes of the same scores up to rounding: if the scores of a row differ by at most δ,
     each probability p moves by at most p·(exp(2δ) − 1) (as in
@@ -168,7 +169,7 @@ def _bound(record, pe: torch.Tensor, impl: str) -> torch.Tensor:
     The float32 softmax itself rounds each p by a relative (Nk + 3)·u (exp, the row sum, the division)
     and an absolute u where p underflows.
     """
-    b, h, nq, nk = pe.shape
+    b, h, nq, nk = record.shape
     delta = torch.zeros(b, h, nq, 1, dtype=torch.float64)
     if record.q is not None and record.k is not None:
         q, k = record.q.double().abs(), record.k.double().abs()
@@ -180,7 +181,7 @@ def _bound(record, pe: torch.Tensor, impl: str) -> torch.Tensor:
             delta = delta + 2 * U * abs(record.softcap)
     if impl != "eager":
         delta = delta + DRIFT
-    return pe.double() * (torch.expm1(2 * delta) + (nk + 3) * U) + U
+    return pe.double() * (torch.expm1(2 * delta[..., crop:, :]) + (nk + 3) * U) + U
 
 
 @pytest.mark.parametrize("entry, mode, side", list(_cases()))
@@ -236,16 +237,22 @@ def test_capture_equals_eager_attentions(entry, mode, side):
             assert pending, f"no record left for an eager attention of shape {shape}"
             kept.append(pending.pop(0))
         records = kept
+    c = entry["crop"]
     for i, (r, (pe, where)) in enumerate(zip(records, references)):
-        assert tuple(r.shape) == tuple(pe.shape), (
+        b, h, nq, nk = r.shape
+        assert (b, h, nq - c, nk - c) == tuple(pe.shape), (
             f"record {i} ({r.name}) has shape {tuple(r.shape)}, the eager attention of {where} {tuple(pe.shape)}"
+            f"{f' (without {c} positions)' if c else ''}"
         )
-        p = r.probs(dtype=torch.float64)
+        if entry["reference"] == "scores":
+            pe = torch.softmax(pe, dim=-1)  # the softmax the model takes of the scores it returns
+        p = r.probs(dtype=torch.float64)[..., c:, c:]
         rows = r.query_valid()
-        rows = torch.ones(pe.shape[:3], dtype=torch.bool) if rows is None else rows.expand(pe.shape[:3])
+        rows = torch.ones(b, h, nq, dtype=torch.bool) if rows is None else rows.expand(b, h, nq)
         assert rows[0].all(), f"record {i} ({r.name}) drops query rows of the unpadded batch item"
+        rows = rows[..., c:]
         err = (p - pe.double()).abs()
-        excess = (err - _bound(r, pe, impl)).masked_fill(~rows[..., None], -math.inf)
+        excess = (err - _bound(r, pe, impl, c)).masked_fill(~rows[..., None], -math.inf)
         assert excess.max().item() <= 0, (
             f"record {i} ({r.name}, eager {where}): probs() differs from the eager attention by up to "
             f"{err.masked_fill(~rows[..., None], 0).max().item():.3g}"
