@@ -386,3 +386,39 @@ def test_record_is_named_after_the_module_holding_product_and_softmax():
         p = model[0](q, k)
     (r,) = rec.records
     assert r.name == "0" and torch.equal(r.probs(), p)
+
+
+class DeadSoftmaxThenSDPA(nn.Module):
+    """SAM2's multi-scale attention: a softmax over heads per token that is never used, then SDPA."""
+
+    num_heads = 2
+
+    def forward(self, q, k, v):  # [B, N, H, d] each
+        unused = (q @ k.transpose(-2, -1)).softmax(-1)  # [B, N, H, H]: heads on axis 2 when N != H
+        del unused
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+
+
+@pytest.mark.parametrize("n", [2, 5])  # N = H: the dead softmax looks like [B, H, N, N]; N != H: heads on axis 2
+def test_a_module_another_backend_captured_in_the_same_forward_is_not_recorded_again(n):
+    q, k, v = (torch.randn(2, n, 2, 4) for _ in range(3))
+    model = DeadSoftmaxThenSDPA()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no layout warning for the dead softmax
+        with torch.no_grad(), attnstats.record(model) as rec:
+            model(q, k, v)
+    assert [(r.name, r.backend) for r in rec.records] == [("", "sdpa")]
+
+
+def test_a_capture_function_and_the_softmax_backend_record_a_module_once():
+    model = RoutedAttention().eval()
+    x = torch.randn(2, 6, 8)
+
+    def capture(module, args, kwargs, output):
+        if module is model:
+            return torch.randn(2, 2, 6, 4), torch.randn(2, 2, 6, 4), None, False, None
+        return None
+
+    with torch.no_grad(), attnstats.record(model, backend=["module", "softmax"], capture=capture) as rec:
+        model(x)
+    assert [(r.name, r.backend) for r in rec.records] == [("", "module")]

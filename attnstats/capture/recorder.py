@@ -25,7 +25,9 @@ passes them to :meth:`Recorder.capture_probs` instead). Backends read ``model``,
   an SDPA call inside it (:meth:`Recorder.current_function_call`) is named after that module and marks
   it captured, else ``hf`` captures the call from the function's own arguments afterwards;
 - the ``softmax`` backend skips softmax calls made inside a transformers attention function call or an
-  owned module, which the ``hf`` and ``module`` backends capture with their q and k;
+  owned module, which the ``hf`` and ``module`` backends capture with their q and k, and hands its calls
+  over when the module's forward ends, unless another backend captured the module in that forward
+  (:meth:`Recorder.calls_in_forward`);
 - the ``mha`` backend keeps the key-padding mask of each running ``nn.TransformerEncoder``
   (:meth:`Recorder.push_encoder_padding`, :meth:`Recorder.pop_encoder_padding`) for its layers, which
   may get a nested tensor without one (:meth:`Recorder.encoder_padding`).
@@ -388,6 +390,14 @@ class Recorder:
     def current_module(self) -> str:
         """Path of the innermost module of the model whose forward is running ('' if none)."""
         return self._stack[-1] if self._stack else ""
+
+    def calls_in_forward(self, name: str) -> int:
+        """How many attention calls of module ``name`` were handed over in its current (or last) forward.
+
+        The ``softmax`` backend reads it when a module's forward ends, so that it does not record the
+        module's own softmax again when another backend captured the module in that forward.
+        """
+        return self._calls_in_forward.get(name, 0)
 
     def own_module(self, module) -> None:
         """Declare that a backend captures ``module`` itself: SDPA calls made inside its forward are skipped.

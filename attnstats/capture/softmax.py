@@ -20,9 +20,13 @@ output is copied afterwards, so the model's outputs are bit for bit those withou
   ``hf`` backend wraps (that backend records the call with its q and k), nor inside a module claimed by
   the ``module`` backend (``modules=``); ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer``
   run with the capture modes taken off the stack (their fast paths) and belong to the ``mha`` backend.
+  The call is handed to the recorder when the module's forward ends, and dropped if another backend
+  captured that module in the same forward: SAM2's multi-scale attention computes a softmax it never uses
+  (over heads, per token) next to the attention it hands to transformers' registry.
 
-The record is named after the module that computed the product (an ``nn.Softmax`` child or a helper
-function doing the softmax does not change the name).
+The record is named after the innermost module that holds both the product and the softmax: an
+``nn.Softmax`` child, a child doing the matmul (SqueezeBERT's ``MatMulWrapper``) or a helper function
+does not change the name.
 
 **What a record holds.** The module's own ``P``, exactly: the softmax output before dropout, kept as
 a float32 copy ``[B, H, Nq, Nk]`` in :attr:`AttentionRecord.p` (q = k = None: a *P-only* record;
@@ -131,6 +135,9 @@ class SoftmaxMode(CaptureMode):
         self._scores: dict[int, tuple] = {}  # id(tensor) -> (weakref, _Scores): live score tensors
         self._modules = dict(recorder.model.named_modules())
         self._warned: set[str] = set()
+        # (module path, P, attend, None) or (module path, None, None, why the layout is unknown) of the
+        # softmax calls whose module still runs
+        self.pending: list[tuple] = []
         self.input_padding: torch.Tensor | None = None  # bool [B, N], True = pad, of the running model forward
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -206,7 +213,8 @@ class SoftmaxMode(CaptureMode):
         owner = _common_module(info.owner, rec.current_module())
         with torch._C.DisableTorchFunction(), torch.no_grad():  # our own tensor work is no call of the model
             layout = self._layout(x, owner, info.owner)
-            if layout is None:
+            if isinstance(layout, str):
+                self.pending.append((owner, None, None, layout))
                 return
             b, h = layout
             nq, nk = x.shape[-2:]
@@ -214,7 +222,27 @@ class SoftmaxMode(CaptureMode):
             scores = x.detach().reshape(b, h, nq, nk)
             attend = ~(scores <= MASKED_SCORE)  # NaN scores stay entries: a NaN in P is shown, not hidden
             attend = self._without_pad_queries(attend)
-            rec.capture_probs(owner, p, attend, backend="softmax")
+            self.pending.append((owner, p.clone(), attend, None))  # a copy: the model may change P in place later
+
+    def flush(self, name: str | None = None) -> None:
+        """Hand over the pending calls of module ``name`` (all with None), whose forward has ended.
+
+        A module that another backend captured in the same forward (:meth:`Recorder.calls_in_forward`
+        counts those calls; ours are handed over only here) is not recorded a second time, nor warned about.
+        """
+        rec = self.recorder
+        done = [c for c in self.pending if name is None or c[0] == name]
+        if not done:
+            return
+        self.pending = [c for c in self.pending if not (name is None or c[0] == name)]
+        if rec.calls_in_forward(done[0][0]) > 0 and name is not None:
+            return
+        with torch._C.DisableTorchFunction(), torch.no_grad():
+            for owner, p, attend, unknown in done:
+                if unknown is not None:
+                    self._warn(owner, unknown)
+                else:
+                    rec.capture_probs(owner, p, attend, backend="softmax")
 
     def _heads(self, *names: str) -> int | None:
         """The head count attribute of the first of the modules ``names`` that has one, else None."""
@@ -227,25 +255,20 @@ class SoftmaxMode(CaptureMode):
         return None
 
     def _layout(self, x: torch.Tensor, owner: str, product: str):
-        """``(B, H)`` of the score tensor ``x``, or None after one warning per module."""
+        """``(B, H)`` of the score tensor ``x``, or a str saying why its layout cannot be decided."""
         if x.dim() not in (3, 4):
-            self._warn(owner, f"scores of shape {tuple(x.shape)} are neither [B, H, Nq, Nk] nor [B·H, Nq, Nk] "
-                       "(blocked, windowed or n-gram attention)")
-            return None
+            return (f"scores of shape {tuple(x.shape)} are neither [B, H, Nq, Nk] nor [B·H, Nq, Nk] "
+                    "(blocked, windowed or n-gram attention)")
         heads = self._heads(owner, product)
         if x.dim() == 4:
             if heads is not None and x.shape[1] != heads and x.shape[2] == heads:
-                self._warn(owner, f"scores of shape {tuple(x.shape)} have the module's {heads} heads on axis 2, "
-                           "not axis 1 ([B, H, Nq, Nk])")
-                return None
+                return f"scores of shape {tuple(x.shape)} have the module's {heads} heads on axis 2, not axis 1 ([B, H, Nq, Nk])"
             return x.shape[0], x.shape[1]
         if heads is None:
-            self._warn(owner, f"scores of shape {tuple(x.shape)} are [B·H, Nq, Nk], but the module has no head count "
-                       f"(none of the attributes {', '.join(_HEAD_ATTRIBUTES)})")
-            return None
+            return (f"scores of shape {tuple(x.shape)} are [B·H, Nq, Nk], but the module has no head count "
+                    f"(none of the attributes {', '.join(_HEAD_ATTRIBUTES)})")
         if x.shape[0] % heads:
-            self._warn(owner, f"scores of shape {tuple(x.shape)} are not [B·H, Nq, Nk] with the module's {heads} heads")
-            return None
+            return f"scores of shape {tuple(x.shape)} are not [B·H, Nq, Nk] with the module's {heads} heads"
         return x.shape[0] // heads, heads
 
     def _warn(self, owner: str, what: str) -> None:
@@ -255,7 +278,7 @@ class SoftmaxMode(CaptureMode):
         warnings.warn(
             f"record(): module {owner!r} computes a softmax over attention scores, but its layout cannot be decided: "
             f"{what}. It is not recorded; pass capture=fn(module, args, kwargs, output) for it (the 'module' backend)",
-            stacklevel=4,
+            stacklevel=2,
         )
 
     def _without_pad_queries(self, attend: torch.Tensor) -> torch.Tensor:
@@ -308,7 +331,18 @@ def install_softmax(recorder, stack: contextlib.ExitStack) -> None:
 
     mode = SoftmaxMode(recorder)
     model = recorder.model
-    if id(model) not in hook_free_modules(model):  # a hook would turn an encoder layer's fast path off
+    hook_free = hook_free_modules(model)  # a hook there would turn an encoder layer's fast path off
+
+    def ended(module, args, output):
+        if mode.pending and not compiling() and recorder.is_recording():
+            name = recorder.module_name(module)
+            if name is not None:
+                mode.flush(name)
+
+    for module in dict.fromkeys(model.modules()):
+        if id(module) not in hook_free:
+            stack.callback(module.register_forward_hook(ended, always_call=True).remove)
+    if id(model) not in hook_free:
         saved: list = []
 
         def pre(module, args, kwargs):
@@ -327,3 +361,4 @@ def install_softmax(recorder, stack: contextlib.ExitStack) -> None:
         stack.callback(model.register_forward_pre_hook(pre, with_kwargs=True).remove)
         stack.callback(model.register_forward_hook(post, with_kwargs=True, always_call=True).remove)
     stack.enter_context(mode)
+    stack.callback(mode.flush)  # first on exit: what a forward left pending (none when every module ended)
