@@ -279,11 +279,22 @@ def test_sinks_ignored_by_sdpa_warn_once():
     assert len(rec.records) == 2 and all(r.sinks is None for r in rec.records)
 
 
-def test_sinks_refused_by_store_stats():
+def test_sinks_in_store_stats_equal_the_dense_path():
+    # store="stats" counts the sink as one more key in the streaming pass (LSE' = logaddexp(LSE, sink)):
+    # every metric, sink_mass included, equals the frame of the kept q, k. Both are float64 on the CPU
+    # from the same float32 q, k; 1e-9 leaves room for the log-normal fit's different summation order.
     model, inputs, _ = build("gpt_oss")
-    with torch.no_grad(), pytest.raises(ValueError, match="sinks.*store='qk'"):
-        with attnstats.record(model, store="stats"):
+    with torch.no_grad():
+        with attnstats.record(model) as dense:
             model(**inputs)
+        with attnstats.record(model, store="stats") as streamed:
+            model(**inputs)
+    metrics = ("entropy", "moments", "lognormal", "sinks")
+    a = dense.frame(metrics=metrics).set_index(["call", "head", "metric"]).value
+    b = streamed.frame(metrics=metrics).set_index(["call", "head", "metric"]).value
+    assert "sink_mass" in set(a.index.get_level_values("metric"))
+    assert a.index.equals(b.index)
+    assert float((a - b).abs().max()) < 1e-9
 
 
 def test_sinks_probs_reference():

@@ -216,7 +216,8 @@ class Recorder:
                              "metrics to rec.frame(metrics=...) instead")
         from ..metrics import check_metrics
 
-        self.stats_metrics = check_metrics(metrics if metrics is not None else ("entropy", "spectral_gap", "lognormal", "moments"))
+        self.stats_metrics = check_metrics(
+            metrics if metrics is not None else ("entropy", "spectral_gap", "lognormal", "moments", "sinks"))
         self.records: list[AttentionRecord] = []
         self._select = _selector(layers)
         self._capture_fn = capture
@@ -512,15 +513,10 @@ class Recorder:
             stats = None
             if sinks is not None:
                 sinks = sinks.detach().to(torch.float32).clone()
-                if self.store == "stats":
-                    raise ValueError(
-                        f"record(store='stats'): layer {name!r} has attention sinks, which the streaming "
-                        f"statistics do not model; use store='qk' for this model"
-                    )
             if self.store == "stats":
                 from .stats_store import capture_stats
 
-                stats = capture_stats(self, q4, k4, mask, causal, scale, mbias, softcap, name)
+                stats = capture_stats(self, q4, k4, mask, causal, scale, mbias, softcap, name, sinks=sinks)
                 keep_q = keep_k = None
             else:
                 keep_q = q4.clone()
@@ -591,11 +587,12 @@ class Recorder:
         return rec
 
     # ----- results -------------------------------------------------------------------------------
-    def frame(self, metrics=("entropy", "spectral_gap", "lognormal", "moments", "temperature"), **options):
+    def frame(self, metrics=("entropy", "spectral_gap", "lognormal", "moments", "temperature", "sinks"), **options):
         """Tidy long-format DataFrame of statistics of every record.
 
         Args:
-            metrics: some of ``"entropy", "spectral_gap", "lognormal", "moments", "temperature"``.
+            metrics: some of ``"entropy", "spectral_gap", "lognormal", "moments", "temperature", "sinks"``
+                (``sink_mass`` only for records with sinks).
             **options: ``batch="mean" | "each"``, ``head="each" | "mean"``, ``max_samples``, ``seed``
                 (of the log-normal fit); see :func:`attnstats.frame.records_frame`.
 

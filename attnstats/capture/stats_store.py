@@ -46,13 +46,14 @@ class CapturedStats:
         return self.values[name]
 
 
-def capture_stats(recorder, q, k, mask, causal, scale, bias, softcap, name, max_samples=100_000, seed=0):
-    """Streaming statistics of one call: ``q: [B, H, Nq, d]``, ``k: [B, H, Nk, d]``, canonical mask."""
+def capture_stats(recorder, q, k, mask, causal, scale, bias, softcap, name, max_samples=100_000, seed=0, sinks=None):
+    """Streaming statistics of one call: ``q: [B, H, Nq, d]``, ``k: [B, H, Nk, d]``, canonical mask, and
+    attention-sink logits broadcastable to ``[B, H, Nq]`` or None (the sink counts as one more key)."""
     if bias is not None or softcap is not None:
         raise ValueError(
             f"record(store='stats'): layer {name!r} adds an attention bias or softcap, which the streaming "
             f"statistics do not model; use store='qk' for this model"
         )
-    values = streaming_values(q, k, mask, causal, scale, recorder.stats_metrics, name, max_samples, seed)
+    values = streaming_values(q, k, mask, causal, scale, recorder.stats_metrics, name, max_samples, seed, sinks=sinks)
     b = max(q.shape[0], k.shape[0])
     return CapturedStats(shape=(b, q.shape[1], q.shape[2], k.shape[2]), values=values, max_samples=max_samples, seed=seed)
