@@ -20,6 +20,7 @@ __all__ = [
     "LogNormalFit",
     "lognormal_fit",
     "fit_log_values",
+    "fit_log_values_batched",
     "fits_per_matrix",
     "log_entries",
     "sample_ranks",
@@ -221,28 +222,151 @@ def lognormal_fit(
 def fits_per_matrix(values, batch) -> LogNormalFit:
     """:func:`fit_log_values` on each matrix's ``ln P`` values, gathered into tensors of shape ``batch``.
 
-    A matrix whose values admit no fit (fewer than 3, or all equal: a single valid token, uniform
-    attention) gets NaN in every field but ``n``, with a warning naming its batch index; such
-    matrices are left out of aggregates, as rows with no valid entry are.
+    Computed for all matrices at once by :func:`fit_log_values_batched` (the values are padded with
+    NaN to the longest). A matrix whose values admit no fit (fewer than 3, or all equal: a single
+    valid token, uniform attention) gets NaN in every field but ``n``, with a warning naming its batch
+    index; such matrices are left out of aggregates, as rows with no valid entry are.
     """
     import warnings
 
-    names = [f for f in LogNormalFit.__dataclass_fields__ if f != "n"]
-    rows, counts = [], []
+    values = list(values)
+    counts = torch.tensor([int(v.numel()) for v in values], dtype=torch.int64)
+    width = int(counts.max()) if len(values) else 0
+    padded = torch.full((len(values), width), math.nan, dtype=torch.float64)
     for i, v in enumerate(values):
-        counts.append(int(v.numel()))
-        if v.numel() < 3 or bool((v == v[0]).all()):
-            where = tuple(int(x) for x in torch.unravel_index(torch.tensor(i), tuple(batch))) if len(batch) else ()
-            warnings.warn(
-                f"lognormal_fit: the matrix at batch index {where} has {v.numel()} valid entries"
-                f"{' all equal' if v.numel() >= 3 else ''}; its fit is NaN (a normal fit needs 3 distinct values)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            rows.append([math.nan] * len(names))
-        else:
-            fit = fit_log_values(v)
-            rows.append([getattr(fit, name) for name in names])
-    table = torch.tensor(rows, dtype=torch.float64).reshape(*batch, len(names))
-    fields = {name: table[..., i] for i, name in enumerate(names)}
-    return LogNormalFit(**fields, n=torch.tensor(counts, dtype=torch.int64).reshape(batch))
+        padded[i, : v.numel()] = v.reshape(-1).to("cpu", torch.float64)
+    fit, bad = _fit_batched(padded, counts)
+    for i in bad.nonzero().reshape(-1).tolist():
+        c = int(counts[i])
+        where = tuple(int(x) for x in torch.unravel_index(torch.tensor(i), tuple(batch))) if len(batch) else ()
+        warnings.warn(
+            f"lognormal_fit: the matrix at batch index {where} has {c} valid entries"
+            f"{' all equal' if c >= 3 else ''}; its fit is NaN (a normal fit needs 3 distinct values)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    names = [f for f in LogNormalFit.__dataclass_fields__ if f != "n"]
+    fields = {name: getattr(fit, name).reshape(batch) for name in names}
+    return LogNormalFit(**fields, n=counts.reshape(batch))
+
+
+def fit_log_values_batched(values: torch.Tensor, counts: torch.Tensor | None = None) -> LogNormalFit:
+    """:func:`fit_log_values` on each row of ``values`` at once, in torch on the values' device.
+
+    Args:
+        values: ``[M, n]`` float ``ln P`` values, one matrix per row. Row ``i`` holds its values in
+            its first ``counts[i]`` entries when ``counts`` is given (the rest is ignored); otherwise
+            its values are its non-NaN entries (NaN pads a row shorter than ``n``).
+        counts: ``[M]`` int, values per row, or None.
+
+    Returns:
+        :class:`LogNormalFit` with float64 tensor fields ``[M]`` on the values' device (``n``
+        int64): the same numbers as :func:`fit_log_values` row by row (scipy's ``kstest``,
+        ``anderson``, ``skew``, ``kurtosis``), computed in float64. The KS p-value is scipy's
+        ``kstwo.sf(D, n)`` (kstest's default exact mode), evaluated once for all rows on the CPU.
+        A row with fewer than 3 values, or with all values equal, gets NaN fields and one warning
+        lists such rows.
+    """
+    import warnings
+
+    fit, bad = _fit_batched(values, counts)
+    if bool(bad.any()):
+        rows = bad.nonzero().reshape(-1).tolist()
+        shown = ", ".join(str(i) for i in rows[:10]) + (", ..." if len(rows) > 10 else "")
+        warnings.warn(
+            f"fit_log_values_batched: {len(rows)} rows have fewer than 3 values or all values equal "
+            f"(rows {shown}); their fit is NaN (a normal fit needs 3 distinct values)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return fit
+
+
+def _fit_batched(values: torch.Tensor, counts: torch.Tensor | None) -> tuple[LogNormalFit, torch.Tensor]:
+    """The fit of :func:`fit_log_values_batched` and the bool ``[M]`` of rows that admit none."""
+    if not isinstance(values, torch.Tensor) or values.dim() != 2 or not values.is_floating_point():
+        raise TypeError(f"values: expected a 2-d float tensor [M, n], got {getattr(values, 'shape', type(values))}")
+    if values.shape[1] == 0:  # reductions need a column: one of padding
+        values = torch.full((values.shape[0], 1), math.nan, dtype=values.dtype, device=values.device)
+    m, width = values.shape
+    dev = values.device
+    x = values.detach().to(torch.float64)
+    col = torch.arange(width, device=dev)
+    if counts is None:
+        valid = ~torch.isnan(x)
+        cnt = valid.sum(1)
+    else:
+        if not isinstance(counts, torch.Tensor) or counts.shape != (m,) or counts.is_floating_point():
+            raise TypeError(f"counts: expected an int tensor of shape [{m}], got {getattr(counts, 'shape', counts)}")
+        cnt = counts.to(dev, torch.int64)
+        if bool(((cnt < 0) | (cnt > width)).any()):
+            i = int(((cnt < 0) | (cnt > width)).nonzero()[0, 0])
+            raise ValueError(f"counts: expected values in [0, {width}], got {int(cnt[i])} at row {i}")
+        valid = col < cnt[:, None]
+    bad_value = valid & ~torch.isfinite(x)
+    if bool(bad_value.any()):
+        i, j = (int(t) for t in bad_value.nonzero()[0])
+        raise ValueError(f"values: expected finite values, found {float(x[i, j])} at row {i}, column {j}")
+    x = torch.where(valid, x, math.nan)
+    # NaN sorts last, so each row's values lead its sorted row, as scipy's sort(v) of the row alone.
+    y = torch.sort(x, dim=1).values
+    svalid = col < cnt[:, None]
+    inf = torch.tensor(math.inf, dtype=torch.float64, device=dev)
+    lo = torch.where(svalid, y, inf).amin(1)
+    hi = torch.where(svalid, y, -inf).amax(1)
+    bad = (cnt < 3) | ~(hi > lo)
+    ok = ~bad
+    nf = cnt.to(torch.float64).clamp(min=1)
+
+    # Central moments about the mean, as scipy's skew/kurtosis (_moment) and numpy's std (ddof=0).
+    z0 = torch.where(valid, x, 0.0)
+    mu = z0.sum(1) / nf
+    d = torch.where(valid, x - mu[:, None], 0.0)
+    d2 = d * d
+    m2 = d2.sum(1) / nf
+    m3 = (d2 * d).sum(1) / nf
+    m4 = (d2 * d2).sum(1) / nf
+    sigma = m2.sqrt()
+    # scipy's skew/kurtosis give NaN where m2 is zero to rounding relative to the mean
+    flat = m2 <= (torch.finfo(torch.float64).eps * mu) ** 2
+    skew = torch.where(flat, math.nan, m3 / m2**1.5)
+    kurt = torch.where(flat, math.nan, m4 / m2**2 - 3.0)
+
+    # Kolmogorov–Smirnov D = max(D+, D-) on the sorted row (scipy's _compute_d), against N(mu, sigma²).
+    i1 = torch.arange(1, width + 1, device=dev, dtype=torch.float64)
+    safe_sigma = torch.where(sigma > 0, sigma, 1.0)
+    cdf = torch.special.ndtr((y - mu[:, None]) / safe_sigma[:, None])
+    dplus = torch.where(svalid, i1 / nf[:, None] - cdf, -inf).amax(1)
+    dminus = torch.where(svalid, cdf - (i1 - 1) / nf[:, None], -inf).amax(1)
+    ks = torch.maximum(dplus, dminus)
+
+    # Anderson–Darling A² as scipy.stats.anderson(dist="norm"): standardised by the ddof=1 std, and
+    # A² = -N - Σ (2i-1)/N (log Φ(w_i) + log(1 - Φ(w_{N+1-i}))).
+    s1 = (m2 * nf / (nf - 1).clamp(min=1)).sqrt()
+    s1 = torch.where(s1 > 0, s1, 1.0)
+    w = torch.where(svalid, (y - mu[:, None]) / s1[:, None], 0.0)
+    logcdf = torch.special.log_ndtr(w)
+    rev = (cnt[:, None] - 1 - col).clamp(min=0)
+    logsf = torch.special.log_ndtr(-torch.gather(w, 1, rev))
+    terms = torch.where(svalid, (2 * i1 - 1) / nf[:, None] * (logcdf + logsf), 0.0)
+    ad = -nf - terms.sum(1)
+
+    # kstest's default (method="auto") for the two-sided one-sample test is exact: kstwo.sf(D, n).
+    ks_cpu = ks.cpu().numpy()
+    n_cpu = cnt.cpu().numpy()
+    good = ~bad.cpu().numpy()
+    pv = np.full(m, np.nan)
+    if good.any():
+        pv[good] = np.clip(sps.kstwo.sf(ks_cpu[good], n_cpu[good]), 0.0, 1.0)
+    pvalue = torch.from_numpy(pv).to(dev)
+
+    nan = torch.tensor(math.nan, dtype=torch.float64, device=dev)
+
+    def keep(t):
+        return torch.where(ok, t, nan)
+
+    fit = LogNormalFit(
+        mu=keep(mu), sigma=keep(sigma), ks_statistic=keep(ks), ks_pvalue=pvalue, ad_statistic=keep(ad),
+        skew=keep(skew), excess_kurtosis=keep(kurt), n=cnt,
+    )
+    return fit, bad
