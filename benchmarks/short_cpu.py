@@ -1,0 +1,81 @@
+"""Statistics at short length on the CPU: what `record` costs against the plain forward.
+
+all-MiniLM-L6-v2 (the packaged model), a batch of 16 sentences of 64 tokens, on the CPU; every
+figure is the median of ``--repeat`` runs in this process, and every ratio is against the plain
+forward timed in the same run:
+
+- plain forward (``torch.no_grad``), the baseline;
+- ``record(model)`` around it: capture only;
+- ``record(model)`` + ``rec.frame()``: every default metric from the kept q, k;
+- ``record(model, store="stats")`` + ``rec.frame()``: every default metric during the forward.
+
+Usage: ``python benchmarks/short_cpu.py [--repeat 7] [--batch 16] [--tokens 64] [--out results/short_cpu.json]``.
+"""
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import attnstats
+from attnstats.app.corpus import sentences
+from attnstats.app.models import load_model
+
+
+def median_s(fn, repeat):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times), max(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    model, tok = load_model()
+    texts = sentences(args.batch * 4, seed=0)
+    batch = tok(texts, padding="max_length", truncation=True, max_length=args.tokens, return_tensors="pt")
+    batch = {k: v[: args.batch] for k, v in batch.items()}
+
+    def plain():
+        with torch.no_grad():
+            model(**batch)
+
+    def capture():
+        with torch.no_grad(), attnstats.record(model):
+            model(**batch)
+
+    def qk_frame():
+        with torch.no_grad(), attnstats.record(model) as rec:
+            model(**batch)
+        rec.frame()
+
+    def stats_frame():
+        with torch.no_grad(), attnstats.record(model, store="stats") as rec:
+            model(**batch)
+        rec.frame()
+
+    res = {"threads": torch.get_num_threads(), "batch": args.batch, "tokens": args.tokens, "rows": {}}
+    base = None
+    for name, fn in [("plain forward", plain), ("record, capture only", capture),
+                     ("record + frame()", qk_frame), ("record(store='stats') + frame()", stats_frame)]:
+        med, lo, hi = median_s(fn, args.repeat)
+        base = med if base is None else base
+        res["rows"][name] = {"median_s": med, "min_s": lo, "max_s": hi, "ratio": med / base}
+        print(f"{name:34s} {med * 1e3:9.1f} ms  (min {lo * 1e3:.1f}, max {hi * 1e3:.1f})  {med / base:6.2f}×", flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
