@@ -12,8 +12,6 @@ Usage: ``python benchmarks/gap_cpu.py [--repeat 3] [--out results/gap_cpu.json]`
 """
 import argparse
 import json
-import statistics
-import time
 import warnings
 from pathlib import Path
 
@@ -21,16 +19,7 @@ import numpy as np
 import torch
 
 import attnstats
-
-
-def median_s(fn, repeat):
-    fn()  # warm-up: first calls load LAPACK and allocate
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from harness import median_s
 
 
 def head(n, d, sigma, seed):
@@ -58,9 +47,9 @@ def main():
             p = torch.softmax(q @ k.T * scale, -1)
             deflated = p[:-1, :-1] - p[-1:, :-1]
             row = dict(n=n, head=kind,
-                       spectral_gap=median_s(lambda: attnstats.spectral_gap(p), args.repeat),
-                       numpy_eigvals=median_s(lambda: np.linalg.eigvals(p.numpy()), args.repeat),
-                       torch_deflated=median_s(lambda: torch.linalg.eigvals(deflated), args.repeat))
+                       spectral_gap=median_s(lambda: attnstats.spectral_gap(p), args.repeat)[0],
+                       numpy_eigvals=median_s(lambda: np.linalg.eigvals(p.numpy()), args.repeat)[0],
+                       torch_deflated=median_s(lambda: torch.linalg.eigvals(deflated), args.repeat)[0])
             res["dense"].append(row)
             print(f"{n:>6} {kind:>11} {row['spectral_gap']:>13.3f} {row['numpy_eigvals']:>11.3f} {row['torch_deflated']:>16.3f}", flush=True)
     print("\n2. spectral_gap_from_qk per head: dense vs certified Arnoldi (seconds per head, 2 heads)")
@@ -71,7 +60,7 @@ def main():
         k = torch.randn(2, n, 64, generator=g, dtype=torch.float64)
         row = dict(n=n)
         for method in ("dense", "arnoldi"):
-            row[method] = median_s(lambda: attnstats.spectral_gap_from_qk(q, k, method=method), args.repeat) / 2
+            row[method] = median_s(lambda: attnstats.spectral_gap_from_qk(q, k, method=method), args.repeat)[0] / 2
         res["crossover"].append(row)
         print(f"{n:>6} {row['dense']:>8.3f} {row['arnoldi']:>8.3f}", flush=True)
     if args.out:

@@ -1,4 +1,5 @@
-"""GPU timing and the part-by-part driver shared by the benchmark scripts."""
+"""Timing and the part-by-part driver shared by the benchmark scripts."""
+import statistics
 import time
 
 import torch
@@ -16,6 +17,18 @@ def bench(fn, target_ms=300):
     torch.cuda.synchronize()
     est = (time.perf_counter() - t0) * 1e3
     return float(do_bench(fn, warmup=max(10, est), rep=max(target_ms, 3 * est), return_mode="median"))
+
+
+def median_s(fn, repeat):
+    """``(median, min, max)`` wall-clock seconds of ``fn()`` over ``repeat`` runs after one warm-up
+    (the first call loads libraries and allocates). For CPU work; GPU kernels use :func:`bench`."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times), max(times)
 
 
 def run_parts(parts, skip, out, res):

@@ -13,8 +13,6 @@ Usage: ``python benchmarks/short_cpu.py [--repeat 7] [--batch 16] [--tokens 64] 
 """
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -22,16 +20,7 @@ import torch
 import attnstats
 from attnstats.app.corpus import sentences
 from attnstats.app.models import load_model
-
-
-def median_s(fn, repeat):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times), max(times)
+from harness import median_s
 
 
 def main():

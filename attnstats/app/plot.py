@@ -198,10 +198,8 @@ def log_histograms(samples, fits):
     from scipy import stats as sps
 
     layers = sorted(samples.layer.unique())
-    cols = min(3, len(layers))
-    rows = int(np.ceil(len(layers) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False, constrained_layout=True)
-    for ax, layer in zip(axes.ravel(), layers):
+    fig, panels = _layer_panels(plt, len(layers), 4, 3.2)
+    for ax, layer in zip(panels, layers):
         v = samples[samples.layer == layer].value.to_numpy()
         f = fits[fits.layer == layer].iloc[0]
         lo = np.percentile(v, 0.5)  # a few near-zero entries would squeeze the bulk into one bin
@@ -213,8 +211,6 @@ def log_histograms(samples, fits):
         ax.set_xlabel("ln P_ij (nats)")
         ax.set_ylabel("density")
         ax.legend(fontsize=7, loc="upper left")
-    for ax in axes.ravel()[len(layers):]:
-        ax.set_visible(False)
     return fig
 
 
@@ -228,10 +224,8 @@ def qq_plots(samples):
     from scipy import stats as sps
 
     layers = sorted(samples.layer.unique())
-    cols = min(3, len(layers))
-    rows = int(np.ceil(len(layers) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.4 * rows), squeeze=False, constrained_layout=True)
-    for ax, layer in zip(axes.ravel(), layers):
+    fig, panels = _layer_panels(plt, len(layers), 3.6, 3.4)
+    for ax, layer in zip(panels, layers):
         v = np.sort(samples[samples.layer == layer].value.to_numpy())
         z = (v - v.mean()) / v.std()
         theo = sps.norm.ppf((np.arange(1, v.size + 1) - 0.5) / v.size)
@@ -241,9 +235,17 @@ def qq_plots(samples):
         ax.set_title(f"layer {layer}")
         ax.set_xlabel("normal quantile")
         ax.set_ylabel("standardised ln P quantile")
-    for ax in axes.ravel()[len(layers):]:
-        ax.set_visible(False)
     return fig
+
+
+def _layer_panels(plt, count: int, width: float, height: float):
+    """A figure with one panel per layer, three to a row (inches per panel); spare cells hidden."""
+    cols = min(3, count)
+    rows = int(np.ceil(count / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, constrained_layout=True)
+    for ax in axes.ravel()[count:]:
+        ax.set_visible(False)
+    return fig, list(axes.ravel()[:count])
 
 
 _SOFTMAX = "softmax"
