@@ -1,0 +1,59 @@
+"""The batched two-sided KS p-value against scipy's kstwo.sf, regime by regime."""
+import math
+
+import numpy as np
+import pytest
+from scipy import special, stats as sps
+
+from attnstats.stats.kolmogorov import kolmogorov_sf, smirnov_sf
+
+# Each term of the one-sided sum is exp(ln C(n, j) + ...), where ln C(n, j) comes from lgamma values
+# of size up to ln n! (2.8e5 at n = 3e4): rounding of about eps·ln n! ≈ 6e-11 in the exponent, a
+# relative error of that size in the sum; 1e-9 leaves room for the few operations around it.
+RTOL = 1e-9
+# Below the smallest normal float64 a p-value keeps only the subnormals' absolute spacing.
+ATOL = np.finfo(np.float64).tiny
+
+
+def draws(n, rng):
+    root = math.sqrt(n)
+    return np.concatenate([
+        rng.uniform(0.0, 1.0, 20),  # every regime, d ≥ 1/2 included
+        rng.uniform(0.2 / root, 1.5 / root, 20),  # a good fit: n·d² < 2.2 (scipy's other methods)
+        rng.uniform(1.49 / root, 19.2 / root, 40),  # 2.2 ≤ n·d² < 370: the batched one-sided sum
+        rng.uniform(19.3 / root, 30 / root, 10),  # n·d² ≥ 370: 0
+        [1 / (2 * n), 0.9 / n, 1.5 / n, 1 - 1.5 / n, 0.0, 1.0],  # the closed forms at both ends
+    ]).clip(0.0, 1.0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 60, 140, 141, 500, 4096, 30000])
+def test_matches_scipy_kstwo(n):
+    rng = np.random.default_rng(n)
+    d = draws(n, rng)
+    got = kolmogorov_sf(d, n)
+    want = sps.kstwo.sf(d, n)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+def test_mixed_sizes_in_one_call_and_shape():
+    rng = np.random.default_rng(0)
+    n = rng.integers(1, 6000, size=(7, 9))
+    d = rng.uniform(0.0, 0.3, size=(7, 9))
+    got = kolmogorov_sf(d, n)
+    assert got.shape == (7, 9)
+    np.testing.assert_allclose(got, sps.kstwo.sf(d, n), rtol=RTOL, atol=ATOL)
+
+
+def test_one_sided_sum_matches_scipy_smirnov():
+    rng = np.random.default_rng(1)
+    n = rng.integers(2, 20000, size=60)
+    d = rng.uniform(0.01, 0.99, size=60)
+    np.testing.assert_allclose(smirnov_sf(n, d), special.smirnov(n, d), rtol=RTOL, atol=ATOL)
+
+
+def test_nan_statistic_gives_nan_and_bad_sizes_are_refused():
+    assert np.isnan(kolmogorov_sf([np.nan], 10)[0])
+    with pytest.raises(ValueError, match="n: expected sample sizes >= 1, got 0"):
+        kolmogorov_sf([0.1], 0)
+    with pytest.raises(ValueError, match="n: expected integer sample sizes"):
+        kolmogorov_sf([0.1], 2.5)
