@@ -14,6 +14,8 @@ import torch
 from scipy import stats as sps
 
 from ..masks import broadcast_mask
+from .kolmogorov import kolmogorov_sf
+from ..budget import get_memory_budget
 from ..validation import _gather, check_square, check_tensor, probability_blocks
 
 __all__ = [
@@ -216,7 +218,23 @@ def lognormal_fit(
         0 have no logarithm and are left out; a matrix with fewer than 3 distinct values gets NaN
         fields and a warning (see :func:`fits_per_matrix`).
     """
-    return fits_per_matrix(log_entries(p, mask, max_samples, seed), p.shape[:-2])
+    check_sampling(max_samples, seed)
+    check_tensor(p, "p")
+    n = check_square(p, "p")
+    batch = tuple(p.shape[:-2])
+    count = math.prod(batch)
+    if n * n > max_samples or count * n * n * 8 > get_memory_budget():
+        return fits_per_matrix(log_entries(p, mask, max_samples, seed), batch)
+    # Every valid entry of every matrix is used (no sample is drawn): ln P of the whole batch as one
+    # [M, N²] table, NaN where an entry is masked or 0, fitted at once. The same values as
+    # log_entries gives, in another order, which the fit (sorted values, sums) does not see.
+    m = broadcast_mask(mask, p.shape)
+    table = torch.empty((count, n * n), dtype=torch.float64, device=p.device)
+    for i0, i1, r0, r1, x, valid in probability_blocks(p, m):
+        keep = x > 0 if valid is None else valid & (x > 0)
+        logs = torch.where(keep, x.log(), math.nan).to(torch.float64)  # [i1 - i0, r1 - r0, N]
+        table[i0:i1, r0 * n : r1 * n] = logs.reshape(i1 - i0, -1)
+    return _fits_with_warnings(table, None, batch)
 
 
 def fits_per_matrix(values, batch) -> LogNormalFit:
@@ -227,27 +245,33 @@ def fits_per_matrix(values, batch) -> LogNormalFit:
     valid token, uniform attention) gets NaN in every field but ``n``, with a warning naming its batch
     index; such matrices are left out of aggregates, as rows with no valid entry are.
     """
-    import warnings
-
     values = list(values)
     counts = torch.tensor([int(v.numel()) for v in values], dtype=torch.int64)
     width = int(counts.max()) if len(values) else 0
     padded = torch.full((len(values), width), math.nan, dtype=torch.float64)
     for i, v in enumerate(values):
         padded[i, : v.numel()] = v.reshape(-1).to("cpu", torch.float64)
-    fit, bad = _fit_batched(padded, counts)
+    return _fits_with_warnings(padded, counts, batch)
+
+
+def _fits_with_warnings(table: torch.Tensor, counts, batch) -> LogNormalFit:
+    """The batched fit of ``table: [M, W]`` (see :func:`_fit_batched`) in the batch shape, with a warning per
+    matrix that admits no fit."""
+    import warnings
+
+    fit, bad = _fit_batched(table, counts)
     for i in bad.nonzero().reshape(-1).tolist():
-        c = int(counts[i])
+        c = int(fit.n[i])
         where = tuple(int(x) for x in torch.unravel_index(torch.tensor(i), tuple(batch))) if len(batch) else ()
         warnings.warn(
             f"lognormal_fit: the matrix at batch index {where} has {c} valid entries"
             f"{' all equal' if c >= 3 else ''}; its fit is NaN (a normal fit needs 3 distinct values)",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     names = [f for f in LogNormalFit.__dataclass_fields__ if f != "n"]
-    fields = {name: getattr(fit, name).reshape(batch) for name in names}
-    return LogNormalFit(**fields, n=counts.reshape(batch))
+    fields = {name: getattr(fit, name).cpu().reshape(batch) for name in names}
+    return LogNormalFit(**fields, n=fit.n.cpu().reshape(batch))
 
 
 def fit_log_values_batched(values: torch.Tensor, counts: torch.Tensor | None = None) -> LogNormalFit:
@@ -263,7 +287,8 @@ def fit_log_values_batched(values: torch.Tensor, counts: torch.Tensor | None = N
         :class:`LogNormalFit` with float64 tensor fields ``[M]`` on the values' device (``n``
         int64): the same numbers as :func:`fit_log_values` row by row (scipy's ``kstest``,
         ``anderson``, ``skew``, ``kurtosis``), computed in float64. The KS p-value is scipy's
-        ``kstwo.sf(D, n)`` (kstest's default exact mode), evaluated once for all rows on the CPU.
+        ``kstwo.sf(D, n)`` (kstest's default exact mode), evaluated for all rows at once on the CPU
+        by :func:`attnstats.stats.kolmogorov.kolmogorov_sf`.
         A row with fewer than 3 values, or with all values equal, gets NaN fields and one warning
         lists such rows.
     """
@@ -309,19 +334,22 @@ def _fit_batched(values: torch.Tensor, counts: torch.Tensor | None) -> tuple[Log
         raise ValueError(f"values: expected finite values, found {float(x[i, j])} at row {i}, column {j}")
     x = torch.where(valid, x, math.nan)
     # NaN sorts last, so each row's values lead its sorted row, as scipy's sort(v) of the row alone.
-    y = torch.sort(x, dim=1).values
-    svalid = col < cnt[:, None]
+    # Past the longest row there is only padding: the rest works on the first max(count) columns.
+    width = max(1, int(cnt.max()))
+    y = torch.sort(x, dim=1).values[:, :width].contiguous()  # [M, width]
+    col = col[:width]
+    svalid = col < cnt[:, None]  # [M, width]
     inf = torch.tensor(math.inf, dtype=torch.float64, device=dev)
-    lo = torch.where(svalid, y, inf).amin(1)
-    hi = torch.where(svalid, y, -inf).amax(1)
-    bad = (cnt < 3) | ~(hi > lo)
+    lo = y[:, 0]
+    hi = y.gather(1, (cnt - 1).clamp(min=0)[:, None])[:, 0]
+    bad = (cnt < 3) | ~(hi > lo)  # NaN (no value) compares False
     ok = ~bad
     nf = cnt.to(torch.float64).clamp(min=1)
 
     # Central moments about the mean, as scipy's skew/kurtosis (_moment) and numpy's std (ddof=0).
-    z0 = torch.where(valid, x, 0.0)
+    z0 = torch.where(svalid, y, 0.0)
     mu = z0.sum(1) / nf
-    d = torch.where(valid, x - mu[:, None], 0.0)
+    d = torch.where(svalid, y - mu[:, None], 0.0)
     d2 = d * d
     m2 = d2.sum(1) / nf
     m3 = (d2 * d).sum(1) / nf
@@ -351,13 +379,14 @@ def _fit_batched(values: torch.Tensor, counts: torch.Tensor | None) -> tuple[Log
     terms = torch.where(svalid, (2 * i1 - 1) / nf[:, None] * (logcdf + logsf), 0.0)
     ad = -nf - terms.sum(1)
 
-    # kstest's default (method="auto") for the two-sided one-sample test is exact: kstwo.sf(D, n).
+    # kstest's default (method="auto") for the two-sided one-sample test is exact: kstwo.sf(D, n),
+    # here evaluated for all rows at once (attnstats.stats.kolmogorov).
     ks_cpu = ks.cpu().numpy()
     n_cpu = cnt.cpu().numpy()
     good = ~bad.cpu().numpy()
     pv = np.full(m, np.nan)
     if good.any():
-        pv[good] = np.clip(sps.kstwo.sf(ks_cpu[good], n_cpu[good]), 0.0, 1.0)
+        pv[good] = kolmogorov_sf(ks_cpu[good], n_cpu[good])
     pvalue = torch.from_numpy(pv).to(dev)
 
     nan = torch.tensor(math.nan, dtype=torch.float64, device=dev)
