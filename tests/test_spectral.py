@@ -63,7 +63,7 @@ def test_mask_that_is_not_padding_is_rejected():
     # token 1 is no valid query, yet valid query 0 attends to it: no square block is row-stochastic
     p = torch.tensor([[0.5, 0.5], [0.5, 0.5]], dtype=torch.float64)
     mask = torch.tensor([[True, True], [False, False]])
-    with pytest.raises(ValueError, match="mask: row 0 puts probability 0.5 on tokens that are not valid queries"):
+    with pytest.raises(ValueError, match=r"mask: row 0 of the matrix at batch index \(\) puts probability 0.5 on tokens that are not valid queries"):
         attnstats.spectral_gap(p, mask)
 
 

@@ -30,7 +30,7 @@ from ..masks import block_tokens, from_padding, no_token, valid_tokens
 from .arnoldi import ARNOLDI_MIN_TOKENS, AttentionOperator, arnoldi_gap, certify_tol
 from .dense import prepare_probs, softmax_attention
 from .online import prepare_qk, streaming_row_accumulators
-from ..validation import compute_dtype, first_index, row_sum_tolerance
+from ..validation import compute_dtype, row_sum_tolerance
 
 __all__ = [
     "spectral_gap",
@@ -43,7 +43,6 @@ __all__ = [
     "UncertifiedGapWarning",
     "causal_spectral_gap",
     "is_lower_triangular",
-    "valid_block",
 ]
 
 
@@ -66,29 +65,6 @@ def is_lower_triangular(x: torch.Tensor) -> torch.Tensor:
     """Per matrix of ``x: [..., N, N]``: True where every entry above the diagonal is exactly 0."""
     upper = torch.triu(torch.ones(x.shape[-2:], dtype=torch.bool, device=x.device), diagonal=1)
     return ~((x != 0) & upper).flatten(-2).any(-1)
-
-
-def valid_block(x: torch.Tensor, m: torch.Tensor, tol: float = 1e-6, index=()) -> torch.Tensor:
-    """The square block of one matrix ``x: [N, N]`` over the tokens that are valid as keys and queries.
-
-    Padding removes a token's column (no query attends to it) and may remove its row (no valid
-    entry). What stays must still be row-stochastic: a mask that sends valid attention outside the
-    block is not a padding (+ causal) mask, and the block's spectrum would not be a spectral gap.
-    """
-    keep = valid_tokens(m, False, m.shape)  # [N]: the causal rule is in x itself, not in m
-    idx = torch.nonzero(keep, as_tuple=False)[:, 0]
-    if idx.numel() == 0:
-        raise no_token(index)
-    block = x[idx][:, idx]
-    sums = block.sum(-1)
-    off = (sums - 1).abs() > tol
-    if bool(off.any()):
-        row = int(idx[first_index(off)[0]])
-        raise ValueError(
-            f"mask: row {row} puts probability {1 - sums[first_index(off)].item():.3g} on tokens that are not "
-            "valid queries; spectral_gap expects a padding (and/or causal) mask whose valid tokens form a square block"
-        )
-    return block
 
 
 def eigenvalues(a: torch.Tensor) -> torch.Tensor:
@@ -204,17 +180,31 @@ def spectral_gap(p: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Ten
         return stochastic_gap(flat).to(x.dtype).reshape(batch)
     mflat = m.reshape(-1, *m.shape[-2:])
     tol = row_sum_tolerance(p.dtype, p.shape[-1])
-    blocks = []
-    for i in range(flat.shape[0]):
-        where = tuple(int(j) for j in torch.unravel_index(torch.tensor(i), tuple(batch))) if batch else ()
-        block = valid_block(flat[i], mflat[i], tol, where)
-        # half-precision rows sum to 1 only within their rounding: renormalise so λ_1 is exactly 1
-        blocks.append(block / block.sum(-1, keepdim=True))
+    keep = valid_tokens(mflat, False, mflat.shape)  # [M, N]: the causal rule is in x itself, not in m
+    sizes = keep.sum(-1)  # [M]
+    if bool((sizes == 0).any()):
+        i = int((sizes == 0).nonzero()[0, 0])
+        raise no_token(tuple(int(j) for j in torch.unravel_index(torch.tensor(i), tuple(batch))) if batch else ())
+    # the valid tokens of each matrix first, in order: a gather gives the blocks of one size at once
+    order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices  # [M, N]
     gaps = torch.empty(flat.shape[0], dtype=torch.float64, device=x.device)
-    sizes = torch.tensor([b.shape[-1] for b in blocks])
     for n in sizes.unique().tolist():  # one batched solve per block size
-        idx = (sizes == n).nonzero()[:, 0]
-        gaps[idx.to(x.device)] = stochastic_gap(torch.stack([blocks[i] for i in idx.tolist()]))
+        idx = (sizes == n).nonzero()[:, 0]  # [G]
+        tok = order[idx, :n]  # [G, n]
+        rows = flat[idx].gather(1, tok[:, :, None].expand(-1, -1, flat.shape[-1]))  # [G, n, N]
+        block = rows.gather(2, tok[:, None, :].expand(-1, n, -1))  # [G, n, n]
+        sums = block.sum(-1)  # [G, n]
+        off = (sums - 1).abs() > tol
+        if bool(off.any()):
+            g, r = (int(t) for t in off.nonzero()[0])
+            raise ValueError(
+                f"mask: row {int(tok[g, r])} of the matrix at batch index "
+                f"{tuple(int(j) for j in torch.unravel_index(idx[g].cpu(), tuple(batch)))} puts probability "
+                f"{1 - sums[g, r].item():.3g} on tokens that are not valid queries; spectral_gap expects a padding "
+                "(and/or causal) mask whose valid tokens form a square block"
+            )
+        # half-precision rows sum to 1 only within their rounding: renormalise so λ_1 is exactly 1
+        gaps[idx] = stochastic_gap(block / sums[..., None])
     return gaps.to(x.dtype).reshape(batch)
 
 
