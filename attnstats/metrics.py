@@ -55,7 +55,7 @@ from .stats.spectral import causal_spectral_gap, spectral_gap, spectral_gap_from
 from .validation import compute_dtype, first_index, row_sum_tolerance
 
 __all__ = [
-    "METRIC_NAMES", "METRICS", "check_metrics", "record_metrics", "streaming_values", "uses_streaming",
+    "METRIC_NAMES", "METRICS", "check_metrics", "record_metrics", "streaming_values", "uses_streaming", "is_short",
     "gives_every_metric", "lognormal_fields", "moment_fields", "kernel_probs", "kernel_gap",
 ]
 
@@ -136,19 +136,31 @@ def moment_fields(mom) -> dict:
 STREAMING_FROM_TOKENS = 1024
 
 
+def is_short(rec) -> bool:
+    """Whether a record's matrices are small enough for the dense statistics: ``max(Nq, Nk) <
+    STREAMING_FROM_TOKENS`` and ``[B, H, Nq, Nk]`` in the compute dtype within the memory budget.
+
+    Short calls get every statistic from the dense ``P`` of the whole call at once, also under
+    ``record(..., store="stats")``: at that size one batched computation costs less than the
+    streaming passes, which run one batch element at a time.
+    """
+    b, h, nq, nk = rec.shape
+    itemsize = torch.finfo(compute_dtype(rec.q)).bits // 8
+    return max(nq, nk) < STREAMING_FROM_TOKENS and b * h * nq * nk * itemsize <= get_memory_budget()
+
+
 def uses_streaming(rec) -> bool:
     """Whether :func:`record_metrics` computes the softmax statistics of ``rec`` from q, k, without P.
 
     True when the streaming statistics give every metric of the dense path (no bias or softcap; no
-    mask, key padding, causal; see :func:`gives_every_metric`) and the
-    matrices are large: ``max(Nq, Nk) >= STREAMING_FROM_TOKENS``, or the dense ``[B, H, Nq, Nk]``
+    mask, key padding, causal; see :func:`gives_every_metric`) and the matrices are not
+    :func:`is_short`: ``max(Nq, Nk) >= STREAMING_FROM_TOKENS``, or the dense ``[B, H, Nq, Nk]``
     matrix in the compute dtype would exceed the memory budget.
     """
     b, h, nq, nk = rec.shape
     if rec.q is None or rec.bias is not None or rec.softcap is not None or not gives_every_metric(rec.mask, nq, nk):
         return False
-    itemsize = torch.finfo(compute_dtype(rec.q)).bits // 8
-    return max(nq, nk) >= STREAMING_FROM_TOKENS or b * h * nq * nk * itemsize > get_memory_budget()
+    return not is_short(rec)
 
 
 def record_metrics(rec, metrics=METRICS, *, kernel=None, max_samples: int = 100_000, seed: int = 0) -> dict:
@@ -345,6 +357,16 @@ def gives_every_metric(mask, nq: int, nk: int) -> bool:
     return is_key_padding(mask) and (mask.shape[1] == 1 or nq != nk)
 
 
+def warn_no_gap(name: str) -> None:
+    """The warning of ``record(store="stats")`` for a layer whose spectral gap it leaves out."""
+    warnings.warn(
+        f"record(store='stats'): layer {name!r} has a mask that is not key padding (+ causal) or is "
+        "cross-attention; its spectral gap is not computed without the matrix (use store='qk')",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
 def streaming_values(q, k, mask, causal, scale, groups, name, max_samples=100_000, seed=0, sinks=None) -> dict:
     """Statistics of one call from ``q: [B, H, Nq, d]``, ``k: [B, H, Nk, d]``, canonical mask, no N×N matrix.
 
@@ -394,12 +416,7 @@ def streaming_values(q, k, mask, causal, scale, groups, name, max_samples=100_00
         if "spectral_gap" in groups and square_self:
             vals["spectral_gap"] = _qk_spectral_gap(qb, kb, scale, causal, lse)  # of the key block renormalised
         elif "spectral_gap" in groups and bi == 0:
-            warnings.warn(
-                f"record(store='stats'): layer {name!r} has a mask that is not key padding (+ causal) or is "
-                "cross-attention; its spectral gap is not computed without the matrix (use store='qk')",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            warn_no_gap(name)
         if "lognormal" in groups:
             # matrix (bi, h) of the whole batch: the dense fit draws its sample from the same generator
             fit = streaming_lognormal_fit(

@@ -5,6 +5,7 @@ is built from a float64 softmax written out in this file, then numpy.linalg / sc
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -143,11 +144,23 @@ def test_frame_aggregation_is_explicit(recorded):
         rec.frame(metrics=("entropie",))
 
 
-def test_store_stats_equals_dense(recorded):
+@contextlib.contextmanager
+def stats_run(streaming: bool):
+    """Around a store="stats" recording: short calls take the dense statistics of the whole batch;
+    ``streaming=True`` makes every call long (threshold 2 tokens), for the streaming path. Only the
+    recording is patched, so a store="qk" frame() stays dense, the independent side."""
+    with pytest.MonkeyPatch.context() as mp:
+        if streaming:
+            mp.setattr(attnstats.metrics, "STREAMING_FROM_TOKENS", 2)
+        yield
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["dense", "streaming"])
+def test_store_stats_equals_dense(recorded, streaming):
     causal, q, k, rec = recorded
     model = Stack(causal)
     qq, kk, v, pad = inputs()
-    with attnstats.record(model, store="stats") as rs:
+    with stats_run(streaming), attnstats.record(model, store="stats") as rs:
         model(qq, kk, v, pad)
     assert all(r.q is None and r.k is None for r in rs.records)
     with pytest.raises(ValueError, match="store='stats'"):
@@ -226,7 +239,8 @@ def test_store_stats_metrics_choice():
         attnstats.record(model, metrics=("entropy",))
 
 
-def test_store_stats_warns_when_a_general_mask_leaves_out_the_gap():
+@pytest.mark.parametrize("streaming", [False, True], ids=["dense", "streaming"])
+def test_store_stats_warns_when_a_general_mask_leaves_out_the_gap(streaming):
     class Masked(torch.nn.Module):
         def forward(self, q, k, v, mask):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -235,10 +249,41 @@ def test_store_stats_warns_when_a_general_mask_leaves_out_the_gap():
     mask = torch.rand(8, 8, generator=torch.Generator().manual_seed(0)) > 0.3
     mask |= torch.eye(8, dtype=torch.bool)  # every row keeps a key
     with pytest.warns(RuntimeWarning, match="spectral gap is not computed without the matrix"):
-        with attnstats.record(Masked(), store="stats") as rec:
+        with stats_run(streaming), attnstats.record(Masked(), store="stats") as rec:
             Masked()(q, k, v, mask)
     f = rec.frame()
     assert "spectral_gap" not in set(f.metric) and "entropy" in set(f.metric)
+
+
+def test_store_stats_takes_a_bias_on_short_calls_and_refuses_it_on_long_ones(monkeypatch):
+    # An additive float mask is a bias the streaming statistics do not model. A short call gets the dense
+    # statistics of its batch, bias included: the numbers of store="qk" + frame() on the same call,
+    # checked against the entropy of a float64 softmax written out here.
+    class Biased(torch.nn.Module):
+        def forward(self, q, k, v, bias):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 9, 4, generator=g) for _ in range(3))
+    bias = torch.randn(9, 9, generator=g)
+    with torch.no_grad(), attnstats.record(Biased()) as dense:
+        Biased()(q, k, v, bias)
+    with torch.no_grad(), attnstats.record(Biased(), store="stats") as st:
+        Biased()(q, k, v, bias)
+    key = ["layer", "head", "batch", "metric"]
+    a = dense.frame(batch="each").set_index(key).value.sort_index()
+    b = st.frame(batch="each").set_index(key).value.sort_index()
+    assert list(a.index) == list(b.index)
+    np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-12, atol=1e-12)  # the same dense arithmetic
+    s = q.double() @ k.double().transpose(-2, -1) / 2 + bias.double()
+    p = torch.softmax(s, -1).numpy()
+    want = scipy.stats.entropy(p, axis=-1).mean(-1)  # [B, H]
+    got = b.xs("entropy", level="metric").to_numpy().reshape(3, 2).T  # index order (head, batch)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    monkeypatch.setattr(attnstats.metrics, "STREAMING_FROM_TOKENS", 2)  # now a long call: streaming only
+    with pytest.raises(ValueError, match="adds an attention bias or softcap"):
+        with torch.no_grad(), attnstats.record(Biased(), store="stats"):
+            Biased()(q, k, v, bias)
 
 
 # ---- the log-normal fit: store="stats" and the dense path take the same ln P entries ----------------
@@ -246,11 +291,13 @@ def test_store_stats_warns_when_a_general_mask_leaves_out_the_gap():
 LOGNORMAL = [f"lognormal_{m}" for m in ("mu", "sigma", "ks", "ks_pvalue", "ad", "skew", "excess_kurtosis")]
 
 
-def both_ways(model, inputs, metrics):
-    """rec.frame(batch="each") of a dense (store="qk") and a store="stats" recording of one forward."""
+def both_ways(model, inputs, metrics, streaming=False):
+    """rec.frame(batch="each") of a dense (store="qk") and a store="stats" recording of one forward
+    (on its streaming path if ``streaming``)."""
     with torch.no_grad(), attnstats.record(model) as dense:
         model(**inputs)
-    with torch.no_grad(), attnstats.record(model, store="stats", metrics=[m for m in metrics if m != "temperature"]) as st:
+    with stats_run(streaming), torch.no_grad(), \
+            attnstats.record(model, store="stats", metrics=[m for m in metrics if m != "temperature"]) as st:
         model(**inputs)
     key = ["layer", "head", "batch", "metric"]
     a = dense.frame(metrics=metrics, batch="each").set_index(key).value.sort_index()
@@ -259,7 +306,8 @@ def both_ways(model, inputs, metrics):
     return a, b, dense
 
 
-def test_store_stats_equals_dense_on_minilm():
+@pytest.mark.parametrize("streaming", [False, True], ids=["dense", "streaming"])
+def test_store_stats_equals_dense_on_minilm(streaming):
     # Sentences of ~10 tokens: every valid entry is used both ways (far fewer than max_samples). The
     # values of ln P agree to ~1e-15 (float64 softmax vs s − LSE), so every fit agrees to ~1e-10; the
     # spectral gap to the eigen-solvers' 1e-10.
@@ -268,12 +316,13 @@ def test_store_stats_equals_dense_on_minilm():
     model, tok = load_model()
     enc = tok(["A cat sat on the mat.", "Attention maps, measured without eager mode at all."],
               padding=True, return_tensors="pt")
-    a, b, _ = both_ways(model, dict(enc), ("entropy", "spectral_gap", "lognormal", "moments"))
+    a, b, _ = both_ways(model, dict(enc), ("entropy", "spectral_gap", "lognormal", "moments"), streaming)
     assert set(LOGNORMAL) <= set(a.index.get_level_values("metric"))
     np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-9, atol=1e-10)
 
 
-def test_store_stats_lognormal_equals_dense_where_it_samples():
+@pytest.mark.parametrize("streaming", [False, True], ids=["dense", "streaming"])
+def test_store_stats_lognormal_equals_dense_where_it_samples(streaming):
     # 400 tokens: batch element 0 has 160 000 valid entries per head, more than max_samples = 100 000,
     # so both paths sample, drawing the same ranks of the same enumeration; element 1 (310 real
     # tokens, 96 100 entries) uses every entry. Agreement to float rounding either way.
@@ -285,7 +334,7 @@ def test_store_stats_lognormal_equals_dense_where_it_samples():
     ids = torch.randint(1, 100, (2, 400), generator=torch.Generator().manual_seed(1))
     att = torch.ones(2, 400, dtype=torch.long)
     att[1, 310:] = 0
-    a, b, dense = both_ways(model, {"input_ids": ids, "attention_mask": att}, ("lognormal",))
+    a, b, dense = both_ways(model, {"input_ids": ids, "attention_mask": att}, ("lognormal",), streaming)
     # n is no frame metric: the sizes from the dense fit itself
     fit = attnstats.lognormal_fit(dense.records[0].probs(dtype=torch.float64), dense.records[0].stats_mask())
     assert fit.n[0].tolist() == [100_000, 100_000] and fit.n[1].tolist() == [310**2, 310**2]
