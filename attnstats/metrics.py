@@ -48,7 +48,8 @@ import torch
 from .budget import get_memory_budget
 from .masks import is_key_padding, no_valid_entry
 from .stats.dense import entry_moments, row_entropy
-from .stats.lognormal import check_sampling, fits_per_matrix, lognormal_fit, matrix_generator, sample_ranks
+from .stats.lognormal import fits_per_matrix, lognormal_fit
+from .stats.sampling import check_sampling, sample_ranks
 from .stats.online import moments_from_rows, streaming_row_accumulators
 from .stats.qk import streaming_lognormal_fit, streaming_stats
 from .stats.spectral import causal_spectral_gap, spectral_gap, spectral_gap_from_qk
@@ -309,7 +310,7 @@ def _sink_dense_values(p, mask, metrics, max_samples, seed, name) -> dict:
                 moments.append(_value_moments(v))
             if "lognormal" in metrics:
                 if v.numel() > max_samples:  # the entries the dense and streaming fits draw for matrix t
-                    v = v[sample_ranks(v.numel(), max_samples, matrix_generator(seed, t)).to(v.device)]
+                    v = v[sample_ranks(v.numel(), max_samples, seed, t, device=v.device)]
                 logs.append(torch.log(v[v > 0]).cpu())
         if moments:
             table = torch.tensor(moments, dtype=torch.float64).reshape(b, h, 5)

@@ -302,17 +302,50 @@ def test_log_samples_of_a_matrix_with_no_valid_entry_name_it():
         sample_log_probs(q, k, mask=full, causal=True)
 
 
-@pytest.mark.parametrize("count", [1000, 100_000])  # a permutation; draws with repeats dropped
-def test_sample_ranks_are_distinct_uniform_and_reproducible(count):
-    from attnstats.stats.lognormal import matrix_generator, sample_ranks
+def lowbias32(x: int) -> int:
+    """The reference hash in Python integers (unbounded, masked to 32 bits by hand)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_hash32_equals_the_integer_reference():
+    from attnstats.stats.sampling import hash32
+
+    xs = [0, 1, 2, 0xFFFF, 0x10000, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF] + list(range(12345, 2_000_000, 99991))
+    got = hash32(torch.tensor(xs, dtype=torch.int64)).tolist()
+    assert got == [lowbias32(x) for x in xs]
+
+
+@pytest.mark.parametrize("count", [1000, 100_000, 10**12])
+def test_sample_ranks_are_distinct_stratified_and_reproducible(count):
+    from attnstats.stats.sampling import sample_ranks
 
     size = 200
-    r = sample_ranks(count, size, matrix_generator(0, 0))
+    r = sample_ranks(count, size, 0, 0)
     assert r.numel() == size and torch.equal(r, r.sort().values) and torch.unique(r).numel() == size
-    assert int(r.min()) >= 0 and int(r.max()) < count
-    assert torch.equal(r, sample_ranks(count, size, matrix_generator(0, 0)))
-    assert torch.equal(sample_ranks(size - 1, size, matrix_generator(0, 0)), torch.arange(size - 1))
-    # uniform: over 400 draws the mean rank is (count − 1)/2 within 4 standard errors
-    means = torch.stack([sample_ranks(count, size, matrix_generator(s, 0)).double().mean() for s in range(400)])
-    sd = count / math.sqrt(12 * size)  # of one draw's mean (without replacement: a little less)
-    assert abs(float(means.mean()) - (count - 1) / 2) < 4 * sd / math.sqrt(400)
+    # one rank in each run [⌊i·count/size⌋, ⌊(i+1)·count/size⌋), computed here in Python integers
+    bounds = [(i * count) // size for i in range(size + 1)]
+    assert all(bounds[i] <= int(r[i]) < bounds[i + 1] for i in range(size))
+    assert torch.equal(r, sample_ranks(count, size, 0, 0))
+    batch = sample_ranks(count, size, 0, torch.arange(3))  # the batched draw is row by row the single one
+    assert batch.shape == (3, size) and all(torch.equal(batch[t], sample_ranks(count, size, 0, t)) for t in range(3))
+    assert not torch.equal(batch[0], batch[1]) and not torch.equal(r, sample_ranks(count, size, 1, 0))
+    assert torch.equal(sample_ranks(size - 1, size, 0, 0), torch.arange(size - 1))
+
+
+def test_sample_ranks_take_every_entry_equally_often():
+    # count = 50, size = 10: each entry is in one run of 5 and is drawn with probability 1/5. Over
+    # 4000 (seed, matrix) pairs its count is Binomial(4000, 0.2): mean 800, sd 25.3. The chi-square
+    # statistic of the 50 counts (49 degrees of freedom) lies below 100 with probability 1 − 1e-5.
+    from attnstats.stats.sampling import sample_ranks
+
+    counts = torch.zeros(50)
+    for seed in range(40):
+        r = sample_ranks(50, 10, seed, torch.arange(100))  # [100, 10]
+        counts += torch.bincount(r.reshape(-1), minlength=50)
+    expect = 4000 * 10 / 50
+    chi2 = float(((counts - expect) ** 2 / (expect * (1 - 0.2))).sum())
+    assert chi2 < 100, chi2

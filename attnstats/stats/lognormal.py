@@ -15,6 +15,7 @@ from scipy import stats as sps
 
 from ..masks import broadcast_mask
 from .kolmogorov import kolmogorov_sf
+from .sampling import check_sampling, sample_ranks
 from ..budget import get_memory_budget
 from ..validation import _gather, check_square, check_tensor, probability_blocks
 
@@ -25,8 +26,6 @@ __all__ = [
     "fit_log_values_batched",
     "fits_per_matrix",
     "log_entries",
-    "sample_ranks",
-    "matrix_generator",
 ]
 
 
@@ -98,51 +97,6 @@ def fit_log_values(log_values) -> LogNormalFit:
     )
 
 
-def check_sampling(max_samples, seed) -> None:
-    """Raise unless ``max_samples`` is an int ≥ 3 and ``seed`` an int ≥ 0 (bools are neither)."""
-    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 3:
-        raise ValueError(f"max_samples: expected an int >= 3, got {max_samples!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
-
-
-def matrix_generator(seed: int, index: int) -> torch.Generator:
-    """The CPU generator of the ``ln P`` sample of matrix ``index`` (flat over the batch, row-major).
-
-    One generator per matrix, seeded from ``(seed, index)`` through numpy's ``SeedSequence``: the
-    sample of a matrix does not depend on how the batch is split (the dense fit takes the whole batch,
-    ``record(..., store="stats")`` one batch element at a time), and matrices get unrelated samples.
-    """
-    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed((int(state[0]) << 31) ^ int(state[1]))
-
-
-def sample_ranks(count: int, size: int, generator: torch.Generator) -> torch.Tensor:
-    """``size`` distinct integers of ``[0, count)``, uniform without replacement, sorted (int64, CPU).
-
-    The ranks of the valid entries (in row-major order) that an ``ln P`` sample takes; the dense
-    (:func:`log_entries`) and streaming (:func:`attnstats.sample_log_probs`) samplers both call it,
-    so that equal ``(count, size, generator)`` pick the same entries. ``count ≤ size`` gives every
-    rank. Memory ``O(size)`` when ``count`` is large: draws with replacement, repeats dropped in draw
-    order (which keeps the sample uniform), until ``size`` distinct ranks are in hand; a permutation
-    of ``[0, count)`` when ``count ≤ 4·size``, where repeats would be frequent.
-    """
-    if count <= size:
-        return torch.arange(count)
-    if count <= 4 * size:
-        return torch.randperm(count, generator=generator)[:size].sort().values
-    picked = torch.empty(0, dtype=torch.int64)
-    while picked.numel() < size:
-        need = size - picked.numel()
-        # at most a quarter of the draws repeat an earlier one (count > 4·size)
-        cand = torch.cat([picked, torch.randint(0, count, (int(1.4 * need) + 16,), generator=generator)])
-        uniq, inverse = torch.unique(cand, return_inverse=True)
-        first = torch.full((uniq.numel(),), cand.numel(), dtype=torch.int64)
-        first.scatter_reduce_(0, inverse, torch.arange(cand.numel()), reduce="amin")
-        picked = cand[first.sort().values][:size]
-    return picked.sort().values
-
-
 def _mask_counts(m: torch.Tensor, n: int) -> torch.Tensor:
     """Valid entries per matrix ``[M]`` (int64, CPU) of a broadcast bool mask ``[*batch, N, N]``.
 
@@ -168,9 +122,9 @@ def log_entries(
     """The values of ``ln P`` that :func:`lognormal_fit` uses, one 1-d float64 tensor per matrix.
 
     The valid entries of each matrix are enumerated in row-major order. Where there are at most
-    ``max_samples``, all of them; beyond that, the entries at ``max_samples`` ranks drawn by
-    :func:`sample_ranks` from the matrix's own generator (:func:`matrix_generator` of ``seed`` and
-    the matrix's flat batch index), in row-major order. Entries that are exactly 0 have no logarithm
+    ``max_samples``, all of them; beyond that, the entries at the ``max_samples`` ranks that
+    :func:`attnstats.stats.sampling.sample_ranks` draws for ``seed`` and the matrix's flat batch
+    index, in row-major order. Entries that are exactly 0 have no logarithm
     and are then left out. :func:`attnstats.sample_log_probs` enumerates and draws alike, so from
     ``q, k`` it takes the same entries. Rows are read renormalised, a block at a time
     (:func:`attnstats.validation.probability_blocks`); memory ``O(max_samples)`` per matrix.
@@ -185,8 +139,7 @@ def log_entries(
         counts = torch.full((count,), n * n, dtype=torch.int64)
     else:
         counts = _mask_counts(m if batch else m[None], n)
-    ranks = [None if int(c) <= max_samples else sample_ranks(int(c), max_samples, matrix_generator(seed, i))
-             for i, c in enumerate(counts)]
+    ranks = [None if int(c) <= max_samples else sample_ranks(int(c), max_samples, seed, i) for i, c in enumerate(counts)]
     seen = [0] * count  # valid entries of each matrix in the blocks read so far
     parts: list[list[torch.Tensor]] = [[] for _ in range(count)]
     for i0, i1, r0, r1, x, valid in probability_blocks(p, m):
@@ -210,7 +163,8 @@ def lognormal_fit(
     Args:
         p: ``[..., N, N]`` row-stochastic attention.
         mask: bool, broadcastable to ``p``, True = attend.
-        max_samples: entries used per matrix at most (uniform subsample beyond that).
+        max_samples: entries used per matrix at most (beyond that, a stratified sample in which
+            every entry is equally likely: :func:`attnstats.stats.sampling.sample_ranks`).
         seed: seed of the subsample.
 
     Returns:
@@ -287,8 +241,8 @@ def fit_log_values_batched(values: torch.Tensor, counts: torch.Tensor | None = N
         :class:`LogNormalFit` with float64 tensor fields ``[M]`` on the values' device (``n``
         int64): the same numbers as :func:`fit_log_values` row by row (scipy's ``kstest``,
         ``anderson``, ``skew``, ``kurtosis``), computed in float64. The KS p-value is scipy's
-        ``kstwo.sf(D, n)`` (kstest's default exact mode), evaluated for all rows at once on the CPU
-        by :func:`attnstats.stats.kolmogorov.kolmogorov_sf`.
+        ``kstwo.sf(D, n)`` (kstest's default exact mode), evaluated for all rows at once on the
+        values' device by :func:`attnstats.stats.kolmogorov.kolmogorov_sf`.
         A row with fewer than 3 values, or with all values equal, gets NaN fields and one warning
         lists such rows.
     """
@@ -380,14 +334,10 @@ def _fit_batched(values: torch.Tensor, counts: torch.Tensor | None) -> tuple[Log
     ad = -nf - terms.sum(1)
 
     # kstest's default (method="auto") for the two-sided one-sample test is exact: kstwo.sf(D, n),
-    # here evaluated for all rows at once (attnstats.stats.kolmogorov).
-    ks_cpu = ks.cpu().numpy()
-    n_cpu = cnt.cpu().numpy()
-    good = ~bad.cpu().numpy()
-    pv = np.full(m, np.nan)
-    if good.any():
-        pv[good] = kolmogorov_sf(ks_cpu[good], n_cpu[good])
-    pvalue = torch.from_numpy(pv).to(dev)
+    # here evaluated for all rows at once on the values' device (attnstats.stats.kolmogorov).
+    pvalue = torch.full((m,), math.nan, dtype=torch.float64, device=dev)
+    if bool(ok.any()):
+        pvalue[ok] = kolmogorov_sf(ks[ok], cnt[ok])
 
     nan = torch.tensor(math.nan, dtype=torch.float64, device=dev)
 
