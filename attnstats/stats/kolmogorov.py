@@ -28,29 +28,31 @@ __all__ = ["kolmogorov_sf", "smirnov_sf"]
 _CHUNK_TERMS = 1 << 22
 
 
-def smirnov_sf(n, d) -> np.ndarray:
-    """The exact one-sided Smirnov tail ``P(D⁺_n ≥ d)`` for arrays ``n`` (int ≥ 1) and ``d`` in ``(0, 1)``.
+def smirnov_sf(n, d):
+    """The exact one-sided Smirnov tail ``P(D⁺_n ≥ d)`` for ``n`` (int ≥ 1) and ``d`` in ``(0, 1)``.
 
-    Equal to ``scipy.special.smirnov(n, d)`` to about 1e-11 relative (float64 rounding of ``ln n!``);
-    computed in float64 torch over all tests of one ``n`` at once, a chunk of tests at a time. The sum
+    Equal to ``scipy.special.smirnov(n, d)`` to about 1e-11 relative (float64 rounding of ``ln n!``).
+    ``n``, ``d``: 1-d arrays or tensors of equal length; a tensor ``d`` is computed on its device and
+    a tensor returned, else a numpy array. All tests of one ``n`` at once, a chunk at a time; the sum
     runs over ``j ≤ ⌊n(1-d)⌋``: ``O(n)`` terms per test.
     """
-    n = np.asarray(n, dtype=np.int64).reshape(-1)
-    d = np.asarray(d, dtype=np.float64).reshape(-1)
-    out = np.empty(d.shape, dtype=np.float64)
-    for size in np.unique(n):
-        idx = np.flatnonzero(n == size)
+    as_numpy = not isinstance(d, torch.Tensor)
+    dt = torch.as_tensor(d, dtype=torch.float64).reshape(-1)
+    nt = torch.as_tensor(n, device=dt.device).reshape(-1).to(torch.int64)
+    out = torch.empty_like(dt)
+    for size in torch.unique(nt).tolist():
+        idx = (nt == size).nonzero()[:, 0]
         rows = max(1, _CHUNK_TERMS // (int(size) + 1))
-        for i0 in range(0, idx.size, rows):
+        for i0 in range(0, idx.numel(), rows):
             part = idx[i0 : i0 + rows]
-            out[part] = _smirnov_one_n(int(size), d[part])
-    return out
+            out[part] = _smirnov_one_n(int(size), dt[part])
+    return out.numpy() if as_numpy else out
 
 
-def _smirnov_one_n(n: int, d: np.ndarray) -> np.ndarray:
-    dt = torch.from_numpy(d)[:, None]  # [T, 1]
+def _smirnov_one_n(n: int, d: torch.Tensor) -> torch.Tensor:
+    dt = d[:, None]  # [T, 1]
     jmax = torch.floor(n * (1.0 - dt))  # [T, 1] last term of each sum
-    j = torch.arange(int(jmax.max()) + 1, dtype=torch.float64)  # [J]
+    j = torch.arange(n + 1, dtype=torch.float64, device=d.device)  # [J] (terms past jmax are masked)
     # ln C(n, j) from lgamma: absolute error about eps·ln n!, ~1e-11 relative at n = 1e5; one row
     # shared by the tests of this n.
     log_binom = math.lgamma(n + 1) - torch.lgamma(j + 1) - torch.lgamma(n - j + 1)  # [J]
@@ -60,39 +62,49 @@ def _smirnov_one_n(n: int, d: np.ndarray) -> np.ndarray:
     b = torch.log(frac + dt).mul_(j - 1)  # [T, J]
     log_term = a.add_(b).add_(log_binom)
     log_term.masked_fill_(j > jmax, -math.inf)  # terms past ⌊n(1-d)⌋
-    total = torch.logsumexp(log_term, dim=1) + torch.log(dt[:, 0])  # [T]
-    return total.exp().clamp(0.0, 1.0).numpy()
+    total = torch.logsumexp(log_term, dim=1) + torch.log(d)  # [T]
+    return total.exp().clamp(0.0, 1.0)
 
 
-def kolmogorov_sf(d, n) -> np.ndarray:
+def kolmogorov_sf(d, n):
     """``P(D_n ≥ d)`` of the two-sided one-sample KS statistic, as ``scipy.stats.kstwo.sf(d, n)``.
 
     Args:
-        d: KS statistics in ``[0, 1]`` (array-like, any shape).
+        d: KS statistics in ``[0, 1]``: an array-like (any shape), or a tensor, which is computed on
+            its device (the regimes scipy handles cheaply go through scipy on the CPU).
         n: sample sizes, ints ≥ 1, broadcastable to ``d``.
 
     Returns:
-        float64 array of the broadcast shape, in ``[0, 1]``; NaN where ``d`` is NaN.
+        float64 values of the broadcast shape in ``[0, 1]``, NaN where ``d`` is NaN: a tensor on
+        ``d``'s device for a tensor ``d``, else a numpy array.
     """
-    d, n = np.broadcast_arrays(np.asarray(d, dtype=np.float64), np.asarray(n))
-    if n.size and (not np.issubdtype(n.dtype, np.integer) and not np.all(n == np.floor(n))):
-        raise ValueError("n: expected integer sample sizes")
-    n = n.astype(np.int64)
-    if n.size and n.min() < 1:
-        raise ValueError(f"n: expected sample sizes >= 1, got {int(n.min())}")
-    flat_d, flat_n = d.reshape(-1), n.reshape(-1)
-    out = np.full(flat_d.shape, np.nan)
-    t = flat_n * flat_d
+    as_numpy = not isinstance(d, torch.Tensor)
+    dt = torch.as_tensor(d, dtype=torch.float64)
+    nt = torch.as_tensor(n, device=dt.device)
+    if nt.numel() and nt.is_floating_point():
+        if not bool((nt == torch.floor(nt)).all()):
+            raise ValueError("n: expected integer sample sizes")
+    nt = nt.to(torch.int64)
+    if nt.numel() and int(nt.min()) < 1:
+        raise ValueError(f"n: expected sample sizes >= 1, got {int(nt.min())}")
+    dt, nt = torch.broadcast_tensors(dt, nt)
+    shape = dt.shape
+    flat_d, flat_n = dt.reshape(-1), nt.reshape(-1)
+    nf = flat_n.to(torch.float64)
+    out = torch.full_like(flat_d, math.nan)
+    t = nf * flat_d
     nx2 = t * flat_d
-    inner = (t > 1.0) & (t < flat_n - 1)  # scipy's closed forms hold at the ends
+    inner = (t > 1.0) & (t < nf - 1)  # scipy's closed forms hold at the ends
     big = flat_n > 140
     # scipy's exact branches that are 2·S_n(d): d ≥ 1/2; n > 140 with 2.2 ≤ n·d² < 370; n ≤ 140 with n·d² > 4
     smirnov = inner & ((flat_d >= 0.5) | (big & (nx2 >= 2.2) & (nx2 < 370.0)) | (~big & (nx2 > 4.0)))
     zero = inner & (flat_d < 0.5) & big & (nx2 >= 370.0)
-    rest = ~(smirnov | zero) & ~np.isnan(flat_d)
-    if smirnov.any():
-        out[smirnov] = np.clip(2.0 * smirnov_sf(flat_n[smirnov], flat_d[smirnov]), 0.0, 1.0)
+    rest = ~(smirnov | zero) & ~torch.isnan(flat_d)
+    if bool(smirnov.any()):
+        out[smirnov] = (2.0 * smirnov_sf(flat_n[smirnov], flat_d[smirnov])).clamp(0.0, 1.0)
     out[zero] = 0.0
-    if rest.any():
-        out[rest] = sps.kstwo.sf(flat_d[rest], flat_n[rest])
-    return out.reshape(d.shape)
+    if bool(rest.any()):
+        dr, nr = flat_d[rest].cpu().numpy(), flat_n[rest].cpu().numpy()
+        out[rest] = torch.from_numpy(np.asarray(sps.kstwo.sf(dr, nr), dtype=np.float64)).to(out.device)
+    out = out.reshape(shape)
+    return out.numpy() if as_numpy else out
