@@ -82,6 +82,35 @@ SCRIPT = textwrap.dedent(
     y = streaming_triton.attention_matmat(q, k, st.lse, x.float(), d ** -0.5)
     p, _ = dense(q, k, torch.ones(n, n, dtype=torch.bool), d ** -0.5)
     worst = max(worst, rel(y, p @ x.double()))
+
+    # ln P at sampled entries (the log-normal fit's sample), GQA, strided q: against a float64 dense
+    # log-softmax read at the same entries, and the PyTorch twin, whose float64 arithmetic it repeats.
+    from attnstats.stats.qk import sampled_scores_reference
+    q = (torch.randn(2, 7, 4, 16, generator=g) * 1.3).transpose(1, 2)  # [2, 4, 7, 16], not contiguous
+    k = torch.randn(2, 2, 9, 16, generator=g)
+    lse = torch.randn(2, 4, 7, generator=g)
+    i = torch.randint(0, 7, (8, 21), generator=g)
+    j = torch.randint(0, 9, (8, 21), generator=g)
+    got = streaming_triton.sampled_log_probs(q, k, lse, i, j, 0.25)
+    ref = sampled_scores_reference(q, k, lse, i, j, 0.25)
+    s = (q.double() @ k.double().repeat_interleave(2, dim=1).transpose(-1, -2)) * 0.25 - lse.double()[..., None]
+    t = torch.arange(8)
+    dense_at = s.reshape(8, 7, 9)[t[:, None], i, j]
+    worst = max(worst, rel(got, dense_at), rel(got, ref))
+
+    # The same with the entries drawn inside the kernel: the ranks of sample_ranks, mapped row-major
+    # (lower triangle when causal), seen through the values they give.
+    from attnstats.stats.qk import _entries_of_ranks
+    from attnstats.stats.sampling import matrix_keys, sample_ranks
+    k = torch.randn(2, 2, 7, 16, generator=g)
+    for causal, count in ((False, 49), (True, 28)):
+        idx = torch.arange(5, 13)  # a call whose first matrix is 5 of a larger batch
+        a, b = matrix_keys(3, idx)
+        got = streaming_triton.sampled_log_probs(q, k, lse, None, None, 0.25, draw=(count, 11, a, b, causal))
+        ii, jj = _entries_of_ranks(sample_ranks(count, 11, 3, idx), None, 7, 7, causal)
+        ref = sampled_scores_reference(q, k, lse, ii, jj, 0.25)
+        assert torch.equal(torch.isnan(got), torch.isnan(ref))
+        worst = max(worst, rel(got, ref))
     print("WORST", worst)
     """
 )

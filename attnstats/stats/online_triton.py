@@ -23,7 +23,7 @@ import os
 import torch
 
 
-__all__ = ["available", "row_accumulators", "raw_accumulators", "attention_matmat"]
+__all__ = ["available", "row_accumulators", "raw_accumulators", "attention_matmat", "sampled_log_probs"]
 
 _LN2 = math.log(2.0)
 _LOG2E = 1.0 / _LN2
@@ -236,6 +236,76 @@ if _HAVE_TRITON:
         tl.store(OUT + offs_m[:, None] * so_n + offs_r[None, :], acc, mask=offs_m[:, None] < N)
 
 
+
+    @triton.jit
+    def _mul32(x, a: tl.constexpr):
+        # (x·a) mod 2³² in int64 without overflow, as attnstats.stats.sampling._mul32
+        lo = (x & 0xFFFF) * a
+        hi = ((x >> 16) * (a & 0xFFFF)) & 0xFFFF
+        return (lo + (hi << 16)) & 0xFFFFFFFF
+
+    @triton.jit
+    def _hash32(x):
+        # lowbias32 on int64 holding [0, 2³²), as attnstats.stats.sampling.hash32
+        x = x ^ (x >> 16)
+        x = _mul32(x, 0x7FEB352D)
+        x = x ^ (x >> 15)
+        x = _mul32(x, 0x846CA68B)
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _sampled_kernel(
+        Q, K, LSE, I, J, KEY_A, KEY_B, OUT,
+        sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sl_b, sl_h, sl_n, si_m, so_m,
+        HQ, GROUP, S, COUNT, NK, scale,
+        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, DRAW: tl.constexpr, CAUSAL: tl.constexpr,
+    ):
+        # ln P at sampled entries: out[t, s] = scale·q[b, h, i]·k[b, h // GROUP, j] − lse[b, h, i], float64.
+        # Q: [B, HQ, Nq, D], K: [B, HQ/GROUP, Nk, D] (any float dtype, strides as given)
+        # LSE: [B, HQ, Nq] (float32 or float64); OUT: [M, S] float64; M = B·HQ matrices, t = b·HQ + h
+        # DRAW: the entries are drawn here, as attnstats.stats.sampling.sample_ranks draws them (one
+        #   uniform rank in each of S runs of the COUNT valid entries, keys KEY_A, KEY_B: [M] int64),
+        #   then mapped to (i, j) row-major (the lower triangle when CAUSAL, else rows of NK).
+        #   Otherwise I, J: [M, S] int64 give them.
+        # grid: (M, cdiv(S, BLOCK_S))
+        t = tl.program_id(0)
+        b = t // HQ
+        h = t % HQ
+        offs = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)  # [BLOCK_S]
+        ok = offs < S
+        if DRAW:
+            run = offs.to(tl.int64)  # [BLOCK_S]
+            start = (run * COUNT) // S
+            length = ((run + 1) * COUNT) // S - start
+            ka = tl.load(KEY_A + t)
+            kb = tl.load(KEY_B + t)
+            hi = _hash32((_hash32(run ^ ka) + 0x165667B1) & 0xFFFFFFFF) >> 11  # 21 bits
+            lo = _hash32(run ^ kb)  # 32 bits
+            u = ((hi << 32) | lo).to(tl.float64) * 1.1102230246251565e-16  # 2^-53
+            rank = start + tl.minimum((u * length.to(tl.float64)).to(tl.int64), length - 1)
+            if CAUSAL:
+                ii = tl.floor((tl.sqrt(8.0 * rank.to(tl.float64) + 1.0) - 1.0) / 2.0).to(tl.int64)
+                ii = tl.where(ii * (ii + 1) // 2 > rank, ii - 1, ii)
+                ii = tl.where((ii + 1) * (ii + 2) // 2 <= rank, ii + 1, ii)
+                jj = rank - ii * (ii + 1) // 2
+            else:
+                ii = rank // NK
+                jj = rank % NK
+            ii = tl.where(ok, ii, 0)
+            jj = tl.where(ok, jj, 0)
+        else:
+            ii = tl.load(I + t * si_m + offs, mask=ok, other=0)  # [BLOCK_S]
+            jj = tl.load(J + t * si_m + offs, mask=ok, other=0)  # [BLOCK_S]
+        dd = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+        m2 = ok[:, None] & (dd[None, :] < D)
+        q = tl.load(Q + b * sq_b + h * sq_h + ii[:, None] * sq_n + dd[None, :] * sq_d, mask=m2, other=0.0)
+        k = tl.load(K + b * sk_b + (h // GROUP) * sk_h + jj[:, None] * sk_n + dd[None, :] * sk_d, mask=m2, other=0.0)
+        # float64 products and sum: the same arithmetic as the PyTorch reference, [BLOCK_S, BLOCK_D]
+        dot = tl.sum(q.to(tl.float64) * k.to(tl.float64), axis=1)  # [BLOCK_S]
+        lse = tl.load(LSE + b * sl_b + h * sl_h + ii * sl_n, mask=ok, other=0.0).to(tl.float64)
+        tl.store(OUT + t * so_m + offs, dot * scale - lse, mask=ok)
+
+
 def _f32_precision() -> str:
     # float32 operands: three TF32 products (hi·hi + hi·lo + lo·hi) on the tensor cores give about
     # float32 accuracy, unlike one TF32 product (~1e-3); the interpreter computes in plain float32.
@@ -346,3 +416,49 @@ def attention_matmat(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, x: tor
         F32_PRECISION=_f32_precision(), **kwargs,
     )
     return out[:, :c] / out[:, c:c + 1]  # [N, c]
+
+
+def sampled_log_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, i: torch.Tensor | None,
+                      j: torch.Tensor | None, scale: float, *, draw=None) -> torch.Tensor:
+    """``ln P_ij = scale·q_i·k_j − LSE_i`` at sampled entries of every matrix, one launch, float64.
+
+    Args:
+        q: ``[B, Hq, Nq, d]``; k: ``[B, Hk, Nk, d]`` (``Hq`` a multiple of ``Hk``), any strides.
+        lse: ``[B, Hq, Nq]`` row log-normalisers (nats).
+        i, j: ``[B·Hq, S]`` int64 row and column of each sample of matrix ``t = b·Hq + h``; or None
+            with ``draw``.
+        scale: logit scale.
+        draw: ``(count, size, key_a, key_b, causal)`` to draw the entries in the kernel instead, as
+            :func:`attnstats.stats.sampling.sample_ranks` does for an unmasked matrix of ``count``
+            valid entries (``key_a, key_b``: ``[B·Hq]`` int64 from its ``matrix_keys``).
+
+    Returns:
+        ``[B·Hq, S]`` float64: the dot products in float64, as the PyTorch reference computes them,
+        without gathering the sampled rows of q and k into memory.
+    """
+    if not _HAVE_TRITON:
+        raise ImportError("the fused sampler needs Triton: pip install 'attnstats[triton]'")
+    B, Hq, _, d = q.shape
+    m = B * Hq
+    if draw is not None:
+        count, s, key_a, key_b, causal = draw
+        i = j = torch.empty(1, 1, dtype=torch.int64, device=q.device)
+    else:
+        s = i.shape[1]
+        count, causal = 0, False
+        key_a = key_b = torch.empty(1, dtype=torch.int64, device=q.device)
+        i, j = i.contiguous(), j.contiguous()
+    out = torch.empty(m, s, dtype=torch.float64, device=q.device)  # [M, S]
+    interp = _interpreting()
+    block_s = 16 if interp else 64
+    grid = (m, triton.cdiv(s, block_s))
+    kwargs = {} if interp else {"num_warps": 4}
+    if s:
+        _sampled_kernel[grid](
+            q, k, lse, i, j, key_a.contiguous(), key_b.contiguous(), out,
+            *q.stride(), *k.stride(), *lse.stride(), i.stride(0), out.stride(0),
+            Hq, Hq // k.shape[1], s, count, k.shape[2], float(scale),
+            D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_S=block_s, DRAW=draw is not None, CAUSAL=bool(causal),
+            **kwargs,
+        )
+    return out

@@ -13,6 +13,7 @@ import torch
 
 from ..masks import causal_mask, is_key_padding, no_valid_entry
 from .dense import EntryMoments
+from . import online_triton
 from .online import _raise_if_not_finite, _reshape_rows, _row_pass, moments_from_rows, prepare_qk, streaming_row_accumulators
 
 __all__ = ["StreamingStats", "streaming_stats", "sample_log_probs", "streaming_lognormal_fit"]
@@ -157,10 +158,9 @@ def sample_log_probs(
 
     The same entries as :func:`attnstats.stats.lognormal.log_entries` takes from the dense matrix: the valid
     entries of each matrix enumerated in row-major order; all of them where there are at most
-    ``max_samples``; beyond that, those at the ranks :func:`attnstats.stats.lognormal.sample_ranks` draws
-    from the matrix's generator (:func:`attnstats.stats.lognormal.matrix_generator` of ``seed`` and the
-    matrix's flat batch index plus ``first_matrix``), in row-major order. Only the sampled entries
-    are computed: ``O(max_samples·d)`` memory, whatever N.
+    ``max_samples``; beyond that, those at the ranks :func:`attnstats.stats.sampling.sample_ranks`
+    draws for ``seed`` and the matrix's flat batch index plus ``first_matrix``, in row-major order.
+    Only the sampled entries are computed: ``O(max_samples·d)`` memory, whatever N.
 
     Args:
         q, k, scale, mask, causal: as :func:`streaming_stats`.
@@ -178,7 +178,15 @@ def sample_log_probs(
     Raises:
         ValueError: if a matrix has no valid entry (naming its batch index).
     """
-    from .lognormal import check_sampling, matrix_generator, sample_ranks
+    table, counts = _log_prob_table(q, k, scale, mask, causal, lse, max_samples, seed, first_matrix)
+    table, counts = table.cpu(), counts.cpu()
+    return [row[: int(c)] for row, c in zip(table, counts)]
+
+
+def _log_prob_table(q, k, scale, mask, causal, lse, max_samples, seed, first_matrix):
+    """:func:`sample_log_probs` as ``(values [M, W] float64, counts [M] int64)`` on q's device: row ``t``
+    holds matrix ``t``'s values in its first ``counts[t]`` entries (NaN after them)."""
+    from .sampling import check_sampling, matrix_keys, sample_ranks
 
     check_sampling(max_samples, seed)
     if isinstance(first_matrix, bool) or not isinstance(first_matrix, int) or first_matrix < 0:
@@ -186,34 +194,69 @@ def sample_log_probs(
     qb, kb, scale, m, batch = prepare_qk(q, k, scale, mask, causal)
     B, Hq, Nq, d = qb.shape
     Nk = kb.shape[2]
-    g = Hq // kb.shape[1]
+    M = B * Hq
+    dev = qb.device
     if lse is not None and (not isinstance(lse, torch.Tensor) or lse.shape != (*batch, Nq)):
         raise ValueError(f"lse: expected a tensor of shape {(*batch, Nq)}, got {getattr(lse, 'shape', type(lse))}")
     masks, counts = [], []
-    for t in range(B * Hq):
-        mask_bh = None if m is None else m[t // Hq, t % Hq].cpu()
+    for t in range(M if m is not None else 0):
+        mask_bh = m[t // Hq, t % Hq].cpu()
         count = _valid_count(mask_bh, Nq, Nk, causal)
         if count == 0:
             where = tuple(int(x) for x in torch.unravel_index(torch.tensor(t), tuple(batch))) if batch else ()
             raise no_valid_entry(where)
         masks.append(mask_bh)
         counts.append(count)
+    if m is None:  # every matrix has the same valid entries: one draw for all of them, on the device
+        counts = [_valid_count(None, Nq, Nk, causal)] * M
     if lse is None:
         rows, _, _ = streaming_row_accumulators(qb, kb, scale=scale, mask=m, causal=causal)
         lse_b = rows.lse
     else:
         lse_b = lse.reshape(B, Hq, Nq)
-    out = []
-    dev = qb.device
-    for t, (mask_bh, count) in enumerate(zip(masks, counts)):
-        b, h = divmod(t, Hq)
-        ranks = sample_ranks(count, max_samples, matrix_generator(seed, first_matrix + t))
-        i, j = _entries_of_ranks(ranks, mask_bh, Nq, Nk, causal)
-        i, j = i.to(dev), j.to(dev)
-        qi = qb[b, h].index_select(0, i).double()
-        kj = kb[b, h // g].index_select(0, j).double()
-        vals = (qi * kj).sum(-1) * scale - lse_b[b, h].double().index_select(0, i)
-        out.append(vals.cpu())
+    width = min(max(counts, default=0), max_samples)
+    cnt = torch.tensor([min(c, max_samples) for c in counts], dtype=torch.int64, device=dev)
+    fused = dev.type == "cuda" and online_triton.available()
+    if fused and m is None and counts[0] > max_samples:  # one launch draws the entries and scores them
+        key_a, key_b = matrix_keys(seed, torch.arange(first_matrix, first_matrix + M, device=dev))
+        out = online_triton.sampled_log_probs(qb, kb, lse_b, None, None, scale,
+                                              draw=(counts[0], max_samples, key_a, key_b, causal))
+        return out, cnt
+    i = torch.zeros((M, width), dtype=torch.int64, device=dev)  # [M, W] row of each sampled entry
+    j = torch.zeros((M, width), dtype=torch.int64, device=dev)  # [M, W] its column
+    if m is None:
+        ranks = sample_ranks(counts[0], max_samples, seed, torch.arange(first_matrix, first_matrix + M, device=dev))
+        i, j = _entries_of_ranks(ranks, None, Nq, Nk, causal)
+    else:
+        for t, (mask_bh, count) in enumerate(zip(masks, counts)):
+            ranks = sample_ranks(count, max_samples, seed, first_matrix + t)
+            it, jt = _entries_of_ranks(ranks, mask_bh, Nq, Nk, causal)
+            i[t, : it.numel()], j[t, : jt.numel()] = it.to(dev), jt.to(dev)
+    if fused:
+        out = online_triton.sampled_log_probs(qb, kb, lse_b, i, j, scale)  # fused: no gathered rows in memory
+    else:
+        out = sampled_scores_reference(qb, kb, lse_b, i, j, scale)
+    out.masked_fill_(torch.arange(width, device=dev)[None, :] >= cnt[:, None], float("nan"))
+    return out, cnt
+
+
+def sampled_scores_reference(q, k, lse, i, j, scale) -> torch.Tensor:
+    """The PyTorch twin of :func:`attnstats.stats.online_triton.sampled_log_probs` (same arguments):
+    ``[B·Hq, S]`` float64 ``scale·q_i·k_j − LSE_i``, the sampled rows gathered about 256 MiB at a time."""
+    B, Hq, Nq, d = q.shape
+    Hk, Nk = k.shape[1], k.shape[2]
+    m, width = i.shape
+    t_idx = torch.arange(m, device=q.device)
+    kv_idx = (t_idx // Hq) * Hk + (t_idx % Hq) // (Hq // Hk)  # [M] key head of each matrix
+    qf, kf, lse_f = q.reshape(m, Nq, d), k.reshape(B * Hk, Nk, d), lse.reshape(m, Nq)
+    out = torch.empty((m, width), dtype=torch.float64, device=q.device)
+    chunk = max(1, (256 << 20) // max(1, width * d * 8 * 2))
+    for t0 in range(0, m, chunk):
+        t1 = min(m, t0 + chunk)
+        ii, jj = i[t0:t1], j[t0:t1]  # [c, W]
+        qi = qf[t_idx[t0:t1, None], ii].double()  # [c, W, d]
+        kj = kf[kv_idx[t0:t1, None], jj].double()  # [c, W, d]
+        out[t0:t1] = (qi * kj).sum(-1) * scale - lse_f[t_idx[t0:t1, None], ii].double()
     return out
 
 
@@ -226,15 +269,13 @@ def streaming_lognormal_fit(
 
     Returns:
         :class:`attnstats.LogNormalFit` with float64 tensor fields of the batch shape ``[...]``
-        (``n`` int64), each from :func:`attnstats.stats.lognormal.fit_log_values` on that matrix's sample (NaN, with a
-        warning, where fewer than 3 distinct values exist). On the same entries as
-        :func:`attnstats.lognormal_fit` of the dense matrix, so the two agree to float rounding.
+        (``n`` int64), each what :func:`attnstats.stats.lognormal.fit_log_values` gives on that
+        matrix's sample (NaN, with a warning, where fewer than 3 distinct values exist). On the same
+        entries as :func:`attnstats.lognormal_fit` of the dense matrix, so the two agree to float
+        rounding. Sampled and fitted for all matrices at once on q's device.
     """
-    from .lognormal import fits_per_matrix
+    from .lognormal import _fits_with_warnings
 
     _, _, _, _, batch = prepare_qk(q, k, scale, None, causal)
-    samples = sample_log_probs(
-        q, k, scale=scale, mask=mask, causal=causal, lse=lse, max_samples=max_samples, seed=seed,
-        first_matrix=first_matrix,
-    )
-    return fits_per_matrix(samples, batch)
+    table, counts = _log_prob_table(q, k, scale, mask, causal, lse, max_samples, seed, first_matrix)
+    return _fits_with_warnings(table, counts, batch)
