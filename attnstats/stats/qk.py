@@ -218,7 +218,8 @@ def _log_prob_table(q, k, scale, mask, causal, lse, max_samples, seed, first_mat
     cnt = torch.tensor([min(c, max_samples) for c in counts], dtype=torch.int64, device=dev)
     fused = dev.type == "cuda" and online_triton.available()
     if fused and m is None and counts[0] > max_samples:  # one launch draws the entries and scores them
-        key_a, key_b = matrix_keys(seed, torch.arange(first_matrix, first_matrix + M, device=dev))
+        # M keys: a few dozen integer operations, cheaper on the host than as as many launches
+        key_a, key_b = (x.to(dev) for x in matrix_keys(seed, torch.arange(first_matrix, first_matrix + M)))
         out = online_triton.sampled_log_probs(qb, kb, lse_b, None, None, scale,
                                               draw=(counts[0], max_samples, key_a, key_b, causal))
         return out, cnt
