@@ -51,7 +51,7 @@ from .stats.dense import entry_moments, row_entropy
 from .stats.lognormal import fits_per_matrix, lognormal_fit
 from .stats.sampling import check_sampling, sample_ranks
 from .stats.online import moments_from_rows, streaming_row_accumulators
-from .stats.qk import streaming_lognormal_fit, streaming_stats
+from .stats.qk import log_prob_table, streaming_lognormal_fit, streaming_stats, streaming_stats_unchecked
 from .stats.spectral import causal_spectral_gap, spectral_gap, spectral_gap_from_qk
 from .validation import compute_dtype, first_index, row_sum_tolerance
 
@@ -368,7 +368,7 @@ def warn_no_gap(name: str) -> None:
     )
 
 
-def streaming_values(q, k, mask, causal, scale, groups, name, max_samples=100_000, seed=0, sinks=None) -> dict:
+def streaming_values(q, k, mask, causal, scale, groups, name, max_samples=100_000, seed=0, sinks=None, defer=False):
     """Statistics of one call from ``q: [B, H, Nq, d]``, ``k: [B, H, Nk, d]``, canonical mask, no N×N matrix.
 
     Args:
@@ -380,9 +380,15 @@ def streaming_values(q, k, mask, causal, scale, groups, name, max_samples=100_00
             more key, as on the dense path (module docstring): ``LSE' = logaddexp(LSE, sink)`` is the
             row's normaliser, and ``sink_mass`` (group ``"sinks"``) is computed too.
 
+        defer: leave every host sync for later (``record(..., store="stats")`` during the forward):
+            the values stay on the device, the finiteness of q, k is not read, and the log-normal
+            sample is drawn but not fitted.
+
     Returns:
         metric name -> float64 CPU tensor ``[B, H]``, equal to what the dense statistics give on the
-        record's :meth:`~attnstats.capture.AttentionRecord.stats_mask`.
+        record's :meth:`~attnstats.capture.AttentionRecord.stats_mask`. With ``defer``:
+        ``(values on the device, PendingStats)``, the pending part finished by
+        :func:`attnstats.capture.stats_store.finish_pending`.
     """
     b = max(q.shape[0], k.shape[0])
     h, nq, nk = q.shape[1], q.shape[2], k.shape[2]
@@ -393,6 +399,7 @@ def streaming_values(q, k, mask, causal, scale, groups, name, max_samples=100_00
     if sinks is not None:
         sinks = _sink_logits(sinks, (b, h, nq), name)
     per_batch: list[dict] = []
+    pending = PendingStats(shape=(b, h))
     for bi in range(b):
         qb, kb = q[bi : bi + 1], k[bi : bi + 1]
         m = None if mask is None else mask[bi : bi + 1] if mask.shape[0] > 1 else mask
@@ -401,7 +408,11 @@ def streaming_values(q, k, mask, causal, scale, groups, name, max_samples=100_00
             idx = torch.nonzero(m[0, 0, 0], as_tuple=False)[:, 0]
             qb, kb, m = qb[:, :, idx], kb[:, :, idx], None
             sb = None if sb is None else sb[:, :, idx]
-        if sb is None:
+        if sb is None and defer and m is None:  # the finiteness flag is read once, after the forward
+            st, finite = streaming_stats_unchecked(qb, kb, scale=scale, causal=causal)
+            pending.finite.append(finite)
+            entropy, moments, lse, log_lse = st.entropy, st.entry_moments, st.lse, st.lse
+        elif sb is None:
             st = streaming_stats(qb, kb, scale=scale, mask=m, causal=causal)
             entropy, moments, lse, log_lse = st.entropy, st.entry_moments, st.lse, st.lse
         else:
@@ -418,15 +429,40 @@ def streaming_values(q, k, mask, causal, scale, groups, name, max_samples=100_00
             vals["spectral_gap"] = _qk_spectral_gap(qb, kb, scale, causal, lse)  # of the key block renormalised
         elif "spectral_gap" in groups and bi == 0:
             warn_no_gap(name)
-        if "lognormal" in groups:
+        if "lognormal" in groups and defer:  # drawn now, fitted with every other layer's after the forward
+            table, counts = log_prob_table(qb, kb, scale, m, causal, log_lse, max_samples, seed, bi * h, check_values=False)
+            pending.tables.append(table)
+            pending.counts.append(counts)
+        elif "lognormal" in groups:
             # matrix (bi, h) of the whole batch: the dense fit draws its sample from the same generator
             fit = streaming_lognormal_fit(
                 qb, kb, scale=scale, mask=m, causal=causal, lse=log_lse, max_samples=max_samples, seed=seed,
                 first_matrix=bi * h,
             )
             vals.update(lognormal_fields(fit))
-        per_batch.append({key: v.detach().to("cpu", torch.float64).reshape(1, h) for key, v in vals.items()})
-    return {key: torch.cat([pb[key] for pb in per_batch]) for key in per_batch[0]} if per_batch else {}
+        where = q.device if defer else "cpu"
+        per_batch.append({key: v.detach().to(where, torch.float64).reshape(1, h) for key, v in vals.items()})
+    values = {key: torch.cat([pb[key] for pb in per_batch]) for key in per_batch[0]} if per_batch else {}
+    return (values, pending) if defer else values
+
+
+@dataclasses.dataclass
+class PendingStats:
+    """What :func:`streaming_values` with ``defer=True`` leaves for after the forward pass.
+
+    Attributes:
+        shape: ``(B, H)`` of the call.
+        finite: 0-d bool device tensors, False where q or k held a NaN or Inf.
+        tables, counts: the log-normal samples, per batch element: ``[H, W]`` float64 values (NaN
+            past ``counts``) and ``[H]`` int64 counts, on the device.
+        done: set once the pending part has been read.
+    """
+
+    shape: tuple
+    finite: list = dataclasses.field(default_factory=list)
+    tables: list = dataclasses.field(default_factory=list)
+    counts: list = dataclasses.field(default_factory=list)
+    done: bool = False
 
 
 

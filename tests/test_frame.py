@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnstats
+import attnstats.metrics  # patched by the tests of the streaming path
 
 B, H, N, D = 2, 3, 12, 8
 LENGTHS = [12, 8]  # batch element 1 is right-padded to N
@@ -284,6 +285,26 @@ def test_store_stats_takes_a_bias_on_short_calls_and_refuses_it_on_long_ones(mon
     with pytest.raises(ValueError, match="adds an attention bias or softcap"):
         with torch.no_grad(), attnstats.record(Biased(), store="stats"):
             Biased()(q, k, v, bias)
+
+
+def test_store_stats_reads_the_finiteness_of_long_calls_after_the_forward(monkeypatch):
+    # Long calls queue their statistics without waiting for the device; a NaN in q is caught when the
+    # block ends (one read for every layer), naming the layer, with every hook already removed.
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    monkeypatch.setattr(attnstats.metrics, "STREAMING_FROM_TOKENS", 2)
+    q, k, v = (torch.randn(1, 2, 6, 4) for _ in range(3))
+    q[0, 1, 3, 2] = float("nan")
+    model = Attn()
+    with pytest.raises(ValueError, match=r"layer '.*': q or k holds NaN or Inf"):
+        with torch.no_grad(), attnstats.record(model, store="stats", metrics=("entropy", "moments", "lognormal")):
+            out = model(q, k, v)
+    assert torch.equal(out.nan_to_num(7.0), model(q, k, v).nan_to_num(7.0))  # the forward ran, unchanged
+    with attnstats.record(model, store="stats", metrics=("entropy",)) as rec:  # hooks were removed: a new block works
+        model(q.nan_to_num(), k, v)
+    assert len(rec.frame()) > 0
 
 
 # ---- the log-normal fit: store="stats" and the dense path take the same ln P entries ----------------

@@ -101,12 +101,11 @@ SCRIPT = textwrap.dedent(
     # The same with the entries drawn inside the kernel: the ranks of sample_ranks, mapped row-major
     # (lower triangle when causal), seen through the values they give.
     from attnstats.stats.qk import _entries_of_ranks
-    from attnstats.stats.sampling import matrix_keys, sample_ranks
+    from attnstats.stats.sampling import sample_ranks
     k = torch.randn(2, 2, 7, 16, generator=g)
     for causal, count in ((False, 49), (True, 28)):
         idx = torch.arange(5, 13)  # a call whose first matrix is 5 of a larger batch
-        a, b = matrix_keys(3, idx)
-        got = streaming_triton.sampled_log_probs(q, k, lse, None, None, 0.25, draw=(count, 11, a, b, causal))
+        got = streaming_triton.sampled_log_probs(q, k, lse, None, None, 0.25, draw=(count, 11, 3, 5, causal))
         ii, jj = _entries_of_ranks(sample_ranks(count, 11, 3, idx), None, 7, 7, causal)
         ref = sampled_scores_reference(q, k, lse, ii, jj, 0.25)
         assert torch.equal(torch.isnan(got), torch.isnan(ref))

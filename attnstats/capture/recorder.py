@@ -145,8 +145,20 @@ def head_sigmas(q: torch.Tensor, k: torch.Tensor, mask, is_causal: bool):
     ``1/(sigma_q·sigma_k)``.
     """
     b = max(q.shape[0], k.shape[0])
+    if mask is None:  # every token valid (causal rows all have a key): no mask to weigh by
+        return _std(q).expand(b, q.shape[1]), _std(k).expand(b, k.shape[1])
     qv, kv = valid_tokens(mask, is_causal, (b, q.shape[1], q.shape[2], k.shape[2]), q.device)
     return _masked_std(q.expand(b, *q.shape[1:]), qv), _masked_std(k.expand(b, *k.shape[1:]), kv)
+
+
+def _std(x: torch.Tensor) -> torch.Tensor:
+    """``[B, H]`` unbiased std of ``x: [B, H, N, d]`` over ``N·d``, accumulated in float64 without a
+    float64 copy of ``x`` (at N = 32k, 32 heads of 64, that copy alone would be 0.5 GiB per tensor)."""
+    n = x.shape[-2] * x.shape[-1]
+    mean = torch.sum(x, (-2, -1), dtype=torch.float64) / n  # [B, H]
+    sq = torch.linalg.vector_norm(x, 2, (-2, -1), dtype=torch.float64) ** 2  # [B, H] Σ x²
+    # Σ(x − mean)² = Σx² − n·mean², in float64: exact enough unless |mean| ≫ std by ~1e7
+    return torch.sqrt((sq - n * mean * mean).clamp_min(0.0) / (n - 1))
 
 
 def _masked_std(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -315,6 +327,10 @@ class Recorder:
         self._owned, self._owned_depth = set(), 0
         if exc_type is None and not self.records:
             warnings.warn(self._nothing_message(), NothingCapturedWarning, stacklevel=2)
+        if exc_type is None:  # the hooks are gone: what store="stats" left for after the forward
+            from .stats_store import finish_pending
+
+            finish_pending(self.records)
         return False
 
     def _nothing_message(self) -> str:
@@ -603,6 +619,9 @@ class Recorder:
         if not self.records:
             raise ValueError(self._nothing_message())
         from ..frame import records_frame
+        from .stats_store import finish_pending
+
+        finish_pending(self.records)  # frame() inside the with block
 
         return records_frame(self.records, metrics=metrics, kernels=self.kernels, **options)
 

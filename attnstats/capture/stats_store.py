@@ -26,7 +26,7 @@ import torch
 from ..metrics import gives_every_metric, is_short, record_metrics, streaming_values, warn_no_gap
 from .record import AttentionRecord
 
-__all__ = ["CapturedStats", "capture_stats"]
+__all__ = ["CapturedStats", "capture_stats", "finish_pending"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +37,15 @@ class CapturedStats:
         shape: ``(B, H, Nq, Nk)`` of the attention matrix that was never built.
         values: metric name (as in :data:`attnstats.metrics.METRIC_NAMES`) -> float64 tensor ``[B, H]``.
         max_samples, seed: of the log-normal fit's ``ln P`` sample.
+        pending: a :class:`attnstats.metrics.PendingStats` until :func:`finish_pending` has read it
+            (the checks and the log-normal fit left for after the forward), else None.
     """
 
     shape: tuple
     values: dict
     max_samples: int = 100_000
     seed: int = 0
+    pending: object = None
 
     def __contains__(self, name) -> bool:
         return name in self.values
@@ -74,6 +77,68 @@ def capture_stats(recorder, q, k, mask, causal, scale, bias, softcap, name, max_
                 f"record(store='stats'): layer {name!r} adds an attention bias or softcap, which the streaming "
                 f"statistics do not model; use store='qk' for this model"
             )
-        values = streaming_values(q, k, mask, causal, scale, recorder.stats_metrics, name, max_samples, seed,
-                                  sinks=sinks)
+        values, pending = streaming_values(q, k, mask, causal, scale, recorder.stats_metrics, name, max_samples, seed,
+                                           sinks=sinks, defer=True)
+        return CapturedStats(shape=(b, q.shape[1], q.shape[2], k.shape[2]), values=values, max_samples=max_samples,
+                             seed=seed, pending=pending)
     return CapturedStats(shape=(b, q.shape[1], q.shape[2], k.shape[2]), values=values, max_samples=max_samples, seed=seed)
+
+
+def finish_pending(records) -> None:
+    """Finish what the forward pass left pending in ``store="stats"`` records, for all of them at once.
+
+    During the forward nothing waits for the device: here the finiteness flags of every long call
+    are read together (one sync), and the log-normal samples of every layer are fitted in one batched
+    fit (:func:`attnstats.stats.lognormal.fit_log_values_batched`'s computation) and written into
+    each record's values. Records already finished are skipped.
+
+    Raises:
+        ValueError: naming the first layer whose q or k held a NaN or Inf (its statistics would be NaN).
+    """
+    import math
+    import warnings
+
+    from ..metrics import lognormal_fields
+    from ..stats.lognormal import _fit_batched
+
+    todo = [r for r in records if r.stats is not None and getattr(r.stats, "pending", None) is not None
+            and not r.stats.pending.done]
+    if not todo:
+        return
+    flags = [(r, f) for r in todo for f in r.stats.pending.finite]
+    if flags:
+        dev = flags[0][1].device
+        ok = torch.stack([f.to(dev) for _, f in flags])
+        if not bool(ok.all()):
+            bad = flags[int((~ok).nonzero()[0, 0])][0]
+            for r in todo:
+                r.stats.pending.done = True
+            raise ValueError(f"record(store='stats'): layer {bad.name!r}: q or k holds NaN or Inf; its statistics "
+                             "would be NaN")
+    fitted = [r for r in todo if r.stats.pending.tables]
+    if fitted:
+        tables = [t for r in fitted for t in r.stats.pending.tables]
+        dev = tables[0].device
+        width = max(t.shape[1] for t in tables)
+        table = torch.cat([torch.nn.functional.pad(t.to(dev), (0, width - t.shape[1]), value=math.nan) for t in tables])
+        counts = torch.cat([c.to(dev) for r in fitted for c in r.stats.pending.counts])
+        fit, bad = _fit_batched(table, counts)  # [Σ B·H] per field
+        fields = {name: value.cpu() for name, value in lognormal_fields(fit).items()}
+        bad = bad.cpu()
+        row = 0
+        for r in fitted:
+            bsz, heads = r.stats.pending.shape
+            part = slice(row, row + bsz * heads)
+            for name, value in fields.items():
+                r.stats.values[name] = value[part].reshape(bsz, heads)
+            for i in bad[part].nonzero().reshape(-1).tolist():
+                warnings.warn(
+                    f"lognormal_fit: record {r.name!r}, matrix (batch, head) = {divmod(i, heads)}: fewer than 3 "
+                    "distinct values; its fit is NaN (a normal fit needs 3 distinct values)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            row += bsz * heads
+    for r in todo:
+        r.stats.pending.done = True
+        r.stats.pending.tables, r.stats.pending.counts, r.stats.pending.finite = [], [], []

@@ -255,16 +255,17 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _sampled_kernel(
-        Q, K, LSE, I, J, KEY_A, KEY_B, OUT,
+        Q, K, LSE, I, J, OUT,
         sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sl_b, sl_h, sl_n, si_m, so_m,
-        HQ, GROUP, S, COUNT, NK, scale,
+        HQ, GROUP, S, COUNT, NK, BASE, FIRST, scale,
         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, DRAW: tl.constexpr, CAUSAL: tl.constexpr,
     ):
         # ln P at sampled entries: out[t, s] = scale·q[b, h, i]·k[b, h // GROUP, j] − lse[b, h, i], float64.
         # Q: [B, HQ, Nq, D], K: [B, HQ/GROUP, Nk, D] (any float dtype, strides as given)
         # LSE: [B, HQ, Nq] (float32 or float64); OUT: [M, S] float64; M = B·HQ matrices, t = b·HQ + h
         # DRAW: the entries are drawn here, as attnstats.stats.sampling.sample_ranks draws them (one
-        #   uniform rank in each of S runs of the COUNT valid entries, keys KEY_A, KEY_B: [M] int64),
+        #   uniform rank in each of S runs of the COUNT valid entries; the matrix keys derive from the
+        #   seed's key BASE and the matrix's index FIRST + t, as sampling.matrix_keys),
         #   then mapped to (i, j) row-major (the lower triangle when CAUSAL, else rows of NK).
         #   Otherwise I, J: [M, S] int64 give them.
         # grid: (M, cdiv(S, BLOCK_S))
@@ -277,8 +278,9 @@ if _HAVE_TRITON:
             run = offs.to(tl.int64)  # [BLOCK_S]
             start = (run * COUNT) // S
             length = ((run + 1) * COUNT) // S - start
-            ka = tl.load(KEY_A + t)
-            kb = tl.load(KEY_B + t)
+            index = FIRST + t.to(tl.int64)
+            ka = _hash32(BASE ^ (index & 0xFFFFFFFF))
+            kb = _hash32((ka + 0x7F4A7C15 + (index >> 32)) & 0xFFFFFFFF)
             hi = _hash32((_hash32(run ^ ka) + 0x165667B1) & 0xFFFFFFFF) >> 11  # 21 bits
             lo = _hash32(run ^ kb)  # 32 bits
             u = ((hi << 32) | lo).to(tl.float64) * 1.1102230246251565e-16  # 2^-53
@@ -428,9 +430,9 @@ def sampled_log_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, i: to
         i, j: ``[B·Hq, S]`` int64 row and column of each sample of matrix ``t = b·Hq + h``; or None
             with ``draw``.
         scale: logit scale.
-        draw: ``(count, size, key_a, key_b, causal)`` to draw the entries in the kernel instead, as
-            :func:`attnstats.stats.sampling.sample_ranks` does for an unmasked matrix of ``count``
-            valid entries (``key_a, key_b``: ``[B·Hq]`` int64 from its ``matrix_keys``).
+        draw: ``(count, size, seed, first_matrix, causal)`` to draw the entries in the kernel instead,
+            as :func:`attnstats.stats.sampling.sample_ranks` does for unmasked matrices of ``count``
+            valid entries whose flat batch indices start at ``first_matrix``.
 
     Returns:
         ``[B·Hq, S]`` float64: the dot products in float64, as the PyTorch reference computes them,
@@ -441,12 +443,14 @@ def sampled_log_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, i: to
     B, Hq, _, d = q.shape
     m = B * Hq
     if draw is not None:
-        count, s, key_a, key_b, causal = draw
+        from .sampling import seed_base
+
+        count, s, seed, first, causal = draw
+        base = seed_base(seed)
         i = j = torch.empty(1, 1, dtype=torch.int64, device=q.device)
     else:
         s = i.shape[1]
-        count, causal = 0, False
-        key_a = key_b = torch.empty(1, dtype=torch.int64, device=q.device)
+        count, causal, base, first = 0, False, 0, 0
         i, j = i.contiguous(), j.contiguous()
     out = torch.empty(m, s, dtype=torch.float64, device=q.device)  # [M, S]
     interp = _interpreting()
@@ -455,9 +459,9 @@ def sampled_log_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, i: to
     kwargs = {} if interp else {"num_warps": 4}
     if s:
         _sampled_kernel[grid](
-            q, k, lse, i, j, key_a.contiguous(), key_b.contiguous(), out,
+            q, k, lse, i, j, out,
             *q.stride(), *k.stride(), *lse.stride(), i.stride(0), out.stride(0),
-            Hq, Hq // k.shape[1], s, count, k.shape[2], float(scale),
+            Hq, Hq // k.shape[1], s, count, k.shape[2], base, first, float(scale),
             D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_S=block_s, DRAW=draw is not None, CAUSAL=bool(causal),
             **kwargs,
         )

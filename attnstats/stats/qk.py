@@ -16,7 +16,7 @@ from .dense import EntryMoments
 from . import online_triton
 from .online import _raise_if_not_finite, _reshape_rows, _row_pass, moments_from_rows, prepare_qk, streaming_row_accumulators
 
-__all__ = ["StreamingStats", "streaming_stats", "sample_log_probs", "streaming_lognormal_fit"]
+__all__ = ["StreamingStats", "streaming_stats", "streaming_stats_unchecked", "sample_log_probs", "streaming_lognormal_fit"]
 
 
 @dataclass(frozen=True)
@@ -70,13 +70,27 @@ def streaming_stats(q, k, *, scale=None, mask=None, causal=False, backend="auto"
         >>> st.entropy.shape, st.entry_moments.log_var.shape
         (torch.Size([2, 4, 1024]), torch.Size([2, 4]))
     """
+    st, finite = streaming_stats_unchecked(q, k, scale=scale, mask=mask, causal=causal, backend=backend,
+                                           block_size=block_size)
+    # Checks that need the device are read last, so that all the work is queued before one sync.
+    _raise_if_not_finite(q, k, finite)
+    rows = st.row_count
+    if mask is not None and bool((rows.reshape(-1, rows.shape[-1]).sum(-1) == 0).any()):
+        raise no_valid_entry((rows.sum(-1) == 0).nonzero()[0].tolist())
+    return st
+
+
+def streaming_stats_unchecked(q, k, *, scale=None, mask=None, causal=False, backend="auto", block_size=None):
+    """:func:`streaming_stats` without the checks that read the device: ``(StreamingStats, finite)``.
+
+    ``finite`` is a 0-d bool tensor on q's device, False when q or k holds a NaN or Inf (the statistics
+    are then not to be trusted). Nothing here waits for the device, so a caller inside a forward pass
+    (``record(..., store="stats")``) reads ``finite`` later, once for many calls. A matrix with no valid
+    entry is not detected here either (its rows are NaN).
+    """
     rows, batch, used, finite = _row_pass(q, k, scale, mask, causal, backend, block_size)
     rows = _reshape_rows(rows, batch)
     moments = moments_from_rows(rows)
-    # Checks that need the device are read last, so that all the work is queued before one sync.
-    _raise_if_not_finite(q, k, finite)
-    if mask is not None and bool((rows.count.reshape(-1, rows.count.shape[-1]).sum(-1) == 0).any()):
-        raise no_valid_entry((rows.count.sum(-1) == 0).nonzero()[0].tolist())
     return StreamingStats(
         entropy=rows.entropy,
         lse=rows.lse,
@@ -84,7 +98,7 @@ def streaming_stats(q, k, *, scale=None, mask=None, causal=False, backend="auto"
         row_count=rows.count,
         entry_moments=moments,
         backend=used,
-    )
+    ), finite
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,20 +192,21 @@ def sample_log_probs(
     Raises:
         ValueError: if a matrix has no valid entry (naming its batch index).
     """
-    table, counts = _log_prob_table(q, k, scale, mask, causal, lse, max_samples, seed, first_matrix)
+    table, counts = log_prob_table(q, k, scale, mask, causal, lse, max_samples, seed, first_matrix)
     table, counts = table.cpu(), counts.cpu()
     return [row[: int(c)] for row, c in zip(table, counts)]
 
 
-def _log_prob_table(q, k, scale, mask, causal, lse, max_samples, seed, first_matrix):
+def log_prob_table(q, k, scale, mask, causal, lse, max_samples, seed, first_matrix, check_values=True):
     """:func:`sample_log_probs` as ``(values [M, W] float64, counts [M] int64)`` on q's device: row ``t``
-    holds matrix ``t``'s values in its first ``counts[t]`` entries (NaN after them)."""
-    from .sampling import check_sampling, matrix_keys, sample_ranks
+    holds matrix ``t``'s values in its first ``counts[t]`` entries (NaN after them).
+    ``check_values=False`` leaves the finiteness of q, k to a caller that reads it later."""
+    from .sampling import check_sampling, sample_ranks
 
     check_sampling(max_samples, seed)
     if isinstance(first_matrix, bool) or not isinstance(first_matrix, int) or first_matrix < 0:
         raise ValueError(f"first_matrix: expected an int >= 0, got {first_matrix!r}")
-    qb, kb, scale, m, batch = prepare_qk(q, k, scale, mask, causal)
+    qb, kb, scale, m, batch = prepare_qk(q, k, scale, mask, causal, check_values=check_values)
     B, Hq, Nq, d = qb.shape
     Nk = kb.shape[2]
     M = B * Hq
@@ -215,14 +230,12 @@ def _log_prob_table(q, k, scale, mask, causal, lse, max_samples, seed, first_mat
     else:
         lse_b = lse.reshape(B, Hq, Nq)
     width = min(max(counts, default=0), max_samples)
-    cnt = torch.tensor([min(c, max_samples) for c in counts], dtype=torch.int64, device=dev)
     fused = dev.type == "cuda" and online_triton.available()
     if fused and m is None and counts[0] > max_samples:  # one launch draws the entries and scores them
-        # M keys: a few dozen integer operations, cheaper on the host than as as many launches
-        key_a, key_b = (x.to(dev) for x in matrix_keys(seed, torch.arange(first_matrix, first_matrix + M)))
         out = online_triton.sampled_log_probs(qb, kb, lse_b, None, None, scale,
-                                              draw=(counts[0], max_samples, key_a, key_b, causal))
-        return out, cnt
+                                              draw=(counts[0], max_samples, seed, first_matrix, causal))
+        return out, torch.full((M,), max_samples, dtype=torch.int64, device=dev)  # no host copy: no sync
+    cnt = torch.tensor([min(c, max_samples) for c in counts], dtype=torch.int64, device=dev)
     i = torch.zeros((M, width), dtype=torch.int64, device=dev)  # [M, W] row of each sampled entry
     j = torch.zeros((M, width), dtype=torch.int64, device=dev)  # [M, W] its column
     if m is None:
@@ -278,5 +291,5 @@ def streaming_lognormal_fit(
     from .lognormal import _fits_with_warnings
 
     _, _, _, _, batch = prepare_qk(q, k, scale, None, causal)
-    table, counts = _log_prob_table(q, k, scale, mask, causal, lse, max_samples, seed, first_matrix)
+    table, counts = log_prob_table(q, k, scale, mask, causal, lse, max_samples, seed, first_matrix)
     return _fits_with_warnings(table, counts, batch)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_sampling", "hash32", "matrix_keys", "sample_ranks"]
+__all__ = ["check_sampling", "hash32", "seed_base", "matrix_keys", "sample_ranks"]
 
 _MASK32 = 0xFFFFFFFF
 
@@ -49,12 +49,16 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def matrix_keys(seed: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two 32-bit keys per matrix from the seed (any size, folded to 64 bits) and the matrix index."""
+def seed_base(seed: int) -> int:
+    """The 32-bit key of a seed (any size, folded to 64 bits), from which each matrix's keys derive."""
     s = int(seed) & ((1 << 64) - 1)
-    s_lo, s_hi = s & _MASK32, s >> 32
-    base = hash32(torch.full_like(index, s_lo) ^ hash32((torch.full_like(index, s_hi) + 0x9E3779B9) & _MASK32))
-    a = hash32(base ^ (index & _MASK32))
+    lo, hi = torch.tensor([s & _MASK32]), torch.tensor([((s >> 32) + 0x9E3779B9) & _MASK32])
+    return int(hash32(lo ^ hash32(hi))[0])
+
+
+def matrix_keys(seed: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two 32-bit keys ``[M]`` per matrix from the seed and the matrix index ``index: [M]`` (int64)."""
+    a = hash32(seed_base(seed) ^ (index & _MASK32))
     b = hash32((a + 0x7F4A7C15 + (index >> 32)) & _MASK32)
     return a, b
 
