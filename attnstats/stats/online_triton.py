@@ -131,6 +131,8 @@ if _HAVE_TRITON:
         # D:    head dim (16 … 256, a power of two); BLOCK_M query rows per program, BLOCK_N keys per tile
         # grid: (cdiv(N_Q, BLOCK_M), B·H)
         pid_m = tl.program_id(0)
+        if CAUSAL:  # the longest rows (most key tiles) first, so that no long program starts last
+            pid_m = tl.num_programs(0) - 1 - pid_m
         bh = tl.program_id(1)
         # 64-bit offsets: batch × head strides pass 2^31 elements for large batches of long sequences.
         b = (bh // H).to(tl.int64)
