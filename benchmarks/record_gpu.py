@@ -9,6 +9,7 @@ head dim 64, SDPA, bf16) is run on one sequence of N tokens, causal, with ``torc
 
 The parts ``lognormal`` and ``streaming`` time the pieces on one layer's q, k: the GPU log-normal fit
 (sample + fit of all heads of a layer) and ``streaming_stats`` against SDPA on the same q, k, v.
+``overhead`` times the recorder alone (entering the block; a forward with no layer selected).
 ``encoder`` runs a BERT-style (non-causal, 32 heads of 64) model through ``record(store="stats")``,
 spectral gap included. Every time is the median of CUDA-event timings (``harness.bench``).
 
@@ -18,6 +19,7 @@ Usage (on a GPU): ``cd benchmarks && PYTHONPATH=.. python record_gpu.py --out $O
 import argparse
 import json
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +115,33 @@ def part_decoder(ns):
     return model_table(lambda layers, n: llama(layers), ns, DECODER_GROUPS, "llama causal")
 
 
+def part_overhead(ns):
+    """The recorder alone: entering and leaving the block, and a forward with no layer selected."""
+    rows = []
+    model = llama(4)
+    for n in ns:
+        ids = torch.randint(0, 30000, (1, n), device=DEV, generator=torch.Generator(DEV).manual_seed(n))
+
+        def enter_exit():
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # nothing captured: said once per block
+                with attnstats.record(model, store="stats"):
+                    pass
+
+        def no_layer():
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with attnstats.record(model, store="stats", layers=[]):
+                    model(input_ids=ids)
+
+        row = {"n": n, "plain_ms": bench(timed_forward(model, ids)), "enter_exit_ms": bench(enter_exit),
+               "no_layer_selected_ms": bench(no_layer)}
+        rows.append(row)
+        print(f"overhead N={n}: plain {row['plain_ms']:.2f} ms, enter+exit {row['enter_exit_ms']:.2f} ms, "
+              f"forward under record(layers=[]) {row['no_layer_selected_ms']:.2f} ms", flush=True)
+    return rows
+
+
 def part_encoder(ns):
     groups = [("default", METRICS), ("default without gap", tuple(m for m in METRICS if m != "spectral_gap"))]
     return model_table(bert, ns, groups, "bert encoder", target_ms=100)
@@ -186,7 +215,8 @@ def main():
     parts = [
         ("check", part_check),
         ("lognormal", lambda: part_lognormal([8192, 32768])),
-        ("streaming", lambda: part_streaming([1024, 4096, 16384])),
+        ("streaming", lambda: part_streaming([1024, 4096, 16384, 32768])),
+        ("overhead", lambda: part_overhead([4096, 32768])),
         ("decoder", lambda: part_decoder(dec)),
         ("encoder", lambda: part_encoder([(4096, 2)])),
     ]
