@@ -112,17 +112,30 @@ def _parameters(fn) -> frozenset | None:
     return named or None
 
 
-def _wrap(fn, impl: str):
-    """The wrapper of one attention function: records for the blocks open in the calling thread only."""
+@functools.lru_cache(maxsize=256)
+def _reading(fn) -> tuple:
+    """``(signature or None, named parameters, reads module.sinks, name)`` of an attention function.
+
+    Read once per function: every ``record`` block wraps the same registered functions again, and
+    ``inspect.signature`` is most of what entering a block costs.
+    """
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
         signature = None
-    params = _parameters(fn)
     code = getattr(inspect.unwrap(fn), "__code__", None)
     # eager sink functions read the sink logits from the module (module.sinks), not from an argument
     reads_module_sinks = code is not None and "sinks" in code.co_names
     fname = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", repr(fn))
+    return signature, _parameters(fn), reads_module_sinks, fname
+
+
+def _wrap(fn, impl: str):
+    """The wrapper of one attention function: records for the blocks open in the calling thread only."""
+    try:
+        signature, params, reads_module_sinks, fname = _reading(fn)
+    except TypeError:  # an unhashable callable: read it now
+        signature, params, reads_module_sinks, fname = _reading.__wrapped__(fn)
 
     @functools.wraps(fn)
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
