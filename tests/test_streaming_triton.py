@@ -82,6 +82,10 @@ SCRIPT = textwrap.dedent(
     y = streaming_triton.attention_matmat(q, k, st.lse, x.float(), d ** -0.5)
     p, _ = dense(q, k, torch.ones(n, n, dtype=torch.bool), d ** -0.5)
     worst = max(worst, rel(y, p @ x.double()))
+    # ... and its transpose Pᵀ x, the product that certifies the gap (left eigenvectors)
+    sums = streaming_triton.attention_row_sums(q, k, st.lse, d ** -0.5)
+    yt = streaming_triton.attention_rmatmat(q, k, st.lse, x.float(), d ** -0.5, sums)
+    worst = max(worst, rel(sums, torch.ones(n, dtype=torch.float64)), rel(yt, p.T @ x.double()))
 
     # ln P at sampled entries (the log-normal fit's sample), GQA, strided q: against a float64 dense
     # log-softmax read at the same entries, and the PyTorch twin, whose float64 arithmetic it repeats.

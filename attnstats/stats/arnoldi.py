@@ -49,6 +49,7 @@ class AttentionOperator:
             rows, _, _ = streaming_row_accumulators(q[None, None], k[None, None], scale=scale, backend="triton")
             self.q, self.k, self.lse = q, k, rows.lse.reshape(-1)  # [N, d], [N, d], [N]
             self.dtype = torch.float32
+            self._row_sums = None  # [N] of exp(s − lse), for the transposed product (see rmatmat)
         else:
             self.q = q.to(self.dtype)  # [N, d]
             self.k = k.to(self.dtype)  # [N, d]
@@ -93,6 +94,14 @@ class AttentionOperator:
     def rmatmat(self, x: torch.Tensor) -> torch.Tensor:
         """``Pᵀ x`` for ``x: [N, c]``: the left eigenvectors that certify an eigenvalue need it."""
         self.calls += 1
+        if self.backend == "triton":
+            from .online_triton import attention_rmatmat, attention_row_sums
+
+            if self._row_sums is None:  # once per operator: what matmat normalises each row by
+                self._row_sums = attention_row_sums(self.q, self.k, self.lse, self.scale)  # [N]
+            cols = [attention_rmatmat(self.q, self.k, self.lse, x[:, i:i + 16].float(), self.scale, self._row_sums)
+                    for i in range(0, x.shape[1], 16)]  # [N, ≤ 16] each
+            return torch.cat(cols, 1)  # [N, c]
         x = x.to(self.dtype)  # [N, c]
         if self.p is not None:
             return self.p.T @ x  # [N, N] @ [N, c]

@@ -23,7 +23,7 @@ import os
 import torch
 
 
-__all__ = ["available", "row_accumulators", "raw_accumulators", "attention_matmat", "sampled_log_probs"]
+__all__ = ["available", "row_accumulators", "raw_accumulators", "attention_matmat", "attention_rmatmat", "attention_row_sums", "sampled_log_probs"]
 
 _LN2 = math.log(2.0)
 _LOG2E = 1.0 / _LN2
@@ -240,6 +240,40 @@ if _HAVE_TRITON:
 
 
     @triton.jit
+    def _rmatmat_kernel(
+        Q, K, LSE2, X, OUT,
+        sq_n, sk_n, sx_n, so_n,
+        N, qk_scale,
+        D: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, F32: tl.constexpr,
+        F32_PRECISION: tl.constexpr,
+    ):
+        # out_j = Σ_i 2^{y_ij − lse2_i} x_i over all queries: Pᵀ x, the product of _matmat_kernel with
+        # the roles of queries and keys swapped. One head.
+        # Q, K: [N, D] (fp16, bf16 or fp32), strides (sq_n, 1), (sk_n, 1); LSE2: [N] float32, base 2
+        # X: [N, R] float32, strides (sx_n, 1); OUT: [N, R] float32, strides (so_n, 1)
+        # grid: (cdiv(N, BLOCK_M),): BLOCK_M keys per program, BLOCK_N queries per tile
+        pid = tl.program_id(0)
+        offs_j = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] keys
+        offs_d = tl.arange(0, D)  # [D]
+        offs_r = tl.arange(0, R)  # [R]
+        k = tl.load(K + offs_j[:, None] * sk_n + offs_d[None, :], mask=offs_j[:, None] < N, other=0.0)  # [BLOCK_M, D]
+        acc = tl.zeros([BLOCK_M, R], tl.float32)  # [BLOCK_M, R]
+        for start_i in range(0, N, BLOCK_N):
+            offs_i = start_i + tl.arange(0, BLOCK_N)  # [BLOCK_N] queries
+            q = tl.load(Q + offs_i[None, :] * sq_n + offs_d[:, None], mask=offs_i[None, :] < N, other=0.0)  # [D, BLOCK_N]
+            if F32:
+                y = tl.dot(k, q, input_precision=F32_PRECISION)  # [BLOCK_M, BLOCK_N]: s_ij, transposed
+            else:
+                y = tl.dot(k, q)  # [BLOCK_M, BLOCK_N]
+            lse2 = tl.load(LSE2 + offs_i, mask=offs_i < N, other=0.0)  # [BLOCK_N]
+            p = tl.math.exp2(y * qk_scale - lse2[None, :])  # [BLOCK_M, BLOCK_N]: columns of P
+            p = tl.where(offs_i[None, :] < N, p, 0.0)
+            x = tl.load(X + offs_i[:, None] * sx_n + offs_r[None, :], mask=offs_i[:, None] < N, other=0.0)  # [BLOCK_N, R]
+            acc += tl.dot(p, x, input_precision=F32_PRECISION)  # [BLOCK_M, R]
+        tl.store(OUT + offs_j[:, None] * so_n + offs_r[None, :], acc, mask=offs_j[:, None] < N)
+
+
+    @triton.jit
     def _mul32(x, a: tl.constexpr):
         # (x·a) mod 2³² in int64 without overflow, as attnstats.stats.sampling._mul32
         lo = (x & 0xFFFF) * a
@@ -408,6 +442,13 @@ def attention_matmat(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, x: tor
     xp[:, :c] = x
     xp[:, c] = 1.0
     out = torch.empty_like(xp)  # [N, 16]
+    _launch_matmat(q, k, lse, xp, out, scale)
+    return out[:, :c] / out[:, c:c + 1]  # [N, c]
+
+
+def _launch_matmat(q, k, lse, xp, out, scale) -> None:
+    """``out = exp(s − lse) · xp`` by :func:`_matmat_kernel`; ``xp, out: [N, 16]`` float32."""
+    n, d = q.shape
     interp = _interpreting()
     bm, bn = (16, 16) if interp else (64, 64)
     kwargs = {} if interp else {"num_warps": 4, "num_stages": 3}
@@ -416,10 +457,54 @@ def attention_matmat(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, x: tor
     lse2 = (lse.to(torch.float32) * _LOG2E).contiguous()  # [N]
     _matmat_kernel[(triton.cdiv(n, bm),)](
         q, k, lse2, xp, out, q.stride(0), k.stride(0), xp.stride(0), out.stride(0),
-        n, float(scale * _LOG2E), D=d, R=r, BLOCK_M=bm, BLOCK_N=bn, F32=q.dtype == torch.float32,
+        n, float(scale * _LOG2E), D=d, R=xp.shape[1], BLOCK_M=bm, BLOCK_N=bn, F32=q.dtype == torch.float32,
         F32_PRECISION=_f32_precision(), **kwargs,
     )
-    return out[:, :c] / out[:, c:c + 1]  # [N, c]
+
+
+def attention_row_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float) -> torch.Tensor:
+    """``[N]`` float32 row sums of ``exp(scale·q kᵀ − lse)`` for one head: 1 up to the rounding of ``lse``."""
+    n = q.shape[0]
+    xp = torch.zeros(n, 16, dtype=torch.float32, device=q.device)  # [N, 16]
+    xp[:, 0] = 1.0
+    out = torch.empty_like(xp)  # [N, 16]
+    _launch_matmat(q, k, lse, xp, out, scale)
+    return out[:, 0]  # [N]
+
+
+def attention_rmatmat(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, x: torch.Tensor, scale: float,
+                      row_sums: torch.Tensor | None = None) -> torch.Tensor:
+    """``Pᵀ x`` for one head, ``P = softmax(scale · q kᵀ)``, fused: no tile of ``P`` leaves the chip.
+
+    Args: as :func:`attention_matmat`, and ``row_sums``: ``[N]`` the sums of the rows of
+    ``exp(s − lse)`` (float32 ``lse`` leaves them 1 only to ~1e-7·|lse|), e.g. the ones-column of
+    :func:`attention_matmat`; with them, ``x`` is divided first so that the product is that of the
+    row-normalised ``P``. ``x``: ``[N, c]`` float32, ``c ≤ 16``.
+
+    Returns:
+        ``[N, c]`` float32.
+    """
+    if not _HAVE_TRITON:
+        raise ImportError("the fused attention product needs Triton: pip install 'attnstats[triton]'")
+    n, d = q.shape
+    c = x.shape[1]
+    if c > 16:
+        raise ValueError(f"x: at most 16 columns per call, got {c}")
+    xp = torch.zeros(n, 16, dtype=torch.float32, device=x.device)  # [N, 16]
+    xp[:, :c] = x if row_sums is None else x / row_sums[:, None]
+    out = torch.empty_like(xp)  # [N, 16]
+    interp = _interpreting()
+    bm, bn = (16, 16) if interp else (64, 64)
+    kwargs = {} if interp else {"num_warps": 4, "num_stages": 3}
+    q = q.contiguous()  # [N, d]
+    k = k.contiguous().to(q.dtype)  # [N, d]
+    lse2 = (lse.to(torch.float32) * _LOG2E).contiguous()  # [N]
+    _rmatmat_kernel[(triton.cdiv(n, bm),)](
+        q, k, lse2, xp, out, q.stride(0), k.stride(0), xp.stride(0), out.stride(0),
+        n, float(scale * _LOG2E), D=d, R=16, BLOCK_M=bm, BLOCK_N=bn, F32=q.dtype == torch.float32,
+        F32_PRECISION=_f32_precision(), **kwargs,
+    )
+    return out[:, :c]  # [N, c]
 
 
 def sampled_log_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, i: torch.Tensor | None,
