@@ -23,7 +23,7 @@ PACKAGE = ROOT / "attnstats"
 LAYERS = (
     ("app", ("attnstats.app", "attnstats.__main__")),
     ("capture", ("attnstats.capture",)),
-    ("frame", ("attnstats.frame",)),
+    ("frame", ("attnstats.frame", "attnstats.summary")),
     ("metrics", ("attnstats.metrics",)),
     ("kernels", ("attnstats.kernels",)),
     ("stats", ("attnstats.stats",)),
