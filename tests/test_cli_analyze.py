@@ -166,7 +166,7 @@ def test_max_tokens_beyond_the_model_is_refused_before_the_work(tmp_path, capsys
         assert main(["analyze", "--sentences", "a cat", "--max-tokens", n, "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err.strip()
         assert err == (f"attnstats analyze: error: --max-tokens: all-MiniLM-L6-v2 takes at most 512 tokens per "
-                       f"sentence (tokenizer model_max_length / config max_position_embeddings), got {n}")
+                       f"sequence (tokenizer model_max_length / config max_position_embeddings), got {n}")
     assert not (tmp_path / "o").exists()
 
 
@@ -208,8 +208,8 @@ def test_alongside_softmax_truncation_and_progress(tmp_path, capsys, monkeypatch
     assert code == 0, err
     assert ("attnstats analyze: note: --alongside softmax: the captured attention is softmax attention, always "
             "in stats.csv as kernel 'softmax'; it is not run a second time") in err
-    assert (f"attnstats analyze: note: 2 of 2 sentences are longer than 4 tokens (the longest has {longest}) and "
+    assert (f"attnstats analyze: note: 2 of 2 documents are longer than 4 tokens (the longest has {longest}) and "
             f"were truncated to 4; --max-tokens up to 512 keeps more") in err
-    assert "2/2" in err and "sentence" in err  # the progress bar
+    assert "2/2" in err and "doc" in err and "tokens_per_s" in err  # the progress bar, with the throughput
     stats = pd.read_csv(tmp_path / "stats.csv")
     assert set(stats.kernel) == {"softmax", "lln"} and not stats.duplicated(ROW).any()

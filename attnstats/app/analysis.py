@@ -1,4 +1,4 @@
-"""The main job: capture a model's attention on sentences and write every statistic and the plots."""
+"""The main job: measure a model's attention over a corpus and write every statistic and the plots."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,11 +11,10 @@ import pandas as pd
 import torch
 
 from . import plot
-from .files import save_figure, write_csv
+from .files import atomic_path, save_figure, write_csv
 
 __all__ = ["AnalysisInputError", "analyze_model"]
 
-_GROUP = ["call", "layer", "name", "kernel", "head", "metric"]  # a stats.csv row, over sentences
 _BYTES_PER_ENTRY = 8  # the dense statistics build P in float64 on the CPU
 
 
@@ -32,47 +31,57 @@ class AnalysisInputError(ValueError):
         super().__init__(f"{argument}: {detail}")
 
 
-def analyze_model(model=None, texts=None, out="attnstats-out", *, alongside=("lln",), max_tokens: int = 256,
-                  seed: int = 0, batch_size: int = 16, note=None) -> pd.DataFrame:
-    """Capture the attention of a transformers encoder on ``texts`` and write its statistics.
+def analyze_model(model=None, texts=None, out="attnstats-out", *, alongside=("lln",), max_tokens: int = 128,
+                  seed: int = 0, batch_size: int = 16, note=None, long: str = "truncate",
+                  shard_size: int = 32) -> pd.DataFrame | None:
+    """Capture the attention of a transformers encoder over a corpus and write its statistics.
 
-    Sentences run through the model ``batch_size`` at a time, sorted by length so that padding stays
-    small, and the statistics of each sentence are computed on its own (pad tokens are neither
-    queries nor keys), so memory is bounded by one batch and the numbers equal those of one forward
-    pass per sentence up to float rounding.
+    The documents run through the model ``batch_size`` sequences at a time, sorted by length within a
+    shard of ``shard_size`` documents so that padding stays small, and the statistics of each sequence
+    are computed on its own (pad tokens are neither queries nor keys). Shards are written as they
+    finish (:mod:`attnstats.app.corpus_run`): a run stopped and started again with the same arguments
+    skips them, and under ``torchrun`` the ranks share the shards and merge through torch.distributed.
 
     Args:
         model: a local model folder, or None for the packaged all-MiniLM-L6-v2. Code in the folder is
             never run (see :func:`attnstats.app.models.load_model`).
-        texts: sentences; None for 8 sentences of the documentation text.
+        texts: the documents; None for the Python documentation topics (79 documents,
+            :func:`attnstats.app.corpus.documentation_corpus`).
         out: output folder; receives ``stats.csv`` (long format: ``call, layer, name, kernel, head,
-            batch, metric, value``; every value is the mean over sentences of the per-sentence
-            statistic, ``batch`` empty), ``concentration.png`` (entropy and spectral gap per layer ×
-            head, each kernel) and ``lognormal.png`` (``ln P`` per layer, heads and sentences pooled,
-            over the same entries as the log-normal metrics of ``stats.csv``).
+            batch, metric, value``; each value the corpus mean of the per-sequence statistic, ``batch``
+            empty), ``summary.csv`` and ``summary.parquet`` (per kernel, layer, head and metric: count,
+            mean, variance, min, max, quantiles; :class:`attnstats.summary.CorpusSummary`),
+            ``shards/`` (per-sequence statistics as Parquet), ``concentration.png`` (corpus means of
+            entropy and spectral gap per layer × head, each kernel), ``distributions.png`` (per layer,
+            the spread over sequences and heads) and ``lognormal.png`` (``ln P`` per layer, heads and
+            sequences pooled, over the same entries as the log-normal metrics).
         alongside: kernels evaluated on the same q, k (see :func:`attnstats.kernels.get_kernel`).
             ``"softmax"`` is the captured attention itself, which is always there: it is dropped
             with a note rather than written twice.
-        max_tokens: sentences longer than this many tokens are truncated (with a note); at most
-            what the model takes (:func:`attnstats.app.models.model_max_tokens`).
-        seed: of the default sentences and of the ``ln P`` sample drawn for the histogram.
-        batch_size: sentences per forward pass.
-        note: callable receiving one-line messages for the user (truncated sentences, a dropped
-            kernel); None emits them as warnings.
+        max_tokens: tokens per sequence at most: at most what the model takes
+            (:func:`attnstats.app.models.model_max_tokens`).
+        seed: of the ``ln P`` sample drawn for the histogram.
+        batch_size: sequences per forward pass.
+        note: callable receiving one-line messages for the user (truncated or split documents, a dropped
+            kernel, skipped shards); None emits them as warnings.
+        long: a document longer than ``max_tokens``: ``"truncate"`` keeps its first window, ``"split"``
+            cuts it into consecutive windows of ``max_tokens`` tokens, each a sequence.
+        shard_size: documents per shard (the unit of resuming and of the work of one process).
 
     Returns:
         A summary per layer and kernel: mean entropy (nats), spectral gap, temperature and the
-        log-normal sigma, averaged over heads (and sentences).
+        log-normal sigma, averaged over heads (and sequences); None on a rank other than 0.
 
     Raises:
         AnalysisInputError: ``texts`` empty, ``max_tokens`` above what the model takes or too large for
-            the dense statistics within the memory budget, or a tokenizer that turns every word of
-            ``texts`` into its unknown token.
+            the dense statistics within the memory budget, a bad ``long`` or ``shard_size``, or a
+            tokenizer that turns every word of ``texts`` into its unknown token.
+        attnstats.app.corpus_run.RunMismatchError, ShardFileError: ``out`` holds a run with other
+            arguments, or a damaged shard file.
         FileNotFoundError, attnstats.app.models.ModelFolderError: a model folder that cannot be used.
     """
-    from ..capture import record
-    from .corpus import sentences
-    from ..frame import records_frame
+    from .corpus import documentation_corpus
+    from .corpus_run import RunSpec, fingerprint, read_sequences, run_corpus
     from .models import load_model, model_max_tokens
     from .progress import progress
 
@@ -82,73 +91,164 @@ def analyze_model(model=None, texts=None, out="attnstats-out", *, alongside=("ll
         else:
             note(message)
 
-    texts = list(texts) if texts is not None else sentences(8, seed=seed)
+    texts = list(texts) if texts is not None else documentation_corpus()
     if not texts:
-        raise AnalysisInputError("texts", "expected at least one sentence")
+        raise AnalysisInputError("texts", "expected at least one document")
     if not isinstance(max_tokens, int) or max_tokens < 2:
         raise AnalysisInputError("max_tokens", f"expected an int of at least 2, got {max_tokens!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise AnalysisInputError("batch_size", f"expected a positive int, got {batch_size!r}")
+    if long not in ("truncate", "split"):
+        raise AnalysisInputError("long", f"expected 'truncate' or 'split', got {long!r}")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise AnalysisInputError("shard_size", f"expected a positive int, got {shard_size!r}")
     kernels = _alongside_kernels(alongside, tell)
 
     net, tok = load_model(model)
     label = Path(str(model)).resolve().name if model else "all-MiniLM-L6-v2"
     limit = model_max_tokens(net, tok)
     if limit is not None and max_tokens > limit:
-        raise AnalysisInputError("max_tokens", f"{label} takes at most {limit} tokens per sentence "
+        raise AnalysisInputError("max_tokens", f"{label} takes at most {limit} tokens per sequence "
                                                f"(tokenizer model_max_length / config max_position_embeddings), "
                                                f"got {max_tokens}")
     lengths = _token_counts(tok, texts, label)
-    long = [n for n in lengths if n > max_tokens]
-    if long:
-        room = f"; --max-tokens up to {limit} keeps more" if limit is not None and limit > max_tokens else ""
-        tell(f"{len(long)} of {len(texts)} sentences are longer than {max_tokens} tokens (the longest has "
-             f"{max(long)}) and were truncated to {max_tokens}{room}")
+    long_docs = [n for n in lengths if n > max_tokens]
+    if long_docs:
+        room = f"; --max-tokens up to {limit} keeps more per sequence" if limit is not None and limit > max_tokens else ""
+        done = f"truncated to {max_tokens}" if long == "truncate" else f"split into windows of {max_tokens}"
+        tell(f"{len(long_docs)} of {len(texts)} documents are longer than {max_tokens} tokens (the longest has "
+             f"{max(long_docs)}) and were {done}{room}")
     _check_dense_fits(net, min(max(lengths), max_tokens))
+    names = tuple(k.name if hasattr(k, "name") else str(k) for k in kernels)
+    spec = RunSpec(model=label, max_tokens=max_tokens, long=long, alongside=names, shard_size=shard_size,
+                   batch_size=batch_size, seed=seed, documents=len(texts), fingerprint=fingerprint(texts))
 
-    # sort by length so a batch pads little; frames keep each sentence's original index
-    order = sorted(range(len(texts)), key=lambda i: lengths[i])
-    frames, pooled = [], _PooledLogP(max_values=20_000, seed=seed)
-    with progress(total=len(texts), desc=f"analyze {label}", unit="sentence") as bar:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            batch = tok([texts[i] for i in chunk], padding=True, truncation=True, max_length=max_tokens,
-                        return_tensors="pt")
-            with torch.no_grad(), record(net, alongside=kernels) as rec:
-                net(**batch)
-            if not rec.records:
-                raise AnalysisInputError("model", f"no attention was captured from {label}; attnstats analyze "
-                                                  f"needs a transformers model whose attention it can record")
-            for j, index in enumerate(chunk):
-                one = [_batch_element(r, j) for r in rec.records]
-                f = records_frame(one, kernels=rec.kernels, batch="each")
-                if "kernel" not in f:
-                    f.insert(3, "kernel", "softmax")
-                f["batch"] = index
-                frames.append(f)
-                for r in one:
-                    pooled.add(r)
-                bar.update(1)
-            del rec, batch  # the q, k of this batch go before the next one is captured
+    def process_shard(index: int, docs: list[str]):
+        return _run_shard(net, tok, kernels, docs, index * shard_size, max_tokens, long, batch_size,
+                          _PooledLogP(max_values=20_000, seed=seed * 1_000_003 + index), label)
 
-    frame = _mean_over_sentences(pd.concat(frames, ignore_index=True))
+    with progress(total=len(texts), desc=f"analyze {label}", unit="doc") as bar:
+        result = run_corpus(texts, spec, out, process_shard, bar=bar)
+    if result is None:
+        return None
+    summary, pooleds, tokens, ran = result
+    if len(ran) < summary_shards(len(texts), shard_size):
+        tell(f"resumed: {summary_shards(len(texts), shard_size) - len(ran)} finished shard(s) of an earlier run in "
+             f"{out} were kept")
+    pooled = pooleds[0]
+    for other in pooleds[1:]:
+        pooled.merge(other)
+
     out = Path(out)
+    table = summary.to_frame()
+    write_csv(table, out / "summary.csv")
+    with atomic_path(out / "summary.parquet") as tmp:
+        table.to_parquet(tmp, index=False)
+    sequences = read_sequences(out)
+    frame = _corpus_means(table, sequences)
     write_csv(frame, out / "stats.csv")
 
     import matplotlib.pyplot as plt
 
-    fig = plot.layer_head_heatmaps(frame, title=f"{label}: concentration per layer and head ({len(texts)} sentences)")
+    n_seq = summary.sequences
+    fig = plot.layer_head_heatmaps(frame, title=f"{label}: corpus means per layer and head ({len(texts)} documents, "
+                                                f"{n_seq} sequences, {tokens:,} tokens)")
     save_figure(fig, out / "concentration.png")
     plt.close(fig)
 
-    fig = _lognormal_figure(pooled, frame, label, len(texts))
+    fig = plot.metric_distributions(sequences, title=f"{label}: per-sequence values over the corpus ({n_seq} sequences), "
+                                                     "all heads of each layer")
+    save_figure(fig, out / "distributions.png")
+    plt.close(fig)
+
+    fig = _lognormal_figure(pooled, frame, label, n_seq)
     save_figure(fig, out / "lognormal.png")
     plt.close(fig)
 
     keep = ["entropy", "spectral_gap", "temperature", "lognormal_sigma"]
-    summary = (frame[frame.metric.isin(keep)].groupby(["layer", "kernel", "metric"]).value.mean()
-               .unstack("metric").reindex(columns=keep))
-    return summary
+    return (frame[frame.metric.isin(keep)].groupby(["layer", "kernel", "metric"]).value.mean()
+            .unstack("metric").reindex(columns=keep))
+
+
+def summary_shards(documents: int, shard_size: int) -> int:
+    return (documents + shard_size - 1) // shard_size
+
+
+def _sequences(tok, docs: list[str], first_doc: int, max_tokens: int, long: str):
+    """``(doc, window, input_ids)`` of every sequence of ``docs``: one window per document, or all of them."""
+    enc = tok(docs, truncation=True, max_length=max_tokens, return_overflowing_tokens=long == "split",
+              verbose=False)
+    ids = enc["input_ids"]
+    owner = enc["overflow_to_sample_mapping"] if long == "split" else list(range(len(docs)))
+    seqs, seen = [], {}
+    for seq, d in zip(ids, owner):
+        window = seen.get(d, 0)
+        seen[d] = window + 1
+        seqs.append((first_doc + int(d), window, seq))
+    return seqs
+
+
+def _run_shard(net, tok, kernels, docs, first_doc, max_tokens, long, batch_size, pooled, label):
+    """One shard: its per-sequence frame, CorpusSummary, pooled ln P and token count."""
+    from ..capture import record
+    from ..metrics import record_metrics
+    from ..summary import CorpusSummary
+
+    seqs = _sequences(tok, docs, first_doc, max_tokens, long)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][2]))  # by length: a batch pads little
+    frames, tokens = [], 0
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        batch = tok.pad({"input_ids": [seqs[i][2] for i in chunk]}, return_tensors="pt")
+        with torch.no_grad(), record(net, alongside=kernels) as rec:
+            net(**batch)
+        if not rec.records:
+            raise AnalysisInputError("model", f"no attention was captured from {label}; attnstats analyze "
+                                              f"needs a transformers model whose attention it can record")
+        # softmax statistics of the whole batch at once (pad tokens are masked out of every one, the
+        # numbers of each sequence alone); kernels alongside one sequence at a time, since their
+        # constants come from statistics of the sequence's own q, k
+        parts = [(r, "softmax", record_metrics(r)) for r in rec.records]
+        for j, i in enumerate(chunk):
+            one = [_batch_element(r, j) for r in rec.records]
+            for r in one:
+                parts += [(r, getattr(kn, "name", str(kn)), record_metrics(r, kernel=kn), j) for kn in rec.kernels]
+                pooled.add(r)
+            tokens += len(seqs[i][2])
+        frames.append(_sequence_rows(parts, [seqs[i] for i in chunk]))
+        del rec, batch  # the q, k of this batch go before the next one is captured
+    frame = pd.concat(frames, ignore_index=True)
+    summary = CorpusSummary().add(frame.assign(batch=frame["doc"] * 1_000_000 + frame["window"]))
+    return frame, summary, pooled, tokens
+
+
+def _sequence_rows(parts, seqs) -> pd.DataFrame:
+    """Rows ``doc, window, tokens, call, layer, name, kernel, head, metric, value`` of one batch.
+
+    ``parts``: ``(record, kernel, {metric: [B, H]})`` for the whole batch, or ``(record, kernel,
+    {metric: [1, H]}, j)`` for its sequence ``j``; ``seqs``: the batch's ``(doc, window, input_ids)``.
+    """
+    cols = {c: [] for c in ("doc", "window", "tokens", "call", "layer", "name", "kernel", "head", "metric", "value")}
+    for part in parts:
+        r, kernel, values = part[:3]
+        rows = range(len(seqs)) if len(part) == 3 else [part[3]]
+        for metric, v in values.items():
+            for local, j in enumerate(rows):
+                doc, window, ids = seqs[j]
+                for h, x in enumerate(v[local].tolist()):
+                    for c, val in zip(cols, (doc, window, len(ids), r.call, r.layer, r.name, kernel, h, metric, x)):
+                        cols[c].append(val)
+    return pd.DataFrame(cols)
+
+
+def _corpus_means(table: pd.DataFrame, sequences: pd.DataFrame) -> pd.DataFrame:
+    """stats.csv: the summary's exact corpus means, in the long format with ``call`` and ``name``."""
+    names = sequences[["call", "layer", "name"]].drop_duplicates()
+    frame = table.merge(names, on="layer", how="left")
+    frame = frame.assign(batch=pd.array([pd.NA] * len(frame), dtype="Int64"), value=frame["mean"])
+    frame["head"] = frame["head"].astype("Int64")
+    return frame[["call", "layer", "name", "kernel", "head", "batch", "metric", "value"]].sort_values(
+        ["call", "kernel", "head", "metric"], kind="stable").reset_index(drop=True)
 
 
 def _alongside_kernels(alongside, tell) -> list:
@@ -235,17 +335,8 @@ def _batch_element(rec, j: int):
                                bias=bias)
 
 
-def _mean_over_sentences(each: pd.DataFrame) -> pd.DataFrame:
-    """Per-sentence rows (``batch`` = sentence) → one row per (record, kernel, head, metric), the mean over
-    sentences leaving NaN out, as ``rec.frame(batch="mean")`` averages a batch."""
-    mean = each.groupby(_GROUP, sort=False, dropna=False).value.mean().reset_index()
-    mean.insert(5, "batch", pd.array([pd.NA] * len(mean), dtype="Int64"))
-    mean["head"] = mean["head"].astype("Int64")
-    return mean[["call", "layer", "name", "kernel", "head", "batch", "metric", "value"]]
-
-
 class _PooledLogP:
-    """``ln P`` of the softmax attention of every head and sentence, pooled per layer, over the entries the
+    """``ln P`` of the softmax attention of every head and sequence, pooled per layer, over the entries the
     log-normal metrics use (:meth:`AttentionRecord.stats_mask`; exact zeros have no log and are left out).
 
     Keeps per layer the exact count, mean and variance of all values (merged batch by batch) and a
@@ -284,6 +375,32 @@ class _PooledLogP:
             values, keys = values[keep], keys[keep]
         self.sample[layer] = (values, keys)
 
+    def merge(self, other: "_PooledLogP") -> None:
+        """Add another shard's pooled values (Chan et al.'s merge; the sample keeps the smallest keys)."""
+        for layer in other.count:
+            n0, n = self.count.get(layer, 0), other.count[layer]
+            mean0, m20 = self.mean.get(layer, 0.0), self.m2.get(layer, 0.0)
+            delta = other.mean[layer] - mean0
+            self.count[layer] = n0 + n
+            self.mean[layer] = mean0 + delta * n / (n0 + n)
+            self.m2[layer] = m20 + other.m2[layer] + delta**2 * n0 * n / (n0 + n)
+            values, keys = other.sample[layer]
+            if layer in self.sample:
+                values, keys = torch.cat([self.sample[layer][0], values]), torch.cat([self.sample[layer][1], keys])
+            if values.numel() > self.max_values:
+                keep = torch.topk(keys, self.max_values, largest=False).indices
+                values, keys = values[keep], keys[keep]
+            self.sample[layer] = (values, keys)
+
+    def __getstate__(self):  # a generator does not pickle; a stored shard draws no more keys
+        state = dict(self.__dict__)
+        state.pop("gen", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.gen = None
+
     def sigma(self, layer: int) -> float:
         return math.sqrt(self.m2[layer] / self.count[layer])  # maximum likelihood, as lognormal_fit
 
@@ -299,11 +416,11 @@ def _lognormal_figure(pooled: _PooledLogP, frame: pd.DataFrame, label: str, n_se
     for ax, layer in zip(fig.axes, layers):
         ax.set_title(f"layer {layer}: pooled σ = {pooled.sigma(layer):.3g} over {pooled.count[layer]:,} entries\n"
                      f"mean per-head σ = {per_head.get(layer, np.nan):.3g} (summary, stats.csv)", fontsize=9)
-        ax.set_xlabel("ln P_ij (nats), all heads and sentences of the layer")
+        ax.set_xlabel("ln P_ij (nats), all heads and sequences of the layer")
     heads = frame[frame.kernel == "softmax"]["head"].nunique()
-    fig.suptitle(f"{label}: ln P of softmax attention, the {heads} heads × {n_sentences} sentences of each layer "
+    fig.suptitle(f"{label}: ln P of softmax attention, the {heads} heads × {n_sentences} sequences of each layer "
                  f"pooled (valid query rows and keys; histogram of a uniform sample of ≤ {pooled.max_values:,})\n"
-                 f"pooled σ² = mean of the per-head, per-sentence σ² + variance of their means (weighted by "
-                 f"entries), so it exceeds the summary's lognormal σ, which fits each head and sentence and "
+                 f"pooled σ² = mean of the per-head, per-sequence σ² + variance of their means (weighted by "
+                 f"entries), so it exceeds the summary's lognormal σ, which fits each head and sequence and "
                  f"averages the fits.", fontsize=9)
     return fig

@@ -11,7 +11,8 @@ from pathlib import Path
 __all__ = ["main"]
 
 # argument names of the library's errors, as the command line spells them
-_OPTIONS = {"max_tokens": "--max-tokens", "model": "--model", "texts": "--text/--sentences"}
+_OPTIONS = {"max_tokens": "--max-tokens", "model": "--model", "texts": "--corpus/--text/--sentences",
+            "corpus": "--corpus", "text_field": "--text-field", "long": "--long", "shard_size": "--shard-size"}
 
 
 class UserError(Exception):
@@ -89,9 +90,11 @@ def _read_sentences(args) -> list[str]:
         return lines
     if args.sentences:
         return list(args.sentences)
-    from .corpus import sentences
+    if args.corpus:
+        from .corpus import read_corpus
 
-    return sentences(8, seed=args.seed)
+        return read_corpus(args.corpus, args.text_field)
+    return None  # the default corpus: the Python documentation topics
 
 
 def cmd_analyze(args) -> int:
@@ -105,11 +108,16 @@ def cmd_analyze(args) -> int:
         raise UserError(f"--max-tokens: expected at least 2, got {args.max_tokens}")
     out = _writable_dir(args.out, args.created)
     texts = _read_sentences(args)
+    if args.shard_size < 1:
+        raise UserError(f"--shard-size: expected at least 1, got {args.shard_size}")
     summary = analyze_model(args.model, texts, out, alongside=args.alongside, max_tokens=args.max_tokens,
-                            seed=args.seed, note=lambda message: print(f"attnstats analyze: note: {message}",
-                                                                       file=sys.stderr, flush=True))
+                            seed=args.seed, long=args.long, shard_size=args.shard_size,
+                            note=lambda message: print(f"attnstats analyze: note: {message}", file=sys.stderr, flush=True))
+    if summary is None:  # a rank other than 0 of a torchrun launch: rank 0 writes and reports
+        return 0
     print(summary.to_string(float_format=lambda v: f"{v:.4g}"))
-    print(f"\nwrote {out / 'stats.csv'} and the plots {', '.join(p.name for p in sorted(out.glob('*.png')))} in {out}/")
+    print(f"\nwrote {out / 'stats.csv'}, {out / 'summary.csv'}, the per-sequence statistics in {out / 'shards'}/ and "
+          f"the plots {', '.join(p.name for p in sorted(out.glob('*.png')))} in {out}/")
     return 0
 
 
@@ -148,8 +156,13 @@ def _user_error(e: BaseException) -> str | None:
 
     if isinstance(e, UserError):
         return str(e)
-    if isinstance(e, AnalysisInputError):
+    from .corpus import CorpusError
+    from .corpus_run import RunMismatchError, ShardFileError
+
+    if isinstance(e, (AnalysisInputError, CorpusError)):
         return f"{_OPTIONS.get(e.argument, e.argument)}: {e.detail}"
+    if isinstance(e, (RunMismatchError, ShardFileError)):
+        return f"--out: {e}"
     if isinstance(e, ModelFolderError):
         return "--" + str(e) if str(e).startswith("model: ") else str(e)
     if isinstance(e, DenseTooLargeError):  # the check before the work could not know the size
@@ -180,23 +193,36 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{analyze,reproduce,validate}")
 
     a = sub.add_parser("analyze", help="capture a model's attention and write every statistic and the standard plots",
-                       description="Run a transformers model on sentences, capture the attention of every layer "
+                       description="Run a transformers model over a corpus, capture the attention of every layer "
                        "(SDPA included), compute entropy, spectral gap, log-normal fit, moments and temperature per "
                        "layer and head, with LLN attention alongside on the same q, k; write stats.csv (long format) "
-                       "and the plots. Default model: the packaged all-MiniLM-L6-v2.")
+                       "and the plots; shards of the corpus are written as they finish, so a stopped run resumes, "
+                       "and under torchrun the processes share them. Default model: the packaged all-MiniLM-L6-v2; "
+                       "default corpus: the Python documentation topics.")
     a.add_argument("--model", metavar="PATH_OR_NAME", default=None,
                    help="local model folder (default: the packaged all-MiniLM-L6-v2; no model hub is reached)")
     src = a.add_mutually_exclusive_group()
     src.add_argument("--text", metavar="FILE", help="UTF-8 text file, one sentence per line")
     src.add_argument("--sentences", nargs="+", metavar="SENTENCE", help="sentences given on the command line")
+    src.add_argument("--corpus", metavar="PATH", help="a corpus: a text file (documents separated by blank lines), "
+                     "a folder of .txt/.md/.jsonl/.parquet files, a .jsonl or .parquet file, or a dataset saved with "
+                     "datasets (default: the Python documentation topics, 79 documents)")
+    a.add_argument("--text-field", default="text", metavar="NAME", help="the field / column holding the text in "
+                   "JSONL, Parquet and saved datasets (default text)")
+    a.add_argument("--long", choices=["truncate", "split"], default="truncate",
+                   help="a document longer than --max-tokens: keep its first window (truncate, default) or cut it "
+                   "into windows, each a sequence (split)")
+    a.add_argument("--shard-size", type=int, default=32, metavar="DOCS",
+                   help="documents per shard, the unit written to OUT/shards and skipped when a stopped run is "
+                   "started again with the same arguments (default 32)")
     a.add_argument("--out", default="attnstats-out", metavar="DIR", help="output folder (default attnstats-out)")
     a.add_argument("--alongside", nargs="*", default=["lln"], metavar="KERNEL",
                    help="kernels run alongside on the same q, k (default: lln; none: --alongside; softmax is the "
                    "captured attention, always there)")
-    a.add_argument("--max-tokens", type=int, default=256,
-                   help="truncate each sentence to this many tokens (default 256; at most what the model takes, "
+    a.add_argument("--max-tokens", type=int, default=128,
+                   help="tokens per sequence (default 128; at most what the model takes, "
                    "512 for all-MiniLM-L6-v2)")
-    a.add_argument("--seed", type=int, default=0, help="seed of the default sentences (default 0)")
+    a.add_argument("--seed", type=int, default=0, help="seed of the ln P sample of lognormal.png (default 0)")
     a.set_defaults(func=cmd_analyze)
 
     r = sub.add_parser("reproduce", help="reproduce the paper's figures (PNG + CSV)",

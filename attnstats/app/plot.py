@@ -380,3 +380,44 @@ def entropy_per_layer(df, kernels=None, title=None):
     if title:
         fig.suptitle(title)
     return fig
+
+
+def metric_distributions(df, metrics=("entropy", "spectral_gap"), title=None):
+    """Per layer, the spread of per-sequence values over a corpus: one box per layer (quartiles, median,
+    whiskers at the 5th and 95th percentiles), all heads pooled, one panel per metric, softmax and each
+    kernel side by side.
+
+    Args:
+        df: per-sequence rows with columns ``layer, kernel, metric, value`` (the Parquet shards of
+            ``attnstats analyze``, or ``rec.frame(batch="each")``; ``kernel`` optional).
+        metrics: metric names to draw.
+    """
+    plt = _plt()
+    df = _with_kernel(df, "metric_distributions")
+    _check_present(df, "metric", metrics, "metrics", "metric_distributions")
+    kernels = list(dict.fromkeys(df["kernel"]))
+    layers = sorted(df["layer"].unique())
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics) + 1, 3.6), squeeze=False)
+    width = 0.8 / len(kernels)
+    for ax, metric in zip(axes[0], metrics):
+        sub = df[df.metric == metric]
+        for j, kernel in enumerate(kernels):
+            data = [sub[(sub.kernel == kernel) & (sub.layer == layer)].value.dropna().to_numpy() for layer in layers]
+            pos = [i + (j - (len(kernels) - 1) / 2) * width for i in range(len(layers))]
+            keep = [(p, d) for p, d in zip(pos, data) if d.size]
+            if not keep:
+                continue
+            box = ax.boxplot([d for _, d in keep], positions=[p for p, _ in keep], widths=width * 0.9, whis=(5, 95),
+                             showfliers=False, patch_artist=True, medianprops={"color": "black"})
+            color = f"C{j}"
+            for patch in box["boxes"]:
+                patch.set(facecolor=color, alpha=0.45)
+            ax.plot([], [], color=color, lw=6, alpha=0.45, label=kernel)
+        ax.set_xticks(range(len(layers)), [str(layer) for layer in layers])
+        ax.set_xlabel("layer")
+        ax.set_title(metric, fontsize=10)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
