@@ -52,6 +52,17 @@ def test_readers_of_every_format_give_the_same_documents(tmp_path):
     assert read_corpus(folder) == DOCS
 
 
+def test_a_dataset_saved_with_datasets_is_read_from_disk(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"body": DOCS, "n": list(range(6))}).save_to_disk(str(tmp_path / "ds"))
+    assert read_corpus(tmp_path / "ds", text_field="body") == DOCS
+    with pytest.raises(CorpusError, match=r"text_field: .*ds: no column 'text' \(columns: \['body', 'n'\]\)"):
+        read_corpus(tmp_path / "ds")
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": DOCS})}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(CorpusError, match=r"holds the splits \['train'\]; give the folder of one split"):
+        read_corpus(tmp_path / "dd")
+
+
 def test_reader_errors_name_the_file_and_what_was_expected(tmp_path):
     with pytest.raises(CorpusError, match="corpus: no such file or folder"):
         read_corpus(tmp_path / "missing.txt")

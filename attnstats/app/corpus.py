@@ -53,7 +53,8 @@ def read_corpus(path, text_field: str = "text") -> list[str]:
     ``path`` is one of: a UTF-8 text file (``.txt``, ``.md``; documents separated by blank lines); a
     JSONL file (one JSON object per line, the document under ``text_field``); a Parquet file (column
     ``text_field``, read with pyarrow); a dataset saved with ``datasets.Dataset.save_to_disk`` (a folder
-    with ``dataset_info.json``; column ``text_field``); or a folder, whose files of those kinds are read
+    with ``dataset_info.json``; column ``text_field``; a saved ``DatasetDict`` is refused, naming its
+    splits); or a folder, whose files of those kinds are read
     in sorted path order. Empty documents are left out.
 
     Raises:
@@ -65,7 +66,7 @@ def read_corpus(path, text_field: str = "text") -> list[str]:
     p = Path(path)
     if not p.exists():
         raise CorpusError("corpus", f"no such file or folder: {p}")
-    if p.is_dir() and (p / "dataset_info.json").is_file():
+    if p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file()):
         docs = _read_saved_dataset(p, text_field)
     elif p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in _READERS)
