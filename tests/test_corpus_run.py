@@ -146,6 +146,25 @@ def test_summary_agrees_with_the_per_sequence_statistics(clean):
     pd.testing.assert_series_equal(got["var"], want["var"], rtol=1e-9, check_names=False)
 
 
+def test_store_stats_gives_the_softmax_rows_of_store_qk(clean, tmp_path):
+    # the statistics computed during the forward (short calls: the dense path of the whole batch) are
+    # those of the kept q, k; no kernel alongside, no pooled ln P figure
+    run(tmp_path, store="stats", alongside=())
+    a = pd.read_csv(clean / "summary.csv")
+    a = a[a.kernel == "softmax"].reset_index(drop=True)
+    b = pd.read_csv(tmp_path / "summary.csv")
+    assert set(b.kernel) == {"softmax"} and not (tmp_path / "lognormal.png").exists()
+    pd.testing.assert_frame_equal(a[EXACT[:4]], b[EXACT[:4]])
+    assert (a["count"] == b["count"]).all()
+    # the same dense float64 arithmetic, batch for batch: equal to rounding
+    for c in ("mean", "var", "min", "max"):
+        pd.testing.assert_series_equal(a[c], b[c], rtol=1e-9, atol=1e-12)
+    with pytest.raises(analysis.AnalysisInputError, match="store: store='stats' .* runs no kernel alongside"):
+        run(tmp_path / "x", store="stats")
+    with pytest.raises(analysis.AnalysisInputError, match="device: expected a torch device"):
+        run(tmp_path / "x", device="gpu7")
+
+
 def test_a_run_with_other_arguments_or_a_damaged_shard_is_refused(clean, tmp_path):
     out = tmp_path / "o"
     run(out)

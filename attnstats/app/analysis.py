@@ -33,7 +33,7 @@ class AnalysisInputError(ValueError):
 
 def analyze_model(model=None, texts=None, out="attnstats-out", *, alongside=("lln",), max_tokens: int = 128,
                   seed: int = 0, batch_size: int = 16, note=None, long: str = "truncate",
-                  shard_size: int = 32) -> pd.DataFrame | None:
+                  shard_size: int = 32, store: str = "qk", device=None) -> pd.DataFrame | None:
     """Capture the attention of a transformers encoder over a corpus and write its statistics.
 
     The documents run through the model ``batch_size`` sequences at a time, sorted by length within a
@@ -67,6 +67,10 @@ def analyze_model(model=None, texts=None, out="attnstats-out", *, alongside=("ll
         long: a document longer than ``max_tokens``: ``"truncate"`` keeps its first window, ``"split"``
             cuts it into consecutive windows of ``max_tokens`` tokens, each a sequence.
         shard_size: documents per shard (the unit of resuming and of the work of one process).
+        store: ``"qk"`` (q, k kept per batch; kernels alongside; ``lognormal.png``) or ``"stats"``
+            (statistics computed during the forward, :func:`attnstats.record` ``store="stats"``: for long
+            sequences on a GPU; no kernels alongside and no pooled ``ln P`` figure).
+        device: where the model runs (``"cuda"``, ``"cpu"``; default the CPU).
 
     Returns:
         A summary per layer and kernel: mean entropy (nats), spectral gap, temperature and the
@@ -102,9 +106,21 @@ def analyze_model(model=None, texts=None, out="attnstats-out", *, alongside=("ll
         raise AnalysisInputError("long", f"expected 'truncate' or 'split', got {long!r}")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise AnalysisInputError("shard_size", f"expected a positive int, got {shard_size!r}")
+    if store not in ("qk", "stats"):
+        raise AnalysisInputError("store", f"expected 'qk' or 'stats', got {store!r}")
     kernels = _alongside_kernels(alongside, tell)
+    if store == "stats" and kernels:
+        raise AnalysisInputError("store", "store='stats' computes the statistics during the forward pass and runs "
+                                          "no kernel alongside; pass no alongside kernel (--alongside with no name)")
 
+    try:
+        device = torch.device(device or "cpu")
+    except RuntimeError:
+        raise AnalysisInputError("device", f"expected a torch device such as 'cpu' or 'cuda', got {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AnalysisInputError("device", "CUDA is not available here (torch.cuda.is_available() is False)")
     net, tok = load_model(model)
+    net = net.to(device)
     label = Path(str(model)).resolve().name if model else "all-MiniLM-L6-v2"
     limit = model_max_tokens(net, tok)
     if limit is not None and max_tokens > limit:
@@ -118,14 +134,17 @@ def analyze_model(model=None, texts=None, out="attnstats-out", *, alongside=("ll
         done = f"truncated to {max_tokens}" if long == "truncate" else f"split into windows of {max_tokens}"
         tell(f"{len(long_docs)} of {len(texts)} documents are longer than {max_tokens} tokens (the longest has "
              f"{max(long_docs)}) and were {done}{room}")
-    _check_dense_fits(net, min(max(lengths), max_tokens))
+    if store == "qk":
+        _check_dense_fits(net, min(max(lengths), max_tokens))
     names = tuple(k.name if hasattr(k, "name") else str(k) for k in kernels)
     spec = RunSpec(model=label, max_tokens=max_tokens, long=long, alongside=names, shard_size=shard_size,
-                   batch_size=batch_size, seed=seed, documents=len(texts), fingerprint=fingerprint(texts))
+                   batch_size=batch_size, seed=seed, documents=len(texts), fingerprint=fingerprint(texts),
+                   store=store, device=device.type)
 
     def process_shard(index: int, docs: list[str]):
-        return _run_shard(net, tok, kernels, docs, index * shard_size, max_tokens, long, batch_size,
-                          _PooledLogP(max_values=20_000, seed=seed * 1_000_003 + index), label)
+        pooled = _PooledLogP(max_values=20_000, seed=seed * 1_000_003 + index) if store == "qk" else None
+        return _run_shard(net, tok, kernels, docs, index * shard_size, max_tokens, long, batch_size, pooled, label,
+                          store, device)
 
     with progress(total=len(texts), desc=f"analyze {label}", unit="doc") as bar:
         result = run_corpus(texts, spec, out, process_shard, bar=bar)
@@ -137,7 +156,8 @@ def analyze_model(model=None, texts=None, out="attnstats-out", *, alongside=("ll
              f"{out} were kept")
     pooled = pooleds[0]
     for other in pooleds[1:]:
-        pooled.merge(other)
+        if pooled is not None:
+            pooled.merge(other)
 
     out = Path(out)
     table = summary.to_frame()
@@ -161,9 +181,10 @@ def analyze_model(model=None, texts=None, out="attnstats-out", *, alongside=("ll
     save_figure(fig, out / "distributions.png")
     plt.close(fig)
 
-    fig = _lognormal_figure(pooled, frame, label, n_seq)
-    save_figure(fig, out / "lognormal.png")
-    plt.close(fig)
+    if pooled is not None:  # store="stats" keeps no ln P to pool
+        fig = _lognormal_figure(pooled, frame, label, n_seq)
+        save_figure(fig, out / "lognormal.png")
+        plt.close(fig)
 
     keep = ["entropy", "spectral_gap", "temperature", "lognormal_sigma"]
     return (frame[frame.metric.isin(keep)].groupby(["layer", "kernel", "metric"]).value.mean()
@@ -188,8 +209,9 @@ def _sequences(tok, docs: list[str], first_doc: int, max_tokens: int, long: str)
     return seqs
 
 
-def _run_shard(net, tok, kernels, docs, first_doc, max_tokens, long, batch_size, pooled, label):
-    """One shard: its per-sequence frame, CorpusSummary, pooled ln P and token count."""
+def _run_shard(net, tok, kernels, docs, first_doc, max_tokens, long, batch_size, pooled, label, store="qk",
+               device="cpu"):
+    """One shard: its per-sequence frame, CorpusSummary, pooled ln P (None with store="stats") and token count."""
     from ..capture import record
     from ..metrics import record_metrics
     from ..summary import CorpusSummary
@@ -199,8 +221,8 @@ def _run_shard(net, tok, kernels, docs, first_doc, max_tokens, long, batch_size,
     frames, tokens = [], 0
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        batch = tok.pad({"input_ids": [seqs[i][2] for i in chunk]}, return_tensors="pt")
-        with torch.no_grad(), record(net, alongside=kernels) as rec:
+        batch = tok.pad({"input_ids": [seqs[i][2] for i in chunk]}, return_tensors="pt").to(device)
+        with torch.no_grad(), record(net, alongside=kernels, store=store) as rec:
             net(**batch)
         if not rec.records:
             raise AnalysisInputError("model", f"no attention was captured from {label}; attnstats analyze "
@@ -210,10 +232,11 @@ def _run_shard(net, tok, kernels, docs, first_doc, max_tokens, long, batch_size,
         # constants come from statistics of the sequence's own q, k
         parts = [(r, "softmax", record_metrics(r)) for r in rec.records]
         for j, i in enumerate(chunk):
-            one = [_batch_element(r, j) for r in rec.records]
-            for r in one:
-                parts += [(r, getattr(kn, "name", str(kn)), record_metrics(r, kernel=kn), j) for kn in rec.kernels]
-                pooled.add(r)
+            if store == "qk":
+                one = [_batch_element(r, j) for r in rec.records]
+                for r in one:
+                    parts += [(r, getattr(kn, "name", str(kn)), record_metrics(r, kernel=kn), j) for kn in rec.kernels]
+                    pooled.add(r)
             tokens += len(seqs[i][2])
         frames.append(_sequence_rows(parts, [seqs[i] for i in chunk]))
         del rec, batch  # the q, k of this batch go before the next one is captured

@@ -12,7 +12,8 @@ __all__ = ["main"]
 
 # argument names of the library's errors, as the command line spells them
 _OPTIONS = {"max_tokens": "--max-tokens", "model": "--model", "texts": "--corpus/--text/--sentences",
-            "corpus": "--corpus", "text_field": "--text-field", "long": "--long", "shard_size": "--shard-size"}
+            "corpus": "--corpus", "text_field": "--text-field", "long": "--long", "shard_size": "--shard-size",
+            "store": "--store", "device": "--device"}
 
 
 class UserError(Exception):
@@ -111,7 +112,8 @@ def cmd_analyze(args) -> int:
     if args.shard_size < 1:
         raise UserError(f"--shard-size: expected at least 1, got {args.shard_size}")
     summary = analyze_model(args.model, texts, out, alongside=args.alongside, max_tokens=args.max_tokens,
-                            seed=args.seed, long=args.long, shard_size=args.shard_size,
+                            seed=args.seed, long=args.long, shard_size=args.shard_size, store=args.store,
+                            device=args.device,
                             note=lambda message: print(f"attnstats analyze: note: {message}", file=sys.stderr, flush=True))
     if summary is None:  # a rank other than 0 of a torchrun launch: rank 0 writes and reports
         return 0
@@ -222,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-tokens", type=int, default=128,
                    help="tokens per sequence (default 128; at most what the model takes, "
                    "512 for all-MiniLM-L6-v2)")
+    a.add_argument("--store", choices=["qk", "stats"], default="qk",
+                   help="qk (default): q, k kept per batch, kernels alongside, lognormal.png; stats: statistics "
+                   "computed during the forward pass (long sequences, GPUs), no kernel alongside (give --alongside "
+                   "with no name)")
+    a.add_argument("--device", default=None, metavar="DEVICE", help="where the model runs: cpu (default) or cuda")
     a.add_argument("--seed", type=int, default=0, help="seed of the ln P sample of lognormal.png (default 0)")
     a.set_defaults(func=cmd_analyze)
 

@@ -45,6 +45,8 @@ class RunSpec:
     seed: int
     documents: int
     fingerprint: str
+    store: str = "qk"
+    device: str = "cpu"
 
 
 class RunMismatchError(ValueError):
