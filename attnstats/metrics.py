@@ -135,11 +135,19 @@ def moment_fields(mom) -> dict:
 # attnstats.spectral_gap_from_qk, whose method="auto" picks LAPACK on P or Arnoldi by its own rule;
 # with the gap too, one head: N = 1536: 3.5 vs 2.0 s; 2048: 5.8 vs 1.6 s.
 STREAMING_FROM_TOKENS = 1024
+# On a GPU the streaming path (fused kernel, GPU sampler) is the faster one sooner: one causal call
+# [1, 32, N, 64] bf16 on an H100 with entropy, moments, log-normal fit and gap, dense vs streaming, ms:
+# N = 64: 15.6 vs 7.2; 128: 14.4 vs 8.4; 256: 9.5 vs 6.3; 512: 270 vs 7.4 (dense samples ln P
+# matrix by matrix past 316 tokens) (benchmarks/crossover_gpu.py). The dense path of the whole batch
+# at once stays below 256 tokens, where a batch of many short sequences would otherwise pay the
+# streaming pass once per sequence.
+STREAMING_FROM_TOKENS_CUDA = 256
 
 
 def is_short(rec) -> bool:
     """Whether a record's matrices are small enough for the dense statistics: ``max(Nq, Nk) <
-    STREAMING_FROM_TOKENS`` and ``[B, H, Nq, Nk]`` in the compute dtype within the memory budget.
+    STREAMING_FROM_TOKENS`` (``STREAMING_FROM_TOKENS_CUDA`` on a GPU) and ``[B, H, Nq, Nk]`` in the
+    compute dtype within the memory budget.
 
     Short calls get every statistic from the dense ``P`` of the whole call at once, also under
     ``record(..., store="stats")``: at that size one batched computation costs less than the
@@ -147,7 +155,8 @@ def is_short(rec) -> bool:
     """
     b, h, nq, nk = rec.shape
     itemsize = torch.finfo(compute_dtype(rec.q)).bits // 8
-    return max(nq, nk) < STREAMING_FROM_TOKENS and b * h * nq * nk * itemsize <= get_memory_budget()
+    limit = STREAMING_FROM_TOKENS_CUDA if rec.q.is_cuda else STREAMING_FROM_TOKENS
+    return max(nq, nk) < limit and b * h * nq * nk * itemsize <= get_memory_budget()
 
 
 def uses_streaming(rec) -> bool:

@@ -10,10 +10,14 @@ head dim 64, SDPA, bf16) is run on one sequence of N tokens, causal, with ``torc
 The parts ``lognormal`` and ``streaming`` time the pieces on one layer's q, k: the GPU log-normal fit
 (sample + fit of all heads of a layer) and ``streaming_stats`` against SDPA on the same q, k, v.
 ``overhead`` times the recorder alone (entering the block; a forward with no layer selected).
+``corpus`` times ``attnstats analyze --store stats`` over CPython's documentation topics in windows of 4096
+tokens against the plain forward over the same sequences.
 ``encoder`` runs a BERT-style (non-causal, 32 heads of 64) model through ``record(store="stats")``,
 spectral gap included. Every time is the median of CUDA-event timings (``harness.bench``).
 
-Usage (on a GPU): ``cd benchmarks && PYTHONPATH=.. python record_gpu.py --out $OUT/record_gpu.json``;
+Usage (on a GPU): ``cd benchmarks && PYTHONPATH=.. python record_gpu.py --out $OUT/record_gpu.json``
+(``ATTNSTATS_TOKENIZER=DIR`` for ``corpus`` where the packaged model is not installed: a folder holding
+all-MiniLM-L6-v2's tokenizer files);
 ``--skip`` leaves out parts, ``--ns`` chooses the lengths.
 """
 import argparse
@@ -142,6 +146,88 @@ def part_overhead(ns):
     return rows
 
 
+def part_corpus(n, layers=4):
+    """``analyze`` over a corpus with store="stats" on the GPU against the plain forward over the same batches.
+
+    The Llama-style model of this file (float32, as ``analyze`` loads it) and the packaged MiniLM tokenizer
+    are saved to a folder that ``analyze`` loads; the corpus is CPython's documentation topics, split
+    into windows of ``n`` tokens, one sequence per batch.
+    """
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import transformers
+
+    from attnstats.app import analysis
+    from attnstats.app.corpus import documentation_corpus
+    from attnstats.app.models import load_model
+
+    import os
+
+    folder = Path(tempfile.mkdtemp())
+    if os.environ.get("ATTNSTATS_TOKENIZER"):  # a machine without the packaged model: its tokenizer files
+        tok = transformers.AutoTokenizer.from_pretrained(os.environ["ATTNSTATS_TOKENIZER"])
+    else:
+        _, tok = load_model()
+    tok.model_max_length = n
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
+                                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=n)
+    torch.manual_seed(0)
+    transformers.LlamaModel(cfg).save_pretrained(folder / "model")
+    tok.save_pretrained(folder / "model")
+    docs = documentation_corpus()
+    net, tok = load_model(folder / "model")
+    net = net.to(DEV)
+    seqs = analysis._sequences(tok, docs, 0, n, "split")
+    batches = [tok.pad({"input_ids": [s[2]]}, return_tensors="pt").to(DEV) for s in seqs]
+    tokens = sum(len(s[2]) for s in seqs)
+
+    def plain():
+        with torch.no_grad():
+            for b in batches:
+                net(**b)
+
+    plain()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    plain()
+    torch.cuda.synchronize()
+    t_plain = time.perf_counter() - t0
+    shard_time = []
+    real = analysis._run_shard
+
+    def timed_shard(*a):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = real(*a)
+        torch.cuda.synchronize()
+        shard_time.append(time.perf_counter() - t)
+        return out
+
+    analysis._run_shard = timed_shard
+    try:
+        for attempt in range(2):  # the first compiles the kernels for these shapes
+            shard_time.clear()
+            shutil.rmtree(folder / "out", ignore_errors=True)
+            t0 = time.perf_counter()
+            analysis.analyze_model(folder / "model", docs, folder / "out", max_tokens=n, long="split", alongside=(),
+                                   store="stats", device=DEV, batch_size=1, note=lambda m: None)
+            t_whole = time.perf_counter() - t0
+    finally:
+        analysis._run_shard = real
+        shutil.rmtree(folder, ignore_errors=True)
+    row = {"n": n, "layers": layers, "sequences": len(seqs), "tokens": tokens, "plain_s": t_plain,
+           "plain_tokens_per_s": tokens / t_plain, "shard_loop_s": sum(shard_time),
+           "shard_loop_tokens_per_s": tokens / sum(shard_time), "shard_loop_over_plain": sum(shard_time) / t_plain,
+           "analyze_s": t_whole}
+    print(f"corpus N={n}: {len(seqs)} sequences, {tokens} tokens; plain forward {t_plain:.2f} s "
+          f"({tokens / t_plain:,.0f} tokens/s); analyze --store stats shards {sum(shard_time):.2f} s "
+          f"({tokens / sum(shard_time):,.0f} tokens/s, {sum(shard_time) / t_plain:.2f}×); whole analyze {t_whole:.1f} s",
+          flush=True)
+    return row
+
+
 def part_encoder(ns):
     groups = [("default", METRICS), ("default without gap", tuple(m for m in METRICS if m != "spectral_gap"))]
     return model_table(bert, ns, groups, "bert encoder", target_ms=100)
@@ -219,6 +305,7 @@ def main():
         ("overhead", lambda: part_overhead([4096, 32768])),
         ("decoder", lambda: part_decoder(dec)),
         ("encoder", lambda: part_encoder([(4096, 2)])),
+        ("corpus", lambda: part_corpus(4096)),
     ]
     print(json.dumps(run_parts(parts, set(args.skip), args.out, res), indent=1)[:2000])
 
