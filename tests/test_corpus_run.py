@@ -170,9 +170,24 @@ def test_a_run_with_other_arguments_or_a_damaged_shard_is_refused(clean, tmp_pat
     run(out)
     with pytest.raises(RunMismatchError, match=r"holds a run with max_tokens = 12, this one has 16"):
         run(out, max_tokens=16)
+    (out / "shards" / "shard-00002.parquet").write_bytes(b"PAR1 cut short")
+    with pytest.raises(ShardFileError, match=r"shard-00002.parquet is missing or damaged; delete it"):
+        run(out)
     (out / "shards" / "shard-00001.summary").write_bytes(b"garbage")
     with pytest.raises(ShardFileError, match=r"shard-00001.summary is damaged; delete it"):
         run(out)
+
+
+def test_the_command_refuses_a_resumed_run_with_other_arguments_in_one_line(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "c.txt")
+    base = ["analyze", "--corpus", str(corpus), "--out", str(tmp_path / "o"), "--shard-size", "3", "--alongside"]
+    assert main(base + ["--max-tokens", "12"]) == 0
+    capsys.readouterr()
+    kept = sorted(p.name for p in (tmp_path / "o" / "shards").iterdir())
+    assert main(base + ["--max-tokens", "16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("attnstats analyze: error: --out: ") and "max_tokens = 12, this one has 16" in err
+    assert "\n" not in err and sorted(p.name for p in (tmp_path / "o" / "shards").iterdir()) == kept  # nothing lost
 
 
 # ---- two processes ------------------------------------------------------------------------------

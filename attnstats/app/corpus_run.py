@@ -113,6 +113,15 @@ def _load_shard(path: Path):
         raise ShardFileError(f"{path} is damaged; delete it (and its .parquet) to recompute the shard") from None
 
 
+def _check_parquet(path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    try:
+        pq.read_metadata(path)
+    except Exception:
+        raise ShardFileError(f"{path} is missing or damaged; delete it (and its .summary) to recompute the shard") from None
+
+
 def run_corpus(documents, spec: RunSpec, out, process_shard, *, bar=None):
     """Run every unfinished shard of this rank, then merge all shards' summaries.
 
@@ -141,6 +150,7 @@ def run_corpus(documents, spec: RunSpec, out, process_shard, *, bar=None):
         docs = documents[i * spec.shard_size:(i + 1) * spec.shard_size]
         if summary_path.is_file():
             _load_shard(summary_path)  # a damaged file stops the run here, before any merge
+            _check_parquet(folder / f"shard-{i:05d}.parquet")
             if bar is not None:
                 bar.update(len(docs))
             continue
