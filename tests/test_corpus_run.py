@@ -163,6 +163,8 @@ def test_store_stats_gives_the_softmax_rows_of_store_qk(clean, tmp_path):
         run(tmp_path / "x", store="stats")
     with pytest.raises(analysis.AnalysisInputError, match="device: expected a torch device"):
         run(tmp_path / "x", device="gpu7")
+    with pytest.raises(analysis.AnalysisInputError, match="dtype: expected a float dtype such as 'bfloat16', got 'int8'"):
+        run(tmp_path / "x", dtype="int8")
 
 
 def test_a_run_with_other_arguments_or_a_damaged_shard_is_refused(clean, tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -33,7 +34,7 @@ class AnalysisInputError(ValueError):
 
 def analyze_model(model=None, texts=None, out="attnstats-out", *, alongside=("lln",), max_tokens: int = 128,
                   seed: int = 0, batch_size: int = 16, note=None, long: str = "truncate",
-                  shard_size: int = 32, store: str = "qk", device=None) -> pd.DataFrame | None:
+                  shard_size: int = 32, store: str = "qk", device=None, dtype=None) -> pd.DataFrame | None:
     """Capture the attention of a transformers encoder over a corpus and write its statistics.
 
     The documents run through the model ``batch_size`` sequences at a time, sorted by length within a
@@ -70,7 +71,9 @@ def analyze_model(model=None, texts=None, out="attnstats-out", *, alongside=("ll
         store: ``"qk"`` (q, k kept per batch; kernels alongside; ``lognormal.png``) or ``"stats"``
             (statistics computed during the forward, :func:`attnstats.record` ``store="stats"``: for long
             sequences on a GPU; no kernels alongside and no pooled ``ln P`` figure).
-        device: where the model runs (``"cuda"``, ``"cpu"``; default the CPU).
+        device: where the model runs (``"cuda"``, ``"cpu"``; default the CPU). Under ``torchrun``,
+            ``"cuda"`` without an index is the rank's own GPU (``LOCAL_RANK``).
+        dtype: the model's dtype (``torch.bfloat16``, ``"bfloat16"``, …), or None to keep the loaded one.
 
     Returns:
         A summary per layer and kernel: mean entropy (nats), spectral gap, temperature and the
@@ -119,8 +122,14 @@ def analyze_model(model=None, texts=None, out="attnstats-out", *, alongside=("ll
         raise AnalysisInputError("device", f"expected a torch device such as 'cpu' or 'cuda', got {device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise AnalysisInputError("device", "CUDA is not available here (torch.cuda.is_available() is False)")
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # torchrun: each rank on its own GPU
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype) or not getattr(torch, dtype).is_floating_point:
+            raise AnalysisInputError("dtype", f"expected a float dtype such as 'bfloat16', got {dtype!r}")
+        dtype = getattr(torch, dtype)
     net, tok = load_model(model)
-    net = net.to(device)
+    net = net.to(device) if dtype is None else net.to(device, dtype)
     label = Path(str(model)).resolve().name if model else "all-MiniLM-L6-v2"
     limit = model_max_tokens(net, tok)
     if limit is not None and max_tokens > limit:
@@ -139,7 +148,7 @@ def analyze_model(model=None, texts=None, out="attnstats-out", *, alongside=("ll
     names = tuple(k.name if hasattr(k, "name") else str(k) for k in kernels)
     spec = RunSpec(model=label, max_tokens=max_tokens, long=long, alongside=names, shard_size=shard_size,
                    batch_size=batch_size, seed=seed, documents=len(texts), fingerprint=fingerprint(texts),
-                   store=store, device=device.type)
+                   store=store, device=device.type, dtype=str(next(net.parameters()).dtype).replace("torch.", ""))
 
     def process_shard(index: int, docs: list[str]):
         pooled = _PooledLogP(max_values=20_000, seed=seed * 1_000_003 + index) if store == "qk" else None

@@ -13,7 +13,7 @@ __all__ = ["main"]
 # argument names of the library's errors, as the command line spells them
 _OPTIONS = {"max_tokens": "--max-tokens", "model": "--model", "texts": "--corpus/--text/--sentences",
             "corpus": "--corpus", "text_field": "--text-field", "long": "--long", "shard_size": "--shard-size",
-            "store": "--store", "device": "--device"}
+            "store": "--store", "device": "--device", "dtype": "--dtype"}
 
 
 class UserError(Exception):
@@ -113,7 +113,7 @@ def cmd_analyze(args) -> int:
         raise UserError(f"--shard-size: expected at least 1, got {args.shard_size}")
     summary = analyze_model(args.model, texts, out, alongside=args.alongside, max_tokens=args.max_tokens,
                             seed=args.seed, long=args.long, shard_size=args.shard_size, store=args.store,
-                            device=args.device,
+                            device=args.device, dtype=args.dtype,
                             note=lambda message: print(f"attnstats analyze: note: {message}", file=sys.stderr, flush=True))
     if summary is None:  # a rank other than 0 of a torchrun launch: rank 0 writes and reports
         return 0
@@ -228,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="qk (default): q, k kept per batch, kernels alongside, lognormal.png; stats: statistics "
                    "computed during the forward pass (long sequences, GPUs), no kernel alongside (give --alongside "
                    "with no name)")
-    a.add_argument("--device", default=None, metavar="DEVICE", help="where the model runs: cpu (default) or cuda")
+    a.add_argument("--device", default=None, metavar="DEVICE", help="where the model runs: cpu (default) or cuda "
+                   "(under torchrun, each rank's own GPU)")
+    a.add_argument("--dtype", default=None, metavar="DTYPE", help="the model's dtype, e.g. bfloat16 (default: as loaded)")
     a.add_argument("--seed", type=int, default=0, help="seed of the ln P sample of lognormal.png (default 0)")
     a.set_defaults(func=cmd_analyze)
 

@@ -47,6 +47,7 @@ class RunSpec:
     fingerprint: str
     store: str = "qk"
     device: str = "cpu"
+    dtype: str = "float32"
 
 
 class RunMismatchError(ValueError):
@@ -76,7 +77,11 @@ def distributed_context():
         return dist.get_rank(), dist.get_world_size()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and dist.is_available():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():  # NCCL: each rank on its own GPU before the group forms
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 

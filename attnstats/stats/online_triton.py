@@ -344,6 +344,15 @@ if _HAVE_TRITON:
         tl.store(OUT + t * so_m + offs, dot * scale - lse, mask=ok)
 
 
+def _on_device(t: torch.Tensor):
+    """The CUDA device of ``t`` as the current one while a kernel is launched: Triton launches on the
+    current device, and a tensor on another GPU (a model split over GPUs) would be read from the wrong
+    one. A no-op for CPU tensors (the interpreter)."""
+    import contextlib
+
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _f32_precision() -> str:
     # float32 operands: three TF32 products (hi·hi + hi·lo + lo·hi) on the tensor cores give about
     # float32 accuracy, unlike one TF32 product (~1e-3); the interpreter computes in plain float32.
@@ -396,14 +405,15 @@ def raw_accumulators(q, k, scale, mask, causal, config=None) -> torch.Tensor:
         skm_b = skm_h = 0
     grid = (triton.cdiv(Nq, bm), B * Hq)
     kwargs = {} if interp else {"num_warps": warps, "num_stages": stages}
-    _streaming_kernel[grid](
-        q, k, km, out,
-        *q.stride(), *k.stride(), skm_b, skm_h, out.stride(0), out.stride(1),
-        Hq, Nq, Nk, Hq // Hk, float(scale * _LOG2E), _LN2,
-        D=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=bool(causal), HAS_KMASK=mask is not None,
-        F32=q.dtype == torch.float32, F32_PRECISION=_f32_precision(),
-        **kwargs,
-    )
+    with _on_device(q):
+        _streaming_kernel[grid](
+            q, k, km, out,
+            *q.stride(), *k.stride(), skm_b, skm_h, out.stride(0), out.stride(1),
+            Hq, Nq, Nk, Hq // Hk, float(scale * _LOG2E), _LN2,
+            D=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=bool(causal), HAS_KMASK=mask is not None,
+            F32=q.dtype == torch.float32, F32_PRECISION=_f32_precision(),
+            **kwargs,
+        )
     return out
 
 
@@ -455,11 +465,12 @@ def _launch_matmat(q, k, lse, xp, out, scale) -> None:
     q = q.contiguous()  # [N, d]
     k = k.contiguous().to(q.dtype)  # [N, d]
     lse2 = (lse.to(torch.float32) * _LOG2E).contiguous()  # [N]
-    _matmat_kernel[(triton.cdiv(n, bm),)](
-        q, k, lse2, xp, out, q.stride(0), k.stride(0), xp.stride(0), out.stride(0),
-        n, float(scale * _LOG2E), D=d, R=xp.shape[1], BLOCK_M=bm, BLOCK_N=bn, F32=q.dtype == torch.float32,
-        F32_PRECISION=_f32_precision(), **kwargs,
-    )
+    with _on_device(q):
+        _matmat_kernel[(triton.cdiv(n, bm),)](
+            q, k, lse2, xp, out, q.stride(0), k.stride(0), xp.stride(0), out.stride(0),
+            n, float(scale * _LOG2E), D=d, R=xp.shape[1], BLOCK_M=bm, BLOCK_N=bn, F32=q.dtype == torch.float32,
+            F32_PRECISION=_f32_precision(), **kwargs,
+        )
 
 
 def attention_row_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float) -> torch.Tensor:
@@ -499,11 +510,12 @@ def attention_rmatmat(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, x: to
     q = q.contiguous()  # [N, d]
     k = k.contiguous().to(q.dtype)  # [N, d]
     lse2 = (lse.to(torch.float32) * _LOG2E).contiguous()  # [N]
-    _rmatmat_kernel[(triton.cdiv(n, bm),)](
-        q, k, lse2, xp, out, q.stride(0), k.stride(0), xp.stride(0), out.stride(0),
-        n, float(scale * _LOG2E), D=d, R=16, BLOCK_M=bm, BLOCK_N=bn, F32=q.dtype == torch.float32,
-        F32_PRECISION=_f32_precision(), **kwargs,
-    )
+    with _on_device(q):
+        _rmatmat_kernel[(triton.cdiv(n, bm),)](
+            q, k, lse2, xp, out, q.stride(0), k.stride(0), xp.stride(0), out.stride(0),
+            n, float(scale * _LOG2E), D=d, R=16, BLOCK_M=bm, BLOCK_N=bn, F32=q.dtype == torch.float32,
+            F32_PRECISION=_f32_precision(), **kwargs,
+        )
     return out[:, :c]  # [N, c]
 
 
@@ -545,11 +557,12 @@ def sampled_log_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, i: to
     grid = (m, triton.cdiv(s, block_s))
     kwargs = {} if interp else {"num_warps": 4}
     if s:
-        _sampled_kernel[grid](
-            q, k, lse, i, j, out,
-            *q.stride(), *k.stride(), *lse.stride(), i.stride(0), out.stride(0),
-            Hq, Hq // k.shape[1], s, count, k.shape[2], base, first, float(scale),
-            D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_S=block_s, DRAW=draw is not None, CAUSAL=bool(causal),
-            **kwargs,
-        )
+        with _on_device(q):
+            _sampled_kernel[grid](
+                q, k, lse, i, j, out,
+                *q.stride(), *k.stride(), *lse.stride(), i.stride(0), out.stride(0),
+                Hq, Hq // k.shape[1], s, count, k.shape[2], base, first, float(scale),
+                D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_S=block_s, DRAW=draw is not None, CAUSAL=bool(causal),
+                **kwargs,
+            )
     return out
