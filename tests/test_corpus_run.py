@@ -167,6 +167,16 @@ def test_store_stats_gives_the_softmax_rows_of_store_qk(clean, tmp_path):
         run(tmp_path / "x", dtype="int8")
 
 
+def test_device_auto_spreads_the_model_and_gives_the_same_statistics(clean, tmp_path):
+    # device_map="auto" (accelerate): on a machine without GPUs every layer lands on the CPU, so this
+    # checks the loading path and that the statistics are those of the plain run
+    pytest.importorskip("accelerate")
+    run(tmp_path, device="auto")
+    a, b = pd.read_csv(clean / "summary.csv"), pd.read_csv(tmp_path / "summary.csv")
+    assert a[EXACT].equals(b[EXACT])
+    assert json.loads((tmp_path / "shards" / "run.json").read_text())["device"] == "auto"
+
+
 def test_a_run_with_other_arguments_or_a_damaged_shard_is_refused(clean, tmp_path):
     out = tmp_path / "o"
     run(out)

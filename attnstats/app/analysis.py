@@ -72,7 +72,9 @@ def analyze_model(model=None, texts=None, out="attnstats-out", *, alongside=("ll
             (statistics computed during the forward, :func:`attnstats.record` ``store="stats"``: for long
             sequences on a GPU; no kernels alongside and no pooled ``ln P`` figure).
         device: where the model runs (``"cuda"``, ``"cpu"``; default the CPU). Under ``torchrun``,
-            ``"cuda"`` without an index is the rank's own GPU (``LOCAL_RANK``).
+            ``"cuda"`` without an index is the rank's own GPU (``LOCAL_RANK``). ``"auto"``: loaded with
+            ``device_map="auto"`` (accelerate), its layers over the GPUs there are, for a model larger
+            than one GPU; each layer's statistics are computed on its own device.
         dtype: the model's dtype (``torch.bfloat16``, ``"bfloat16"``, …), or None to keep the loaded one.
 
     Returns:
@@ -116,10 +118,11 @@ def analyze_model(model=None, texts=None, out="attnstats-out", *, alongside=("ll
         raise AnalysisInputError("store", "store='stats' computes the statistics during the forward pass and runs "
                                           "no kernel alongside; pass no alongside kernel (--alongside with no name)")
 
+    spread = device == "auto"  # the model over every GPU there is, by transformers' device_map
     try:
-        device = torch.device(device or "cpu")
+        device = torch.device("cpu" if spread or device is None else device)
     except RuntimeError:
-        raise AnalysisInputError("device", f"expected a torch device such as 'cpu' or 'cuda', got {device!r}") from None
+        raise AnalysisInputError("device", f"expected a torch device such as 'cpu' or 'cuda', or 'auto', got {device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise AnalysisInputError("device", "CUDA is not available here (torch.cuda.is_available() is False)")
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
@@ -128,8 +131,12 @@ def analyze_model(model=None, texts=None, out="attnstats-out", *, alongside=("ll
         if not isinstance(getattr(torch, dtype, None), torch.dtype) or not getattr(torch, dtype).is_floating_point:
             raise AnalysisInputError("dtype", f"expected a float dtype such as 'bfloat16', got {dtype!r}")
         dtype = getattr(torch, dtype)
-    net, tok = load_model(model)
-    net = net.to(device) if dtype is None else net.to(device, dtype)
+    if spread:
+        net, tok = load_model(model, device_map="auto", dtype=dtype)
+        device = next(net.parameters()).device  # the inputs go where the embeddings are
+    else:
+        net, tok = load_model(model)
+        net = net.to(device) if dtype is None else net.to(device, dtype)
     label = Path(str(model)).resolve().name if model else "all-MiniLM-L6-v2"
     limit = model_max_tokens(net, tok)
     if limit is not None and max_tokens > limit:
@@ -148,7 +155,8 @@ def analyze_model(model=None, texts=None, out="attnstats-out", *, alongside=("ll
     names = tuple(k.name if hasattr(k, "name") else str(k) for k in kernels)
     spec = RunSpec(model=label, max_tokens=max_tokens, long=long, alongside=names, shard_size=shard_size,
                    batch_size=batch_size, seed=seed, documents=len(texts), fingerprint=fingerprint(texts),
-                   store=store, device=device.type, dtype=str(next(net.parameters()).dtype).replace("torch.", ""))
+                   store=store, device="auto" if spread else device.type,
+                   dtype=str(next(net.parameters()).dtype).replace("torch.", ""))
 
     def process_shard(index: int, docs: list[str]):
         pooled = _PooledLogP(max_values=20_000, seed=seed * 1_000_003 + index) if store == "qk" else None

@@ -228,8 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="qk (default): q, k kept per batch, kernels alongside, lognormal.png; stats: statistics "
                    "computed during the forward pass (long sequences, GPUs), no kernel alongside (give --alongside "
                    "with no name)")
-    a.add_argument("--device", default=None, metavar="DEVICE", help="where the model runs: cpu (default) or cuda "
-                   "(under torchrun, each rank's own GPU)")
+    a.add_argument("--device", default=None, metavar="DEVICE", help="where the model runs: cpu (default), cuda "
+                   "(under torchrun, each rank's own GPU), or auto (device_map='auto': a model spread over the GPUs)")
     a.add_argument("--dtype", default=None, metavar="DTYPE", help="the model's dtype, e.g. bfloat16 (default: as loaded)")
     a.add_argument("--seed", type=int, default=0, help="seed of the ln P sample of lognormal.png (default 0)")
     a.set_defaults(func=cmd_analyze)

@@ -118,13 +118,17 @@ def model_max_tokens(model, tokenizer) -> int | None:
     return min(limits) if limits else None
 
 
-def load_model(name_or_path: str | os.PathLike | None = None, attn_implementation: str = "sdpa"):
+def load_model(name_or_path: str | os.PathLike | None = None, attn_implementation: str = "sdpa", device_map=None,
+               dtype=None):
     """Load a transformers encoder and its tokenizer from a local folder, offline, running no code
     from the folder (``trust_remote_code=False``).
 
     Args:
         name_or_path: a local model folder, or None / ``"all-MiniLM-L6-v2"`` for the packaged default.
         attn_implementation: ``"sdpa"`` or ``"eager"`` (any value transformers accepts).
+        device_map: None (loaded on the CPU), or transformers' ``device_map`` (``"auto"``: the layers
+            spread over the GPUs there are, through accelerate).
+        dtype: a torch dtype to load the weights in, or None for the folder's.
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode.
@@ -148,8 +152,12 @@ def load_model(name_or_path: str | os.PathLike | None = None, attn_implementatio
         hf_logging.disable_progress_bar()
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        extra = {} if device_map is None else {"device_map": device_map}
+        if dtype is not None:  # the keyword is dtype from transformers 4.56, torch_dtype before
+            new_name = tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 56)
+            extra["dtype" if new_name else "torch_dtype"] = dtype
         model = transformers.AutoModel.from_pretrained(path, attn_implementation=attn_implementation,
-                                                       trust_remote_code=False)
+                                                       trust_remote_code=False, **extra)
     except (OSError, ValueError) as e:  # missing or broken weights, a tokenizer class that needs remote code
         reason = " ".join(str(e).split()) or type(e).__name__  # one line: transformers' messages span several
         reason = reason if len(reason) <= 400 else reason[:400] + " ..."
