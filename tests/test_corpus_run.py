@@ -134,6 +134,16 @@ def test_an_interrupted_run_resumes_to_the_same_result(clean, tmp_path, monkeypa
     assert set(seq_a.doc) == set(range(6)) and seq_a.window.max() >= 1  # documents longer than 12 tokens split
 
 
+def test_reading_the_shards_back_can_be_bounded(clean):
+    from attnstats.app.corpus_run import read_sequences
+
+    every, read, there = read_sequences(clean)
+    assert (read, there) == (3, 3) and set(every.doc) == set(range(6))
+    some, read, there = read_sequences(clean, max_shards=2)  # shards 0 and 1 of 0, 1, 2 (evenly spaced)
+    assert (read, there) == (2, 3) and set(some.doc) == {0, 1, 2, 3}
+    pd.testing.assert_frame_equal(some, every[every.doc < 4].reset_index(drop=True))
+
+
 def test_summary_agrees_with_the_per_sequence_statistics(clean):
     seq = pd.concat([pd.read_parquet(p) for p in sorted((clean / "shards").glob("*.parquet"))], ignore_index=True)
     table = pd.read_csv(clean / "summary.csv").set_index(["kernel", "layer", "head", "metric"])

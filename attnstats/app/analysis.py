@@ -181,7 +181,9 @@ def analyze_model(model=None, texts=None, out="attnstats-out", *, alongside=("ll
     write_csv(table, out / "summary.csv")
     with atomic_path(out / "summary.parquet") as tmp:
         table.to_parquet(tmp, index=False)
-    sequences = read_sequences(out)
+    # the figure of distributions reads the per-sequence rows of at most 32 shards, evenly spaced, so that
+    # its memory does not grow with the corpus (the summary holds the whole corpus)
+    sequences, read, shards = read_sequences(out, max_shards=32)
     frame = _corpus_means(table, sequences)
     write_csv(frame, out / "stats.csv")
 
@@ -193,7 +195,9 @@ def analyze_model(model=None, texts=None, out="attnstats-out", *, alongside=("ll
     save_figure(fig, out / "concentration.png")
     plt.close(fig)
 
-    fig = plot.metric_distributions(sequences, title=f"{label}: per-sequence values over the corpus ({n_seq} sequences), "
+    part = f"{sequences[['doc', 'window']].drop_duplicates().shape[0]} sequences of {read} of {shards} shards" \
+        if read < shards else f"{n_seq} sequences"
+    fig = plot.metric_distributions(sequences, title=f"{label}: per-sequence values over the corpus ({part}), "
                                                      "all heads of each layer")
     save_figure(fig, out / "distributions.png")
     plt.close(fig)

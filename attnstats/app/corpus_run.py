@@ -193,7 +193,16 @@ def run_corpus(documents, spec: RunSpec, out, process_shard, *, bar=None):
     return merged, pooleds, tokens, ran
 
 
-def read_sequences(out) -> pd.DataFrame:
-    """The per-sequence statistics of every shard of a run in ``out`` (pyarrow), in shard order."""
+def read_sequences(out, max_shards: int | None = None) -> tuple[pd.DataFrame, int, int]:
+    """The per-sequence statistics of the shards of a run in ``out`` (pyarrow), in shard order.
+
+    ``max_shards``: read at most that many shards, evenly spaced over the run (memory stays bounded
+    for a corpus of any size), or None for all. Returns ``(frame, shards read, shards there are)``.
+    """
     files = sorted((Path(out) / "shards").glob("shard-*.parquet"))
-    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else pd.DataFrame()
+    chosen = files
+    if max_shards is not None and len(files) > max_shards:
+        step = len(files) / max_shards
+        chosen = [files[int(i * step)] for i in range(max_shards)]
+    frame = pd.concat([pd.read_parquet(f) for f in chosen], ignore_index=True) if chosen else pd.DataFrame()
+    return frame, len(chosen), len(files)
