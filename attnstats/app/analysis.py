@@ -167,10 +167,9 @@ def analyze_model(model=None, texts=None, out="attnstats-out", *, alongside=("ll
         result = run_corpus(texts, spec, out, process_shard, bar=bar)
     if result is None:
         return None
-    summary, pooleds, tokens, ran = result
-    if len(ran) < summary_shards(len(texts), shard_size):
-        tell(f"resumed: {summary_shards(len(texts), shard_size) - len(ran)} finished shard(s) of an earlier run in "
-             f"{out} were kept")
+    summary, pooleds, tokens, kept = result
+    if kept:
+        tell(f"resumed: {len(kept)} finished shard(s) of an earlier run in {out} were kept")
     pooled = pooleds[0]
     for other in pooleds[1:]:
         if pooled is not None:
@@ -210,10 +209,6 @@ def analyze_model(model=None, texts=None, out="attnstats-out", *, alongside=("ll
     keep = ["entropy", "spectral_gap", "temperature", "lognormal_sigma"]
     return (frame[frame.metric.isin(keep)].groupby(["layer", "kernel", "metric"]).value.mean()
             .unstack("metric").reindex(columns=keep))
-
-
-def summary_shards(documents: int, shard_size: int) -> int:
-    return (documents + shard_size - 1) // shard_size
 
 
 def _sequences(tok, docs: list[str], first_doc: int, max_tokens: int, long: str):

@@ -139,9 +139,9 @@ def run_corpus(documents, spec: RunSpec, out, process_shard, *, bar=None):
         bar: a progress bar advanced by documents (``set_postfix`` shows tokens per second).
 
     Returns:
-        ``(summary, pooleds, tokens, ran)`` on rank 0 (None elsewhere): the merged CorpusSummary, the pooled
-        ``ln P`` states of every shard in shard order, the tokens of the whole corpus, and the shards this
-        process ran.
+        ``(summary, pooleds, tokens, kept)`` on rank 0 (None elsewhere): the merged CorpusSummary, the pooled
+        ``ln P`` states of every shard in shard order, the tokens of the whole corpus, and the shards that
+        an earlier run had finished (kept, not run again) on any rank.
     """
     rank, world = distributed_context()
     folder = Path(out) / "shards"
@@ -149,13 +149,14 @@ def run_corpus(documents, spec: RunSpec, out, process_shard, *, bar=None):
     _check_spec(folder, spec, rank, world)
     n_shards = (len(documents) + spec.shard_size - 1) // spec.shard_size
     mine = [i for i in range(n_shards) if i % world == rank]
-    ran, tokens_run, start = [], 0, time.perf_counter()
+    kept, tokens_run, start = [], 0, time.perf_counter()
     for i in mine:
         summary_path = folder / f"shard-{i:05d}.summary"
         docs = documents[i * spec.shard_size:(i + 1) * spec.shard_size]
         if summary_path.is_file():
             _load_shard(summary_path)  # a damaged file stops the run here, before any merge
             _check_parquet(folder / f"shard-{i:05d}.parquet")
+            kept.append(i)
             if bar is not None:
                 bar.update(len(docs))
             continue
@@ -164,7 +165,6 @@ def run_corpus(documents, spec: RunSpec, out, process_shard, *, bar=None):
             frame.to_parquet(tmp, index=False)
         with atomic_path(summary_path) as tmp:  # last: its presence marks the shard finished
             tmp.write_bytes(pickle.dumps({"summary": summary.to_bytes(), "pooled": pooled, "tokens": tokens}))
-        ran.append(i)
         tokens_run += tokens
         if bar is not None:
             bar.update(len(docs))
@@ -176,9 +176,11 @@ def run_corpus(documents, spec: RunSpec, out, process_shard, *, bar=None):
         import torch.distributed as dist
 
         gathered = [None] * world
-        dist.all_gather_object(gathered, blobs)
-        for part in gathered:
+        dist.all_gather_object(gathered, (blobs, kept))
+        blobs, kept = {}, []
+        for part, k in gathered:
             blobs.update(part)
+            kept += k
     if rank != 0:
         return None
     from ..summary import CorpusSummary
@@ -190,7 +192,7 @@ def run_corpus(documents, spec: RunSpec, out, process_shard, *, bar=None):
         merged.merge(CorpusSummary.from_bytes(blob))
         pooleds.append(pooled)
         tokens += t
-    return merged, pooleds, tokens, ran
+    return merged, pooleds, tokens, sorted(kept)
 
 
 def read_sequences(out, max_shards: int | None = None) -> tuple[pd.DataFrame, int, int]:
