@@ -20,6 +20,7 @@ import torch
 from attnstats.app import analysis
 from attnstats.app.corpus import documentation_corpus
 from attnstats.app.models import load_model
+from harness import timed_shards
 
 
 def main():
@@ -41,19 +42,10 @@ def main():
             model(**b)
         plain = time.perf_counter() - t0
 
-    shard_time = []
-    real = analysis._run_shard
-
-    def timed_shard(*a):
-        t = time.perf_counter()
-        out = real(*a)
-        shard_time.append(time.perf_counter() - t)
-        return out
-
-    analysis._run_shard = timed_shard
     folder = Path(tempfile.mkdtemp())
     t0 = time.perf_counter()
-    analysis.analyze_model(None, docs, folder / "out", max_tokens=args.max_tokens, note=lambda m: None)
+    with timed_shards() as shard_time:
+        analysis.analyze_model(None, docs, folder / "out", max_tokens=args.max_tokens, note=lambda m: None)
     whole = time.perf_counter() - t0
     shutil.rmtree(folder)
     shards = sum(shard_time)

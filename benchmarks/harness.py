@@ -1,4 +1,5 @@
 """Timing and the part-by-part driver shared by the benchmark scripts."""
+import contextlib
 import statistics
 import time
 
@@ -29,6 +30,31 @@ def median_s(fn, repeat):
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), min(times), max(times)
+
+
+@contextlib.contextmanager
+def timed_shards(sync=False):
+    """Time each shard of ``attnstats analyze`` (its per-shard function) while the block runs; yields the
+    list the wall-clock seconds of the shards are appended to. ``sync``: wait for the GPU around each."""
+    from attnstats.app import analysis
+
+    times, real = [], analysis._run_shard
+
+    def timed_shard(*args):
+        if sync:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = real(*args)
+        if sync:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        return out
+
+    analysis._run_shard = timed_shard
+    try:
+        yield times
+    finally:
+        analysis._run_shard = real
 
 
 def run_parts(parts, skip, out, res):

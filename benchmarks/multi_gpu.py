@@ -29,30 +29,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from record_gpu import llama_folder, tokenizer
+
 EXACT = ["kernel", "layer", "head", "metric", "count", "nan_count", "mean", "var", "min", "max"]
-
-
-def tokenizer():
-    import transformers
-
-    if os.environ.get("ATTNSTATS_TOKENIZER"):
-        return transformers.AutoTokenizer.from_pretrained(os.environ["ATTNSTATS_TOKENIZER"])
-    from attnstats.app.models import load_model
-
-    return load_model()[1]
-
-
-def make_model(folder: Path, n_max: int) -> Path:
-    import transformers
-
-    tok = tokenizer()
-    tok.model_max_length = n_max
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=2048, intermediate_size=5632, num_hidden_layers=4,
-                                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=n_max)
-    torch.manual_seed(0)
-    transformers.LlamaModel(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def make_corpus(path: Path, tok, docs: int, tokens: int, seed: int = 0) -> Path:
@@ -82,7 +61,7 @@ def run_analyze(nproc: int, model: Path, corpus: Path, out: Path, n: int) -> dic
 
 def part_corpus(work: Path, runs) -> list:
     tok = tokenizer()
-    model = make_model(work / "model", max(n for n, _ in runs))
+    model = llama_folder(work / "model", max(n for n, _ in runs))
     rows = []
     for n, docs in runs:
         corpus = make_corpus(work / f"corpus-{n}.jsonl", tok, docs, n)
@@ -144,7 +123,7 @@ def split_model(folder: Path):
 def part_split(work: Path, n: int = 4096) -> dict:
     import attnstats
 
-    folder = work / "model" if (work / "model").exists() else make_model(work / "model", n)
+    folder = work / "model" if (work / "model").exists() else llama_folder(work / "model", n)
     model, how = split_model(folder)
     devices = sorted({str(p.device) for p in model.parameters()})
     ids = torch.randint(0, 30000, (1, n), generator=torch.Generator().manual_seed(1)).to("cuda:0")

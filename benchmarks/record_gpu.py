@@ -31,20 +31,53 @@ import torch.nn.functional as F
 import attnstats
 from attnstats.metrics import METRICS
 from attnstats.stats.qk import streaming_lognormal_fit, streaming_stats
-from harness import bench, run_parts
+from harness import bench, run_parts, timed_shards
 
 DEV = "cuda"
+
+
+def llama_config(layers, n=131072, vocab=32000):
+    """The Llama-style shape of these benchmarks: hidden 2048, 32 query heads, 8 key-value heads, head dim 64."""
+    import transformers
+
+    return transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=n, attn_implementation="sdpa",
+    )
 
 
 def llama(layers):
     import transformers
 
-    cfg = transformers.LlamaConfig(
-        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers, num_attention_heads=32,
-        num_key_value_heads=8, max_position_embeddings=131072, attn_implementation="sdpa",
-    )
     torch.manual_seed(0)
-    return transformers.LlamaModel(cfg).to(DEV, torch.bfloat16).eval()
+    return transformers.LlamaModel(llama_config(layers)).to(DEV, torch.bfloat16).eval()
+
+
+def tokenizer():
+    """all-MiniLM-L6-v2's tokenizer: from ``ATTNSTATS_TOKENIZER`` (a folder of its files, on a machine
+    without the packaged model), else the package."""
+    import os
+
+    import transformers
+
+    if os.environ.get("ATTNSTATS_TOKENIZER"):
+        return transformers.AutoTokenizer.from_pretrained(os.environ["ATTNSTATS_TOKENIZER"])
+    from attnstats.app.models import load_model
+
+    return load_model()[1]
+
+
+def llama_folder(folder, n, layers=4):
+    """A model folder ``attnstats analyze --model`` loads: the Llama-style model (random weights) and the
+    MiniLM tokenizer, both taking up to ``n`` tokens."""
+    import transformers
+
+    tok = tokenizer()
+    tok.model_max_length = n
+    torch.manual_seed(0)
+    transformers.LlamaModel(llama_config(layers, n, len(tok))).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
 
 
 def bert(layers, n):
@@ -157,25 +190,12 @@ def part_corpus(n, layers=4):
     import tempfile
     from pathlib import Path
 
-    import transformers
-
     from attnstats.app import analysis
     from attnstats.app.corpus import documentation_corpus
     from attnstats.app.models import load_model
 
-    import os
-
     folder = Path(tempfile.mkdtemp())
-    if os.environ.get("ATTNSTATS_TOKENIZER"):  # a machine without the packaged model: its tokenizer files
-        tok = transformers.AutoTokenizer.from_pretrained(os.environ["ATTNSTATS_TOKENIZER"])
-    else:
-        _, tok = load_model()
-    tok.model_max_length = n
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
-                                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=n)
-    torch.manual_seed(0)
-    transformers.LlamaModel(cfg).save_pretrained(folder / "model")
-    tok.save_pretrained(folder / "model")
+    llama_folder(folder / "model", n, layers)
     docs = documentation_corpus()
     net, tok = load_model(folder / "model")
     net = net.to(DEV)
@@ -188,34 +208,21 @@ def part_corpus(n, layers=4):
             for b in batches:
                 net(**b)
 
-    plain()
+    plain()  # warm-up
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     plain()
     torch.cuda.synchronize()
     t_plain = time.perf_counter() - t0
-    shard_time = []
-    real = analysis._run_shard
-
-    def timed_shard(*a):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        out = real(*a)
-        torch.cuda.synchronize()
-        shard_time.append(time.perf_counter() - t)
-        return out
-
-    analysis._run_shard = timed_shard
     try:
         for attempt in range(2):  # the first compiles the kernels for these shapes
-            shard_time.clear()
             shutil.rmtree(folder / "out", ignore_errors=True)
             t0 = time.perf_counter()
-            analysis.analyze_model(folder / "model", docs, folder / "out", max_tokens=n, long="split", alongside=(),
-                                   store="stats", device=DEV, batch_size=1, note=lambda m: None)
+            with timed_shards(sync=True) as shard_time:
+                analysis.analyze_model(folder / "model", docs, folder / "out", max_tokens=n, long="split",
+                                       alongside=(), store="stats", device=DEV, batch_size=1, note=lambda m: None)
             t_whole = time.perf_counter() - t0
     finally:
-        analysis._run_shard = real
         shutil.rmtree(folder, ignore_errors=True)
     row = {"n": n, "layers": layers, "sequences": len(seqs), "tokens": tokens, "plain_s": t_plain,
            "plain_tokens_per_s": tokens / t_plain, "shard_loop_s": sum(shard_time),

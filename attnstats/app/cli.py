@@ -72,7 +72,7 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
-def _read_sentences(args) -> list[str]:
+def _read_documents(args) -> list[str] | None:
     from pathlib import Path
 
     if args.text:
@@ -108,7 +108,7 @@ def cmd_analyze(args) -> int:
     if args.max_tokens < 2:
         raise UserError(f"--max-tokens: expected at least 2, got {args.max_tokens}")
     out = _writable_dir(args.out, args.created)
-    texts = _read_sentences(args)
+    texts = _read_documents(args)
     if args.shard_size < 1:
         raise UserError(f"--shard-size: expected at least 1, got {args.shard_size}")
     summary = analyze_model(args.model, texts, out, alongside=args.alongside, max_tokens=args.max_tokens,

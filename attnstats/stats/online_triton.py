@@ -443,7 +443,7 @@ def attention_matmat(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, x: tor
     """
     if not _HAVE_TRITON:
         raise ImportError("the fused attention product needs Triton: pip install 'attnstats[triton]'")
-    n, d = q.shape
+    n = q.shape[0]
     c = x.shape[1]
     if c > 15:
         raise ValueError(f"x: at most 15 columns per call, got {c}")
@@ -452,12 +452,13 @@ def attention_matmat(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, x: tor
     xp[:, :c] = x
     xp[:, c] = 1.0
     out = torch.empty_like(xp)  # [N, 16]
-    _launch_matmat(q, k, lse, xp, out, scale)
+    _launch_product(_matmat_kernel, q, k, lse, xp, out, scale)
     return out[:, :c] / out[:, c:c + 1]  # [N, c]
 
 
-def _launch_matmat(q, k, lse, xp, out, scale) -> None:
-    """``out = exp(s − lse) · xp`` by :func:`_matmat_kernel`; ``xp, out: [N, 16]`` float32."""
+def _launch_product(kernel, q, k, lse, xp, out, scale) -> None:
+    """``out = P xp`` (:func:`_matmat_kernel`) or ``Pᵀ xp`` (:func:`_rmatmat_kernel`) with ``P = exp(s − lse)``;
+    ``xp, out: [N, R]`` float32."""
     n, d = q.shape
     interp = _interpreting()
     bm, bn = (16, 16) if interp else (64, 64)
@@ -466,7 +467,7 @@ def _launch_matmat(q, k, lse, xp, out, scale) -> None:
     k = k.contiguous().to(q.dtype)  # [N, d]
     lse2 = (lse.to(torch.float32) * _LOG2E).contiguous()  # [N]
     with _on_device(q):
-        _matmat_kernel[(triton.cdiv(n, bm),)](
+        kernel[(triton.cdiv(n, bm),)](
             q, k, lse2, xp, out, q.stride(0), k.stride(0), xp.stride(0), out.stride(0),
             n, float(scale * _LOG2E), D=d, R=xp.shape[1], BLOCK_M=bm, BLOCK_N=bn, F32=q.dtype == torch.float32,
             F32_PRECISION=_f32_precision(), **kwargs,
@@ -479,7 +480,7 @@ def attention_row_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scal
     xp = torch.zeros(n, 16, dtype=torch.float32, device=q.device)  # [N, 16]
     xp[:, 0] = 1.0
     out = torch.empty_like(xp)  # [N, 16]
-    _launch_matmat(q, k, lse, xp, out, scale)
+    _launch_product(_matmat_kernel, q, k, lse, xp, out, scale)
     return out[:, 0]  # [N]
 
 
@@ -497,25 +498,14 @@ def attention_rmatmat(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, x: to
     """
     if not _HAVE_TRITON:
         raise ImportError("the fused attention product needs Triton: pip install 'attnstats[triton]'")
-    n, d = q.shape
+    n = q.shape[0]
     c = x.shape[1]
     if c > 16:
         raise ValueError(f"x: at most 16 columns per call, got {c}")
     xp = torch.zeros(n, 16, dtype=torch.float32, device=x.device)  # [N, 16]
     xp[:, :c] = x if row_sums is None else x / row_sums[:, None]
     out = torch.empty_like(xp)  # [N, 16]
-    interp = _interpreting()
-    bm, bn = (16, 16) if interp else (64, 64)
-    kwargs = {} if interp else {"num_warps": 4, "num_stages": 3}
-    q = q.contiguous()  # [N, d]
-    k = k.contiguous().to(q.dtype)  # [N, d]
-    lse2 = (lse.to(torch.float32) * _LOG2E).contiguous()  # [N]
-    with _on_device(q):
-        _rmatmat_kernel[(triton.cdiv(n, bm),)](
-            q, k, lse2, xp, out, q.stride(0), k.stride(0), xp.stride(0), out.stride(0),
-            n, float(scale * _LOG2E), D=d, R=16, BLOCK_M=bm, BLOCK_N=bn, F32=q.dtype == torch.float32,
-            F32_PRECISION=_f32_precision(), **kwargs,
-        )
+    _launch_product(_rmatmat_kernel, q, k, lse, xp, out, scale)
     return out[:, :c]  # [N, c]
 
 

@@ -236,12 +236,12 @@ def log_prob_table(q, k, scale, mask, causal, lse, max_samples, seed, first_matr
                                               draw=(counts[0], max_samples, seed, first_matrix, causal))
         return out, torch.full((M,), max_samples, dtype=torch.int64, device=dev)  # no host copy: no sync
     cnt = torch.tensor([min(c, max_samples) for c in counts], dtype=torch.int64, device=dev)
-    i = torch.zeros((M, width), dtype=torch.int64, device=dev)  # [M, W] row of each sampled entry
-    j = torch.zeros((M, width), dtype=torch.int64, device=dev)  # [M, W] its column
     if m is None:
         ranks = sample_ranks(counts[0], max_samples, seed, torch.arange(first_matrix, first_matrix + M, device=dev))
-        i, j = _entries_of_ranks(ranks, None, Nq, Nk, causal)
+        i, j = _entries_of_ranks(ranks, None, Nq, Nk, causal)  # [M, W] row and column of each sampled entry
     else:
+        i = torch.zeros((M, width), dtype=torch.int64, device=dev)  # [M, W] row of each sampled entry
+        j = torch.zeros((M, width), dtype=torch.int64, device=dev)  # [M, W] its column
         for t, (mask_bh, count) in enumerate(zip(masks, counts)):
             ranks = sample_ranks(count, max_samples, seed, first_matrix + t)
             it, jt = _entries_of_ranks(ranks, mask_bh, Nq, Nk, causal)
