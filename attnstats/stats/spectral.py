@@ -29,6 +29,7 @@ from ..budget import check_dense_fits, get_memory_budget
 from ..masks import block_tokens, from_padding, no_token, valid_tokens
 from .arnoldi import ARNOLDI_MIN_TOKENS, AttentionOperator, arnoldi_gap, certify_tol
 from .dense import prepare_probs, softmax_attention
+from .parallel import map_each
 from .online import prepare_qk, streaming_row_accumulators
 from ..validation import compute_dtype, row_sum_tolerance
 
@@ -70,25 +71,46 @@ def is_lower_triangular(x: torch.Tensor) -> torch.Tensor:
 def eigenvalues(a: torch.Tensor) -> torch.Tensor:
     """Eigenvalues ``[..., N]`` (complex) of square matrices ``a: [..., N, N]``.
 
-    On the CPU: numpy's stacked LAPACK ``geev`` (balanced; one call for the whole batch). A matrix
-    on which it fails to converge is retried alone with scipy's driver. On a GPU:
-    ``torch.linalg.eigvals``. The result is on ``a``'s device.
+    On the CPU: numpy's stacked LAPACK ``geev`` (balanced), the batch split over torch's threads
+    (:mod:`attnstats.stats.parallel`). A matrix on which it fails to converge is retried alone with
+    scipy's driver. On a GPU: ``torch.linalg.eigvals``. The result is on ``a``'s device.
     """
-    if a.shape[-1] == 0:
-        return torch.zeros(a.shape[:-1], dtype=torch.complex128, device=a.device)
-    if a.device.type != "cpu":
-        try:
-            return torch.linalg.eigvals(a)
-        except RuntimeError:  # no converged solve on the device: the CPU path below balances and retries
-            pass
-    x = a.detach().cpu().double().numpy().reshape(-1, *a.shape[-2:])
+    return eigenvalues_each([a])[0]
+
+
+def _geev(x: np.ndarray) -> np.ndarray:
+    """Eigenvalues of the stacked matrices ``x: [M, n, n]`` (float64) by LAPACK, scipy's driver for a failure."""
     try:
-        ev = np.linalg.eigvals(x)
+        return np.linalg.eigvals(x)
     except np.linalg.LinAlgError:
         import scipy.linalg
 
-        ev = np.stack([scipy.linalg.eigvals(m, check_finite=False) for m in x])
-    return torch.from_numpy(ev.astype(np.complex128)).reshape(*a.shape[:-1]).to(a.device)
+        return np.stack([scipy.linalg.eigvals(m, check_finite=False) for m in x])
+
+
+def eigenvalues_each(mats: list[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`eigenvalues` of each stack of ``mats`` (stacks of different sizes), solved together.
+
+    On the CPU the stacks (large ones in chunks) are shared out over torch's threads, so that many
+    small stacks, one per block size, keep every core busy.
+    """
+    out: list = [None] * len(mats)
+    cpu = []
+    for i, a in enumerate(mats):
+        if a.shape[-1] == 0:
+            out[i] = torch.zeros(a.shape[:-1], dtype=torch.complex128, device=a.device)
+        elif a.device.type != "cpu":
+            try:
+                out[i] = torch.linalg.eigvals(a)
+            except RuntimeError:  # no converged solve on the device: the CPU path below balances and retries
+                cpu.append(i)
+        else:
+            cpu.append(i)
+    arrays = [mats[i].detach().cpu().double().numpy().reshape(-1, *mats[i].shape[-2:]) for i in cpu]
+    for i, ev in zip(cpu, map_each(_geev, arrays, cost=lambda x: x.shape[0] * x.shape[-1] ** 3)):
+        a = mats[i]
+        out[i] = torch.from_numpy(ev.astype(np.complex128)).reshape(*a.shape[:-1]).to(a.device)
+    return out
 
 
 def perron_tolerance(n: int, dtype: torch.dtype = torch.float64) -> float:
@@ -145,15 +167,26 @@ def gap_from_eigenvalues(ev: torch.Tensor, what: str = "p") -> tuple[torch.Tenso
 
 def stochastic_gap(x: torch.Tensor, what: str = "p") -> torch.Tensor:
     """Gap of each row-stochastic matrix of ``x: [M, N, N]``: triangular ones by the diagonal rule, others by LAPACK."""
-    out = torch.ones(x.shape[0], dtype=torch.float64, device=x.device)
-    if x.shape[-1] == 1 or x.shape[0] == 0:
-        return out
-    tri = is_lower_triangular(x)
-    if bool(tri.any()):
-        out[tri] = causal_spectral_gap(torch.diagonal(x[tri], dim1=-2, dim2=-1)).to(out.dtype)
-    if bool((~tri).any()):
-        gap, _, _ = gap_from_eigenvalues(eigenvalues(x[~tri]), what)
-        out[~tri] = gap.to(out.device)
+    return stochastic_gaps([x], what)[0]
+
+
+def stochastic_gaps(stacks: list[torch.Tensor], what: str = "p") -> list[torch.Tensor]:
+    """:func:`stochastic_gap` of each stack ``[M_i, n_i, n_i]``, the LAPACK solves of all stacks run together."""
+    out, solve, where = [], [], []
+    for x in stacks:
+        g = torch.ones(x.shape[0], dtype=torch.float64, device=x.device)
+        out.append(g)
+        if x.shape[-1] == 1 or x.shape[0] == 0:
+            continue
+        tri = is_lower_triangular(x)  # [M_i]
+        if bool(tri.any()):
+            g[tri] = causal_spectral_gap(torch.diagonal(x[tri], dim1=-2, dim2=-1)).to(g.dtype)
+        if not bool(tri.all()):
+            solve.append(x[~tri])
+            where.append((g, ~tri))
+    for ev, (g, rest) in zip(eigenvalues_each(solve), where):
+        gap, _, _ = gap_from_eigenvalues(ev, what)
+        g[rest] = gap.to(g.device)
     return out
 
 
@@ -188,6 +221,7 @@ def spectral_gap(p: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Ten
     # the valid tokens of each matrix first, in order: a gather gives the blocks of one size at once
     order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices  # [M, N]
     gaps = torch.empty(flat.shape[0], dtype=torch.float64, device=x.device)
+    groups, blocks = [], []
     for n in sizes.unique().tolist():  # one batched solve per block size
         idx = (sizes == n).nonzero()[:, 0]  # [G]
         tok = order[idx, :n]  # [G, n]
@@ -204,7 +238,10 @@ def spectral_gap(p: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Ten
                 "(and/or causal) mask whose valid tokens form a square block"
             )
         # half-precision rows sum to 1 only within their rounding: renormalise so λ_1 is exactly 1
-        gaps[idx] = stochastic_gap(block / sums[..., None])
+        groups.append(idx)
+        blocks.append(block / sums[..., None])
+    for idx, g in zip(groups, stochastic_gaps(blocks)):
+        gaps[idx] = g
     return gaps.to(x.dtype).reshape(batch)
 
 
