@@ -23,9 +23,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 B, H, N, D = 2, 3, 37, 16  # N is not a multiple of D: LLN+Diag has a remainder block
 
-EPS_FREE = {"lln": {"eps": 0.0}, "lln_no_mm": {"eps": 0.0}, "lln_diag": {"eps": 0.0},
+EPS_FREE = {"lln": {"eps": 0.0}, "lln_paper": {"eps": 0.0}, "lln_no_mm": {"eps": 0.0}, "lln_diag": {"eps": 0.0},
             "relu": {"eps": 0.0}, "elu_plus_one": {"eps": 0.0}, "exp": {"eps": 0.0}, "performer": {"eps": 0.0}}
-LINEARISED = ("lln", "lln_no_mm", "relu", "elu_plus_one", "exp", "performer")
+LINEARISED = ("lln", "lln_paper", "lln_no_mm", "relu", "elu_plus_one", "exp", "performer")
 
 
 def qkv(seed=0, dtype=torch.float64, b=B, h=H, n=N, d=D, scale=1.0):
@@ -48,7 +48,7 @@ def make(name, exact=True):
 
 
 def test_names_and_registry():
-    assert set(kernels.KERNEL_NAMES) == {"softmax", "lln", "lln_no_mm", "block_diag", "lln_diag", "relu",
+    assert set(kernels.KERNEL_NAMES) == {"softmax", "lln", "lln_paper", "lln_no_mm", "block_diag", "lln_diag", "relu",
                                          "elu_plus_one", "exp", "performer"}
     for name in kernels.KERNEL_NAMES:
         ker = get_kernel(name)
@@ -223,20 +223,39 @@ def reference_lln(q, k, v, a=LLN_A, b=LLN_B, causal=False, moment_matching=True)
 def test_lln_reproduces_dense_float64_formulas(causal, mm):
     q, k, v = qkv(seed=6, scale=0.7)
     p_ref, out_ref, (alpha, beta) = reference_lln(q, k, v, causal=causal, moment_matching=mm)
-    ker = LLNAttention(moment_matching=mm, eps=0.0)
+    ker = LLNAttention(moment_matching=mm, eps=0.0, matching="paper")
     a, b = ker.alpha_beta(q, k)
     assert a == pytest.approx(alpha, rel=1e-12) and b == pytest.approx(beta, rel=1e-12)
     torch.testing.assert_close(ker.matrix(q, k, causal=causal), p_ref, rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(ker(q, k, v, causal=causal), out_ref, rtol=1e-10, atol=1e-12)
     # the default eps moves outputs by far less than float32 resolution
-    torch.testing.assert_close(LLNAttention(moment_matching=mm)(q, k, v, causal=causal), out_ref, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(LLNAttention(moment_matching=mm, matching="paper")(q, k, v, causal=causal), out_ref,
+                               rtol=1e-7, atol=1e-8)
+
+
+def test_lln_curve_rule_inverts_the_stored_curve_at_softmax_log_variance():
+    """The default rule, against numpy: the feature scale s = ασ_q = βσ_k is where the stored LLN
+    curve of the head dim, interpolated linearly in (ln s, ln Var), reaches σ² + σ⁴/(2d)."""
+    from attnstats.kernels.moment_matching import CURVE_SIGMAS, LLN_CURVES
+
+    q, k, v = qkv(seed=6, scale=0.7)
+    sq, sk = q.std().item(), k.std().item()
+    target = (sq * sk) ** 2 + (sq * sk) ** 4 / (2 * D)
+    s = math.exp(np.interp(math.log(target), np.log(LLN_CURVES[D]), np.log(CURVE_SIGMAS)))
+    ker = LLNAttention(eps=0.0)
+    alpha, beta = ker.alpha_beta(q, k)
+    assert alpha == pytest.approx(s / sq, rel=1e-12) and beta == pytest.approx(s / sk, rel=1e-12)
+    p = np.exp(alpha * q.numpy()) @ np.swapaxes(np.exp(beta * k.numpy()), -1, -2)
+    p /= p.sum(-1, keepdims=True)
+    torch.testing.assert_close(ker.matrix(q, k), torch.from_numpy(p), rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(ker(q, k, v), torch.from_numpy(p) @ v, rtol=1e-10, atol=1e-12)
 
 
 def test_lln_alpha_beta_is_moment_matching_rule():
     q, k, _ = qkv(seed=7)
     q, k = q * 0.6, k * 1.7
     sq, sk = q.std().item(), k.std().item()
-    alpha, beta = LLNAttention().alpha_beta(q, k)
+    alpha, beta = LLNAttention(matching="paper").alpha_beta(q, k)
     s_tilde = math.sqrt((sq**2 * sk**2 - LLN_B) / (2 * LLN_A))
     assert alpha == pytest.approx(s_tilde / sq, rel=1e-12)
     assert beta == pytest.approx(s_tilde / sk, rel=1e-12)
@@ -245,7 +264,7 @@ def test_lln_alpha_beta_is_moment_matching_rule():
     assert LLN_A * sigma_t2 + LLN_B == pytest.approx(sq**2 * sk**2, rel=1e-12)
     # a softmax scale c/sqrt(d) makes scores of variance c²σ_q²σ_k²: that is the variance matched
     c = 0.5
-    alpha_c, beta_c = LLNAttention(scale=c / D**0.5).alpha_beta(q, k)
+    alpha_c, beta_c = LLNAttention(scale=c / D**0.5, matching="paper").alpha_beta(q, k)
     s_c = math.sqrt((c**2 * sq**2 * sk**2 - LLN_B) / (2 * LLN_A))
     assert alpha_c == pytest.approx(s_c / sq, rel=1e-12) and beta_c == pytest.approx(s_c / sk, rel=1e-12)
     # no gradient flows into α, β; gradients still flow through the features
@@ -274,6 +293,101 @@ def test_causal_chunked_lln_equals_noncausal_on_prefixes():
     for chunk in (1, 7, 16, 64):
         torch.testing.assert_close(LLNAttention(moment_matching=False, eps=0.0, chunk=chunk)(q, k, v, causal=True),
                                    causal, rtol=1e-10, atol=1e-12)
+
+
+def dense_causal_linear(fq, fk, v):
+    """``tril(φ_Q φ_Kᵀ)`` row-normalised, times v: causal linear attention in float64, no shifts."""
+    a = np.tril(fq @ np.swapaxes(fk, -1, -2))
+    return torch.from_numpy(a / a.sum(-1, keepdims=True) @ v)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16, 64])
+def test_causal_product_form_and_log_space_equal_the_dense_reference(chunk):
+    """Both causal algorithms, on the same features, against the dense float64 formula; the product
+    form's gradients against autograd through that formula (float64 rounding: 1e-10)."""
+    from attnstats.kernels.linear import _shifted_features, causal_log_space, causal_product_form
+
+    q, k, v = qkv(seed=31, n=45)
+    lq, lk = q * 0.8, k * 0.8  # LLN log-features
+    ref = dense_causal_linear(np.exp(lq.numpy()), np.exp(lk.numpy()), v.numpy())
+    qt, kt = _shifted_features(lq, lk)
+    torch.testing.assert_close(causal_product_form(qt, kt, v, 0.0, chunk), ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(causal_log_space(lq, lk, v, 0.0, chunk), ref, rtol=1e-10, atol=1e-12)
+    xs = [x.clone().requires_grad_(True) for x in (lq, lk, v)]
+    qt, kt = _shifted_features(xs[0], xs[1])
+    causal_product_form(qt, kt, xs[2], 0.0, chunk).pow(2).sum().backward()
+    ys = [x.clone().requires_grad_(True) for x in (lq, lk, v)]
+    a = torch.tril(torch.exp(ys[0]) @ torch.exp(ys[1]).transpose(-2, -1))
+    (a / a.sum(-1, keepdim=True) @ ys[2]).pow(2).sum().backward()
+    for got, want in zip(xs, ys):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_hand_written_backwards_pass_gradcheck():
+    """Both hand-written backwards (non-causal, causal chunks) against finite differences in float64,
+    with a padded key. eps = 0: the backward treats the feature shifts as constants, which is exact
+    when they cancel (eps = 0) and off by O(eps) otherwise (1e-8 by default)."""
+    from attnstats.kernels.linear import _shifted_features, causal_product_form, linear_attention
+
+    g = torch.Generator().manual_seed(33)
+    lq, lk, v = (torch.randn(1, 2, 11, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    keys = torch.ones(1, 2, 11, dtype=torch.bool)
+    keys[0, 1, 7] = False
+    torch.autograd.gradcheck(lambda a, b, c: linear_attention(a, b, c, key_valid=keys, eps=0.0), (lq, lk, v))
+
+    def causal(a, b, c):
+        qt, kt = _shifted_features(a, b)
+        return causal_product_form(qt, kt, c, 0.0, 4)  # 11 tokens: chunks of 4, the last one padded
+
+    torch.autograd.gradcheck(causal, (lq, lk, v))
+
+
+def test_causal_half_inputs_go_to_fla_only_where_its_guard_is_harmless(monkeypatch):
+    """The dispatch rule (fla itself needs a GPU): half-precision inputs with fla present and key spread
+    within FLA_SPREAD_LIMIT go to fla, with the shifted features and values; float32 inputs, or spreads
+    past the limit, stay with attnstats' own algorithms."""
+    from attnstats.kernels import linear
+
+    calls = []
+
+    def fake_fla(qt, kt, v, half):
+        calls.append(half)
+        return linear.causal_product_form(qt, kt, v, 0.0, 16)
+
+    monkeypatch.setattr(linear, "fla_available", lambda x: True)
+    monkeypatch.setattr(linear, "_fla_causal", fake_fla)
+    q, k, v = qkv(seed=34, n=20, d=4)
+    ker = get_kernel("exp", eps=0.0)
+    ref = dense_causal_linear(np.exp(q.numpy()), np.exp(k.numpy()), v.numpy())
+    out = ker(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
+    assert calls == [torch.bfloat16]
+    # bf16 inputs: the output is within bf16 rounding of the float64 formula on the unrounded inputs
+    torch.testing.assert_close(out.double(), ref, rtol=0.05, atol=0.05)
+    ker(q.float(), k.float(), v.float(), causal=True)
+    far = k.clone()
+    far[:, :, 10:] += linear.FLA_SPREAD_LIMIT + 1
+    ker(q.half(), far.half(), v.half(), causal=True)
+    assert calls == [torch.bfloat16]
+
+
+def test_causal_keys_spread_past_the_underflow_limit_take_the_log_space_path(monkeypatch):
+    """float32 exp features with keys 80 log units apart: a shared shift would underflow the early
+    rows (e^-80 < float32's tiny), so the exact log-space algorithm runs; it matches the dense
+    float64 formula to float32 rounding (1e-5 relative), and the product form is never called."""
+    from attnstats.kernels import linear
+
+    q, k, v = qkv(seed=32, n=40, d=4)
+    k = k.clone()
+    k[:, :, 20:] += 80.0  # later keys dominate every feature by e^80
+    ref = dense_causal_linear(np.exp(q.numpy()), np.exp(k.numpy()), v.numpy())
+    assert float(linear._key_spread(k)) > linear.causal_underflow_limit(torch.float32)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the product form ran on keys it would underflow")
+
+    monkeypatch.setattr(linear, "causal_product_form", refuse)
+    out = get_kernel("exp", eps=0.0)(q.float(), k.float(), v.float(), causal=True)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_lln_half_inputs_compute_in_float32():

@@ -158,11 +158,12 @@ def _check_4d(x, name: str) -> torch.Tensor:
     return x
 
 
-def check_qk4(q, k, causal: bool = False, square: bool = False, why: str | None = None) -> None:
+def check_qk4(q, k, causal: bool = False, square: bool = False, why: str | None = None, finite: bool = True) -> None:
     """Raise unless ``q: [B, H, N, d]`` and ``k: [B, H, M, d]`` are finite and match.
 
     ``N == M`` is required when ``causal``, ``square`` (a spectral gap needs a square matrix) or
-    ``why`` (what needs it, for the message) is given.
+    ``why`` (what needs it, for the message) is given. ``finite=False`` leaves the finiteness check to
+    the caller (:func:`check_qkv` checks q, k, v with one device sync).
     """
     _check_4d(q, "q")
     _check_4d(k, "k")
@@ -180,13 +181,22 @@ def check_qk4(q, k, causal: bool = False, square: bool = False, why: str | None 
         )
     if q.device != k.device:
         raise ValueError(f"q, k: on different devices, {q.device} and {k.device}")
-    check_finite(q, "q")
-    check_finite(k, "k")
+    if finite:
+        check_all_finite(q=q, k=k)
+
+
+def check_all_finite(**tensors: torch.Tensor) -> None:
+    """Raise naming the first tensor (by keyword) and index holding NaN or Inf; one host sync for all."""
+    flags = [torch.isfinite(x).all() for x in tensors.values()]  # 0-dim bool tensors, still on the device
+    if bool(torch.stack(flags).all()):
+        return
+    for name, x in tensors.items():
+        check_finite(x, name)
 
 
 def check_qkv(q, k, v, causal: bool = False, why: str | None = None) -> None:
     """Raise unless ``q, k, v`` are finite ``[B, H, N, d]``, ``[B, H, M, d]``, ``[B, H, M, d_v]``."""
-    check_qk4(q, k, causal=causal, why=why)
+    check_qk4(q, k, causal=causal, why=why, finite=False)
     _check_4d(v, "v")
     if v.shape[:2] != k.shape[:2]:
         raise ValueError(f"v: batch and head dims {tuple(v.shape[:2])} differ from k's {tuple(k.shape[:2])}")
@@ -196,7 +206,7 @@ def check_qkv(q, k, v, causal: bool = False, why: str | None = None) -> None:
         )
     if v.device != k.device:
         raise ValueError(f"v: on device {v.device}, expected k's device {k.device}")
-    check_finite(v, "v")
+    check_all_finite(q=q, k=k, v=v)
 
 
 def result_dtype(*xs: torch.Tensor) -> torch.dtype:

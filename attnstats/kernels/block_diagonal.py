@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ..stats.dense import softmax_attention
+from ..masks import valid_parts
 from .base import Kernel, _register, check_qkv, check_real, full_mask, work_dtype
 
 __all__ = ["BlockDiagonalAttention", "block_mask"]
@@ -50,22 +51,6 @@ class BlockDiagonalAttention(Kernel):
     def _scale(self, d: int) -> float:
         return d**-0.5 if self.scale is None else float(self.scale)
 
-    def row_has_key(self, q, *, causal: bool = False, mask=None) -> torch.Tensor:
-        """``[B, H, N]`` bool: True where the query's block holds at least one key it may attend to."""
-        b, h, n, d = q.shape
-        m = full_mask(mask, (b, h, n, n), False, q.device)  # [B, H, N, N] or None
-        if m is None:
-            return torch.ones(b, h, n, dtype=torch.bool, device=q.device)  # [B, H, N]
-        size = self.block_size(d)
-        rows = []
-        for s in range(0, n, size):
-            e = min(s + size, n)
-            mb = m[:, :, s:e, s:e]  # [B, H, C, C]
-            if causal:
-                mb = mb & torch.ones(e - s, e - s, dtype=torch.bool, device=q.device).tril()  # [B, H, C, C]
-            rows.append(mb.any(-1))  # [B, H, C]
-        return torch.cat(rows, dim=-1)  # [B, H, N]
-
     def _fallback(self, q, k, v, rows, valid, dtype):
         """Softmax attention rows over all their valid keys (``@ v`` when ``v`` is given), ``[R, N]``
         or ``[R, d_v]``, for the ``(b, h, i)`` in ``rows [R, 3]``; ``valid``: bool ``[B, H, N, N]``."""
@@ -89,30 +74,60 @@ class BlockDiagonalAttention(Kernel):
         return torch.nonzero(missing, as_tuple=False) if bool(missing.any()) else None
 
     def forward(self, q, k, v, *, causal: bool = False, mask=None) -> torch.Tensor:
-        """Attention output ``[B, H, N, d_v]``; blocks are computed one by one with SDPA."""
+        """Attention output ``[B, H, N, d_v]``: all blocks of one size in a single SDPA call.
+
+        The whole blocks are laid out as ``[B, H·N/C, C, d]`` (the remainder block, if any, as one more
+        call), so SDPA's fused kernels run every block at once; a mask enters as its ``C × C``
+        diagonal blocks (``O(N·C)``, never ``N × N``).
+        """
         check_qkv(q, k, v, causal, why="block-diagonal attention")  # blocks pair query i with key i
         b, h, n, d = q.shape
-        size = self.block_size(d)
-        m = full_mask(mask, (b, h, n, n), False, q.device)  # [B, H, N, N] or None
-        outs = []
-        for s in range(0, n, size):
-            e = min(s + size, n)
-            qb, kb, vb = q[:, :, s:e], k[:, :, s:e], v[:, :, s:e]  # [B, H, C, d], [B, H, C, d], [B, H, C, d_v]
-            if m is None:
-                outs.append(F.scaled_dot_product_attention(qb, kb, vb, is_causal=causal, scale=self._scale(d)))  # [B, H, C, d_v]
-                continue
-            mb = m[:, :, s:e, s:e]  # [B, H, C, C]
-            if causal:
-                mb = mb & torch.ones(e - s, e - s, dtype=torch.bool, device=q.device).tril()  # [B, H, C, C]
-            ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mb, scale=self._scale(d))  # [B, H, C, d_v]
-            outs.append(torch.where(mb.any(-1)[..., None], ob, torch.zeros((), dtype=ob.dtype, device=ob.device)))  # [B, H, C, d_v]
-        out = torch.cat(outs, dim=-2)  # [B, H, N, d_v]
-        valid = None if mask is None else full_mask(mask, (b, h, n, n), causal, q.device)  # [B, H, N, N]
-        rows = self._missing_rows(q, valid)  # [R, 3] or None
-        if rows is not None:
+        size = min(self.block_size(d), n)
+        m = full_mask(mask, (b, h, n, n), False, q.device)  # broadcast view [B, H, N, N] or None
+        main = n - n % size
+        parts = [self._blocks(q, k, v, m, 0, main, size, causal)]  # ([B, H, main, d_v], [B, H, main] | None)
+        if main < n:
+            parts.append(self._blocks(q, k, v, m, main, n, n - main, causal))
+        out = torch.cat([o for o, _ in parts], dim=-2)  # [B, H, N, d_v]
+        if m is None:
+            return out
+        in_block = torch.cat([r for _, r in parts], dim=-1)  # [B, H, N]: the query has a key in its block
+        if bool(in_block.all()):
+            return out
+        has_key, _ = valid_parts(mask, causal, (b, h, n, n), q.device)  # [B, H, N]
+        missing = has_key & ~in_block  # [B, H, N]
+        if bool(missing.any()):
+            rows = torch.nonzero(missing, as_tuple=False)  # [R, 3]
+            valid = full_mask(mask, (b, h, n, n), causal, q.device)  # [B, H, N, N] broadcast view: rows read only
             bi, hi, ii = rows.unbind(-1)  # [R] each
             out[bi, hi, ii] = self._fallback(q, k, v, rows, valid, work_dtype(out.dtype)).to(out.dtype)  # [R, d_v]
         return out
+
+    def _blocks(self, q, k, v, m, start: int, stop: int, size: int, causal: bool):
+        """Tokens ``start:stop`` (a whole number of blocks of ``size``) through one SDPA call.
+
+        Returns ``(out [B, H, stop − start, d_v], in_block [B, H, stop − start] | None)``: ``in_block``
+        says which queries have a valid key in their block (None without a mask).
+        """
+        b, h, _, d = q.shape
+        dv = v.shape[-1]
+        nb = (stop - start) // size
+        qb = q[:, :, start:stop].reshape(b, h * nb, size, d)  # [B, H·nb, C, d]
+        kb = k[:, :, start:stop].reshape(b, h * nb, size, d)  # [B, H·nb, C, d]
+        vb = v[:, :, start:stop].reshape(b, h * nb, size, dv)  # [B, H·nb, C, d_v]
+        scale = self._scale(d)
+        if m is None:
+            ob = F.scaled_dot_product_attention(qb, kb, vb, is_causal=causal, scale=scale)  # [B, H·nb, C, d_v]
+            return ob.reshape(b, h, stop - start, dv), None
+        idx = torch.arange(start, stop, device=q.device).reshape(nb, size)  # [nb, C]
+        mb = m[:, :, idx[:, :, None], idx[:, None, :]]  # [B, H, nb, C, C]: the diagonal blocks only
+        if causal:
+            mb = mb & torch.ones(size, size, dtype=torch.bool, device=q.device).tril()  # [B, H, nb, C, C]
+        mb = mb.reshape(b, h * nb, size, size)  # [B, H·nb, C, C]
+        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mb, scale=scale)  # [B, H·nb, C, d_v]
+        has = mb.any(-1)  # [B, H·nb, C]
+        ob = torch.where(has[..., None], ob, torch.zeros((), dtype=ob.dtype, device=ob.device))  # no NaN rows
+        return ob.reshape(b, h, stop - start, dv), has.reshape(b, h, stop - start)
 
     def _matrix(self, q, k, valid, *, causal: bool, dtype: torch.dtype) -> torch.Tensor:
         """The dense matrix ``[B, H, N, N]``; ``valid`` (mask and causal rule) is further cut to the

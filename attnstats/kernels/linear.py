@@ -12,13 +12,16 @@ cancel in the normalisation, and they are chosen so that no denominator can unde
 This is a stronger form of the shifts of docs/theory.md §4 (one maximum per token for queries, one per
 head for keys); it keeps outputs finite and accurate for |q|, |k| in the tens.
 
-Costs: non-causal output ``O(N·r·d_v)`` time, ``O(N·r + r·d_v)`` memory; causal output by chunks of
-``C`` tokens (exact log-space products inside a chunk, one ``r × d_v`` state per chunk for the
-earlier ones), ``O(N·(C + d_v)·r)`` time and ``O(N·r·(1 + d_v/C))`` memory plus a bounded
-intra-chunk buffer; spectral gap from the ``r × r`` matrix ``Φ_Kᵀ D⁻¹ Φ_Q`` (never the N×N one).
+Costs: non-causal output ``O(N·r·d_v)`` time, ``O(N·r + r·d_v)`` memory; causal output in chunks of
+``C`` tokens by matrix products (``[C, C]`` inside a chunk, prefix sums of ``r × d_v`` states for the
+earlier ones), ``O(N·(C + d_v)·r)`` time and ``O(N·(C + r·d_v/C))`` memory per head, with an exact
+log-space algorithm for key features too spread out for the shared shift; spectral gap from the
+``r × r`` matrix ``Φ_Kᵀ D⁻¹ Φ_Q`` (never the N×N one).
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import math
 
 import torch
@@ -42,6 +45,10 @@ __all__ = [
     "LinearAttention",
     "linear_attention",
     "linear_attention_causal",
+    "causal_product_form",
+    "causal_log_space",
+    "causal_underflow_limit",
+    "fla_available",
     "linear_matrix",
     "linear_spectral_gap",
     "log_feature_gap",
@@ -112,15 +119,56 @@ def linear_attention(lq, lk, v, key_valid=None, query_valid=None, eps: float = 1
         ``[B, H, N, d_v]``; rows with no weight (no valid key, an invalid query, an all-zero ReLU
         feature) are 0.
     """
-    qt, kt = _shifted_features(lq, _mask_keys(lk, key_valid))  # [B, H, N, r], [B, H, M, r]
-    kv = kt.transpose(-2, -1) @ v  # [B, H, r, d_v]
-    z = kt.sum(-2)  # [B, H, r]
-    num = qt @ kv  # [B, H, N, d_v]
-    den = (qt * z[..., None, :]).sum(-1, keepdim=True)  # [B, H, N, 1]
-    out = num / _denominator(den, eps)  # [B, H, N, d_v]
+    out = _NonCausalLinear.apply(lq, _mask_keys(lk, key_valid), v, float(eps))  # [B, H, N, d_v]
     if query_valid is not None:
         out = out * query_valid[..., None]  # [B, H, N, d_v]
     return out
+
+
+class _NonCausalLinear(torch.autograd.Function):
+    """Non-causal linearised attention from log-features with a hand-written backward.
+
+    Forward: ``out = qt (ktᵀ v) / (qt · Σ kt + eps)`` on the shifted features of
+    :func:`_shifted_features`. The shifts cancel between numerator and denominator (up to ``eps``), so
+    they are held constant, as softmax's maximum is; the backward is then a handful of matrix products (autograd through the same forward
+    records about four times as many kernels, which at a few thousand tokens cost more than the
+    arithmetic). Checked against autograd through the dense matrix in the kernel tests.
+    """
+
+    @staticmethod
+    def forward(ctx, lq, lk, v, eps):
+        with torch.autocast(lq.device.type, enabled=False):  # the work dtype was chosen by the caller
+            return _NonCausalLinear._forward(ctx, lq, lk, v, eps)
+
+    @staticmethod
+    def _forward(ctx, lq, lk, v, eps):
+        qt, kt = _shifted_features(lq, lk)  # [B, H, N, r], [B, H, M, r]
+        kv = kt.transpose(-2, -1) @ v  # [B, H, r, d_v]
+        z = kt.sum(-2)  # [B, H, r]
+        num = qt @ kv  # [B, H, N, d_v]
+        den = qt @ z[..., :, None]  # [B, H, N, 1]
+        d = _denominator(den, eps)  # [B, H, N, 1]
+        out = num / d  # [B, H, N, d_v]
+        ctx.save_for_backward(qt, kt, v, kv, z, d, out, den > 0)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        with torch.autocast(g.device.type, enabled=False):
+            return _NonCausalLinear._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
+        qt, kt, v, kv, z, d, out, has = ctx.saved_tensors
+        g = g.to(out.dtype)
+        gn = g / d  # [B, H, N, d_v]: through the numerator
+        gd = -(g * out).sum(-1, keepdim=True) / d * has  # [B, H, N, 1]: through the denominator (1 where it has no weight)
+        gqt = gn @ kv.transpose(-2, -1) + gd * z[..., None, :]  # [B, H, N, r]
+        gkv = qt.transpose(-2, -1) @ gn  # [B, H, r, d_v]
+        gz = qt.transpose(-2, -1) @ gd  # [B, H, r, 1]
+        gkt = v @ gkv.transpose(-2, -1) + gz.transpose(-2, -1)  # [B, H, M, r]
+        gv = kt @ gkv  # [B, H, M, d_v]
+        return gqt * qt, gkt * kt, gv, None  # d exp(x)/dx = exp(x); padded keys (kt = 0) get 0
 
 
 def _chunk_size(shape, r: int, requested: int | None) -> int:
@@ -135,22 +183,162 @@ def _chunk_size(shape, r: int, requested: int | None) -> int:
     return c
 
 
-def linear_attention_causal(
-    lq, lk, v, key_valid=None, query_valid=None, eps: float = 1e-8, chunk: int | None = None
-) -> torch.Tensor:
-    """Causal linearised attention from log-features, chunked, ``O(N)`` memory in ``N``.
+# Tokens per chunk of the causal product form: the intra-chunk matrix [C, C] costs N·C per head and
+# the per-chunk states N·r·d_v/C; C = 64 balances the two for r, d_v around 64 (benchmarks/lln_gpu.py).
+CAUSAL_CHUNK = 64
 
-    Output row ``i`` uses keys ``j <= i`` only. The sequence is cut into chunks of ``C`` tokens.
+
+def causal_underflow_limit(dtype: torch.dtype) -> float:
+    """Largest key-feature spread (in log units) for which the causal product form is exact to rounding.
+
+    The product form shifts key features by their maximum over all keys, future ones included, so a
+    key ``L`` log units below that maximum enters as ``e^{−L}``. An entry lost to underflow (below
+    ``tiny``) is then at most ``e^{L}·tiny`` of the row's largest term: with ``L ≤ ln(1/tiny) − 27`` that
+    is below ``e^{−27} ≈ 2e-12``, under the rounding of float32 (60 log units in float32, 681 in float64).
+    """
+    return -math.log(torch.finfo(dtype).tiny) - 27.0
+
+
+def _key_spread(lk: torch.Tensor) -> torch.Tensor:
+    """``max_{b,h,l} (max_j lk_jl − min_j lk_jl)`` over the finite entries (a 0-dim tensor; 0 if none)."""
+    # lk holds no NaN or +inf (checked inputs), only −inf for zero features: amax skips them as it is,
+    # amin once they read +inf; one pass each over [B, H, M, r]
+    hi = lk.amax(-2)  # [B, H, r]
+    lo = lk.nan_to_num(neginf=float("inf")).amin(-2)  # [B, H, r]
+    return _finite_or_zero(hi - lo).amax()
+
+
+# fla's normalisation adds 1e-10 to each denominator. Its features are passed scaled by 2^60 (through
+# fla's `scale`, which multiplies numerator and denominator alike), so a row whose keys lie at most L log
+# units below the shared shift has a denominator of at least 2^60·e^{−L} ≥ 1e-4 for L ≤ 50: the 1e-10
+# then moves it by at most 1e-6 relative, under the bf16 rounding of the output.
+FLA_SPREAD_LIMIT = 50.0
+_FLA_SCALE = 2.0**60
+
+
+def fla_available(x: torch.Tensor) -> bool:
+    """Whether fla's ``chunk_linear_attn`` can run on ``x`` (a CUDA tensor, fla importable)."""
+    return x.is_cuda and _fla_importable()
+
+
+@functools.lru_cache(maxsize=1)
+def _fla_importable() -> bool:
+    try:
+        importlib.import_module("fla.ops.linear_attn")
+    except Exception:  # not installed, or no working Triton
+        return False
+    return True
+
+
+def _fla_causal(qt, kt, v, half: torch.dtype) -> torch.Tensor:
+    """Causal attention of the shifted features through fla's chunked kernel, in the half dtype ``half``.
+
+    ``[B, H, N, r]`` features and ``[B, H, N, d_v]`` values in, float32 ``[B, H, N, d_v]`` out.
+    """
+    from fla.ops.linear_attn import chunk_linear_attn
+
+    q, k, vv = (x.to(half).transpose(1, 2) for x in (qt, kt, v))  # [B, N, H, ·]: fla's layout
+    o, _ = chunk_linear_attn(q, k, vv, scale=_FLA_SCALE, normalize=True)  # [B, N, H, d_v]
+    return o.transpose(1, 2).float()
+
+
+def linear_attention_causal(
+    lq, lk, v, key_valid=None, query_valid=None, eps: float = 1e-8, chunk: int | None = None,
+    half: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Causal linearised attention from log-features, ``O(N)`` time and memory in ``N``.
+
+    Row ``i`` uses keys ``j <= i`` only. The product form (:func:`causal_product_form`: batched
+    matrix products in chunks, a prefix sum over chunks, autograd through them) runs when the key
+    features' spread is within :func:`causal_underflow_limit` of the compute dtype, where it is exact to
+    rounding; wider spreads (|k| in the hundreds) take the log-space algorithm
+    (:func:`causal_log_space`), exact at any scale but about ten times slower. Deciding costs one host
+    sync. Args as :func:`linear_attention` (``N == M``), plus ``chunk``: tokens per chunk (default
+    :data:`CAUSAL_CHUNK` for the product form, a memory-bounded size for the log-space one), and
+    ``half``: the half dtype the caller's inputs came in, or None.
+
+    Half-precision inputs on a GPU go to fla's ``chunk_linear_attn`` when fla is installed and the
+    spread is within :data:`FLA_SPREAD_LIMIT` (measured 1.7–1.9× faster than the product form from
+    16k tokens; benchmarks/RESULTS.md §4). Its products run in the half dtype and TF32, about 1e-3
+    relative, below the half-precision rounding of the output; float32 and float64 inputs always take
+    the product form (about 1e-6 and 1e-15).
+    """
+    lk = _mask_keys(lk, key_valid)  # [B, H, N, r]
+    spread = float(_key_spread(lk.detach()))
+    if half and spread <= FLA_SPREAD_LIMIT and fla_available(lq):
+        qt, kt = _shifted_features(lq, lk)  # [B, H, N, r] each
+        out = _fla_causal(qt, kt, v, half)  # [B, H, N, d_v]
+    elif spread <= causal_underflow_limit(lq.dtype):
+        qt, kt = _shifted_features(lq, lk)  # [B, H, N, r] each
+        out = causal_product_form(qt, kt, v, eps, CAUSAL_CHUNK if chunk is None else int(chunk))  # [B, H, N, d_v]
+    else:
+        out = causal_log_space(lq, lk, v, eps, chunk)  # [B, H, N, d_v]
+    if query_valid is not None:
+        out = out * query_valid[..., None]  # [B, H, N, d_v]
+    return out
+
+
+def causal_product_form(qt, kt, v, eps: float, chunk: int) -> torch.Tensor:
+    """Causal ``out_i = Σ_{j≤i} (qt_i·kt_j) v_j / Σ_{j≤i} qt_i·kt_j`` from non-negative features.
+
+    Chunks of ``C`` tokens: inside a chunk the ``[C, C]`` products ``qt kt^T`` (lower triangle); the
+    earlier chunks through the prefix sums of their states ``kt^T v`` ``[r, d_v]`` and key sums
+    ``Σ kt`` ``[r]``. Every step is a batched matrix product or a sum, so autograd gives the backward.
+    Half-precision inputs on a GPU may go to fla instead (:func:`linear_attention_causal`).
+
+    Args:
+        qt: ``[B, H, N, r]``, kt: ``[B, H, N, r]`` non-negative features; v: ``[B, H, N, d_v]``.
+        eps: relative guard: each denominator is multiplied by ``1 + eps``; a row with no weight gives 0.
+        chunk: tokens per chunk ``C``.
+
+    Returns:
+        ``[B, H, N, d_v]``. Time ``O(N·(C + d_v)·r)``, memory ``O(N·(C + r·d_v/C))`` per head.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk: expected a positive number of tokens per chunk, got {chunk}")
+    b, h, n, r = qt.shape
+    dv = v.shape[-1]
+    c = min(chunk, n)
+    nc = -(-n // c)
+    pad = nc * c - n
+    if pad:  # zero features: padding keys carry no weight, padding queries are cut off at the end
+        qt = torch.nn.functional.pad(qt, (0, 0, 0, pad))  # [B, H, nc·C, r]
+        kt = torch.nn.functional.pad(kt, (0, 0, 0, pad))  # [B, H, nc·C, r]
+        v = torch.nn.functional.pad(v, (0, 0, 0, pad))  # [B, H, nc·C, d_v]
+    qc = qt.reshape(b, h, nc, c, r)  # [B, H, nc, C, r]
+    kc = kt.reshape(b, h, nc, c, r)  # [B, H, nc, C, r]
+    vc = v.reshape(b, h, nc, c, dv)  # [B, H, nc, C, d_v]
+    kv = kc.transpose(-2, -1) @ vc  # [B, H, nc, r, d_v]: each chunk's state
+    state = _exclusive_prefix(kv)  # [B, H, nc, r, d_v]: the chunks before
+    zsum = _exclusive_prefix(kc.sum(-2))  # [B, H, nc, r]
+    a = torch.tril(qc @ kc.transpose(-2, -1))  # [B, H, nc, C, C]
+    num = qc @ state + a @ vc  # [B, H, nc, C, d_v]
+    den = qc @ zsum[..., :, None] + a.sum(-1, keepdim=True)  # [B, H, nc, C, 1]
+    # the shared shift leaves den on no fixed scale (it can be far below 1), so eps is applied relative
+    # to it: den·(1 + eps), which the log-space form's den + eps (den ≥ 1 there) matches to O(eps)
+    den = torch.where(den > 0, den * (1.0 + eps), torch.ones_like(den))  # [B, H, nc, C, 1]
+    return (num / den).reshape(b, h, nc * c, dv)[:, :, :n]  # [B, H, N, d_v]
+
+
+def _exclusive_prefix(x: torch.Tensor) -> torch.Tensor:
+    """``y[c] = Σ_{c' < c} x[c']`` along dim 2 (the chunk axis)."""
+    return torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, :-1].cumsum(2)], 2)
+
+
+def causal_log_space(lq, lk, v, eps: float = 1e-8, chunk: int | None = None) -> torch.Tensor:
+    """Causal linearised attention from log-features (padded keys at ``-inf``), exact at any scale.
+
+    The sequence is cut into chunks of ``C`` tokens.
     Inside a chunk the weights ``log A_ij = logsumexp_l(lq_il + lk_jl)`` are computed exactly in log
     space. Earlier chunks enter through a state ``S_l = Σ_j exp(lk_jl − m_l) v_j``, ``z_l = Σ_j
     exp(lk_jl − m_l)``, with ``m_l`` the maximum of feature ``l`` over the earlier chunks (so
     ``z_l ≥ 1``): each chunk's own sums are formed in parallel, then a short scan over chunks
     rescales and accumulates them (as an online softmax does).
 
-    Args: as :func:`linear_attention` (``N == M``), plus ``chunk``: tokens per chunk (default:
-        chosen from the memory of the ``[B, H, C, C, r]`` intra-chunk tensor).
+    Args: ``lq [B, H, N, r]``, ``lk [B, H, N, r]`` (``-inf`` at padded keys), ``v [B, H, N, d_v]``,
+        ``eps``, and ``chunk``: tokens per chunk (default: chosen from the memory of the
+        ``[B, H, C, C, r]`` intra-chunk tensor). Returns ``[B, H, N, d_v]`` (no query padding applied).
     """
-    lk = _mask_keys(lk, key_valid)  # [B, H, N, r]
     b, h, n, r = lq.shape
     dv = v.shape[-1]
     c = _chunk_size(lq.shape, r, chunk)
@@ -199,10 +387,7 @@ def linear_attention_causal(
         num = qt @ state[:, :, sl] + a @ v[:, :, sl]  # [B, H, G, C, d_v]
         den = (qt * zsum[:, :, sl][..., None, :]).sum(-1, keepdim=True) + a.sum(-1, keepdim=True)  # [B, H, G, C, 1]
         outs.append(num / _denominator(den, eps))  # [B, H, G, C, d_v]
-    out = torch.cat(outs, dim=2).reshape(b, h, nc * c, dv)[:, :, :n]  # [B, H, N, d_v]
-    if query_valid is not None:
-        out = out * query_valid[..., None]  # [B, H, N, d_v]
-    return out
+    return torch.cat(outs, dim=2).reshape(b, h, nc * c, dv)[:, :, :n]  # [B, H, N, d_v]
 
 
 def _undefined_row(at, kernel: str):
@@ -400,7 +585,8 @@ class LogFeatureAttention(Kernel):
         lq, lk = self.log_features(q, k, dt)  # [B, H, N, r], [B, H, M, r]
         vv = v.to(dt)  # [B, H, M, d_v]
         if causal:
-            out = linear_attention_causal(lq, lk, vv, key_valid, query_valid, self.eps, self.chunk)  # [B, H, N, d_v]
+            half = out_dt if out_dt in (torch.float16, torch.bfloat16) else None
+            out = linear_attention_causal(lq, lk, vv, key_valid, query_valid, self.eps, self.chunk, half)  # [B, H, N, d_v]
         else:
             out = linear_attention(lq, lk, vv, key_valid, query_valid, self.eps)  # [B, H, N, d_v]
         return out.to(out_dt)

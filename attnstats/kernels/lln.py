@@ -1,29 +1,37 @@
 """Linear Log-Normal (LLN) attention (docs/theory.md §4).
 
-Feature maps ``φ_Q(q) = exp(α q)``, ``φ_K(k) = exp(β k)`` element-wise (``r = d``). With moment
-matching, ``α`` and ``β`` make the log-variance of the LLN matrix equal that of softmax attention
-on the same q, k: ``σ̃ = sqrt((σ² − b)/(2a))``, ``α = σ̃/σ_q``, ``β = σ̃/σ_k``, where ``σ_q, σ_k`` are
-the standard deviations of the whole q and k tensors (no gradient) and ``σ² = σ_q²σ_k²`` is the
-score variance of softmax attention at its default scale ``1/sqrt(d)``.
+Feature maps ``φ_Q(q) = exp(α q)``, ``φ_K(k) = exp(β k)`` element-wise (``r = d``). Moment matching
+picks the feature scale ``s = ασ_q = βσ_k`` at which LLN's ``Var[ln P]`` equals softmax attention's on
+the same q, k (``σ_q, σ_k``: standard deviations of the whole q and k tensors, no gradient), by one of
+the rules of :mod:`attnstats.kernels.moment_matching`: ``"curve"`` (the measured LLN curve of the head
+dim, inverted; the default) or ``"paper"`` (the paper's straight line ``a·σ_t² + b``).
 """
 from __future__ import annotations
 
 import torch
 
 from .. import theory
+from ..validation import compute_dtype
 from .base import _register, check_count, check_real
 from .linear import LogFeatureAttention
+from .moment_matching import MATCHING_RULES, curve_feature_scale
 
 __all__ = ["LLNAttention"]
 
 
-def _std_or_one(x: torch.Tensor) -> float:
-    """Standard deviation of all entries of ``x``; 1 for a constant (or one-entry) tensor, whose
-    features do not depend on the temperature."""
+def _std_or_one(x: torch.Tensor) -> torch.Tensor:
+    """Standard deviation of all entries of ``x`` as a 0-dim float64 tensor on its device (no host
+    sync); 1 for a constant (or one-entry) tensor, whose features do not depend on the temperature.
+
+    Computed in the compute dtype of attnstats (float64 on the CPU; on a GPU float32, or float64 for
+    float64 input: a float64 copy of a large bf16 tensor would cost eight bytes per entry, and torch's
+    reduction keeps float32 to about 1e-6).
+    """
+    x = x.detach()
     if x.numel() < 2:
-        return 1.0
-    s = float(x.detach().to(torch.float64).std())  # a Python float: one σ for the whole tensor
-    return s if s > 0 else 1.0
+        return torch.ones((), dtype=torch.float64, device=x.device)
+    s = x.to(compute_dtype(x)).std().to(torch.float64)
+    return torch.where(s > 0, s, torch.ones_like(s))
 
 
 class LLNAttention(LogFeatureAttention):
@@ -32,59 +40,79 @@ class LLNAttention(LogFeatureAttention):
     Args:
         moment_matching: if True, ``α, β`` from the moment-matching rule (see :meth:`alpha_beta`);
             if False, ``α = β = 1`` ("before moment matching").
-        a, b: constants of the moment-matching regression ``σ_sm² = a·σ_t² + b`` (defaults: the
-            paper's values for d = 64; refit for another head dim with
-            :func:`attnstats.fit_moment_matching`).
-        eps: added to each denominator (the stabilising shifts keep denominators ≥ 1).
+        matching: the rule, ``"curve"`` (default: LLN's measured log-variance curve for the head dim,
+            inverted at softmax's ``σ² + σ⁴/(2d)``; within 5 % of softmax's ``Var[ln P]`` for ``σ_qσ_k``
+            from 0.25 to 2) or ``"paper"`` (the paper's line ``σ_q²σ_k² = a·σ_t² + b``).
+        a, b: constants of the paper's line (``matching="paper"`` only; defaults: the paper's values
+            for d = 64; refit for another head dim with :func:`attnstats.fit_moment_matching`).
+        eps: guard added to each denominator, relative to the row's weight (far below float32 resolution).
         scale: the softmax scale whose score variance is matched; None = ``1/sqrt(d)``. With another
-            scale ``c`` the matched variance is ``c²·d·σ_q²σ_k²``.
-        chunk: tokens per chunk of the causal algorithm (default: chosen from memory).
+            scale ``c`` the matched score variance is ``c²·d·σ_q²σ_k²``.
+        chunk: tokens per chunk of the causal algorithm (default 64).
 
     Computation is float32 for half and float32 inputs (float64 for float64); non-causal in
-    ``O(N·d·d_v)``; causal by a chunked pure-PyTorch algorithm with ``O(N)`` memory; key-padding
-    masks supported (padded keys get no attention, padded queries give 0).
+    ``O(N·d·d_v)``; causal in chunks by matrix products, ``O(N)`` time and memory; key-padding masks
+    supported (padded keys get no attention, padded queries give 0). The temperatures stay on the
+    device: the curve rule costs no host sync.
     """
 
     def __init__(self, moment_matching: bool = True, a: float = theory.LLN_A, b: float = theory.LLN_B,
-                 eps: float = 1e-8, scale: float | None = None, chunk: int | None = None):
+                 eps: float = 1e-8, scale: float | None = None, chunk: int | None = None, matching: str = "curve"):
         super().__init__()
         a = check_real(a, "a", low=0, strict=True)
         b = check_real(b, "b")
         eps = check_real(eps, "eps", low=0)
         scale = check_real(scale, "scale", low=0, strict=True, none_ok=True)
         chunk = check_count(chunk, "chunk")
+        if matching not in MATCHING_RULES:
+            raise ValueError(f"matching: unknown rule {matching!r}, expected one of {', '.join(MATCHING_RULES)}")
         self.moment_matching = bool(moment_matching)
-        self.name = "lln" if self.moment_matching else "lln_no_mm"
+        self.matching = matching
+        self.name = "lln_no_mm" if not self.moment_matching else ("lln" if matching == "curve" else "lln_paper")
         self.a, self.b = float(a), float(b)
         self.eps = float(eps)
         self.scale = scale
         self.chunk = chunk
 
     def extra_repr(self) -> str:
-        return f"moment_matching={self.moment_matching}, a={self.a}, b={self.b}, eps={self.eps}"
+        rule = f"matching={self.matching!r}" + (f", a={self.a}, b={self.b}" if self.matching == "paper" else "")
+        return f"moment_matching={self.moment_matching}, {rule}, eps={self.eps}"
 
     @torch.no_grad()
     def alpha_beta(self, q: torch.Tensor, k: torch.Tensor) -> tuple[float, float]:
         """The temperatures ``(α, β)`` used for these q, k (Python floats).
 
         ``σ_q, σ_k`` are the standard deviations of all entries of ``q`` and ``k`` (``torch.std``,
-        divisor ``M − 1``, in float64), as in the paper's reference implementation. Without moment matching, ``(1.0, 1.0)``. A constant tensor (σ = 0) gives features
-        that do not depend on it, so its σ is replaced by 1.
+        divisor ``M − 1``), as in the paper's reference implementation. Without moment matching,
+        ``(1.0, 1.0)``. A constant tensor (σ = 0) gives features that do not depend on it, so its σ
+        is replaced by 1.
         """
+        alpha, beta = self.temperatures(q, k)
+        return float(alpha), float(beta)
+
+    @torch.no_grad()
+    def temperatures(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`alpha_beta` as 0-dim float64 tensors on q's device (the curve rule needs no host sync)."""
         if not self.moment_matching:
-            return 1.0, 1.0
-        sq, sk = _std_or_one(q), _std_or_one(k)  # Python floats
+            one = torch.ones((), dtype=torch.float64, device=q.device)
+            return one, one
+        sq, sk = _std_or_one(q), _std_or_one(k)  # 0-dim float64 tensors
         d = q.shape[-1]
-        # a softmax scale c gives scores of variance c²·d·σ_q²σ_k²: match that by rescaling σ_q, σ_k
+        # a softmax scale c/sqrt(d) gives scores of variance c²·σ_q²σ_k²
         c = 1.0 if self.scale is None else float(self.scale) * d**0.5
-        alpha, beta = theory.lln_alpha_beta(sq * c**0.5, sk * c**0.5, self.a, self.b)
-        return float(alpha) * c**0.5, float(beta) * c**0.5
+        if self.matching == "curve":
+            s = curve_feature_scale((c * sq * sk) ** 2, d)  # the feature scale ασ_q = βσ_k
+            return s / sq, s / sk
+        alpha, beta = theory.lln_alpha_beta(float(sq) * c**0.5, float(sk) * c**0.5, self.a, self.b)
+        scale = torch.tensor(c**0.5, dtype=torch.float64, device=q.device)
+        return scale * float(alpha), scale * float(beta)
 
     def log_features(self, q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype):
         """``(α q, β k)`` in ``dtype``: the logarithms of the LLN features."""
-        alpha, beta = self.alpha_beta(q, k)  # Python floats
-        return q.to(dtype) * alpha, k.to(dtype) * beta  # [B, H, N, d], [B, H, M, d]: r = d features
+        alpha, beta = self.temperatures(q, k)  # 0-dim float64 tensors
+        return q.to(dtype) * alpha.to(dtype), k.to(dtype) * beta.to(dtype)  # [B, H, N, d], [B, H, M, d]: r = d
 
 
-_register("lln", LLNAttention, moment_matching=True)
+_register("lln", LLNAttention, moment_matching=True, matching="curve")
+_register("lln_paper", LLNAttention, moment_matching=True, matching="paper")
 _register("lln_no_mm", LLNAttention, moment_matching=False)
