@@ -160,9 +160,15 @@ def test_moment_figures_have_their_panels():
     assert len(fig.axes) == 4 and fig.axes[1].get_yscale() == "log"
     assert [ax.get_ylabel() for ax in fig.axes][0] == "N · mean of P"
     plt.close(fig)
-    rows = [dict(n=64, d=8, sigma2=s, seed=0, kernel=k, value=s) for k in ("softmax", "lln", "lln_no_mm") for s in s2]
+    rows = [dict(n=64, d=8, sigma2=s, seed=0, kernel=k, value=s * f) for k, f in
+            (("softmax", 1.0), ("lln", 1.02), ("lln_paper", 0.8), ("lln_no_mm", 0.05)) for s in s2]
     fig = plot.moment_matching(pd.DataFrame(rows))
-    assert [ax.get_title() for ax in fig.axes] == ["linear axes", "log axes"] and fig.axes[1].get_yscale() == "log"
+    assert len(fig.axes) == 2 and fig.axes[0].get_yscale() == "log"
+    assert fig.axes[1].get_ylabel() == "Var[ln P_LLN] / Var[ln P_SA]"
+    ratios = {line.get_label(): line.get_ydata() for line in fig.axes[1].get_lines() if line.get_label().startswith("LLN")}
+    assert sorted(ratios) == ["LLN, matched by the measured curve", "LLN, matched by the paper's line"]
+    np.testing.assert_allclose(ratios["LLN, matched by the measured curve"], 1.02)  # each rule's variance over softmax's
+    np.testing.assert_allclose(ratios["LLN, matched by the paper's line"], 0.8)
     plt.close(fig)
 
 

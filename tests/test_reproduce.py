@@ -37,9 +37,12 @@ def test_fig5b_moment_matching_brings_lln_to_sa(tmp_path):
     df = read(tmp_path, "fig5b_moment_matching", reproduce.fig5b_moment_matching(tmp_path, quick=True))
     wide = df.pivot_table(index="sigma2", columns="kernel", values="value")
     mid = wide[(wide.index > 0.4) & (wide.index < 2.5)]
-    assert (np.abs(mid.lln / mid.softmax - 1) < 0.25).all()  # matched: same scale
+    assert (np.abs(mid.lln / mid.softmax - 1) < 0.25).all()  # matched: same scale (one head scatters by 3–6 %)
     assert (mid.lln_no_mm < 0.2 * mid.softmax).all()  # before matching: far smaller variance
     assert wide.softmax.is_monotonic_increasing and wide.lln.is_monotonic_increasing
+    # over the whole sweep the curve rule stays closer to softmax than the paper's line (measured at
+    # this size: 4 % and 14 % mean deviation)
+    assert (wide.lln / wide.softmax - 1).abs().mean() < 0.5 * (wide.lln_paper / wide.softmax - 1).abs().mean()
 
 
 def test_fig2_sa_and_lln_concentrate_relu_does_not(tmp_path):

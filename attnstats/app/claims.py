@@ -1,8 +1,9 @@
-"""The propositions of docs/theory.md §2–4, each checked numerically on Gaussian queries and keys.
+"""The propositions of docs/theory.md §2–4 and attnstats' own rules, each checked numerically on Gaussian inputs.
 
-Each claim yields a :class:`ClaimResult`: what is predicted, what was measured, the tolerance, whether
-it holds, and whether it is expected to (inside the regime of validity) — claims outside their regime
-are reported, never tuned to look better.
+Each check yields a :class:`ClaimResult`: whose statement it is (the paper's, or attnstats' own
+implementation), what is checked, the measured number, the regime, and the outcome the docs record
+for it. A paper statement that fails where docs/theory.md says it fails is a documented finding;
+``attnstats validate`` exits non-zero only when an outcome differs from the documented one.
 """
 from __future__ import annotations
 
@@ -21,17 +22,19 @@ __all__ = ["ClaimResult", "run_claims", "claims_frame"]
 
 @dataclass(frozen=True)
 class ClaimResult:
-    """One numerical check of a claim.
+    """One numerical check.
 
     Attributes:
-        section: where the claim stands in docs/theory.md (e.g. "§2").
-        claim: the claim, in words.
+        section: where the statement stands in docs/theory.md (e.g. "§2").
+        claim: what is checked, in words.
         prediction: the predicted value.
         measurement: the measured value.
         tolerance: how far they may differ, e.g. "rel 0.1" or "abs 0.02".
         holds: whether the measurement is within the tolerance of the prediction.
-        expected: whether the claim should hold here (inside its regime of validity).
-        regime: the conditions of the measurement, and whether they are inside the claim's regime.
+        expected: the outcome docs/theory.md records: True (holds), False (a documented failure), or
+            None (outside the statement's regime, where nothing is claimed; reported for information).
+        regime: the conditions of the measurement, and whether they are inside the statement's regime.
+        source: ``"paper"`` (a statement of the paper) or ``"attnstats"`` (a rule of this implementation).
     """
 
     section: str
@@ -40,14 +43,21 @@ class ClaimResult:
     measurement: float
     tolerance: str
     holds: bool
-    expected: bool
+    expected: bool | None
     regime: str
+    source: str = "paper"
+
+    @property
+    def documented(self) -> bool:
+        """Whether the outcome is the one the docs record (always, where nothing is claimed)."""
+        return self.expected is None or self.holds == self.expected
 
 
-def _check(section, claim, prediction, measurement, tol, kind="rel", expected=True, regime=""):
+def _check(section, claim, prediction, measurement, tol, kind="rel", expected=True, regime="", source="paper"):
     prediction, measurement = float(prediction), float(measurement)
     err = abs(measurement - prediction) / (abs(prediction) if kind == "rel" else 1.0)
-    return ClaimResult(section, claim, prediction, measurement, f"{kind} {tol:g}", bool(err <= tol), expected, regime)
+    return ClaimResult(section, claim, prediction, measurement, f"{kind} {tol:g}", bool(err <= tol), expected, regime,
+                       source)
 
 
 def _gaussian(heads, n, d, sigma2, gen):
@@ -67,11 +77,14 @@ def _section2(n, d, heads, gen):
         q, k = _gaussian(heads, n, d, sigma2, gen)
         m = entry_moments(softmax_attention(q, k))
         pred = theory.sa_lognormal(sigma2**0.5, 1.0, n)
+        # outside the regime the paper claims nothing (None), except that the variance of P, a moment
+        # of the heavy log-normal tail, is documented to fail there (by a factor 1.3 to 3 at σ² = 2, 4)
         out += [
             _check("§2", "mean of P entries = 1/N", pred.mean, m.mean.mean(), 1e-9, "rel", True, regime),
             _check("§2", "N²·Var[P] = e^σ² − 1", pred.var * n * n, m.var.mean() * n * n, 0.10, "rel", inside, regime),
-            _check("§2", "mean of log P = −ln N − σ²/2", pred.log_mean, m.log_mean.mean(), 0.02, "abs", inside, regime),
-            _check("§2", "Var[log P] = σ²", pred.log_var, m.log_var.mean(), 0.05, "rel", inside, regime),
+            _check("§2", "mean of log P = −ln N − σ²/2", pred.log_mean, m.log_mean.mean(), 0.02, "abs",
+                   True if inside else None, regime),
+            _check("§2", "Var[log P] = σ²", pred.log_var, m.log_var.mean(), 0.05, "rel", True if inside else None, regime),
         ]
     return out
 
@@ -130,29 +143,45 @@ def _section4(n, d, heads, gen):
     for c in (0.5, 2.0):
         out.append(_check("§3", f"ReLU linear attention has no temperature: max |P(c·q, c·k) − P(q, k)|, c={c}", 0.0,
                           (relu.matrix(c * q, c * k) - base).abs().max(), 1e-12, "abs", True, f"N={q.shape[-2]}, d={d}"))
-    lln, lln_raw = get_kernel("lln"), get_kernel("lln_no_mm")
+    paper, lln_raw = get_kernel("lln_paper"), get_kernel("lln_no_mm")
     n = 1024  # the claim is made at N = 1024, d = 64 (quick or not)
-    for sigma in (0.5, 0.75, 1.0, 1.25, 1.5):  # σ_q = σ_k = sqrt(σ), so σ_qσ_k = σ
+    for sigma in (0.25, 1.25, 1.5):  # σ_q = σ_k = sqrt(σ), so σ_qσ_k = σ
         q, k = (t[None] for t in _gaussian(heads, n, d, sigma**2, gen))
         sa = entry_moments(softmax_attention(q, k)).log_var.mean()
-        matched = entry_moments(lln.matrix(q, k)).log_var.mean()
+        matched = entry_moments(paper.matrix(q, k)).log_var.mean()
         raw = entry_moments(lln_raw.matrix(q, k)).log_var.mean()
         regime = f"N={n}, d={d}, σ_qσ_k={sigma:g}"
-        out.append(_check("§4", "LLN Var[log P] within 15 % of SA after moment matching", sa, matched, 0.15, "rel", True, regime))
+        # documented (docs/theory.md §4): a straight line cannot follow LLN's convex log-variance curve;
+        # at σ_qσ_k = 0.25 its negative intercept sends the LLN variance to 1.6× softmax's, while at
+        # 1.25 and 1.5 it stays within 7 %. (From 0.5 to 1 it is 12–18 % short, too close to the 15 %
+        # bound for a check whose outcome must not depend on the seed, so those are left out.)
+        out.append(_check("§4", "paper's matching line: LLN Var[log P] within 15 % of SA", sa, matched, 0.15, "rel",
+                           sigma >= 1.0, regime))
         ratio = float(raw / sa)
         out.append(ClaimResult("§4", "before moment matching (α=β=1): LLN Var[log P] / SA's far below 1", 0.0, ratio,
                                "< 0.5", ratio < 0.5, True, regime))
+    # attnstats' rule: the measured curve of the head dim, inverted. The per-head LLN variance scatters
+    # by 3–6 % (its tail is set by a few large features), so 12 heads put the mean's scatter near 1.5 %,
+    # and the 5 % bound tests the rule, not the draw.
+    lln = get_kernel("lln")
+    for dim in (32, 64, 128):
+        for sigma in (0.25, 0.5, 1.0, 1.5, 2.0):
+            q, k = (t[None] for t in _gaussian(12, 1024, dim, sigma**2, gen))
+            sa = entry_moments(softmax_attention(q, k)).log_var.mean()
+            matched = entry_moments(lln.matrix(q, k)).log_var.mean()
+            out.append(_check("§4", "curve matching: LLN Var[log P] within 5 % of SA", sa, matched, 0.05, "rel", True,
+                              f"N=1024, d={dim}, σ_qσ_k={sigma:g}, 12 heads", source="attnstats"))
     return out
 
 
 def run_claims(quick: bool = False, seed: int = 0, sections=("§2", "§3", "§4")) -> list[ClaimResult]:
     """Measure every claim; ``quick`` uses N = 256 instead of 1024 (seconds instead of a minute)."""
     n, d, heads = (256, 64, 2) if quick else (1024, 64, 4)
-    gen = torch.Generator().manual_seed(seed)
     runners = {"§2": _section2, "§3": _section3, "§4": _section4}
     out = []
-    for sec in sections:
-        out += runners[sec](n, d, heads, gen)
+    for i, sec in enumerate(runners):
+        if sec in sections:  # each section draws from its own seed: its numbers do not depend on the others run
+            out += runners[sec](n, d, heads, torch.Generator().manual_seed(seed * 1000 + i))
     return out
 
 
@@ -160,5 +189,5 @@ def claims_frame(results) -> "pandas.DataFrame":  # noqa: F821
     """The results as a DataFrame, one row per claim."""
     import pandas as pd
 
-    columns = list(ClaimResult.__dataclass_fields__)
-    return pd.DataFrame([asdict(r) for r in results], columns=columns)
+    columns = list(ClaimResult.__dataclass_fields__) + ["documented"]
+    return pd.DataFrame([asdict(r) | {"documented": r.documented} for r in results], columns=columns)

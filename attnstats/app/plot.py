@@ -91,32 +91,43 @@ def moments_vs_variance(df):
 
 
 def moment_matching(df):
-    """Figure 5b: ``Var[ln P]`` of SA and of LLN before and after moment matching, against ``σ²``.
+    """Figure 5b: ``Var[ln P]`` of SA and of LLN before and after moment matching (both rules), against ``σ²``.
 
     Args:
-        df: columns ``sigma2, kernel, value`` (value = Var[ln P], one row per σ², seed and kernel),
-            kernels ``softmax``, ``lln_no_mm``, ``lln``.
+        df: columns ``n, d, sigma2, kernel, value`` (value = Var[ln P], one row per σ², seed and
+            kernel), kernels ``softmax``, ``lln_no_mm``, ``lln`` (curve rule), ``lln_paper`` (the paper's rule).
+
+    Left: the variances on log axes. Right: each matched LLN's variance over softmax's, with the ±5 % band.
     """
     plt = _plt()
-    names = {"softmax": ("softmax (SA)", "k", "o"), "lln": ("LLN, moment matched", "tab:blue", "s"),
+    names = {"softmax": ("softmax (SA)", "k", "o"),
+             "lln": ("LLN, matched by the measured curve", "tab:blue", "s"),
+             "lln_paper": ("LLN, matched by the paper's line", "tab:green", "D"),
              "lln_no_mm": ("LLN, α = β = 1 (before matching)", "tab:red", "^")}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    sa = df[df.kernel == "softmax"].groupby("sigma2").value.mean()
     for kernel, (label, color, marker) in names.items():
-        g = df[df.kernel == kernel].groupby("sigma2").value.agg(["mean", "std"]).reset_index()
-        for ax in axes:
-            ax.errorbar(g.sigma2, g["mean"], yerr=g["std"].fillna(0), color=color, marker=marker, ms=4, lw=1,
-                        capsize=2, label=label)
+        part = df[df.kernel == kernel]
+        if part.empty:
+            continue
+        g = part.groupby("sigma2").value.agg(["mean", "std"]).reset_index()
+        axes[0].errorbar(g.sigma2, g["mean"], yerr=g["std"].fillna(0), color=color, marker=marker, ms=4, lw=1,
+                         capsize=2, label=label)
+        if kernel in ("lln", "lln_paper"):
+            ratio = g.set_index("sigma2")["mean"] / sa
+            axes[1].plot(np.sqrt(ratio.index), ratio.values, color=color, marker=marker, ms=4, lw=1, label=label)
     s = np.sort(df.sigma2.unique())
     axes[0].plot(s, s, "--", color="gray", lw=1, label="SA prediction σ²")
+    _log_ticks(axes[0], df.sigma2)
+    axes[0].set_yscale("log")
     axes[0].set_xlabel("score variance σ² = σ_q² σ_k²")
     axes[0].set_ylabel("Var[ln P]")
-    axes[0].set_title("linear axes")
-    _log_ticks(axes[1], df.sigma2)
-    axes[1].set_yscale("log")
-    axes[1].set_xlabel("score variance σ² = σ_q² σ_k²")
-    axes[1].set_ylabel("Var[ln P]")
-    axes[1].set_title("log axes")
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
+    axes[1].axhspan(0.95, 1.05, color="tab:blue", alpha=0.1, label="±5 %")
+    axes[1].axhline(1.0, color="k", lw=0.8)
+    axes[1].set_xlabel("σ_q σ_k")
+    axes[1].set_ylabel("Var[ln P_LLN] / Var[ln P_SA]")
+    axes[1].legend(fontsize=8)
     n, d = df.n.iloc[0], df.d.iloc[0]
     fig.suptitle(f"Variance of log attention: SA vs LLN before and after moment matching (N = {n}, d = {d})")
     return fig
