@@ -6,10 +6,12 @@ optional: install the fla-core wheel and einops to compare causal LLN with its c
     PYTHONUNBUFFERED=1 python benchmarks/lln_gpu.py --out results/lln_gpu.json
 
 Parts (each can be skipped with --skip):
-  kernels  forward+backward time and peak memory of LLN (non-causal, causal) vs
+  agreement  the GPU kernels (float32 and bf16 inputs) against the float64 kernels on the CPU
+  overhead   the steps of one LLN call timed alone at N = 1024 (what is not arithmetic)
+  kernels  forward+backward time and peak memory of LLN and LLN+Diag (non-causal, causal) vs
            F.scaled_dot_product_attention (the baseline, timed in the same process), bf16 inputs,
            16 heads, d = 64, over N; causal LLN also vs fla's chunk_linear_attn on the same
-           LLN features, or else the plain chunked PyTorch path alone.
+           LLN features (when fla is installed).
   table2   memory and time per training iteration (forward, backward, AdamW step; batch 1, bf16
            autocast) of a RoBERTa-base-sized encoder (12 layers, hidden 768, 12 heads, random init)
            with SA eager, SA SDPA, LLN and LLN+Diag attention, N = 512 … 16384; out-of-memory marked.
@@ -54,9 +56,9 @@ def fwd_bwd(f, q, k, v, g):
 def lln_features(q, k):
     """LLN features with the kernel's own temperatures, stabilised as in docs/theory.md §4."""
     kern = get_kernel("lln")
-    alpha, beta = kern.alpha_beta(q, k)
-    lq = q.float() * alpha
-    lk = k.float() * beta
+    alpha, beta = kern.temperatures(q, k)  # 0-dim tensors on the device, no host sync
+    lq = q.float() * alpha.float()
+    lk = k.float() * beta.float()
     fq = torch.exp(lq - lq.amax(-1, keepdim=True).detach())
     fk = torch.exp(lk - lk.amax((-2, -1), keepdim=True).detach())
     return fq, fk
@@ -66,9 +68,9 @@ def part_kernels(dev, ns):
     try:
         from fla.ops.linear_attn import chunk_linear_attn
     except Exception as err:
-        print(f"fla not importable ({type(err).__name__}: {err}); causal LLN compared with the PyTorch path only")
+        print(f"fla not importable ({type(err).__name__}: {err}); causal LLN compared with SDPA only")
         chunk_linear_attn = None
-    lln = get_kernel("lln")
+    lln, lln_diag = get_kernel("lln"), get_kernel("lln_diag")
     rows = []
     for causal in (False, True):
         for n in ns:
@@ -79,9 +81,11 @@ def part_kernels(dev, ns):
             impls = {
                 "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
                 "lln": lambda q, k, v: lln(q, k, v, causal=causal),
+                "lln_diag": lambda q, k, v: lln_diag(q, k, v, causal=causal),
             }
             if causal and chunk_linear_attn is not None:
                 def fla_lln(q, k, v):
+                    # the same LLN features (the kernel's temperatures), through fla's chunked kernel
                     fq, fk = lln_features(q, k)
                     o, _ = chunk_linear_attn(fq.transpose(1, 2).to(q.dtype), fk.transpose(1, 2).to(q.dtype),
                                              v.transpose(1, 2), scale=1.0, normalize=True)
@@ -98,15 +102,78 @@ def part_kernels(dev, ns):
                     torch.cuda.empty_cache()
                 except Exception as err:
                     row[name + "_ms"] = f"error: {type(err).__name__}: {str(err)[:200]}"
-            if isinstance(row.get("sdpa_ms"), float) and isinstance(row.get("lln_ms"), float):
-                row["lln_over_sdpa"] = row["lln_ms"] / row["sdpa_ms"]
-            if isinstance(row.get("fla_chunk_linear_attn_ms"), float) and isinstance(row.get("sdpa_ms"), float):
-                row["fla_over_sdpa"] = row["fla_chunk_linear_attn_ms"] / row["sdpa_ms"]
+            for num, den in (("lln", "sdpa"), ("lln_diag", "lln"), ("fla_chunk_linear_attn", "sdpa"),
+                             ("lln", "fla_chunk_linear_attn")):
+                if isinstance(row.get(num + "_ms"), float) and isinstance(row.get(den + "_ms"), float):
+                    row[f"{num}_over_{den}"] = row[num + "_ms"] / row[den + "_ms"]
+                    row[f"{num}_over_{den}_memory"] = row[num + "_peak_bytes"] / max(1, row[den + "_peak_bytes"])
             rows.append(row)
             print("kernels", {k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()}, flush=True)
             del q, k, v, g
             torch.cuda.empty_cache()
     return rows
+
+
+def part_agreement(dev):
+    """The GPU kernels against the same kernels in float64 on the CPU, N = 2048, 4 heads: the largest
+    relative output error for float32 and bf16 inputs, and fla's causal output (float32 features)
+    against attnstats' on the same features."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 4, 2048, 64, generator=gen, dtype=torch.float64) for _ in range(3))
+    rows = []
+    for name in ("lln", "lln_diag"):
+        kern = get_kernel(name)
+        for causal in (False, True):
+            ref = kern(q, k, v, causal=causal)
+            got = kern(q.float().to(dev), k.float().to(dev), v.float().to(dev), causal=causal).double().cpu()
+            err = float(((got - ref).abs().max() / ref.abs().max()))
+            rows.append(dict(kernel=name, causal=causal, max_rel_error=err))
+            print("agreement", rows[-1], flush=True)
+    # bf16 inputs: the causal kernel goes to fla when it is installed; against float64 on the same
+    # (bf16-rounded) inputs, the error is that of bf16 arithmetic
+    qb, kb, vb = (x.bfloat16() for x in (q, k, v))
+    for name in ("lln", "lln_diag"):
+        kern = get_kernel(name)
+        for causal in (False, True):
+            ref = kern(qb.double(), kb.double(), vb.double(), causal=causal)
+            got = kern(qb.to(dev), kb.to(dev), vb.to(dev), causal=causal).double().cpu()
+            rows.append(dict(kernel=name + " (bf16 inputs)", causal=causal,
+                             max_rel_error=float((got - ref).abs().max() / ref.abs().max())))
+            print("agreement", rows[-1], flush=True)
+    try:
+        from fla.ops.linear_attn import chunk_linear_attn
+    except Exception:
+        return rows
+    qd, kd, vd = (x.float().to(dev) for x in (q, k, v))
+    fq, fk = lln_features(qd, kd)
+    o, _ = chunk_linear_attn(fq.transpose(1, 2), fk.transpose(1, 2), vd.transpose(1, 2), scale=1.0, normalize=True)
+    ref = get_kernel("lln")(q, k, v, causal=True)
+    rows.append(dict(kernel="fla_chunk_linear_attn (float32 features)", causal=True,
+                     max_rel_error=float((o.transpose(1, 2).double().cpu() - ref).abs().max() / ref.abs().max())))
+    print("agreement", rows[-1], flush=True)
+    return rows
+
+
+def part_overhead(dev):
+    """What one LLN call costs outside the arithmetic: its steps timed alone at N = 1024, bf16, 16 heads."""
+    from attnstats.kernels.base import check_qkv
+
+    lln = get_kernel("lln")
+    q, k, v = (torch.randn(1, 16, 1024, 64, device=dev, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+    g = torch.randn_like(q)
+
+    def fwd_bwd(causal):
+        for t in (q, k, v):
+            t.grad = None
+        lln(q, k, v, causal=causal).backward(g)
+
+    steps = {"check_qkv": lambda: check_qkv(q, k, v, False), "temperatures": lambda: lln.temperatures(q, k),
+             "log_features": lambda: lln.log_features(q, k, torch.float32),
+             "forward": lambda: lln(q, k, v), "forward_causal": lambda: lln(q, k, v, causal=True),
+             "forward_backward": lambda: fwd_bwd(False), "forward_backward_causal": lambda: fwd_bwd(True)}
+    row = {name + "_ms": bench(f) for name, f in steps.items()}
+    print("overhead", {k_: round(v_, 3) for k_, v_ in row.items()}, flush=True)
+    return [row]
 
 
 def roberta(n, attn):
@@ -207,7 +274,9 @@ def main():
         env["fla"] = None
     print(env, flush=True)
     res = dict(env=env, command=" ".join(sys.argv))
-    parts = [("kernels", lambda: part_kernels(dev, args.ns)),
+    parts = [("agreement", lambda: part_agreement(dev)),
+             ("overhead", lambda: part_overhead(dev)),
+             ("kernels", lambda: part_kernels(dev, args.ns)),
              ("table2", lambda: part_table2(dev, args.table_ns, args.table_budget_s))]
     run_parts(parts, args.skip, args.out, res)
 
