@@ -56,9 +56,9 @@ def fwd_bwd(f, q, k, v, g):
 def lln_features(q, k):
     """LLN features with the kernel's own temperatures, stabilised as in docs/theory.md §4."""
     kern = get_kernel("lln")
-    alpha, beta = kern.temperatures(q, k)  # 0-dim tensors on the device, no host sync
-    lq = q.float() * alpha.float()
-    lk = k.float() * beta.float()
+    alpha, beta = kern.alpha_beta(q, k)
+    lq = q.float() * alpha
+    lk = k.float() * beta
     fq = torch.exp(lq - lq.amax(-1, keepdim=True).detach())
     fk = torch.exp(lk - lk.amax((-2, -1), keepdim=True).detach())
     return fq, fk
@@ -167,7 +167,7 @@ def part_overhead(dev):
             t.grad = None
         lln(q, k, v, causal=causal).backward(g)
 
-    steps = {"check_qkv": lambda: check_qkv(q, k, v, False), "temperatures": lambda: lln.temperatures(q, k),
+    steps = {"check_qkv": lambda: check_qkv(q, k, v, False), "temperatures": lambda: lln.alpha_beta(q, k),
              "log_features": lambda: lln.log_features(q, k, torch.float32),
              "forward": lambda: lln(q, k, v), "forward_causal": lambda: lln(q, k, v, causal=True),
              "forward_backward": lambda: fwd_bwd(False), "forward_backward_causal": lambda: fwd_bwd(True)}

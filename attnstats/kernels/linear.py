@@ -92,15 +92,18 @@ def _denominator(den: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.where(den > 0, den + eps, torch.ones_like(den))
 
 
-def _shifted_features(lq: torch.Tensor, lk: torch.Tensor):
+def _shifted_features(lq: torch.Tensor, lk: torch.Tensor, m: torch.Tensor | None = None):
     """``(qt [B,H,N,r], kt [B,H,M,r])`` with ``P = D̃⁻¹ qt ktᵀ`` exactly and every ``qt·Σ kt ≥ 1``.
 
-    ``lk`` must already hold -inf at padded keys.
+    ``lk`` must already hold -inf at padded keys; ``m``: its maximum over the keys ``[B, H, 1, r]``, if
+    already known. The shifts cancel in the normalisation, so they carry no gradient (as softmax's
+    maximum does not): autograd then skips the backward of both maxima.
     """
-    m = lk.amax(-2, keepdim=True)  # [B, H, 1, r], -inf for a feature no valid key has
+    if m is None:
+        m = lk.detach().amax(-2, keepdim=True)  # [B, H, 1, r], -inf for a feature no valid key has
     kt = torch.exp(lk - _finite_or_zero(m))  # [B, H, M, r]
     w = lq + m  # [B, H, N, r]; a feature no key has stays at -inf: it carries no weight
-    big = _finite_or_zero(w.amax(-1, keepdim=True))  # [B, H, N, 1]
+    big = _finite_or_zero(w.detach().amax(-1, keepdim=True))  # [B, H, N, 1]
     qt = torch.exp(w - big)  # [B, H, N, r]
     return qt, kt
 
@@ -199,13 +202,14 @@ def causal_underflow_limit(dtype: torch.dtype) -> float:
     return -math.log(torch.finfo(dtype).tiny) - 27.0
 
 
-def _key_spread(lk: torch.Tensor) -> torch.Tensor:
-    """``max_{b,h,l} (max_j lk_jl − min_j lk_jl)`` over the finite entries (a 0-dim tensor; 0 if none)."""
+def _key_spread(lk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(max_{b,h,l} (max_j lk_jl − min_j lk_jl)`` over the finite entries (0-dim; 0 if none), and the
+    per-feature maximum ``[B, H, 1, r]``, the keys' shift of :func:`_shifted_features`)."""
     # lk holds no NaN or +inf (checked inputs), only −inf for zero features: amax skips them as it is,
-    # amin once they read +inf; one pass each over [B, H, M, r]
-    hi = lk.amax(-2)  # [B, H, r]
-    lo = lk.nan_to_num(neginf=float("inf")).amin(-2)  # [B, H, r]
-    return _finite_or_zero(hi - lo).amax()
+    # amin once they read +inf
+    hi = lk.amax(-2, keepdim=True)  # [B, H, 1, r]
+    lo = lk.nan_to_num(neginf=float("inf")).amin(-2, keepdim=True)  # [B, H, 1, r]
+    return _finite_or_zero(hi - lo).amax(), hi
 
 
 # fla's normalisation adds 1e-10 to each denominator. Its features are passed scaled by 2^60 (through
@@ -233,13 +237,15 @@ def _fla_importable() -> bool:
 def _fla_causal(qt, kt, v, half: torch.dtype) -> torch.Tensor:
     """Causal attention of the shifted features through fla's chunked kernel, in the half dtype ``half``.
 
-    ``[B, H, N, r]`` features and ``[B, H, N, d_v]`` values in, float32 ``[B, H, N, d_v]`` out.
+    ``[B, H, N, r]`` features and ``[B, H, N, d_v]`` values in, ``[B, H, N, d_v]`` out in ``half`` (the
+    caller's output dtype: no float32 round trip).
     """
     from fla.ops.linear_attn import chunk_linear_attn
 
-    q, k, vv = (x.to(half).transpose(1, 2) for x in (qt, kt, v))  # [B, N, H, ·]: fla's layout
+    # fla's layout [B, N, H, ·], contiguous, written in one pass each (fla would copy a strided view)
+    q, k, vv = (x.transpose(1, 2).to(half, memory_format=torch.contiguous_format) for x in (qt, kt, v))
     o, _ = chunk_linear_attn(q, k, vv, scale=_FLA_SCALE, normalize=True)  # [B, N, H, d_v]
-    return o.transpose(1, 2).float()
+    return o.transpose(1, 2)
 
 
 def linear_attention_causal(
@@ -258,18 +264,19 @@ def linear_attention_causal(
     ``half``: the half dtype the caller's inputs came in, or None.
 
     Half-precision inputs on a GPU go to fla's ``chunk_linear_attn`` when fla is installed and the
-    spread is within :data:`FLA_SPREAD_LIMIT` (measured 1.7–1.9× faster than the product form from
+    spread is within :data:`FLA_SPREAD_LIMIT` (measured 1.3–1.6× faster than the product form from
     16k tokens; benchmarks/RESULTS.md §4). Its products run in the half dtype and TF32, about 1e-3
     relative, below the half-precision rounding of the output; float32 and float64 inputs always take
     the product form (about 1e-6 and 1e-15).
     """
     lk = _mask_keys(lk, key_valid)  # [B, H, N, r]
-    spread = float(_key_spread(lk.detach()))
+    spread, m = _key_spread(lk.detach())  # 0-dim, [B, H, 1, r]
+    spread = float(spread)
     if half and spread <= FLA_SPREAD_LIMIT and fla_available(lq):
-        qt, kt = _shifted_features(lq, lk)  # [B, H, N, r] each
-        out = _fla_causal(qt, kt, v, half)  # [B, H, N, d_v]
+        qt, kt = _shifted_features(lq, lk, m)  # [B, H, N, r] each
+        out = _fla_causal(qt, kt, v, half)  # [B, H, N, d_v], in the half dtype
     elif spread <= causal_underflow_limit(lq.dtype):
-        qt, kt = _shifted_features(lq, lk)  # [B, H, N, r] each
+        qt, kt = _shifted_features(lq, lk, m)  # [B, H, N, r] each
         out = causal_product_form(qt, kt, v, eps, CAUSAL_CHUNK if chunk is None else int(chunk))  # [B, H, N, d_v]
     else:
         out = causal_log_space(lq, lk, v, eps, chunk)  # [B, H, N, d_v]

@@ -19,19 +19,15 @@ from .moment_matching import MATCHING_RULES, curve_feature_scale
 __all__ = ["LLNAttention"]
 
 
-def _std_or_one(x: torch.Tensor) -> torch.Tensor:
-    """Standard deviation of all entries of ``x`` as a 0-dim float64 tensor on its device (no host
-    sync); 1 for a constant (or one-entry) tensor, whose features do not depend on the temperature.
-
-    Computed in the compute dtype of attnstats (float64 on the CPU; on a GPU float32, or float64 for
-    float64 input: a float64 copy of a large bf16 tensor would cost eight bytes per entry, and torch's
-    reduction keeps float32 to about 1e-6).
-    """
+def _std(x: torch.Tensor) -> torch.Tensor:
+    """Standard deviation of all entries of ``x`` (divisor ``M − 1``) as a 0-dim float64 tensor on its
+    device, computed in attnstats' compute dtype (float64 on the CPU; float32 on a GPU unless the
+    input is float64: a float64 copy of a large bf16 tensor would cost eight bytes per entry, and
+    torch's reduction keeps float32 to about 1e-6). NaN for fewer than two entries."""
     x = x.detach()
     if x.numel() < 2:
-        return torch.ones((), dtype=torch.float64, device=x.device)
-    s = x.to(compute_dtype(x)).std().to(torch.float64)
-    return torch.where(s > 0, s, torch.ones_like(s))
+        return torch.full((), float("nan"), dtype=torch.float64, device=x.device)
+    return x.to(compute_dtype(x)).std().to(torch.float64)
 
 
 class LLNAttention(LogFeatureAttention):
@@ -52,8 +48,8 @@ class LLNAttention(LogFeatureAttention):
 
     Computation is float32 for half and float32 inputs (float64 for float64); non-causal in
     ``O(N·d·d_v)``; causal in chunks by matrix products, ``O(N)`` time and memory; key-padding masks
-    supported (padded keys get no attention, padded queries give 0). The temperatures stay on the
-    device: the curve rule costs no host sync.
+    supported (padded keys get no attention, padded queries give 0). σ_q and σ_k are read from the
+    device once per call (one small transfer), and the rule is evaluated on the host.
     """
 
     def __init__(self, moment_matching: bool = True, a: float = theory.LLN_A, b: float = theory.LLN_B,
@@ -83,34 +79,26 @@ class LLNAttention(LogFeatureAttention):
         """The temperatures ``(α, β)`` used for these q, k (Python floats).
 
         ``σ_q, σ_k`` are the standard deviations of all entries of ``q`` and ``k`` (``torch.std``,
-        divisor ``M − 1``), as in the paper's reference implementation. Without moment matching,
-        ``(1.0, 1.0)``. A constant tensor (σ = 0) gives features that do not depend on it, so its σ
-        is replaced by 1.
+        divisor ``M − 1``), as in the paper's reference implementation, read from the device in one
+        transfer. Without moment matching, ``(1.0, 1.0)``. A constant tensor (σ = 0, or a single
+        entry) gives features that do not depend on it, so its σ is replaced by 1.
         """
-        alpha, beta = self.temperatures(q, k)
-        return float(alpha), float(beta)
-
-    @torch.no_grad()
-    def temperatures(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`alpha_beta` as 0-dim float64 tensors on q's device (the curve rule needs no host sync)."""
         if not self.moment_matching:
-            one = torch.ones((), dtype=torch.float64, device=q.device)
-            return one, one
-        sq, sk = _std_or_one(q), _std_or_one(k)  # 0-dim float64 tensors
+            return 1.0, 1.0
+        sq, sk = (v if v > 0 else 1.0 for v in torch.stack([_std(q), _std(k)]).tolist())  # NaN > 0 is False
         d = q.shape[-1]
         # a softmax scale c/sqrt(d) gives scores of variance c²·σ_q²σ_k²
         c = 1.0 if self.scale is None else float(self.scale) * d**0.5
         if self.matching == "curve":
             s = curve_feature_scale((c * sq * sk) ** 2, d)  # the feature scale ασ_q = βσ_k
             return s / sq, s / sk
-        alpha, beta = theory.lln_alpha_beta(float(sq) * c**0.5, float(sk) * c**0.5, self.a, self.b)
-        scale = torch.tensor(c**0.5, dtype=torch.float64, device=q.device)
-        return scale * float(alpha), scale * float(beta)
+        alpha, beta = theory.lln_alpha_beta(sq * c**0.5, sk * c**0.5, self.a, self.b)
+        return float(alpha) * c**0.5, float(beta) * c**0.5
 
     def log_features(self, q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype):
         """``(α q, β k)`` in ``dtype``: the logarithms of the LLN features."""
-        alpha, beta = self.temperatures(q, k)  # 0-dim float64 tensors
-        return q.to(dtype) * alpha.to(dtype), k.to(dtype) * beta.to(dtype)  # [B, H, N, d], [B, H, M, d]: r = d
+        alpha, beta = self.alpha_beta(q, k)  # Python floats: α, β carry no gradient
+        return q.to(dtype) * alpha, k.to(dtype) * beta  # [B, H, N, d], [B, H, M, d]: r = d
 
 
 _register("lln", LLNAttention, moment_matching=True, matching="curve")
