@@ -323,10 +323,10 @@ def test_causal_product_form_and_log_space_equal_the_dense_reference(chunk):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-12)
 
 
-def test_hand_written_backwards_pass_gradcheck():
-    """Both hand-written backwards (non-causal, causal chunks) against finite differences in float64,
-    with a padded key. eps = 0: the backward treats the feature shifts as constants, which is exact
-    when they cancel (eps = 0) and off by O(eps) otherwise (1e-8 by default)."""
+def test_backwards_pass_gradcheck():
+    """The non-causal hand-written backward, and autograd through the causal product form, against
+    finite differences in float64, with a padded key. eps = 0: the shifts are held constant, which is
+    exact when they cancel (eps = 0) and off by O(eps) otherwise (1e-8 by default)."""
     from attnstats.kernels.linear import _shifted_features, causal_product_form, linear_attention
 
     g = torch.Generator().manual_seed(33)
@@ -342,10 +342,34 @@ def test_hand_written_backwards_pass_gradcheck():
     torch.autograd.gradcheck(causal, (lq, lk, v))
 
 
+def test_autocast_does_not_change_the_kernels():
+    """Inside a bf16 autocast region the linearised kernels still compute in float32: the same outputs
+    as outside it, bit for bit (none of their operations is autocast), causal and not. (Softmax and
+    block-diagonal attention are SDPA, which autocast runs in bf16 as it would without attnstats.)"""
+    q, k, v = qkv(seed=35, dtype=torch.float32)
+    for name in ("lln", "exp", "performer"):
+        ker = get_kernel(name)
+        for causal in (False, True):
+            plain = ker(q, k, v, causal=causal)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                inside = ker(q, k, v, causal=causal)
+            assert inside.dtype == torch.float32 and torch.equal(inside, plain), (name, causal)
+
+
+def test_non_causal_backward_refuses_a_second_derivative():
+    """The hand-written backward keeps no graph: asking for a second derivative raises instead of
+    returning a wrong one."""
+    q, k, v = (x.requires_grad_(True) for x in qkv(seed=36))
+    out = get_kernel("lln")(q, k, v)
+    (g,) = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|not support"):
+        g.sum().backward()
+
+
 def test_causal_half_inputs_go_to_fla_only_where_its_guard_is_harmless(monkeypatch):
-    """The dispatch rule (fla itself needs a GPU): half-precision inputs with fla present and key spread
-    within FLA_SPREAD_LIMIT go to fla, with the shifted features and values; float32 inputs, or spreads
-    past the limit, stay with attnstats' own algorithms."""
+    """The dispatch rule (fla itself needs a GPU): bfloat16 inputs with fla present and key spread
+    within FLA_SPREAD_LIMIT go to fla, with the shifted features and values; float16 and float32
+    inputs, or spreads past the limit, stay with attnstats' own algorithms."""
     from attnstats.kernels import linear
 
     calls = []
@@ -364,9 +388,10 @@ def test_causal_half_inputs_go_to_fla_only_where_its_guard_is_harmless(monkeypat
     # bf16 inputs: the output is within bf16 rounding of the float64 formula on the unrounded inputs
     torch.testing.assert_close(out.double(), ref, rtol=0.05, atol=0.05)
     ker(q.float(), k.float(), v.float(), causal=True)
+    ker(q.half(), k.half(), v.half(), causal=True)  # float16: fla keeps denominators in its narrow range
     far = k.clone()
     far[:, :, 10:] += linear.FLA_SPREAD_LIMIT + 1
-    ker(q.half(), far.half(), v.half(), causal=True)
+    ker(q.bfloat16(), far.bfloat16(), v.bfloat16(), causal=True)
     assert calls == [torch.bfloat16]
 
 
@@ -568,14 +593,14 @@ def test_linearised_spectral_gap_of_a_matrix_with_no_valid_entry_raises(name):
 @pytest.mark.parametrize(
     "make_kernel, arg, value, error",
     [
-        (lambda v: LLNAttention(b=v), "b", float("nan"), ValueError),
-        (lambda v: LLNAttention(b=v), "b", float("inf"), ValueError),
-        (lambda v: LLNAttention(a=v), "a", float("inf"), ValueError),
-        (lambda v: LLNAttention(a=v), "a", float("nan"), ValueError),
-        (lambda v: LLNAttention(a=v), "a", 0.0, ValueError),
-        (lambda v: LLNAttention(a=v), "a", -0.1, ValueError),
-        (lambda v: LLNAttention(a=v), "a", True, TypeError),
-        (lambda v: LLNAttention(b=v), "b", "0.1", TypeError),
+        (lambda v: LLNAttention(b=v, matching="paper"), "b", float("nan"), ValueError),
+        (lambda v: LLNAttention(b=v, matching="paper"), "b", float("inf"), ValueError),
+        (lambda v: LLNAttention(a=v, matching="paper"), "a", float("inf"), ValueError),
+        (lambda v: LLNAttention(a=v, matching="paper"), "a", float("nan"), ValueError),
+        (lambda v: LLNAttention(a=v, matching="paper"), "a", 0.0, ValueError),
+        (lambda v: LLNAttention(a=v, matching="paper"), "a", -0.1, ValueError),
+        (lambda v: LLNAttention(a=v, matching="paper"), "a", True, TypeError),
+        (lambda v: LLNAttention(b=v, matching="paper"), "b", "0.1", TypeError),
         (lambda v: LLNAttention(eps=v), "eps", -1e-8, ValueError),
         (lambda v: LLNAttention(eps=v), "eps", float("inf"), ValueError),
         (lambda v: LLNAttention(scale=v), "scale", float("inf"), ValueError),
@@ -598,10 +623,22 @@ def test_constructor_numbers_are_checked(make_kernel, arg, value, error):
 
 
 def test_constructor_accepts_numpy_and_int_numbers():
-    ker = LLNAttention(a=np.float64(0.15), b=-1, eps=0, scale=np.float32(0.25), chunk=np.int64(16))
+    ker = LLNAttention(a=np.float64(0.15), b=-1, eps=0, scale=np.float32(0.25), chunk=np.int64(16), matching="paper")
     assert (ker.a, ker.b, ker.eps, ker.scale, ker.chunk) == (0.15, -1.0, 0.0, 0.25, 16)
     q, k, v = qkv(seed=21)
     assert bool(torch.isfinite(ker(q, k, v, causal=True)).all())
+
+
+def test_lln_curve_rule_refuses_the_papers_constants():
+    """a, b belong to the paper's line: given with the default curve rule they would be ignored, so
+    they raise, naming the argument; an unknown rule raises too."""
+    with pytest.raises(ValueError, match=r"^a: the constants of the paper's line apply to matching='paper' only"):
+        LLNAttention(a=0.2)
+    with pytest.raises(ValueError, match=r"^b: the constants"):
+        get_kernel("lln", b=-0.3)
+    with pytest.raises(ValueError, match=r"^matching: unknown rule 'line', expected one of curve, paper"):
+        LLNAttention(matching="line")
+    assert get_kernel("lln_paper", a=0.2).a == 0.2
 
 
 # ---------------------------------------------------------------- bad input and overflow

@@ -78,7 +78,8 @@ def _section2(n, d, heads, gen):
         m = entry_moments(softmax_attention(q, k))
         pred = theory.sa_lognormal(sigma2**0.5, 1.0, n)
         # outside the regime the paper claims nothing (None), except that the variance of P, a moment
-        # of the heavy log-normal tail, is documented to fail there (by a factor 1.3 to 3 at σ² = 2, 4)
+        # of the heavy log-normal tail, is documented to fail there (by a factor 1.3 to 3: σ² = 2 and 4
+        # at N = 256, σ² = 4 at N = 1024)
         out += [
             _check("§2", "mean of P entries = 1/N", pred.mean, m.mean.mean(), 1e-9, "rel", True, regime),
             _check("§2", "N²·Var[P] = e^σ² − 1", pred.var * n * n, m.var.mean() * n * n, 0.10, "rel", inside, regime),

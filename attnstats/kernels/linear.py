@@ -7,10 +7,16 @@ cancel in the normalisation, and they are chosen so that no denominator can unde
 - keys: ``exp(lk_jl − m_l)`` with ``m_l`` the maximum of feature ``l`` over the valid keys, so the
   key sums ``z_l = Σ_j exp(lk_jl − m_l)`` are ≥ 1;
 - queries: ``exp(lq_il + m_l − M_i)`` with ``M_i = max_l (lq_il + m_l)``, so each row has a term
-  equal to 1 against a ``z_l ≥ 1``: every denominator is ≥ 1 before ``eps`` is added.
+  equal to 1 against a ``z_l ≥ 1``: every non-causal denominator is ≥ 1 before ``eps`` is added.
 
 This is a stronger form of the shifts of docs/theory.md §4 (one maximum per token for queries, one per
-head for keys); it keeps outputs finite and accurate for |q|, |k| in the tens.
+head for keys); it keeps outputs finite and accurate for |q|, |k| in the tens. A causal row sees only
+the keys before it, which may all lie below the shared maximum: its denominator can be far below 1
+(see :func:`causal_underflow_limit` for when that is still exact, and the log-space algorithm for
+when it is not). ``eps`` is a guard of at most a relative ``eps`` on every path (added to a
+denominator ≥ 1, or multiplied in as ``1 + eps``); keep it tiny (default 1e-8): the paths then agree
+to rounding. Computation is float32 for half and float32 inputs, float64 for float64, with autocast
+off; the exception is causal bfloat16 on a GPU with fla installed (:func:`linear_attention_causal`).
 
 Costs: non-causal output ``O(N·r·d_v)`` time, ``O(N·r + r·d_v)`` memory; causal output in chunks of
 ``C`` tokens by matrix products (``[C, C]`` inside a chunk, prefix sums of ``r × d_v`` states for the
@@ -156,6 +162,7 @@ class _NonCausalLinear(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the saved tensors carry no graph: no second derivative
     def backward(ctx, g):
         with torch.autocast(g.device.type, enabled=False):
             return _NonCausalLinear._backward(ctx, g)
@@ -215,7 +222,8 @@ def _key_spread(lk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # fla's normalisation adds 1e-10 to each denominator. Its features are passed scaled by 2^60 (through
 # fla's `scale`, which multiplies numerator and denominator alike), so a row whose keys lie at most L log
 # units below the shared shift has a denominator of at least 2^60·e^{−L} ≥ 1e-4 for L ≤ 50: the 1e-10
-# then moves it by at most 1e-6 relative, under the bf16 rounding of the output.
+# then moves it by at most 1e-6 relative, under the bf16 rounding of the output. (bf16 has float32's
+# exponent range; float16 has not, so float16 is never sent to fla.)
 FLA_SPREAD_LIMIT = 50.0
 _FLA_SCALE = 2.0**60
 
@@ -261,27 +269,33 @@ def linear_attention_causal(
     (:func:`causal_log_space`), exact at any scale but about ten times slower. Deciding costs one host
     sync. Args as :func:`linear_attention` (``N == M``), plus ``chunk``: tokens per chunk (default
     :data:`CAUSAL_CHUNK` for the product form, a memory-bounded size for the log-space one), and
-    ``half``: the half dtype the caller's inputs came in, or None.
+    ``half``: the half dtype the caller's inputs came in, or None. The whole computation runs with
+    autocast off.
 
-    Half-precision inputs on a GPU go to fla's ``chunk_linear_attn`` when fla is installed and the
-    spread is within :data:`FLA_SPREAD_LIMIT` (measured 1.3–1.6× faster than the product form from
-    16k tokens; benchmarks/RESULTS.md §4). Its products run in the half dtype and TF32, about 1e-3
-    relative, below the half-precision rounding of the output; float32 and float64 inputs always take
-    the product form (about 1e-6 and 1e-15).
+    bfloat16 inputs on a GPU go to fla's ``chunk_linear_attn`` when fla is installed and the spread
+    is within :data:`FLA_SPREAD_LIMIT` (measured 1.3–1.6× faster than the product form from 16k
+    tokens; benchmarks/RESULTS.md §4). Its products run in bf16 and TF32, about 1e-3 relative, below
+    the bf16 rounding of the output, and its denominators get its own guard (1e-10 on a scale of at
+    least 1e-4, see :data:`FLA_SPREAD_LIMIT`) instead of ``eps``. float16 is not sent: fla keeps its
+    denominators in the input dtype, and float16's range (6e-5 to 6.5e4) holds neither the 2^60 scale
+    nor features e^-50 small. float16, float32 and float64 inputs take the product form (about 1e-6
+    relative in float32) or, past the underflow limit, the log-space algorithm.
     """
-    lk = _mask_keys(lk, key_valid)  # [B, H, N, r]
-    spread, m = _key_spread(lk.detach())  # 0-dim, [B, H, 1, r]
-    spread = float(spread)
-    if half and spread <= FLA_SPREAD_LIMIT and fla_available(lq):
-        qt, kt = _shifted_features(lq, lk, m)  # [B, H, N, r] each
-        out = _fla_causal(qt, kt, v, half)  # [B, H, N, d_v], in the half dtype
-    elif spread <= causal_underflow_limit(lq.dtype):
-        qt, kt = _shifted_features(lq, lk, m)  # [B, H, N, r] each
-        out = causal_product_form(qt, kt, v, eps, CAUSAL_CHUNK if chunk is None else int(chunk))  # [B, H, N, d_v]
-    else:
-        out = causal_log_space(lq, lk, v, eps, chunk)  # [B, H, N, d_v]
-    if query_valid is not None:
-        out = out * query_valid[..., None]  # [B, H, N, d_v]
+    # features can be e^-60 of their row's largest: an autocast region must not round them to half
+    with torch.autocast(lq.device.type, enabled=False):
+        lk = _mask_keys(lk, key_valid)  # [B, H, N, r]
+        spread, m = _key_spread(lk.detach())  # 0-dim, [B, H, 1, r]
+        spread = float(spread)
+        if half == torch.bfloat16 and spread <= FLA_SPREAD_LIMIT and fla_available(lq):
+            qt, kt = _shifted_features(lq, lk, m)  # [B, H, N, r] each
+            out = _fla_causal(qt, kt, v, half)  # [B, H, N, d_v], in bf16
+        elif spread <= causal_underflow_limit(lq.dtype):
+            qt, kt = _shifted_features(lq, lk, m)  # [B, H, N, r] each
+            out = causal_product_form(qt, kt, v, eps, CAUSAL_CHUNK if chunk is None else int(chunk))  # [B, H, N, d_v]
+        else:
+            out = causal_log_space(lq, lk, v, eps, chunk)  # [B, H, N, d_v]
+        if query_valid is not None:
+            out = out * query_valid[..., None]  # [B, H, N, d_v]
     return out
 
 
@@ -295,7 +309,8 @@ def causal_product_form(qt, kt, v, eps: float, chunk: int) -> torch.Tensor:
 
     Args:
         qt: ``[B, H, N, r]``, kt: ``[B, H, N, r]`` non-negative features; v: ``[B, H, N, d_v]``.
-        eps: relative guard: each denominator is multiplied by ``1 + eps``; a row with no weight gives 0.
+        eps: relative guard: each denominator is multiplied by ``1 + eps`` (the shared shift leaves it on
+            no fixed scale); a row with no weight gives 0.
         chunk: tokens per chunk ``C``.
 
     Returns:
@@ -589,13 +604,14 @@ class LogFeatureAttention(Kernel):
         dt = work_dtype(out_dt)
         shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
         query_valid, key_valid = padding_parts(mask, shape, causal, self.name)  # [B, H, N] | None, [B, H, M] | None
-        lq, lk = self.log_features(q, k, dt)  # [B, H, N, r], [B, H, M, r]
-        vv = v.to(dt)  # [B, H, M, d_v]
-        if causal:
-            half = out_dt if out_dt in (torch.float16, torch.bfloat16) else None
-            out = linear_attention_causal(lq, lk, vv, key_valid, query_valid, self.eps, self.chunk, half)  # [B, H, N, d_v]
-        else:
-            out = linear_attention(lq, lk, vv, key_valid, query_valid, self.eps)  # [B, H, N, d_v]
+        with torch.autocast(q.device.type, enabled=False):  # the work dtype is chosen here, not by autocast
+            lq, lk = self.log_features(q, k, dt)  # [B, H, N, r], [B, H, M, r]
+            vv = v.to(dt)  # [B, H, M, d_v]
+            if causal:
+                half = out_dt if out_dt in (torch.float16, torch.bfloat16) else None
+                out = linear_attention_causal(lq, lk, vv, key_valid, query_valid, self.eps, self.chunk, half)  # [B, H, N, d_v]
+            else:
+                out = linear_attention(lq, lk, vv, key_valid, query_valid, self.eps)  # [B, H, N, d_v]
         return out.to(out_dt)
 
     def _valid(self, mask, shape, causal: bool, device):
@@ -632,8 +648,9 @@ class LinearAttention(LogFeatureAttention):
         num_features: Performer only, number ``m`` of random features (default ``int(d·ln d)``,
             at least ``d``).
         seed: Performer only, seed of the random projection.
-        eps: added to each denominator.
-        chunk: tokens per chunk of the causal algorithm (default: chosen from memory).
+        eps: guard against zero denominators, at most a relative change of ``eps`` (module docstring).
+        chunk: tokens per chunk of the causal algorithm (default 64 for the product form, a
+            memory-bounded size for the log-space algorithm).
 
     ``relu`` rows can have zero weight everywhere (a query with no positive feature): their output
     is 0 and ``matrix``/``spectral_gap`` raise a ValueError naming the row.

@@ -39,29 +39,38 @@ class LLNAttention(LogFeatureAttention):
         matching: the rule, ``"curve"`` (default: LLN's measured log-variance curve for the head dim,
             inverted at softmax's ``σ² + σ⁴/(2d)``; within 5 % of softmax's ``Var[ln P]`` for ``σ_qσ_k``
             from 0.25 to 2) or ``"paper"`` (the paper's line ``σ_q²σ_k² = a·σ_t² + b``).
-        a, b: constants of the paper's line (``matching="paper"`` only; defaults: the paper's values
-            for d = 64; refit for another head dim with :func:`attnstats.fit_moment_matching`).
-        eps: guard added to each denominator, relative to the row's weight (far below float32 resolution).
+        a, b: constants of the paper's line, ``matching="paper"`` only (defaults: the paper's values
+            for d = 64; refit for another head dim with :func:`attnstats.fit_moment_matching`); given
+            with the curve rule they raise ``ValueError``.
+        eps: guard against zero denominators, at most a relative change of ``eps`` (default 1e-8: far
+            below float32 resolution; see :mod:`attnstats.kernels.linear`).
         scale: the softmax scale whose score variance is matched; None = ``1/sqrt(d)``. With another
             scale ``c`` the matched score variance is ``c²·d·σ_q²σ_k²``.
-        chunk: tokens per chunk of the causal algorithm (default 64).
+        chunk: tokens per chunk of the causal algorithm (default 64 for the product form, a
+            memory-bounded size for the log-space algorithm).
 
-    Computation is float32 for half and float32 inputs (float64 for float64); non-causal in
+    Computation is float32 for half and float32 inputs (float64 for float64), except causal bfloat16
+    on a GPU with fla installed (:func:`attnstats.kernels.linear.linear_attention_causal`); non-causal in
     ``O(N·d·d_v)``; causal in chunks by matrix products, ``O(N)`` time and memory; key-padding masks
     supported (padded keys get no attention, padded queries give 0). σ_q and σ_k are read from the
     device once per call (one small transfer), and the rule is evaluated on the host.
     """
 
-    def __init__(self, moment_matching: bool = True, a: float = theory.LLN_A, b: float = theory.LLN_B,
-                 eps: float = 1e-8, scale: float | None = None, chunk: int | None = None, matching: str = "curve"):
+    def __init__(self, moment_matching: bool = True, a: float | None = None, b: float | None = None,
+                 eps: float = 1e-8, scale: float | None = None, chunk: int | None = None, *, matching: str = "curve"):
         super().__init__()
-        a = check_real(a, "a", low=0, strict=True)
-        b = check_real(b, "b")
+        a = check_real(a, "a", low=0, strict=True, none_ok=True)
+        b = check_real(b, "b", none_ok=True)
         eps = check_real(eps, "eps", low=0)
         scale = check_real(scale, "scale", low=0, strict=True, none_ok=True)
         chunk = check_count(chunk, "chunk")
         if matching not in MATCHING_RULES:
             raise ValueError(f"matching: unknown rule {matching!r}, expected one of {', '.join(MATCHING_RULES)}")
+        if matching == "curve" and (a is not None or b is not None):
+            raise ValueError(f"{'a' if a is not None else 'b'}: the constants of the paper's line apply to "
+                             "matching='paper' only; the default rule, matching='curve', has none")
+        a = theory.LLN_A if a is None else a
+        b = theory.LLN_B if b is None else b
         self.moment_matching = bool(moment_matching)
         self.matching = matching
         self.name = "lln_no_mm" if not self.moment_matching else ("lln" if matching == "curve" else "lln_paper")

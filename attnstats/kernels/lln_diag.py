@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import theory
 from ..budget import check_dense_fits
 from ..stats.spectral import spectral_gap as dense_spectral_gap
 from .base import Kernel, _register, check_qkv
@@ -26,8 +25,8 @@ class LLNPlusDiagAttention(Kernel):
         num_heads, head_dim: shape ``[H, d_v]`` of the learnable weights (needed by the learnable
             modes only).
         block: tokens per softmax block; None = head dim.
-        moment_matching, a, b, eps, scale, chunk: passed to :class:`LLNAttention` (``scale`` also
-            to the block softmax).
+        moment_matching, matching, a, b, eps, scale, chunk: passed to :class:`LLNAttention` (``scale``
+            also to the block softmax).
 
     :meth:`matrix` returns ``w_L P_LLN + w_D P_Diag``, the matrix applied to value channel
     ``channel`` (weights equal over channels need no ``channel``). It is row-stochastic for
@@ -38,14 +37,16 @@ class LLNPlusDiagAttention(Kernel):
     pairs_tokens = "block-diagonal attention"  # the Diag part pairs query i with key i
 
     def __init__(self, mode: str = "average", *, num_heads: int | None = None, head_dim: int | None = None,
-                 block: int | None = None, moment_matching: bool = True, a: float = theory.LLN_A,
-                 b: float = theory.LLN_B, eps: float = 1e-8, scale: float | None = None, chunk: int | None = None):
+                 block: int | None = None, moment_matching: bool = True, matching: str = "curve",
+                 a: float | None = None, b: float | None = None, eps: float = 1e-8, scale: float | None = None,
+                 chunk: int | None = None):
         super().__init__()
         if mode not in LLN_DIAG_MODES:
             raise ValueError(f"mode: unknown mode {mode!r}, expected one of {', '.join(LLN_DIAG_MODES)}")
         self.name = "lln_diag"
         self.mode = mode
-        self.lln = LLNAttention(moment_matching=moment_matching, a=a, b=b, eps=eps, scale=scale, chunk=chunk)
+        self.lln = LLNAttention(moment_matching=moment_matching, a=a, b=b, eps=eps, scale=scale, chunk=chunk,
+                                matching=matching)
         self.diag = BlockDiagonalAttention(block=block, scale=scale)
         if mode != "average":
             for label, val in (("num_heads", num_heads), ("head_dim", head_dim)):
