@@ -81,6 +81,10 @@ class BlockDiagonalAttention(Kernel):
         diagonal blocks (``O(N·C)``, never ``N × N``).
         """
         check_qkv(q, k, v, causal, why="block-diagonal attention")  # blocks pair query i with key i
+        return self._output(q, k, v, causal, mask)
+
+    def _output(self, q, k, v, causal: bool, mask) -> torch.Tensor:
+        """:meth:`forward` after its input checks (a kernel combining this one checks once)."""
         b, h, n, d = q.shape
         size = min(self.block_size(d), n)
         m = full_mask(mask, (b, h, n, n), False, q.device)  # broadcast view [B, H, N, N] or None

@@ -106,8 +106,13 @@ class LLNAttention(LogFeatureAttention):
 
     def log_features(self, q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype):
         """``(α q, β k)`` in ``dtype``: the logarithms of the LLN features."""
-        alpha, beta = self.alpha_beta(q, k)  # Python floats: α, β carry no gradient
-        return q.to(dtype) * alpha, k.to(dtype) * beta  # [B, H, N, d], [B, H, M, d]: r = d
+        qd, kd = q.to(dtype), k.to(dtype)  # [B, H, N, d], [B, H, M, d]
+        # σ of the converted tensors: the same numbers (half to float32 is exact), one conversion each
+        alpha, beta = self.alpha_beta(qd, kd)  # Python floats: α, β carry no gradient
+        # a fresh conversion is scaled in place (one pass less); the caller's own tensor never is
+        lq = qd.mul_(alpha) if qd is not q else qd * alpha  # [B, H, N, d]
+        lk = kd.mul_(beta) if kd is not k else kd * beta  # [B, H, M, d]: r = d
+        return lq, lk
 
 
 _register("lln", LLNAttention, moment_matching=True, matching="curve")
