@@ -395,6 +395,21 @@ def test_causal_half_inputs_go_to_fla_only_where_its_guard_is_harmless(monkeypat
     assert calls == [torch.bfloat16]
 
 
+def test_lln_reads_the_causal_key_spread_off_k():
+    """LLN hands the causal algorithm its key spread from the same transfer as σ_q, σ_k: β times k's
+    spread over the valid keys, which must equal the spread measured on the masked log-features."""
+    from attnstats.kernels import linear
+
+    q, k, v = qkv(seed=37)
+    keys = key_padding().expand(B, H, 1, N)[:, :, 0, :]  # [B, H, N]
+    ker = LLNAttention()
+    _, lk, spread = ker._checked_features(q, k, v, torch.float64, True, keys, False)
+    want = float(linear._key_spread(linear._mask_keys(lk, keys))[0])
+    assert spread == pytest.approx(want, rel=1e-12)
+    _, _, none = ker._checked_features(q, k, v, torch.float64, False, None, False)
+    assert none is None
+
+
 def test_causal_keys_spread_past_the_underflow_limit_take_the_log_space_path(monkeypatch):
     """float32 exp features with keys 80 log units apart: a shared shift would underflow the early
     rows (e^-80 < float32's tiny), so the exact log-space algorithm runs; it matches the dense

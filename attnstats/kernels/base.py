@@ -194,8 +194,11 @@ def check_all_finite(**tensors: torch.Tensor) -> None:
         check_finite(x, name)
 
 
-def check_qkv(q, k, v, causal: bool = False, why: str | None = None) -> None:
-    """Raise unless ``q, k, v`` are finite ``[B, H, N, d]``, ``[B, H, M, d]``, ``[B, H, M, d_v]``."""
+def check_qkv(q, k, v, causal: bool = False, why: str | None = None, finite: bool = True) -> None:
+    """Raise unless ``q, k, v`` are finite ``[B, H, N, d]``, ``[B, H, M, d]``, ``[B, H, M, d_v]``.
+
+    ``finite=False`` checks shapes and devices only: the caller checks finiteness itself (LLN reads it
+    off σ_q, σ_k in the one transfer its temperatures need)."""
     check_qk4(q, k, causal=causal, why=why, finite=False)
     _check_4d(v, "v")
     if v.shape[:2] != k.shape[:2]:
@@ -206,7 +209,8 @@ def check_qkv(q, k, v, causal: bool = False, why: str | None = None) -> None:
         )
     if v.device != k.device:
         raise ValueError(f"v: on device {v.device}, expected k's device {k.device}")
-    check_all_finite(q=q, k=k, v=v)
+    if finite:
+        check_all_finite(q=q, k=k, v=v)
 
 
 def result_dtype(*xs: torch.Tensor) -> torch.dtype:

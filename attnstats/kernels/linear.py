@@ -38,6 +38,7 @@ from ..validation import check_finite, check_tensor, compute_dtype, first_index
 from .base import (
     Kernel,
     _register,
+    check_all_finite,
     check_count,
     check_qkv,
     check_real,
@@ -260,7 +261,7 @@ def _fla_causal(qt, kt, v, half: torch.dtype) -> torch.Tensor:
 
 def linear_attention_causal(
     lq, lk, v, key_valid=None, query_valid=None, eps: float = 1e-8, chunk: int | None = None,
-    half: torch.dtype | None = None,
+    half: torch.dtype | None = None, spread: float | None = None,
 ) -> torch.Tensor:
     """Causal linearised attention from log-features, ``O(N)`` time and memory in ``N``.
 
@@ -271,7 +272,9 @@ def linear_attention_causal(
     (:func:`causal_log_space`), exact at any scale but about ten times slower. Deciding costs one host
     sync. Args as :func:`linear_attention` (``N == M``), plus ``chunk``: tokens per chunk (default
     :data:`CAUSAL_CHUNK` for the product form, a memory-bounded size for the log-space one), and
-    ``half``: the half dtype the caller's inputs came in, or None. The whole computation runs with
+    ``half``: the half dtype the caller's inputs came in, or None; ``spread``: the key spread (the
+    maximum over batch, head and feature of ``max_j lk_jl − min_j lk_jl`` over the valid keys) when the
+    caller knows it, else it is measured here (one device sync). The whole computation runs with
     autocast off.
 
     bfloat16 inputs on a GPU go to fla's ``chunk_linear_attn`` when fla is installed and the spread
@@ -286,8 +289,11 @@ def linear_attention_causal(
     # features can be e^-60 of their row's largest: an autocast region must not round them to half
     with torch.autocast(lq.device.type, enabled=False):
         lk = _mask_keys(lk, key_valid)  # [B, H, N, r]
-        spread, m = _key_spread(lk.detach())  # 0-dim, [B, H, 1, r]
-        spread = float(spread)
+        if spread is None:
+            spread, m = _key_spread(lk.detach())  # 0-dim, [B, H, 1, r]
+            spread = float(spread)
+        else:
+            m = lk.detach().amax(-2, keepdim=True)  # [B, H, 1, r]
         if half == torch.bfloat16 and spread <= FLA_SPREAD_LIMIT and fla_available(lq):
             qt, kt = _shifted_features(lq, lk, m)  # [B, H, N, r] each
             out = _fla_causal(qt, kt, v, half)  # [B, H, N, d_v], in bf16
@@ -601,24 +607,36 @@ class LogFeatureAttention(Kernel):
 
     def forward(self, q, k, v, *, causal: bool = False, mask=None) -> torch.Tensor:
         """Attention output ``[B, H, N, d_v]`` (same dtype as the inputs; float32 compute for half)."""
-        check_qkv(q, k, v, causal)
+        check_qkv(q, k, v, causal, finite=False)  # finiteness: with the features, in _checked_features
         return self._output(q, k, v, causal, mask)
 
-    def _output(self, q, k, v, causal: bool, mask) -> torch.Tensor:
-        """:meth:`forward` after its input checks (a kernel combining this one checks once)."""
+    def _output(self, q, k, v, causal: bool, mask, checked: bool = False) -> torch.Tensor:
+        """:meth:`forward` after its shape checks; ``checked``: finiteness already checked too (a kernel
+        combining this one checks once)."""
         out_dt = result_dtype(q, k, v)
         dt = work_dtype(out_dt)
         shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
         query_valid, key_valid = padding_parts(mask, shape, causal, self.name)  # [B, H, N] | None, [B, H, M] | None
         with torch.autocast(q.device.type, enabled=False):  # the work dtype is chosen here, not by autocast
-            lq, lk = self.log_features(q, k, dt)  # [B, H, N, r], [B, H, M, r]
+            lq, lk, spread = self._checked_features(q, k, v, dt, causal, key_valid, checked)
             vv = v.to(dt)  # [B, H, M, d_v]
             if causal:
                 half = out_dt if out_dt in (torch.float16, torch.bfloat16) else None
-                out = linear_attention_causal(lq, lk, vv, key_valid, query_valid, self.eps, self.chunk, half)  # [B, H, N, d_v]
+                out = linear_attention_causal(lq, lk, vv, key_valid, query_valid, self.eps, self.chunk, half,
+                                              spread)  # [B, H, N, d_v]
             else:
                 out = linear_attention(lq, lk, vv, key_valid, query_valid, self.eps)  # [B, H, N, d_v]
         return out.to(out_dt)
+
+    def _checked_features(self, q, k, v, dtype, causal: bool, key_valid, checked: bool):
+        """``(lq, lk, spread)``: the log-features after the finiteness check of q, k, v (skipped when
+        ``checked``), and the causal key spread of :func:`linear_attention_causal` where it is known
+        without another device sync (None here: it is measured there). ``key_valid``: ``[B, H, M]`` or
+        None (every key valid)."""
+        if not checked:
+            check_all_finite(q=q, k=k, v=v)
+        lq, lk = self.log_features(q, k, dtype)  # [B, H, N, r], [B, H, M, r]
+        return lq, lk, None
 
     def _valid(self, mask, shape, causal: bool, device):
         """``(query_valid [B, H, N] | None, key_valid [B, H, M] | None)``: features factorise ``P``, so

@@ -8,10 +8,12 @@ dim, inverted; the default) or ``"paper"`` (the paper's straight line ``a·σ_t�
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import theory
-from ..validation import compute_dtype
+from ..validation import check_finite, compute_dtype
 from .base import _register, check_count, check_real
 from .linear import LogFeatureAttention
 from .moment_matching import MATCHING_RULES, curve_feature_scale
@@ -94,8 +96,12 @@ class LLNAttention(LogFeatureAttention):
         """
         if not self.moment_matching:
             return 1.0, 1.0
-        sq, sk = (v if v > 0 else 1.0 for v in torch.stack([_std(q), _std(k)]).tolist())  # NaN > 0 is False
-        d = q.shape[-1]
+        sq, sk = torch.stack([_std(q), _std(k)]).tolist()
+        return self._rule(sq, sk, q.shape[-1])
+
+    def _rule(self, sq: float, sk: float, d: int) -> tuple[float, float]:
+        """``(α, β)`` from ``σ_q, σ_k`` (floats; NaN or ≤ 0 read as 1) for head dim ``d``."""
+        sq, sk = (v if v > 0 else 1.0 for v in (sq, sk))  # NaN > 0 is False
         # a softmax scale c/sqrt(d) gives scores of variance c²·σ_q²σ_k²
         c = 1.0 if self.scale is None else float(self.scale) * d**0.5
         if self.matching == "curve":
@@ -109,10 +115,44 @@ class LLNAttention(LogFeatureAttention):
         qd, kd = q.to(dtype), k.to(dtype)  # [B, H, N, d], [B, H, M, d]
         # σ of the converted tensors: the same numbers (half to float32 is exact), one conversion each
         alpha, beta = self.alpha_beta(qd, kd)  # Python floats: α, β carry no gradient
+        return self._scaled(q, qd, alpha), self._scaled(k, kd, beta)
+
+    @staticmethod
+    def _scaled(x, xd, factor):
         # a fresh conversion is scaled in place (one pass less); the caller's own tensor never is
-        lq = qd.mul_(alpha) if qd is not q else qd * alpha  # [B, H, N, d]
-        lk = kd.mul_(beta) if kd is not k else kd * beta  # [B, H, M, d]: r = d
-        return lq, lk
+        return xd.mul_(factor) if xd is not x else xd * factor
+
+    def _checked_features(self, q, k, v, dtype, causal: bool, key_valid, checked: bool):
+        """:meth:`LogFeatureAttention._checked_features` with one device transfer for everything: σ_q and
+        σ_k (NaN or inf exactly when q or k holds a NaN or an inf, so they double as its finiteness check),
+        v's finiteness flag, and for a causal call the keys' spread, which for ``βk`` is β times k's."""
+        qd, kd = q.to(dtype), k.to(dtype)  # [B, H, N, d], [B, H, M, d]
+        with torch.no_grad():
+            parts = [_std(qd), _std(kd), torch.isfinite(v).all().to(torch.float64)]
+            if causal:
+                parts.append(_spread(kd, key_valid))
+            sq, sk, v_ok, *spread_k = torch.stack(parts).tolist()  # the one host sync
+        if not checked:
+            if not (math.isfinite(sq) and math.isfinite(sk)):
+                check_finite(q, "q")  # raise naming the first bad entry (a finite q with an overflowing
+                check_finite(k, "k")  # variance passes on: its σ reads as 1, as a constant tensor's)
+            if v_ok != 1.0:
+                check_finite(v, "v")
+        alpha, beta = self._rule(sq, sk, q.shape[-1]) if self.moment_matching else (1.0, 1.0)
+        spread = spread_k[0] * beta if causal else None  # β > 0: the spread of βk
+        return self._scaled(q, qd, alpha), self._scaled(k, kd, beta), spread
+
+
+def _spread(k: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
+    """``max_{b,h,l} (max_j k_jl − min_j k_jl)`` over the valid keys ``keys [B, H, M]`` (all if None),
+    a 0-dim float64 tensor; 0 where a head has no valid key."""
+    if keys is None:
+        lo, hi = torch.aminmax(k, dim=-2)  # [B, H, d] each
+    else:
+        hi = k.masked_fill(~keys[..., None], float("-inf")).amax(-2)  # [B, H, d]
+        lo = k.masked_fill(~keys[..., None], float("inf")).amin(-2)  # [B, H, d]
+    gap = hi - lo  # [B, H, d]; −inf where a head has no valid key
+    return torch.where(torch.isfinite(gap), gap, torch.zeros_like(gap)).amax().to(torch.float64)
 
 
 _register("lln", LLNAttention, moment_matching=True, matching="curve")

@@ -80,7 +80,7 @@ class LLNPlusDiagAttention(Kernel):
         """Attention output ``[B, H, N, d_v]``."""
         check_qkv(q, k, v, causal, why="block-diagonal attention")
         self._check_heads(q, v)
-        out_l = self.lln._output(q, k, v, causal, mask)  # [B, H, N, d_v]; the inputs are checked once, above
+        out_l = self.lln._output(q, k, v, causal, mask, checked=True)  # [B, H, N, d_v]; inputs checked above
         out_d = self.diag._output(q, k, v, causal, mask)  # [B, H, N, d_v]
         wl, wd = self.weights()  # floats, or [H, d_v] each
         if self.mode != "average":
