@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "checked, prediction, measurement, tolerance, whether it holds, the outcome docs/theory.md "
                        "records, and the regime. Exit code 0 exactly when every outcome is the documented one (a paper "
                        "statement failing where the docs say it fails is a finding, not an error); 1 otherwise.")
-    v.add_argument("--quick", action="store_true", help="N = 256 instead of 1024 (seconds)")
+    v.add_argument("--quick", action="store_true", help="N = 256 and 8 heads instead of 1024 and 4 (seconds)")
     v.add_argument("--seed", type=int, default=0, help="random seed of the Gaussian inputs (default 0)")
     v.add_argument("--csv", metavar="FILE", help="also write the table to this CSV file")
     v.set_defaults(func=cmd_validate)
