@@ -212,13 +212,21 @@ def causal_underflow_limit(dtype: torch.dtype) -> float:
     return -math.log(torch.finfo(dtype).tiny) - 27.0
 
 
-def _key_spread(lk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(max_{b,h,l} (max_j lk_jl − min_j lk_jl)`` over the finite entries (0-dim; 0 if none), and the
-    per-feature maximum ``[B, H, 1, r]``, the keys' shift of :func:`_shifted_features`)."""
-    # lk holds no NaN or +inf (checked inputs), only −inf for zero features: amax skips them as it is,
-    # amin once they read +inf
-    hi = lk.amax(-2, keepdim=True)  # [B, H, 1, r]
-    lo = lk.nan_to_num(neginf=float("inf")).amin(-2, keepdim=True)  # [B, H, 1, r]
+def _key_spread(lk: torch.Tensor, key_valid=None, finite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(max_{b,h,l} (max_j lk_jl − min_j lk_jl)`` over the valid keys' finite entries (0-dim; 0 if none),
+    and the per-feature maximum ``[B, H, 1, r]``, the keys' shift of :func:`_shifted_features`).
+
+    ``key_valid``: ``[B, H, M]`` bool or None (every key valid, or ``lk`` already −inf at padded keys);
+    ``finite``: ``lk`` holds no −inf (features that are never zero), so one ``aminmax`` pass does.
+    """
+    if finite and key_valid is None:
+        lo, hi = torch.aminmax(lk, dim=-2, keepdim=True)  # [B, H, 1, r] each
+    else:
+        # lk holds no NaN or +inf (checked inputs), only −inf for zero features and padded keys: amax
+        # skips them as it is, amin once they read +inf
+        lk = _mask_keys(lk, key_valid)  # [B, H, M, r]
+        hi = lk.amax(-2, keepdim=True)  # [B, H, 1, r]
+        lo = lk.nan_to_num(neginf=float("inf")).amin(-2, keepdim=True)  # [B, H, 1, r]
     return _finite_or_zero(hi - lo).amax(), hi
 
 

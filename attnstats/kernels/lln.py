@@ -15,7 +15,7 @@ import torch
 from .. import theory
 from ..validation import check_finite, compute_dtype
 from .base import _register, check_count, check_real
-from .linear import LogFeatureAttention
+from .linear import LogFeatureAttention, _key_spread
 from .moment_matching import MATCHING_RULES, curve_feature_scale
 
 __all__ = ["LLNAttention"]
@@ -130,7 +130,7 @@ class LLNAttention(LogFeatureAttention):
         with torch.no_grad():
             parts = [_std(qd), _std(kd), torch.isfinite(v).all().to(torch.float64)]
             if causal:
-                parts.append(_spread(kd, key_valid))
+                parts.append(_key_spread(kd, key_valid, finite=True)[0].to(torch.float64))
             sq, sk, v_ok, *spread_k = torch.stack(parts).tolist()  # the one host sync
         if not checked:
             if not (math.isfinite(sq) and math.isfinite(sk)):
@@ -141,18 +141,6 @@ class LLNAttention(LogFeatureAttention):
         alpha, beta = self._rule(sq, sk, q.shape[-1]) if self.moment_matching else (1.0, 1.0)
         spread = spread_k[0] * beta if causal else None  # β > 0: the spread of βk
         return self._scaled(q, qd, alpha), self._scaled(k, kd, beta), spread
-
-
-def _spread(k: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
-    """``max_{b,h,l} (max_j k_jl − min_j k_jl)`` over the valid keys ``keys [B, H, M]`` (all if None),
-    a 0-dim float64 tensor; 0 where a head has no valid key."""
-    if keys is None:
-        lo, hi = torch.aminmax(k, dim=-2)  # [B, H, d] each
-    else:
-        hi = k.masked_fill(~keys[..., None], float("-inf")).amax(-2)  # [B, H, d]
-        lo = k.masked_fill(~keys[..., None], float("inf")).amin(-2)  # [B, H, d]
-    gap = hi - lo  # [B, H, d]; −inf where a head has no valid key
-    return torch.where(torch.isfinite(gap), gap, torch.zeros_like(gap)).amax().to(torch.float64)
 
 
 _register("lln", LLNAttention, moment_matching=True, matching="curve")
