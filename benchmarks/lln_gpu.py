@@ -6,12 +6,14 @@ optional: install the fla-core wheel and einops to compare causal LLN with its c
     PYTHONUNBUFFERED=1 python benchmarks/lln_gpu.py --out results/lln_gpu.json
 
 Parts (each can be skipped with --skip):
-  agreement  the GPU kernels (float32 and bf16 inputs) against the float64 kernels on the CPU
+  agreement  the GPU kernels (float32, float16 and bf16 inputs; outputs and gradients) against the
+             float64 kernels on the CPU, through the fused Triton path and the PyTorch path
   overhead   the steps of one LLN call timed alone at N = 1024 (what is not arithmetic)
   kernels  forward+backward time and peak memory of LLN and LLN+Diag (non-causal, causal) vs
            F.scaled_dot_product_attention (the baseline, timed in the same process), bf16 inputs,
-           16 heads, d = 64, over N; causal LLN also vs fla's chunk_linear_attn on the same
-           LLN features (when fla is installed).
+           16 heads, d = 64, over N; LLN also through its PyTorch path (the fused Triton kernels
+           switched off; causal bf16 then goes to fla when installed), and causal LLN vs fla's
+           chunk_linear_attn on the same LLN features (when fla is installed).
   table2   memory and time per training iteration (forward, backward, AdamW step; batch 1, bf16
            autocast) of a RoBERTa-base-sized encoder (12 layers, hidden 768, 12 heads, random init)
            with SA eager, SA SDPA, LLN and LLN+Diag attention, N = 512 … 16384; out-of-memory marked.
@@ -19,6 +21,7 @@ Parts (each can be skipped with --skip):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import sys
 import time
@@ -31,7 +34,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import bench, run_parts  # noqa: E402
 
-from attnstats.kernels import get_kernel  # noqa: E402
+from attnstats.kernels import get_kernel, lln_triton  # noqa: E402
+
+
+@contextlib.contextmanager
+def pytorch_path():
+    """LLN through its PyTorch path: the fused Triton kernels switched off for the block."""
+    real = lln_triton.applies
+    lln_triton.applies = lambda *a: False
+    try:
+        yield
+    finally:
+        lln_triton.applies = real
 
 
 def peak_bytes(fn):
@@ -81,6 +95,7 @@ def part_kernels(dev, ns):
             impls = {
                 "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
                 "lln": lambda q, k, v: lln(q, k, v, causal=causal),
+                "lln_pytorch": lambda q, k, v: _pytorch(lln, q, k, v, causal),
                 "lln_diag": lambda q, k, v: lln_diag(q, k, v, causal=causal),
             }
             if causal and chunk_linear_attn is not None:
@@ -103,7 +118,7 @@ def part_kernels(dev, ns):
                 except Exception as err:
                     row[name + "_ms"] = f"error: {type(err).__name__}: {str(err)[:200]}"
             for num, den in (("lln", "sdpa"), ("lln_diag", "lln"), ("fla_chunk_linear_attn", "sdpa"),
-                             ("lln", "fla_chunk_linear_attn")):
+                             ("lln", "fla_chunk_linear_attn"), ("lln", "lln_pytorch")):
                 if isinstance(row.get(num + "_ms"), float) and isinstance(row.get(den + "_ms"), float):
                     row[f"{num}_over_{den}"] = row[num + "_ms"] / row[den + "_ms"]
                     row[f"{num}_over_{den}_memory"] = row[num + "_peak_bytes"] / max(1, row[den + "_peak_bytes"])
@@ -114,32 +129,41 @@ def part_kernels(dev, ns):
     return rows
 
 
+def _pytorch(kern, q, k, v, causal):
+    with pytorch_path():
+        return kern(q, k, v, causal=causal)
+
+
 def part_agreement(dev):
     """The GPU kernels against the same kernels in float64 on the CPU, N = 2048, 4 heads: the largest
     relative output error for float32 and bf16 inputs, and fla's causal output (float32 features)
     against attnstats' on the same features."""
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 4, 2048, 64, generator=gen, dtype=torch.float64) for _ in range(3))
+    g = torch.randn(1, 4, 2048, 64, generator=gen, dtype=torch.float64)
     rows = []
-    for name in ("lln", "lln_diag"):
-        kern = get_kernel(name)
-        for causal in (False, True):
-            ref = kern(q, k, v, causal=causal)
-            got = kern(q.float().to(dev), k.float().to(dev), v.float().to(dev), causal=causal).double().cpu()
-            err = float(((got - ref).abs().max() / ref.abs().max()))
-            rows.append(dict(kernel=name, causal=causal, max_rel_error=err))
-            print("agreement", rows[-1], flush=True)
-    # bf16 inputs: the causal kernel goes to fla when it is installed; against float64 on the same
-    # (bf16-rounded) inputs, the error is that of bf16 arithmetic
-    qb, kb, vb = (x.bfloat16() for x in (q, k, v))
-    for name in ("lln", "lln_diag"):
-        kern = get_kernel(name)
-        for causal in (False, True):
-            ref = kern(qb.double(), kb.double(), vb.double(), causal=causal)
-            got = kern(qb.to(dev), kb.to(dev), vb.to(dev), causal=causal).double().cpu()
-            rows.append(dict(kernel=name + " (bf16 inputs)", causal=causal,
-                             max_rel_error=float((got - ref).abs().max() / ref.abs().max())))
-            print("agreement", rows[-1], flush=True)
+    # against float64 on the same inputs rounded to the dtype: the error is that of the dtype's arithmetic
+    # (bf16 and float16 outputs are rounded to 2^-8 and 2^-11); gradients relative to their largest entry
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        qh, kh, vh = (x.to(dt) for x in (q, k, v))
+        for name in ("lln", "lln_diag"):
+            kern = get_kernel(name)
+            for causal in (False, True):
+                xs = [x.double().requires_grad_() for x in (qh, kh, vh)]
+                ref = kern(*xs, causal=causal)
+                ref_grads = torch.autograd.grad(ref, xs, g)
+                for path in ("fused", "pytorch"):
+                    xd = [x.to(dev).requires_grad_() for x in (qh, kh, vh)]
+                    with contextlib.nullcontext() if path == "fused" else pytorch_path():
+                        out = kern(*xd, causal=causal)
+                    grads = torch.autograd.grad(out, xd, g.to(dev, dt))
+                    scale = max(float(r.abs().max()) for r in ref_grads)
+                    row = dict(kernel=name, dtype=str(dt).replace("torch.", ""), causal=causal, path=path,
+                               max_rel_error=float((out.double().cpu() - ref).abs().max() / ref.abs().max()),
+                               grad_max_rel_error=max(float((a.double().cpu() - b).abs().max()) / scale
+                                                      for a, b in zip(grads, ref_grads)))
+                    rows.append(row)
+                    print("agreement", row, flush=True)
     try:
         from fla.ops.linear_attn import chunk_linear_attn
     except Exception:
@@ -169,6 +193,7 @@ def part_overhead(dev):
 
     steps = {"check_qkv": lambda: check_qkv(q, k, v, False), "temperatures": lambda: lln.alpha_beta(q, k),
              "log_features": lambda: lln.log_features(q, k, torch.float32),
+             "fused_moments": lambda: lln_triton.moments(q, k, v),
              "forward": lambda: lln(q, k, v), "forward_causal": lambda: lln(q, k, v, causal=True),
              "forward_backward": lambda: fwd_bwd(False), "forward_backward_causal": lambda: fwd_bwd(True)}
     row = {name + "_ms": bench(f) for name, f in steps.items()}

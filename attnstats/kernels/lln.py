@@ -15,7 +15,8 @@ import torch
 from .. import theory
 from ..validation import check_finite, compute_dtype
 from .base import _register, check_count, check_real
-from .linear import LogFeatureAttention, _key_spread
+from . import lln_triton
+from .linear import LogFeatureAttention, _key_spread, causal_underflow_limit
 from .moment_matching import MATCHING_RULES, curve_feature_scale
 
 __all__ = ["LLNAttention"]
@@ -122,6 +123,21 @@ class LLNAttention(LogFeatureAttention):
         # a fresh conversion is scaled in place (one pass less); the caller's own tensor never is
         return xd.mul_(factor) if xd is not x else xd * factor
 
+    def _output(self, q, k, v, causal: bool, mask, checked: bool = False) -> torch.Tensor:
+        """The output by the fused Triton kernels where they apply (:func:`lln_triton.applies`: CUDA
+        tensors of one dtype, no mask), else by the PyTorch path of the base class."""
+        if not lln_triton.applies(q, k, v, mask):
+            return super()._output(q, k, v, causal, mask, checked)
+        st = lln_triton.moments(q, k, v, spread=causal)  # the one host sync
+        if not checked:
+            _check_read(q, k, v, st.sigma_q, st.sigma_k, st.v_finite)
+        alpha, beta = self._rule(st.sigma_q, st.sigma_k, q.shape[-1]) if self.moment_matching else (1.0, 1.0)
+        if not causal:
+            return lln_triton.lln_noncausal(q, k, v, alpha, beta, self.eps, st)  # [B, H, N, d_v]
+        if st.spread * beta <= causal_underflow_limit(torch.float32):
+            return lln_triton.lln_causal(q, k, v, alpha, beta, self.eps, st)  # [B, H, N, d_v]
+        return super()._output(q, k, v, causal, mask, checked=True)  # keys too spread out: the log-space path
+
     def _checked_features(self, q, k, v, dtype, causal: bool, key_valid, checked: bool):
         """:meth:`LogFeatureAttention._checked_features` with one device transfer for everything: σ_q and
         σ_k (NaN or inf exactly when q or k holds a NaN or an inf, so they double as its finiteness check),
@@ -133,14 +149,21 @@ class LLNAttention(LogFeatureAttention):
                 parts.append(_key_spread(kd, key_valid, finite=True)[0].to(torch.float64))
             sq, sk, v_ok, *spread_k = torch.stack(parts).tolist()  # the one host sync
         if not checked:
-            if not (math.isfinite(sq) and math.isfinite(sk)):
-                check_finite(q, "q")  # raise naming the first bad entry (a finite q with an overflowing
-                check_finite(k, "k")  # variance passes on: its σ reads as 1, as a constant tensor's)
-            if v_ok != 1.0:
-                check_finite(v, "v")
+            _check_read(q, k, v, sq, sk, v_ok == 1.0)
         alpha, beta = self._rule(sq, sk, q.shape[-1]) if self.moment_matching else (1.0, 1.0)
         spread = spread_k[0] * beta if causal else None  # β > 0: the spread of βk
         return self._scaled(q, qd, alpha), self._scaled(k, kd, beta), spread
+
+
+def _check_read(q, k, v, sq: float, sk: float, v_finite: bool) -> None:
+    """Raise, naming the first bad entry, when the σ read from the device say q or k holds a NaN or an
+    inf, or v is not finite. (A finite q whose variance overflows passes on: its σ reads as 1, as a
+    constant tensor's.)"""
+    if not (math.isfinite(sq) and math.isfinite(sk)):
+        check_finite(q, "q")
+        check_finite(k, "k")
+    if not v_finite:
+        check_finite(v, "v")
 
 
 _register("lln", LLNAttention, moment_matching=True, matching="curve")

@@ -1,0 +1,773 @@
+"""Fused Triton kernels for LLN attention on a GPU: a whole forward + backward in a handful of launches.
+
+:class:`~attnstats.kernels.lln.LLNAttention` sends a call here when its inputs are CUDA tensors of one
+dtype (bfloat16, float16 or float32), with no mask and head dims ≤ :data:`MAX_HEAD_DIM`, and Triton is
+installed; everything else takes the PyTorch path of :mod:`attnstats.kernels.linear`, which is the
+reference these kernels are tested against (on the CPU under ``TRITON_INTERPRET=1``, small sizes, and
+on the GPU by ``benchmarks/lln_gpu.py``). The mathematics is that path's, with LLN's features
+``exp(αq)``, ``exp(βk)`` formed inside the kernels from q and k as they come (no float32 copies):
+
+- keys ``kt = exp(βk − m)`` with ``m_l = β·max_j k_jl`` (a per-head, per-feature shift), so every key
+  sum ``z_l = Σ_j kt_jl ≥ 1``;
+- queries ``qt = exp(αq + m − M_i)`` with ``M_i = max_l (αq_il + m_l)``: each row has a term equal to 1
+  against a ``z_l ≥ 1``, so a non-causal denominator is ≥ 1 before ``eps``; the shifts cancel and carry
+  no gradient.
+
+Why fused: at a few thousand tokens the PyTorch path is some 50 kernel launches and Python steps for a
+forward + backward whose arithmetic takes a fraction of a millisecond (benchmarks/RESULTS.md §4). Here:
+
+1. :func:`moments` (one launch, one small transfer to the host): σ_q, σ_k for moment matching (per
+   program mean and sum of squared deviations, combined on the host in float64 by Chan's rule), whether
+   v is finite (a NaN or inf in q or k makes its σ NaN), and each program's per-feature maximum and
+   minimum of k (the shift ``m``, and the causal path's spread).
+2. non-causal forward: the state ``S = ktᵀ v`` ``[d, d_v]`` and ``z = Σ kt`` (grid: head × split,
+   each program a range of keys), then the output ``qt S / (qt·z + eps)``, which also stores the
+   denominators for the backward.
+3. non-causal backward: over the queries, ``dq`` and the partial sums of ``∂S``, ``∂z``; over the
+   keys, ``dk`` and ``dv``.
+
+Partial sums go to per-(head, split) buffers summed by the next kernel, in a fixed order: the results
+do not depend on scheduling. Products run in TF32 for half-precision inputs (about 1e-3, below the
+output's rounding) and in full float32 for float32 inputs; accumulation is float32.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+
+import numpy as np
+import torch
+
+__all__ = ["MAX_HEAD_DIM", "available", "applies", "moments", "lln_noncausal", "lln_causal"]
+
+try:  # Triton is an optional extra: without it these kernels are simply unavailable
+    import triton
+    import triton.language as tl
+
+    _HAVE_TRITON = True
+except Exception:  # pragma: no cover - depends on the environment
+    _HAVE_TRITON = False
+
+# Largest head dim (of q, k and of v) the kernels take: the per-program state [d, d_v] lives in registers
+MAX_HEAD_DIM = 128
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether the kernels can run on ``x``: Triton imports, and ``x`` is a CUDA tensor (or a CPU tensor
+    under ``TRITON_INTERPRET=1``, for tests)."""
+    return _HAVE_TRITON and (x.is_cuda or (_interpreting() and x.device.type == "cpu"))
+
+
+def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> bool:
+    """Whether :class:`~attnstats.kernels.lln.LLNAttention` takes the fused path for this call: CUDA
+    tensors of one dtype (bf16, fp16, fp32), no mask, head dims ≤ :data:`MAX_HEAD_DIM`, Triton installed.
+    (CPU tensors never do: the interpreter is for tests.)"""
+    return (
+        _HAVE_TRITON and mask is None and q.is_cuda and k.is_cuda and v.is_cuda
+        and q.dtype in _DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+        and q.shape[-1] <= MAX_HEAD_DIM and v.shape[-1] <= MAX_HEAD_DIM
+        and q.shape[-2] > 0 and k.shape[-2] > 0
+    )
+
+
+def _pad(n: int) -> int:
+    """Tile width for a head dim: a power of two ≥ 16 (``tl.dot``'s smallest)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def _block(d_pad: int, dv_pad: int) -> int:
+    """Tokens per tile: 64, halved for the widest heads so the tiles and the [d, d_v] state fit in registers."""
+    return 64 if max(d_pad, dv_pad) <= 64 else 32
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index) -> int:
+    # (a CPU tensor under the interpreter: as if 8, so that small tests run several programs per head)
+    return 8 if index is None else torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _splits(bh: int, n: int, block: int, device: torch.device) -> int:
+    """Programs per head along the tokens: about two per streaming multiprocessor in all, at most one
+    per tile and at most 16 (each later program sums the 16 partial states)."""
+    index = (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else None
+    return max(1, min(16, triton.cdiv(n, block), triton.cdiv(2 * _multiprocessors(index), bh)))
+
+
+def _on(x: torch.Tensor):
+    """Launch on ``x``'s GPU (Triton launches on the current device); nothing for CPU tensors."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _rows(n: int, split: int, block: int) -> int:
+    """Tokens per program: ``n`` cut into ``split`` ranges of whole tiles."""
+    return triton.cdiv(triton.cdiv(n, block), split) * block
+
+
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _column_moments(X, sx_n, sx_d, lo, hi, offs_d, dmask, BLOCK: tl.constexpr, D_PAD: tl.constexpr):
+        # Per column l of rows lo … hi−1 of one head: mean and sum of squared deviations (Chan's rule
+        # over tiles), maximum and minimum; returned as [D_PAD] float32 each (padded columns: 0, ±inf).
+        mean = tl.zeros([D_PAD], dtype=tl.float32)
+        m2 = tl.zeros([D_PAD], dtype=tl.float32)
+        big = tl.full([D_PAD], float("-inf"), dtype=tl.float32)
+        small = tl.full([D_PAD], float("inf"), dtype=tl.float32)
+        for r0 in range(lo, hi, BLOCK):
+            rows = r0 + tl.arange(0, BLOCK)  # [BLOCK]
+            ok = (rows[:, None] < hi) & dmask[None, :]  # [BLOCK, D_PAD]
+            x = tl.load(X + rows[:, None] * sx_n + offs_d[None, :] * sx_d, mask=ok, other=0.0).to(tl.float32)
+            cnt = (r0 - lo).to(tl.float32)  # entries per column before this tile
+            nb = tl.minimum(hi - r0, BLOCK).to(tl.float32)
+            mb = tl.sum(x, 0) / nb  # [D_PAD]
+            dev = tl.where(ok, x - mb[None, :], 0.0)  # [BLOCK, D_PAD]
+            m2b = tl.sum(dev * dev, 0)  # [D_PAD]
+            tot = cnt + nb
+            delta = mb - mean  # [D_PAD]
+            mean = mean + delta * (nb / tot)
+            m2 = m2 + m2b + delta * delta * (cnt * nb / tot)
+            big = tl.maximum(big, tl.max(tl.where(ok, x, float("-inf")), 0))
+            small = tl.minimum(small, tl.min(tl.where(ok, x, float("inf")), 0))
+        return mean, m2, big, small
+
+    @triton.jit
+    def _moments_kernel(
+        Q, K, V, PART, KMAX, KMIN,
+        sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+        H, N, M, D, DV, ROWS_Q, ROWS_K,
+        D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        # One program: a range of query rows and a range of key rows of one (batch, head).
+        # PART [BH, SPLIT, 5] float32: mean and squared deviations of its q entries, the same of its k
+        # entries, its count of non-finite v entries; KMAX, KMIN [BH, SPLIT, D_PAD]: its keys' per-feature
+        # maximum and minimum.
+        bh = tl.program_id(0)
+        sp = tl.program_id(1)
+        split = tl.num_programs(1)
+        b = bh // H
+        h = bh % H
+        offs_d = tl.arange(0, D_PAD)
+        dmask = offs_d < D
+        lo = sp * ROWS_Q
+        hi = tl.minimum(lo + ROWS_Q, N)
+        mq, m2q, _, _ = _column_moments(Q + b * sq_b + h * sq_h, sq_n, sq_d, lo, hi, offs_d, dmask, BLOCK, D_PAD)
+        # the columns (equal counts) combined: mean of means, and Chan's between-column term
+        nq = tl.maximum(hi - lo, 0).to(tl.float32)
+        mean_q = tl.sum(tl.where(dmask, mq, 0.0), 0) / D
+        dq = tl.where(dmask, mq - mean_q, 0.0)
+        m2_q = tl.sum(tl.where(dmask, m2q, 0.0), 0) + nq * tl.sum(dq * dq, 0)
+        lo = sp * ROWS_K
+        hi = tl.minimum(lo + ROWS_K, M)
+        mk, m2k, kmax, kmin = _column_moments(K + b * sk_b + h * sk_h, sk_n, sk_d, lo, hi, offs_d, dmask, BLOCK, D_PAD)
+        nk = tl.maximum(hi - lo, 0).to(tl.float32)
+        mean_k = tl.sum(tl.where(dmask, mk, 0.0), 0) / D
+        dk = tl.where(dmask, mk - mean_k, 0.0)
+        m2_k = tl.sum(tl.where(dmask, m2k, 0.0), 0) + nk * tl.sum(dk * dk, 0)
+        offs_e = tl.arange(0, DV_PAD)
+        emask = offs_e < DV
+        bad = tl.zeros([DV_PAD], dtype=tl.float32)
+        vb = V + b * sv_b + h * sv_h
+        for r0 in range(lo, hi, BLOCK):
+            rows = r0 + tl.arange(0, BLOCK)
+            ok = (rows[:, None] < hi) & emask[None, :]
+            x = tl.load(vb + rows[:, None] * sv_n + offs_e[None, :] * sv_d, mask=ok, other=0.0).to(tl.float32)
+            fin = (x == x) & (tl.abs(x) < float("inf"))  # [BLOCK, DV_PAD]: not NaN, not ±inf
+            bad += tl.sum(tl.where(fin, 0.0, 1.0), 0)
+        out = PART + (bh * split + sp) * 5
+        tl.store(out, mean_q)
+        tl.store(out + 1, m2_q)
+        tl.store(out + 2, mean_k)
+        tl.store(out + 3, m2_k)
+        tl.store(out + 4, tl.sum(bad, 0))
+        tl.store(KMAX + (bh * split + sp) * D_PAD + offs_d, kmax)
+        tl.store(KMIN + (bh * split + sp) * D_PAD + offs_d, kmin)
+
+    @triton.jit
+    def _key_shift(KMAX, bh, beta, SPLIT_S, offs_d, dmask, D_PAD: tl.constexpr):
+        # m_l = β·max_j k_jl over the moments kernel's SPLIT_S partial maxima; 0 in padded columns
+        big = tl.full([D_PAD], float("-inf"), dtype=tl.float32)
+        for s in range(0, SPLIT_S):
+            big = tl.maximum(big, tl.load(KMAX + (bh * SPLIT_S + s) * D_PAD + offs_d))
+        return tl.where(dmask, beta * big, 0.0)
+
+    @triton.jit
+    def _query_features(q, alpha, m, dmask):
+        # qt = exp(αq + m − M_i) [BLOCK, D_PAD] float32 with M_i the row maximum; 0 in padded columns
+        w = tl.where(dmask[None, :], alpha * q + m[None, :], float("-inf"))
+        big = tl.max(w, 1)
+        return tl.exp(w - big[:, None])
+
+    @triton.jit
+    def _sum_partials(P, bh, split, offs_a, offs_b, A_PAD: tl.constexpr, B_PAD: tl.constexpr):
+        # Σ_s P[bh, s] of [BH, SPLIT, A_PAD, B_PAD] float32 partials, in order
+        acc = tl.zeros([A_PAD, B_PAD], dtype=tl.float32)
+        base = P + bh * split * A_PAD * B_PAD + offs_a[:, None] * B_PAD + offs_b[None, :]
+        for s in range(0, split):
+            acc += tl.load(base + s * A_PAD * B_PAD)
+        return acc
+
+    @triton.jit
+    def _sum_vectors(P, bh, split, offs_a, A_PAD: tl.constexpr):
+        acc = tl.zeros([A_PAD], dtype=tl.float32)
+        for s in range(0, split):
+            acc += tl.load(P + (bh * split + s) * A_PAD + offs_a)
+        return acc
+
+    @triton.jit
+    def _nc_state_kernel(
+        K, V, KMAX, SP, ZP,
+        sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+        H, M, D, DV, ROWS, SPLIT_S, beta,
+        D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # One program, a range of keys of one head: its share of S = ktᵀ v and z = Σ kt.
+        bh = tl.program_id(0)
+        sp = tl.program_id(1)
+        split = tl.num_programs(1)
+        b = bh // H
+        h = bh % H
+        offs_d = tl.arange(0, D_PAD)
+        offs_e = tl.arange(0, DV_PAD)
+        dmask = offs_d < D
+        emask = offs_e < DV
+        m = _key_shift(KMAX, bh, beta, SPLIT_S, offs_d, dmask, D_PAD)  # [D_PAD]
+        s_acc = tl.zeros([D_PAD, DV_PAD], dtype=tl.float32)
+        z_acc = tl.zeros([D_PAD], dtype=tl.float32)
+        lo = sp * ROWS
+        hi = tl.minimum(lo + ROWS, M)
+        for r0 in range(lo, hi, BLOCK):
+            rows = r0 + tl.arange(0, BLOCK)  # [BLOCK]
+            rmask = rows < hi
+            kk = tl.load(K + b * sk_b + h * sk_h + rows[:, None] * sk_n + offs_d[None, :] * sk_d,
+                         mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # [BLOCK, D_PAD]
+            vv = tl.load(V + b * sv_b + h * sv_h + rows[:, None] * sv_n + offs_e[None, :] * sv_d,
+                         mask=rmask[:, None] & emask[None, :], other=0.0).to(tl.float32)  # [BLOCK, DV_PAD]
+            kt = tl.where(rmask[:, None] & dmask[None, :], tl.exp(beta * kk - m[None, :]), 0.0)  # [BLOCK, D_PAD]
+            s_acc += tl.dot(tl.trans(kt), vv, input_precision=PRECISION)  # [D_PAD, DV_PAD]
+            z_acc += tl.sum(kt, 0)
+        tl.store(SP + (bh * split + sp) * D_PAD * DV_PAD + offs_d[:, None] * DV_PAD + offs_e[None, :], s_acc)
+        tl.store(ZP + (bh * split + sp) * D_PAD + offs_d, z_acc)
+
+    @triton.jit
+    def _nc_out_kernel(
+        Q, SP, ZP, KMAX, OUT, DEN,
+        sq_b, sq_h, sq_n, sq_d,
+        H, N, D, DV, ROWS, SPLIT_S, alpha, beta, eps,
+        D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # One program, a range of queries of one head: out = qt S / (qt·z + eps), and the denominators.
+        # OUT [BH, N, DV] contiguous in the output dtype; DEN [BH, N] float32.
+        bh = tl.program_id(0)
+        sp = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_d = tl.arange(0, D_PAD)
+        offs_e = tl.arange(0, DV_PAD)
+        dmask = offs_d < D
+        emask = offs_e < DV
+        m = _key_shift(KMAX, bh, beta, SPLIT_S, offs_d, dmask, D_PAD)  # [D_PAD]
+        s = _sum_partials(SP, bh, tl.num_programs(1), offs_d, offs_e, D_PAD, DV_PAD)  # [D_PAD, DV_PAD]
+        z = _sum_vectors(ZP, bh, tl.num_programs(1), offs_d, D_PAD)  # [D_PAD]
+        lo = sp * ROWS
+        hi = tl.minimum(lo + ROWS, N)
+        for r0 in range(lo, hi, BLOCK):
+            rows = r0 + tl.arange(0, BLOCK)
+            rmask = rows < hi
+            qq = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + offs_d[None, :] * sq_d,
+                         mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # [BLOCK, D_PAD]
+            qt = _query_features(qq, alpha, m, dmask)  # [BLOCK, D_PAD]
+            num = tl.dot(qt, s, input_precision=PRECISION)  # [BLOCK, DV_PAD]
+            den = tl.sum(qt * z[None, :], 1) + eps  # [BLOCK], ≥ 1 + eps
+            out = num / den[:, None]
+            tl.store(OUT + (bh * N + rows[:, None]) * DV + offs_e[None, :], out.to(OUT.dtype.element_ty),
+                     mask=rmask[:, None] & emask[None, :])
+            tl.store(DEN + bh * N + rows, den, mask=rmask)
+
+    @triton.jit
+    def _nc_grad_q_kernel(
+        Q, G, OUT, DEN, SP, ZP, KMAX, DQ, GSP, GZP,
+        sq_b, sq_h, sq_n, sq_d, sg_b, sg_h, sg_n, sg_d,
+        H, N, D, DV, ROWS, SPLIT_S, alpha, beta,
+        D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # One program, a range of queries of one head: dq, and its share of ∂S = qtᵀ gn, ∂z = qtᵀ gd.
+        # gn = g / den (through the numerator), gd = −(g·out) / den (through the denominator).
+        bh = tl.program_id(0)
+        sp = tl.program_id(1)
+        split = tl.num_programs(1)
+        b = bh // H
+        h = bh % H
+        offs_d = tl.arange(0, D_PAD)
+        offs_e = tl.arange(0, DV_PAD)
+        dmask = offs_d < D
+        emask = offs_e < DV
+        m = _key_shift(KMAX, bh, beta, SPLIT_S, offs_d, dmask, D_PAD)
+        s = _sum_partials(SP, bh, split, offs_d, offs_e, D_PAD, DV_PAD)  # [D_PAD, DV_PAD]
+        z = _sum_vectors(ZP, bh, split, offs_d, D_PAD)  # [D_PAD]
+        gs_acc = tl.zeros([D_PAD, DV_PAD], dtype=tl.float32)
+        gz_acc = tl.zeros([D_PAD], dtype=tl.float32)
+        lo = sp * ROWS
+        hi = tl.minimum(lo + ROWS, N)
+        for r0 in range(lo, hi, BLOCK):
+            rows = r0 + tl.arange(0, BLOCK)
+            rmask = rows < hi
+            qmask = rmask[:, None] & dmask[None, :]
+            vmask = rmask[:, None] & emask[None, :]
+            qq = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + offs_d[None, :] * sq_d,
+                         mask=qmask, other=0.0).to(tl.float32)  # [BLOCK, D_PAD]
+            qt = tl.where(qmask, _query_features(qq, alpha, m, dmask), 0.0)  # [BLOCK, D_PAD]
+            g = tl.load(G + b * sg_b + h * sg_h + rows[:, None] * sg_n + offs_e[None, :] * sg_d,
+                        mask=vmask, other=0.0).to(tl.float32)  # [BLOCK, DV_PAD]
+            o = tl.load(OUT + (bh * N + rows[:, None]) * DV + offs_e[None, :], mask=vmask, other=0.0).to(tl.float32)
+            den = tl.load(DEN + bh * N + rows, mask=rmask, other=1.0)  # [BLOCK]
+            gn = g / den[:, None]  # [BLOCK, DV_PAD]
+            gd = -tl.sum(g * o, 1) / den  # [BLOCK]
+            gqt = tl.dot(gn, tl.trans(s), input_precision=PRECISION) + gd[:, None] * z[None, :]  # [BLOCK, D_PAD]
+            dq = alpha * gqt * qt
+            tl.store(DQ + (bh * N + rows[:, None]) * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qmask)
+            gs_acc += tl.dot(tl.trans(qt), gn, input_precision=PRECISION)  # [D_PAD, DV_PAD]
+            gz_acc += tl.sum(qt * gd[:, None], 0)
+        tl.store(GSP + (bh * split + sp) * D_PAD * DV_PAD + offs_d[:, None] * DV_PAD + offs_e[None, :], gs_acc)
+        tl.store(GZP + (bh * split + sp) * D_PAD + offs_d, gz_acc)
+
+    @triton.jit
+    def _nc_grad_kv_kernel(
+        K, V, KMAX, GSP, GZP, DK, DV_OUT,
+        sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+        H, M, D, DV, ROWS, SPLIT_S, beta,
+        D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # One program, a range of keys of one head: dv = kt ∂S, dk = β·(v ∂Sᵀ + ∂z)·kt.
+        bh = tl.program_id(0)
+        sp = tl.program_id(1)
+        split = tl.num_programs(1)
+        b = bh // H
+        h = bh % H
+        offs_d = tl.arange(0, D_PAD)
+        offs_e = tl.arange(0, DV_PAD)
+        dmask = offs_d < D
+        emask = offs_e < DV
+        m = _key_shift(KMAX, bh, beta, SPLIT_S, offs_d, dmask, D_PAD)
+        gs = _sum_partials(GSP, bh, split, offs_d, offs_e, D_PAD, DV_PAD)  # [D_PAD, DV_PAD]
+        gz = _sum_vectors(GZP, bh, split, offs_d, D_PAD)  # [D_PAD]
+        lo = sp * ROWS
+        hi = tl.minimum(lo + ROWS, M)
+        for r0 in range(lo, hi, BLOCK):
+            rows = r0 + tl.arange(0, BLOCK)
+            rmask = rows < hi
+            kmask = rmask[:, None] & dmask[None, :]
+            vmask = rmask[:, None] & emask[None, :]
+            kk = tl.load(K + b * sk_b + h * sk_h + rows[:, None] * sk_n + offs_d[None, :] * sk_d,
+                         mask=kmask, other=0.0).to(tl.float32)  # [BLOCK, D_PAD]
+            vv = tl.load(V + b * sv_b + h * sv_h + rows[:, None] * sv_n + offs_e[None, :] * sv_d,
+                         mask=vmask, other=0.0).to(tl.float32)  # [BLOCK, DV_PAD]
+            kt = tl.where(kmask, tl.exp(beta * kk - m[None, :]), 0.0)  # [BLOCK, D_PAD]
+            dv = tl.dot(kt, gs, input_precision=PRECISION)  # [BLOCK, DV_PAD]
+            gkt = tl.dot(vv, tl.trans(gs), input_precision=PRECISION) + gz[None, :]  # [BLOCK, D_PAD]
+            dk = beta * gkt * kt
+            tl.store(DK + (bh * M + rows[:, None]) * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kmask)
+            tl.store(DV_OUT + (bh * M + rows[:, None]) * DV + offs_e[None, :], dv.to(DV_OUT.dtype.element_ty),
+                     mask=vmask)
+
+
+    @triton.jit
+    def _c_state_kernel(
+        K, V, KMAX, HS, ZS,
+        sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+        H, N, D, DV, SPLIT_S, beta, NC,
+        D_PAD: tl.constexpr, DV_PAD: tl.constexpr, C: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # One program, chunk c of one head: its state ktᵀ v [D_PAD, DV_PAD] and key sum Σ kt [D_PAD],
+        # at HS[bh, c], ZS[bh, c] (a prefix sum over chunks follows).
+        bh = tl.program_id(0)
+        c = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_d = tl.arange(0, D_PAD)
+        offs_e = tl.arange(0, DV_PAD)
+        dmask = offs_d < D
+        emask = offs_e < DV
+        m = _key_shift(KMAX, bh, beta, SPLIT_S, offs_d, dmask, D_PAD)
+        rows = c * C + tl.arange(0, C)
+        rmask = rows < N
+        kmask = rmask[:, None] & dmask[None, :]
+        kk = tl.load(K + b * sk_b + h * sk_h + rows[:, None] * sk_n + offs_d[None, :] * sk_d,
+                     mask=kmask, other=0.0).to(tl.float32)  # [C, D_PAD]
+        vv = tl.load(V + b * sv_b + h * sv_h + rows[:, None] * sv_n + offs_e[None, :] * sv_d,
+                     mask=rmask[:, None] & emask[None, :], other=0.0).to(tl.float32)  # [C, DV_PAD]
+        kt = tl.where(kmask, tl.exp(beta * kk - m[None, :]), 0.0)  # [C, D_PAD]
+        hs = tl.dot(tl.trans(kt), vv, input_precision=PRECISION)  # [D_PAD, DV_PAD]
+        tl.store(HS + (bh * NC + c) * D_PAD * DV_PAD + offs_d[:, None] * DV_PAD + offs_e[None, :], hs)
+        tl.store(ZS + (bh * NC + c) * D_PAD + offs_d, tl.sum(kt, 0))
+
+    @triton.jit
+    def _chunk_tiles(Q, K, V, KMAX, bh, c, H, N, D, DV, SPLIT_S, alpha, beta,
+                     sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+                     D_PAD: tl.constexpr, DV_PAD: tl.constexpr, C: tl.constexpr, PRECISION: tl.constexpr):
+        # Chunk c of one head: qt, kt [C, D_PAD], v [C, DV_PAD], the causal intra-chunk weights
+        # a = tril(qt ktᵀ) [C, C], and the rows, their mask and the feature mask.
+        b = bh // H
+        h = bh % H
+        offs_d = tl.arange(0, D_PAD)
+        offs_e = tl.arange(0, DV_PAD)
+        dmask = offs_d < D
+        emask = offs_e < DV
+        m = _key_shift(KMAX, bh, beta, SPLIT_S, offs_d, dmask, D_PAD)
+        rows = c * C + tl.arange(0, C)
+        rmask = rows < N
+        qmask = rmask[:, None] & dmask[None, :]
+        qq = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + offs_d[None, :] * sq_d,
+                     mask=qmask, other=0.0).to(tl.float32)
+        kk = tl.load(K + b * sk_b + h * sk_h + rows[:, None] * sk_n + offs_d[None, :] * sk_d,
+                     mask=qmask, other=0.0).to(tl.float32)
+        vv = tl.load(V + b * sv_b + h * sv_h + rows[:, None] * sv_n + offs_e[None, :] * sv_d,
+                     mask=rmask[:, None] & emask[None, :], other=0.0).to(tl.float32)
+        qt = tl.where(qmask, _query_features(qq, alpha, m, dmask), 0.0)  # [C, D_PAD]
+        kt = tl.where(qmask, tl.exp(beta * kk - m[None, :]), 0.0)  # [C, D_PAD]
+        tri = tl.arange(0, C)[None, :] <= tl.arange(0, C)[:, None]  # [C, C]: key j ≤ query i
+        a = tl.where(tri, tl.dot(qt, tl.trans(kt), input_precision=PRECISION), 0.0)  # [C, C]
+        return qt, kt, vv, a, tri, rows, rmask, offs_d, offs_e, dmask, emask
+
+    @triton.jit
+    def _c_out_kernel(
+        Q, K, V, KMAX, HS, ZS, OUT, DEN,
+        sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+        H, N, D, DV, SPLIT_S, alpha, beta, eps, NC,
+        D_PAD: tl.constexpr, DV_PAD: tl.constexpr, C: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # One program, chunk c of one head: out = (qt S_<c + a v) / ((qt·z_<c + Σ a)(1 + eps)), with
+        # S_<c, z_<c the inclusive prefix sums HS, ZS at chunk c − 1 (0 for the first chunk).
+        bh = tl.program_id(0)
+        c = tl.program_id(1)
+        qt, kt, vv, a, tri, rows, rmask, offs_d, offs_e, dmask, emask = _chunk_tiles(
+            Q, K, V, KMAX, bh, c, H, N, D, DV, SPLIT_S, alpha, beta,
+            sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, D_PAD, DV_PAD, C, PRECISION)
+        prev = tl.maximum(c - 1, 0)
+        first = c == 0
+        s = tl.load(HS + (bh * NC + prev) * D_PAD * DV_PAD + offs_d[:, None] * DV_PAD + offs_e[None, :])
+        z = tl.load(ZS + (bh * NC + prev) * D_PAD + offs_d)
+        s = tl.where(first, 0.0, s)  # [D_PAD, DV_PAD]
+        z = tl.where(first, 0.0, z)  # [D_PAD]
+        num = tl.dot(qt, s, input_precision=PRECISION) + tl.dot(a, vv, input_precision=PRECISION)  # [C, DV_PAD]
+        den = tl.sum(qt * z[None, :], 1) + tl.sum(a, 1)  # [C]
+        # the shared shift leaves den on no fixed scale: eps is relative, and a row with no weight gives 0
+        den = tl.where(den > 0, den * (1.0 + eps), 1.0)
+        out = num / den[:, None]
+        tl.store(OUT + (bh * N + rows[:, None]) * DV + offs_e[None, :], out.to(OUT.dtype.element_ty),
+                 mask=rmask[:, None] & emask[None, :])
+        tl.store(DEN + bh * N + rows, den, mask=rmask)
+
+    @triton.jit
+    def _c_grad_state_kernel(
+        Q, G, OUT, DEN, KMAX, GHS, GZS,
+        sq_b, sq_h, sq_n, sq_d, sg_b, sg_h, sg_n, sg_d,
+        H, N, D, DV, SPLIT_S, alpha, beta, NC,
+        D_PAD: tl.constexpr, DV_PAD: tl.constexpr, C: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # One program, chunk c of one head: qtᵀ gn [D_PAD, DV_PAD] and qtᵀ gd [D_PAD], stored at chunk
+        # position NC − 1 − c (reversed, so a prefix sum gives the sums over later chunks).
+        bh = tl.program_id(0)
+        c = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_d = tl.arange(0, D_PAD)
+        offs_e = tl.arange(0, DV_PAD)
+        dmask = offs_d < D
+        emask = offs_e < DV
+        m = _key_shift(KMAX, bh, beta, SPLIT_S, offs_d, dmask, D_PAD)
+        rows = c * C + tl.arange(0, C)
+        rmask = rows < N
+        qmask = rmask[:, None] & dmask[None, :]
+        vmask = rmask[:, None] & emask[None, :]
+        qq = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + offs_d[None, :] * sq_d,
+                     mask=qmask, other=0.0).to(tl.float32)
+        qt = tl.where(qmask, _query_features(qq, alpha, m, dmask), 0.0)  # [C, D_PAD]
+        g = tl.load(G + b * sg_b + h * sg_h + rows[:, None] * sg_n + offs_e[None, :] * sg_d,
+                    mask=vmask, other=0.0).to(tl.float32)
+        o = tl.load(OUT + (bh * N + rows[:, None]) * DV + offs_e[None, :], mask=vmask, other=0.0).to(tl.float32)
+        den = tl.load(DEN + bh * N + rows, mask=rmask, other=1.0)
+        gn = g / den[:, None]  # [C, DV_PAD]
+        gd = -tl.sum(g * o, 1) / den  # [C]
+        rc = NC - 1 - c
+        tl.store(GHS + (bh * NC + rc) * D_PAD * DV_PAD + offs_d[:, None] * DV_PAD + offs_e[None, :],
+                 tl.dot(tl.trans(qt), gn, input_precision=PRECISION))
+        tl.store(GZS + (bh * NC + rc) * D_PAD + offs_d, tl.sum(qt * gd[:, None], 0))
+
+    @triton.jit
+    def _c_grad_kernel(
+        Q, K, V, G, OUT, DEN, KMAX, HS, ZS, GHS, GZS, DQ, DK, DV_OUT,
+        sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, sg_b, sg_h, sg_n, sg_d,
+        H, N, D, DV, SPLIT_S, alpha, beta, NC,
+        D_PAD: tl.constexpr, DV_PAD: tl.constexpr, C: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # One program, chunk c of one head: dq, dk, dv. With ga = tril(gn vᵀ + gd) [C, C], S_<c, z_<c the
+        # earlier chunks' state and key sum, ∂S_>c, ∂z_>c the later chunks' qtᵀ gn and qtᵀ gd:
+        #   dq = α·(gn S_<cᵀ + gd z_<c + ga kt)·qt
+        #   dk = β·(gaᵀ qt + v ∂S_>cᵀ + ∂z_>c)·kt
+        #   dv = aᵀ gn + kt ∂S_>c
+        bh = tl.program_id(0)
+        c = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        qt, kt, vv, a, tri, rows, rmask, offs_d, offs_e, dmask, emask = _chunk_tiles(
+            Q, K, V, KMAX, bh, c, H, N, D, DV, SPLIT_S, alpha, beta,
+            sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, D_PAD, DV_PAD, C, PRECISION)
+        vmask = rmask[:, None] & emask[None, :]
+        qmask = rmask[:, None] & dmask[None, :]
+        g = tl.load(G + b * sg_b + h * sg_h + rows[:, None] * sg_n + offs_e[None, :] * sg_d,
+                    mask=vmask, other=0.0).to(tl.float32)
+        o = tl.load(OUT + (bh * N + rows[:, None]) * DV + offs_e[None, :], mask=vmask, other=0.0).to(tl.float32)
+        den = tl.load(DEN + bh * N + rows, mask=rmask, other=1.0)
+        gn = g / den[:, None]  # [C, DV_PAD]
+        gd = -tl.sum(g * o, 1) / den  # [C]
+        state = offs_d[:, None] * DV_PAD + offs_e[None, :]
+        prev = tl.maximum(c - 1, 0)
+        s = tl.where(c == 0, 0.0, tl.load(HS + (bh * NC + prev) * D_PAD * DV_PAD + state))  # S_<c
+        z = tl.where(c == 0, 0.0, tl.load(ZS + (bh * NC + prev) * D_PAD + offs_d))  # z_<c
+        later = tl.maximum(NC - 2 - c, 0)  # reversed position of chunk c + 1
+        last = c == NC - 1
+        gs = tl.where(last, 0.0, tl.load(GHS + (bh * NC + later) * D_PAD * DV_PAD + state))  # ∂S_>c
+        gz = tl.where(last, 0.0, tl.load(GZS + (bh * NC + later) * D_PAD + offs_d))  # ∂z_>c
+        ga = tl.where(tri, tl.dot(gn, tl.trans(vv), input_precision=PRECISION) + gd[:, None], 0.0)  # [C, C]
+        dqt = (tl.dot(gn, tl.trans(s), input_precision=PRECISION) + gd[:, None] * z[None, :]
+               + tl.dot(ga, kt, input_precision=PRECISION))  # [C, D_PAD]
+        dkt = (tl.dot(tl.trans(ga), qt, input_precision=PRECISION)
+               + tl.dot(vv, tl.trans(gs), input_precision=PRECISION) + gz[None, :])  # [C, D_PAD]
+        dv = tl.dot(tl.trans(a), gn, input_precision=PRECISION) + tl.dot(kt, gs, input_precision=PRECISION)
+        tl.store(DQ + (bh * N + rows[:, None]) * D + offs_d[None, :], (alpha * dqt * qt).to(DQ.dtype.element_ty),
+                 mask=qmask)
+        tl.store(DK + (bh * N + rows[:, None]) * D + offs_d[None, :], (beta * dkt * kt).to(DK.dtype.element_ty),
+                 mask=qmask)
+        tl.store(DV_OUT + (bh * N + rows[:, None]) * DV + offs_e[None, :], dv.to(DV_OUT.dtype.element_ty),
+                 mask=vmask)
+
+class Moments:
+    """What :func:`moments` read: ``sigma_q``, ``sigma_k`` (floats; NaN when q or k holds a NaN or inf),
+    ``v_finite`` (bool), ``kmax``, ``kmin`` (``[B·H, SPLIT, D_PAD]`` float32 on the device, the per-program
+    key maxima and minima), ``split`` (programs per head) and ``spread`` (k's spread, a float, when
+    asked for; else None)."""
+
+    __slots__ = ("sigma_q", "sigma_k", "v_finite", "kmax", "kmin", "split", "spread")
+
+    def __init__(self, sigma_q, sigma_k, v_finite, kmax, kmin, split, spread=None):
+        self.sigma_q, self.sigma_k, self.v_finite = sigma_q, sigma_k, v_finite
+        self.kmax, self.kmin, self.split, self.spread = kmax, kmin, split, spread
+
+
+def _combine(mean: np.ndarray, m2: np.ndarray, counts: np.ndarray) -> float:
+    """Sample standard deviation (divisor n − 1) from per-part means and squared deviations (Chan's rule),
+    in float64; NaN for fewer than two entries."""
+    n = counts.sum()
+    if n < 2:
+        return float("nan")
+    use = counts > 0
+    mean, m2, counts = mean[use], m2[use], counts[use]
+    mu = (counts * mean).sum() / n
+    total = m2.sum() + (counts * (mean - mu) ** 2).sum()
+    return float(math.sqrt(max(total, 0.0) / (n - 1))) if np.isfinite(total) else float("nan")
+
+
+def moments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spread: bool = False) -> Moments:
+    """σ_q, σ_k, v's finiteness and the per-program key extremes, in one launch and one transfer.
+
+    Args: ``q [B, H, N, d]``, ``k [B, H, M, d]``, ``v [B, H, M, d_v]`` (any strides) on a device where
+    :func:`available`; ``spread``: also read k's spread, the largest ``max_j k_jl − min_j k_jl`` over
+    batch, head and feature (what the causal path needs), in the same transfer. σ is ``torch.std``'s
+    (all entries, divisor ``n − 1``), to float32 rounding.
+    """
+    bsz, h, n, d = q.shape
+    m_, dv = k.shape[-2], v.shape[-1]
+    d_pad, dv_pad = _pad(d), _pad(dv)
+    block = _block(d_pad, dv_pad)
+    bh = bsz * h
+    split = _splits(bh, max(n, m_), block, q.device)
+    rows_q, rows_k = _rows(n, split, block), _rows(m_, split, block)
+    part = torch.empty(bh, split, 5, dtype=torch.float32, device=q.device)
+    kmax = torch.empty(bh, split, d_pad, dtype=torch.float32, device=q.device)
+    kmin = torch.empty_like(kmax)
+    with _on(q):
+        _moments_kernel[(bh, split)](
+            q, k, v, part, kmax, kmin, *q.stride(), *k.stride(), *v.stride(),
+            h, n, m_, d, dv, rows_q, rows_k, D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block,
+        )
+    flat = part.reshape(-1)
+    if spread:
+        width = (kmax.amax(1) - kmin.amin(1))[:, :d].amax()  # 0-dim: the padded columns left out
+        flat = torch.cat([flat, width.reshape(1)])
+    host = flat.cpu().numpy().astype(np.float64)  # the one host transfer
+    p = host[: bh * split * 5].reshape(bh, split, 5)
+    starts = np.arange(split)
+    cq = np.clip(n - starts * rows_q, 0, rows_q)[None, :].repeat(bh, 0) * d  # entries per program
+    ck = np.clip(m_ - starts * rows_k, 0, rows_k)[None, :].repeat(bh, 0) * d
+    sq = _combine(p[..., 0].ravel(), p[..., 1].ravel(), cq.ravel().astype(np.float64))
+    sk = _combine(p[..., 2].ravel(), p[..., 3].ravel(), ck.ravel().astype(np.float64))
+    return Moments(sq, sk, bool(p[..., 4].sum() == 0), kmax, kmin, split, float(host[-1]) if spread else None)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # half inputs: one TF32 product (~1e-3, under the output's rounding); float32: three TF32 products
+    # (hi·hi + hi·lo + lo·hi, about float32 accuracy); the interpreter computes in plain float32
+    if _interpreting():
+        return "ieee"
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+class _NonCausalLLN(torch.autograd.Function):
+    """Non-causal LLN attention by the fused kernels (module docstring), with its backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, alpha, beta, eps, kmax, split_s):
+        with _on(q):
+            return _NonCausalLLN._forward(ctx, q, k, v, alpha, beta, eps, kmax, split_s)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, alpha, beta, eps, kmax, split_s):
+        bsz, h, n, d = q.shape
+        m_, dv = k.shape[-2], v.shape[-1]
+        d_pad, dv_pad = _pad(d), _pad(dv)
+        block = _block(d_pad, dv_pad)
+        bh = bsz * h
+        prec = _precision(q.dtype)
+        split_k = _splits(bh, m_, block, q.device)
+        sp = torch.empty(bh, split_k, d_pad, dv_pad, dtype=torch.float32, device=q.device)
+        zp = torch.empty(bh, split_k, d_pad, dtype=torch.float32, device=q.device)
+        _nc_state_kernel[(bh, split_k)](
+            k, v, kmax, sp, zp, *k.stride(), *v.stride(), h, m_, d, dv, _rows(m_, split_k, block), split_s,
+            beta, D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block, PRECISION=prec,
+        )
+        out = torch.empty(bsz, h, n, dv, dtype=q.dtype, device=q.device)
+        den = torch.empty(bsz, h, n, dtype=torch.float32, device=q.device)
+        split_q = split_k  # the output kernel sums the state kernel's partials: one split for both
+        _nc_out_kernel[(bh, split_q)](
+            q, sp, zp, kmax, out, den, *q.stride(), h, n, d, dv, _rows(n, split_q, block), split_s,
+            alpha, beta, eps, D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block, PRECISION=prec,
+        )
+        ctx.save_for_backward(q, k, v, out, den, sp, zp, kmax)
+        ctx.consts = (alpha, beta, split_s)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels record no graph: no second derivative
+    def backward(ctx, g):
+        with _on(g):
+            return _NonCausalLLN._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
+        q, k, v, out, den, sp, zp, kmax = ctx.saved_tensors
+        alpha, beta, split_s = ctx.consts
+        bsz, h, n, d = q.shape
+        m_, dv = k.shape[-2], v.shape[-1]
+        d_pad, dv_pad = sp.shape[-2], sp.shape[-1]
+        block = _block(d_pad, dv_pad)
+        bh, split = sp.shape[0], sp.shape[1]
+        prec = _precision(q.dtype)
+        dq = torch.empty(bsz, h, n, d, dtype=q.dtype, device=q.device)
+        gsp = torch.empty_like(sp)
+        gzp = torch.empty_like(zp)
+        _nc_grad_q_kernel[(bh, split)](
+            q, g, out, den, sp, zp, kmax, dq, gsp, gzp, *q.stride(), *g.stride(),
+            h, n, d, dv, _rows(n, split, block), split_s, alpha, beta,
+            D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block, PRECISION=prec,
+        )
+        dk = torch.empty(bsz, h, m_, d, dtype=k.dtype, device=k.device)
+        dvv = torch.empty(bsz, h, m_, dv, dtype=v.dtype, device=v.device)
+        _nc_grad_kv_kernel[(bh, split)](
+            k, v, kmax, gsp, gzp, dk, dvv, *k.stride(), *v.stride(),
+            h, m_, d, dv, _rows(m_, split, block), split_s, beta,
+            D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block, PRECISION=prec,
+        )
+        return dq, dk, dvv, None, None, None, None, None
+
+
+def lln_noncausal(q, k, v, alpha: float, beta: float, eps: float, stats: Moments) -> torch.Tensor:
+    """Non-causal LLN attention ``[B, H, N, d_v]`` in q's dtype, by the fused kernels.
+
+    Args: ``q [B, H, N, d]``, ``k [B, H, M, d]``, ``v [B, H, M, d_v]`` (one dtype, any strides, finite);
+    ``alpha, beta``: the temperatures (> 0); ``eps``: added to each denominator (≥ 1); ``stats``: what
+    :func:`moments` read from these q, k, v. Differentiable in q, k, v (once).
+    """
+    return _NonCausalLLN.apply(q, k, v, float(alpha), float(beta), float(eps), stats.kmax, stats.split)
+
+
+class _CausalLLN(torch.autograd.Function):
+    """Causal LLN attention by the fused chunk kernels (module docstring), with its backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, alpha, beta, eps, kmax, split_s):
+        with _on(q):
+            return _CausalLLN._forward(ctx, q, k, v, alpha, beta, eps, kmax, split_s)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, alpha, beta, eps, kmax, split_s):
+        bsz, h, n, d = q.shape
+        dv = v.shape[-1]
+        d_pad, dv_pad = _pad(d), _pad(dv)
+        c = _block(d_pad, dv_pad)
+        bh, nc = bsz * h, triton.cdiv(n, c)
+        prec = _precision(q.dtype)
+        hs = torch.empty(bh, nc, d_pad, dv_pad, dtype=torch.float32, device=q.device)
+        zs = torch.empty(bh, nc, d_pad, dtype=torch.float32, device=q.device)
+        strides = (*q.stride(), *k.stride(), *v.stride())
+        _c_state_kernel[(bh, nc)](k, v, kmax, hs, zs, *k.stride(), *v.stride(), h, n, d, dv, split_s, beta, nc,
+                                  D_PAD=d_pad, DV_PAD=dv_pad, C=c, PRECISION=prec)
+        hs = hs.cumsum_(1)  # [BH, nc, D_PAD, DV_PAD]: the states of chunks 0 … c
+        zs = zs.cumsum_(1)  # [BH, nc, D_PAD]
+        out = torch.empty(bsz, h, n, dv, dtype=q.dtype, device=q.device)
+        den = torch.empty(bsz, h, n, dtype=torch.float32, device=q.device)
+        _c_out_kernel[(bh, nc)](q, k, v, kmax, hs, zs, out, den, *strides, h, n, d, dv, split_s,
+                                alpha, beta, eps, nc, D_PAD=d_pad, DV_PAD=dv_pad, C=c, PRECISION=prec,
+                                num_warps=8)  # a dozen [C, C] and [C, d] float32 tiles live at once
+        ctx.save_for_backward(q, k, v, out, den, hs, zs, kmax)
+        ctx.consts = (alpha, beta, split_s)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels record no graph: no second derivative
+    def backward(ctx, g):
+        with _on(g):
+            return _CausalLLN._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
+        q, k, v, out, den, hs, zs, kmax = ctx.saved_tensors
+        alpha, beta, split_s = ctx.consts
+        bsz, h, n, d = q.shape
+        dv = v.shape[-1]
+        bh, nc, d_pad, dv_pad = hs.shape
+        c = _block(d_pad, dv_pad)
+        prec = _precision(q.dtype)
+        ghs = torch.empty_like(hs)
+        gzs = torch.empty_like(zs)
+        _c_grad_state_kernel[(bh, nc)](q, g, out, den, kmax, ghs, gzs, *q.stride(), *g.stride(),
+                                       h, n, d, dv, split_s, alpha, beta, nc,
+                                       D_PAD=d_pad, DV_PAD=dv_pad, C=c, PRECISION=prec)
+        ghs = ghs.cumsum_(1)  # reversed chunk order: position r holds the sum over chunks ≥ nc − 1 − r
+        gzs = gzs.cumsum_(1)
+        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+        dvv = torch.empty_like(v, memory_format=torch.contiguous_format)
+        _c_grad_kernel[(bh, nc)](q, k, v, g, out, den, kmax, hs, zs, ghs, gzs, dq, dk, dvv,
+                                 *q.stride(), *k.stride(), *v.stride(), *g.stride(),
+                                 h, n, d, dv, split_s, alpha, beta, nc,
+                                 D_PAD=d_pad, DV_PAD=dv_pad, C=c, PRECISION=prec, num_warps=8)
+        return dq, dk, dvv, None, None, None, None, None
+
+
+def lln_causal(q, k, v, alpha: float, beta: float, eps: float, stats: Moments) -> torch.Tensor:
+    """Causal LLN attention ``[B, H, N, d_v]`` in q's dtype, by the fused chunk kernels.
+
+    Args as :func:`lln_noncausal` (``N == M``); ``eps`` here multiplies each denominator by ``1 + eps``
+    (the shared shift leaves it on no fixed scale). Exact to rounding while the key spread (``β`` times k's) is within :func:`attnstats.kernels.linear.causal_underflow_limit` of float32;
+    the caller checks that (:attr:`Moments.spread`). Chunks of 64 tokens (32 for head dims above 64): inside a chunk the
+    ``[C, C]`` products, the earlier chunks through prefix sums of their ``[d, d_v]`` states; memory
+    ``O(N·d·d_v/C)`` per head. Differentiable in q, k, v (once).
+    """
+    return _CausalLLN.apply(q, k, v, float(alpha), float(beta), float(eps), stats.kmax, stats.split)

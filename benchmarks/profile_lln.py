@@ -1,0 +1,105 @@
+"""Where the time of one LLN (and LLN+Diag) forward + backward goes on the GPU, bf16, 16 heads, d = 64.
+
+    PYTHONUNBUFFERED=1 python benchmarks/profile_lln.py [--n 4096] [--diag-n 65536]
+
+Prints do_bench medians (ms) of the whole call and of its steps, the host time of one call, a
+cProfile of the Python side and torch.profiler tables (what runs on the GPU, for how long).
+"""
+import argparse
+import cProfile
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from attnstats.kernels import get_kernel, lln_triton  # noqa: E402
+
+
+def inputs(n):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 16, n, 64, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_()
+               for _ in range(3))
+    return q, k, v, torch.randn(1, 16, n, 64, device="cuda", generator=gen, dtype=torch.bfloat16)
+
+
+def step(kern, q, k, v, g, causal):
+    def run():
+        for t in (q, k, v):
+            t.grad = None
+        kern(q, k, v, causal=causal).backward(g)
+
+    return run
+
+
+def host_us(fn, repeat=50):
+    """Median wall-clock µs of one call followed by a sync."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times)
+
+
+def profile_table(fn, rows=25):
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--diag-n", type=int, default=65536)
+    args = ap.parse_args()
+    lln, diag = get_kernel("lln"), get_kernel("lln_diag")
+    q, k, v, g = inputs(args.n)
+    for causal in (False, True):
+        run = step(lln, q, k, v, g, causal)
+        st = lln_triton.moments(q, k, v, spread=causal)
+        fn = lln_triton.lln_causal if causal else lln_triton.lln_noncausal
+        parts = {
+            "forward+backward": run,
+            "forward": lambda: lln(q, k, v, causal=causal),
+            "moments": lambda: lln_triton.moments(q, k, v, spread=causal),
+            "kernels forward": lambda: fn(q, k, v, 0.5, 0.5, 1e-8, st),
+            "kernels forward+backward": lambda: fn(q, k, v, 0.5, 0.5, 1e-8, st).backward(g),
+        }
+        print(f"N = {args.n}, causal = {causal}:",
+              {name: round(do_bench(f, return_mode="median"), 4) for name, f in parts.items()}, "ms;",
+              "host µs per forward+backward:", round(host_us(run), 1), flush=True)
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(200):
+            run()
+        torch.cuda.synchronize()
+        pr.disable()
+        pstats.Stats(pr).sort_stats("tottime").print_stats(18)
+        print(profile_table(run), flush=True)
+    q, k, v, g = inputs(args.diag_n)
+    for causal in (False, True):
+        print(f"LLN+Diag, N = {args.diag_n}, causal = {causal}:",
+              {name: round(do_bench(step(kern, q, k, v, g, causal), return_mode="median"), 3)
+               for name, kern in (("lln", lln), ("lln_diag", diag), ("block_diag", get_kernel("block_diag")))},
+              "ms", flush=True)
+        print(profile_table(step(diag, q, k, v, g, causal), rows=15), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""LLN's fused Triton kernels against dense float64 references, on the CPU under TRITON_INTERPRET=1.
+
+Triton reads TRITON_INTERPRET when a kernel is decorated, so the checks run in a fresh interpreter with
+the variable set. Sizes are small (the interpreter runs each program in Python) but not multiples of the
+tiles, with several programs per head, so the tile masks and the partial sums are exercised. bf16 is
+checked on the GPU (benchmarks/lln_gpu.py, part `agreement`): the interpreter has no bf16 arithmetic.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, math, torch
+    from attnstats.kernels import LLNAttention, LLNPlusDiagAttention, lln_triton
+    from attnstats.kernels.linear import causal_log_space, linear_attention
+
+    assert lln_triton.available(torch.zeros(1))
+    out = {}
+
+    def rel(a, ref):
+        return float((a.double() - ref).abs().max() / ref.abs().max())
+
+    def dense(q, k, v, alpha, beta, causal):
+        # float64 LLN from its definition: P ∝ Σ_l exp(αq_il + βk_jl), rows normalised
+        w = torch.exp(alpha * q[..., :, None, :] + beta * k[..., None, :, :]).sum(-1)  # [B, H, N, M]
+        if causal:
+            w = w.tril()
+        return (w / w.sum(-1, keepdim=True)) @ v
+
+    g = torch.Generator().manual_seed(0)
+    worst = {"out": 0.0, "grad": 0.0, "sigma": 0.0}
+    # (b, h, n, m, d, dv, causal, dtype): ragged tiles, N != M, d not a power of two, d_v != d
+    for b, h, n, m, d, dv, causal, dt in [
+        (1, 2, 150, 150, 32, 32, False, torch.float32),
+        (2, 1, 70, 130, 24, 16, False, torch.float32),
+        (1, 2, 150, 150, 32, 32, True, torch.float32),
+        (2, 1, 97, 97, 20, 40, True, torch.float32),
+        (1, 1, 1, 1, 16, 16, True, torch.float32),
+        (1, 2, 80, 80, 16, 16, True, torch.float16),
+        (1, 2, 80, 80, 16, 16, False, torch.float16),
+    ]:
+        q = (torch.randn(b, h, n, d, generator=g) * 0.9).to(dt).requires_grad_()
+        k = (torch.randn(b, h, m, d, generator=g) * 1.3 + 0.2).to(dt).requires_grad_()
+        v = torch.randn(b, h, m, dv, generator=g).to(dt).requires_grad_()
+        st = lln_triton.moments(q, k, v, spread=causal)
+        for s, x in ((st.sigma_q, q), (st.sigma_k, k)):
+            worst["sigma"] = max(worst["sigma"], abs(s / float(x.detach().double().std()) - 1))
+        if causal:
+            ref_spread = float((k.detach().double().amax(-2) - k.detach().double().amin(-2)).amax())
+            assert abs(st.spread - ref_spread) <= 1e-6 * ref_spread, (st.spread, ref_spread)
+        assert st.v_finite
+        alpha, beta = 0.8 / st.sigma_q, 0.8 / st.sigma_k
+        fn = lln_triton.lln_causal if causal else lln_triton.lln_noncausal
+        o = fn(q, k, v, alpha, beta, 0.0, st)
+        assert o.dtype == dt and o.shape == (b, h, n, dv)
+        go = torch.randn(b, h, n, dv, generator=g)
+        grads = torch.autograd.grad(o, (q, k, v), go.to(dt))
+        qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+        ref = dense(qd, kd, vd, alpha, beta, causal)
+        refs = torch.autograd.grad(ref, (qd, kd, vd), go.double())
+        tag = "half" if dt == torch.float16 else "out"
+        worst[tag] = max(worst.get(tag, 0.0), rel(o.detach(), ref.detach()))
+        # relative to the largest entry of the whole gradient (q, k, v together): with one token dq and
+        # dk are 0 exactly and the kernels' are rounding, ~1e-8 of dv
+        scale = max(float(want.abs().max()) for want in refs)
+        key = "half_grad" if dt == torch.float16 else "grad"
+        for got, want in zip(grads, refs):
+            worst[key] = max(worst.get(key, 0.0), float((got.double() - want).abs().max()) / scale)
+    out["worst"] = worst
+
+    # the module path: LLNAttention sends a call here when lln_triton.applies (CUDA only, so forced here)
+    # (forced for float32 CPU tensors here; the float64 references below take the PyTorch path)
+    lln_triton.applies = lambda q, k, v, mask: mask is None and q.dtype == torch.float32
+    calls = []
+    for name in ("lln_causal", "lln_noncausal"):
+        def counted(*a, _f=getattr(lln_triton, name), _n=name):
+            calls.append(_n)
+            return _f(*a)
+        setattr(lln_triton, name, counted)
+    q, k, v = (torch.randn(1, 2, 90, 16, generator=g, dtype=torch.float32) for _ in range(3))
+    mod = {}
+    for causal in (False, True):
+        for mm in (True, False):
+            got = LLNAttention(moment_matching=mm)(q, k, v, causal=causal)
+            want = LLNAttention(moment_matching=mm)(q.double(), k.double(), v.double(), causal=causal)
+            mod[f"lln causal={causal} mm={mm}"] = rel(got, want)
+        got = LLNPlusDiagAttention()(q, k, v, causal=causal)
+        want = LLNPlusDiagAttention()(q.double(), k.double(), v.double(), causal=causal)
+        mod[f"lln_diag causal={causal}"] = rel(got, want)
+    out["module"] = mod
+    out["calls"] = list(calls)
+    calls.clear()
+
+    # keys spread past the float32 underflow limit: the PyTorch log-space path, still exact
+    kw = k.clone()
+    kw[0, 0, 5, 3] = 400.0
+    got = LLNAttention(moment_matching=False)(q, kw, v, causal=True)
+    want = LLNAttention(moment_matching=False)(q.double(), kw.double(), v.double(), causal=True)
+    out["wide"] = rel(got, want)
+    out["wide_calls"] = list(calls)
+
+    # bad input: the error names the tensor and the index
+    msgs = []
+    for name, idx in (("q", (0, 1, 7, 2)), ("k", (0, 0, 3, 5)), ("v", (0, 1, 88, 0))):
+        xs = {"q": q.clone(), "k": k.clone(), "v": v.clone()}
+        xs[name][idx] = float("nan")
+        try:
+            LLNAttention()(xs["q"], xs["k"], xs["v"])
+        except ValueError as e:
+            msgs.append(str(e))
+    out["errors"] = msgs
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+@pytest.mark.skipif(
+    tuple(int(x) for x in __import__("triton").__version__.split(".")[:2]) < (3, 9),
+    reason="older Triton interpreters cannot run these kernels; the compiled kernels are checked on the GPU by "
+    "benchmarks/lln_gpu.py",
+)
+def test_fused_lln_kernels_under_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    got = json.loads(res.stdout.split("RESULT")[-1])
+    w = got["worst"]
+    # float32 features and sums of at most a few hundred terms, against float64: rounding of a few 1e-7
+    # per step; 1e-5 leaves room for the exp of |αq| up to ~5 (relative error ~ 5·6e-8) and the sums.
+    assert w["out"] < 1e-5 and w["grad"] < 1e-5, w
+    # σ from per-program float32 means and squared deviations, combined in float64: float32 rounding
+    assert w["sigma"] < 1e-5, w
+    # float16 inputs and outputs: the output's rounding (2^-11 ≈ 4.9e-4 relative) dominates; gradients
+    # are rounded to float16 too and carry the inputs' float16 rounding through exp(αq): a few 1e-3
+    assert w["half"] < 2e-3 and w["half_grad"] < 5e-3, w
+    for case, err in got["module"].items():
+        assert err < 1e-5, (case, err)  # float32 against float64, as above
+    # every float32 module call above went through the kernels (LLN+Diag's LLN part too) …
+    assert got["calls"] == ["lln_noncausal"] * 3 + ["lln_causal"] * 3, got["calls"]
+    # … but keys 400 log units apart did not (the product form would lose rows to underflow)
+    assert got["wide"] < 1e-5 and got["wide_calls"] == [], (got["wide"], got["wide_calls"])
+    q_msg, k_msg, v_msg = got["errors"]
+    assert "q: expected finite values" in q_msg and "(0, 1, 7, 2)" in q_msg, q_msg
+    assert "k: expected finite values" in k_msg and "(0, 0, 3, 5)" in k_msg, k_msg
+    assert "v: expected finite values" in v_msg and "(0, 1, 88, 0)" in v_msg, v_msg
