@@ -34,18 +34,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import bench, run_parts  # noqa: E402
 
-from attnstats.kernels import get_kernel, lln_triton  # noqa: E402
+from attnstats.kernels import block_diagonal_triton, get_kernel, lln_triton  # noqa: E402
 
 
 @contextlib.contextmanager
 def pytorch_path():
-    """LLN through its PyTorch path: the fused Triton kernels switched off for the block."""
-    real = lln_triton.applies
-    lln_triton.applies = lambda *a: False
+    """LLN and LLN+Diag through their PyTorch paths: the fused Triton kernels switched off for the block."""
+    real = lln_triton.applies, block_diagonal_triton.applies
+    lln_triton.applies = block_diagonal_triton.applies = lambda *a: False
     try:
         yield
     finally:
-        lln_triton.applies = real
+        lln_triton.applies, block_diagonal_triton.applies = real
 
 
 def peak_bytes(fn):
@@ -134,7 +134,7 @@ def _pytorch(kern, q, k, v, causal):
         return kern(q, k, v, causal=causal)
 
 
-def part_agreement(dev):
+def part_agreement(dev, dtypes=("float32", "float16", "bfloat16")):
     """The GPU kernels against the same kernels in float64 on the CPU, N = 2048, 4 heads: the largest
     relative output error for float32 and bf16 inputs, and fla's causal output (float32 features)
     against attnstats' on the same features."""
@@ -144,7 +144,7 @@ def part_agreement(dev):
     rows = []
     # against float64 on the same inputs rounded to the dtype: the error is that of the dtype's arithmetic
     # (bf16 and float16 outputs are rounded to 2^-8 and 2^-11); gradients relative to their largest entry
-    for dt in (torch.float32, torch.float16, torch.bfloat16):
+    for dt in (getattr(torch, name) for name in dtypes):
         qh, kh, vh = (x.to(dt) for x in (q, k, v))
         for name in ("lln", "lln_diag"):
             kern = get_kernel(name)
@@ -285,6 +285,7 @@ def main():
     ap.add_argument("--ns", nargs="*", type=int, default=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
     ap.add_argument("--table-ns", nargs="*", type=int, default=[512, 1024, 2048, 4096, 8192, 16384])
     ap.add_argument("--table-budget-s", type=float, default=240)
+    ap.add_argument("--dtypes", nargs="*", default=["float32", "float16", "bfloat16"], help="agreement part")
     args = ap.parse_args()
     dev = torch.device("cuda")
     import triton
@@ -299,7 +300,7 @@ def main():
         env["fla"] = None
     print(env, flush=True)
     res = dict(env=env, command=" ".join(sys.argv))
-    parts = [("agreement", lambda: part_agreement(dev)),
+    parts = [("agreement", lambda: part_agreement(dev, args.dtypes)),
              ("overhead", lambda: part_overhead(dev)),
              ("kernels", lambda: part_kernels(dev, args.ns)),
              ("table2", lambda: part_table2(dev, args.table_ns, args.table_budget_s))]

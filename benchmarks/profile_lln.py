@@ -18,7 +18,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attnstats.kernels import get_kernel, lln_triton  # noqa: E402
+from attnstats.kernels import block_diagonal_triton, get_kernel, lln_triton  # noqa: E402
 
 
 def inputs(n):
@@ -99,6 +99,18 @@ def main():
                for name, kern in (("lln", lln), ("lln_diag", diag), ("block_diag", get_kernel("block_diag")))},
               "ms", flush=True)
         print(profile_table(step(diag, q, k, v, g, causal), rows=15), flush=True)
+        base = torch.randn_like(v).requires_grad_()
+        for warps in (2, 4, 8):
+            block_diagonal_triton.NUM_WARPS[64] = warps
+
+            def block(causal=causal):
+                for t in (q, k, v, base):
+                    t.grad = None
+                block_diagonal_triton.block_diagonal(q, k, v, 0.125, 64, causal, base=base, wl=0.5, wd=0.5).backward(g)
+
+            print(f"block kernel with LLN+Diag's sum, {warps} warps: forward+backward",
+                  round(do_bench(block, return_mode="median"), 3), "ms", flush=True)
+        block_diagonal_triton.NUM_WARPS[64] = 4
 
 
 if __name__ == "__main__":

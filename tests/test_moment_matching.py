@@ -131,3 +131,8 @@ def test_curve_feature_scale_is_the_inverse_of_the_curve():
         xs = torch.linspace(0.01, 5.0, 200, dtype=torch.float32)
         ys = curve_feature_scale(xs, d)
         assert ys.dtype == torch.float32 and bool((ys.diff() > 0).all())
+        # a float takes the same float64 arithmetic in Python: equal to a few ulps, also where the end
+        # segments are extended (1e-4 and 1e3 lie outside the sweep)
+        grid = torch.logspace(-4, 3, 300, dtype=torch.float64)
+        floats = torch.tensor([curve_feature_scale(float(x), d) for x in grid], dtype=torch.float64)
+        assert torch.allclose(floats, curve_feature_scale(grid, d), rtol=1e-14, atol=0)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from ..stats.dense import softmax_attention
 from ..masks import valid_parts
+from . import block_diagonal_triton
 from .base import Kernel, _register, check_qkv, check_real, full_mask, work_dtype
 
 __all__ = ["BlockDiagonalAttention", "block_mask"]
@@ -84,9 +85,12 @@ class BlockDiagonalAttention(Kernel):
         return self._output(q, k, v, causal, mask)
 
     def _output(self, q, k, v, causal: bool, mask) -> torch.Tensor:
-        """:meth:`forward` after its input checks (a kernel combining this one checks once)."""
+        """:meth:`forward` after its input checks (a kernel combining this one checks once); CUDA inputs
+        with no mask go to the fused kernel (:mod:`attnstats.kernels.block_diagonal_triton`)."""
         b, h, n, d = q.shape
         size = min(self.block_size(d), n)
+        if block_diagonal_triton.applies(q, k, v, mask, size):
+            return block_diagonal_triton.block_diagonal(q, k, v, self._scale(d), size, causal)  # [B, H, N, d_v]
         m = full_mask(mask, (b, h, n, n), False, q.device)  # broadcast view [B, H, N, N] or None
         main = n - n % size
         parts = [self._blocks(q, k, v, m, 0, main, size, causal)]  # ([B, H, main, d_v], [B, H, main] | None)

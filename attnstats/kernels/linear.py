@@ -17,6 +17,8 @@ when it is not). ``eps`` is a guard of at most a relative ``eps`` on every path 
 denominator ≥ 1, or multiplied in as ``1 + eps``); keep it tiny (default 1e-8): the paths then agree
 to rounding. Computation is float32 for half and float32 inputs, float64 for float64, with autocast
 off; the exception is causal bfloat16 on a GPU with fla installed (:func:`linear_attention_causal`).
+(LLN on a GPU without a mask has fused kernels of its own, :mod:`attnstats.kernels.lln_triton`, tested
+against this engine.)
 
 Costs: non-causal output ``O(N·r·d_v)`` time, ``O(N·r + r·d_v)`` memory; causal output in chunks of
 ``C`` tokens by matrix products (``[C, C]`` inside a chunk, prefix sums of ``r × d_v`` states for the

@@ -52,11 +52,14 @@ class LLNAttention(LogFeatureAttention):
         chunk: tokens per chunk of the causal algorithm (default 64 for the product form, a
             memory-bounded size for the log-space algorithm).
 
-    Computation is float32 for half and float32 inputs (float64 for float64), except causal bfloat16
-    on a GPU with fla installed (:func:`attnstats.kernels.linear.linear_attention_causal`); non-causal in
-    ``O(N·d·d_v)``; causal in chunks by matrix products, ``O(N)`` time and memory; key-padding masks
-    supported (padded keys get no attention, padded queries give 0). σ_q and σ_k are read from the
-    device once per call (one small transfer), and the rule is evaluated on the host.
+    On a GPU, q, k, v of one dtype with no mask run as fused Triton kernels
+    (:mod:`attnstats.kernels.lln_triton`: features formed in the kernels, float32 arithmetic, a few
+    launches); other calls take the PyTorch path of :mod:`attnstats.kernels.linear`, float32 for half
+    and float32 inputs (float64 for float64), except causal bfloat16 with fla installed
+    (:func:`attnstats.kernels.linear.linear_attention_causal`). Non-causal in ``O(N·d·d_v)``; causal in
+    chunks by matrix products, ``O(N)`` time and memory; key-padding masks supported (padded keys get
+    no attention, padded queries give 0). σ_q and σ_k are read from the device once per call (one
+    small transfer, with the finiteness checks), and the rule is evaluated on the host.
     """
 
     def __init__(self, moment_matching: bool = True, a: float | None = None, b: float | None = None,

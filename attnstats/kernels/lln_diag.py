@@ -6,6 +6,7 @@ from torch import nn
 
 from ..budget import check_dense_fits
 from ..stats.spectral import spectral_gap as dense_spectral_gap
+from . import block_diagonal_triton, lln_triton
 from .base import Kernel, _register, check_qkv
 from .block_diagonal import BlockDiagonalAttention
 from .lln import LLNAttention
@@ -77,9 +78,21 @@ class LLNPlusDiagAttention(Kernel):
             raise ValueError(f"q, v: the learnable weights are for {h} heads and d_v = {dv}, got {got}")
 
     def forward(self, q, k, v, *, causal: bool = False, mask=None) -> torch.Tensor:
-        """Attention output ``[B, H, N, d_v]``."""
-        check_qkv(q, k, v, causal, why="block-diagonal attention")
+        """Attention output ``[B, H, N, d_v]``.
+
+        CUDA inputs of one dtype with no mask take two fused paths: LLN's kernels
+        (:mod:`~attnstats.kernels.lln_triton`, which also check q, k, v for NaN and inf), then one kernel
+        for the block softmax and the weighted sum (:mod:`~attnstats.kernels.block_diagonal_triton`).
+        """
+        block = min(self.diag.block_size(q.shape[-1]), q.shape[-2])
+        fused = lln_triton.applies(q, k, v, mask) and block_diagonal_triton.applies(q, k, v, mask, block)
+        check_qkv(q, k, v, causal, why="block-diagonal attention", finite=not fused)
         self._check_heads(q, v)
+        if fused:
+            out_l = self.lln._output(q, k, v, causal, mask)  # [B, H, N, d_v]; checks finiteness
+            wl, wd = self.weights()  # floats, or [H, d_v] each
+            return block_diagonal_triton.block_diagonal(q, k, v, self.diag._scale(q.shape[-1]), block, causal,
+                                                        base=out_l, wl=wl, wd=wd)  # [B, H, N, d_v]
         out_l = self.lln._output(q, k, v, causal, mask, checked=True)  # [B, H, N, d_v]; inputs checked above
         out_d = self.diag._output(q, k, v, causal, mask)  # [B, H, N, d_v]
         wl, wd = self.weights()  # floats, or [H, d_v] each

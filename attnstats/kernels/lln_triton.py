@@ -27,8 +27,9 @@ forward + backward whose arithmetic takes a fraction of a millisecond (benchmark
    keys, ``dk`` and ``dv``.
 
 Partial sums go to per-(head, split) buffers summed by the next kernel, in a fixed order: the results
-do not depend on scheduling. Products run in TF32 for half-precision inputs (about 1e-3, below the
-output's rounding) and in full float32 for float32 inputs; accumulation is float32.
+do not depend on scheduling. Products run in TF32 for bf16 inputs (about 1e-3, below the output's
+rounding) and as three TF32 products, about float32 accuracy, for float16 and float32; accumulation is
+float32.
 """
 from __future__ import annotations
 
@@ -563,14 +564,13 @@ class Moments:
 
 def _combine(mean: np.ndarray, m2: np.ndarray, counts: np.ndarray) -> float:
     """Sample standard deviation (divisor n − 1) from per-part means and squared deviations (Chan's rule),
-    in float64; NaN for fewer than two entries."""
-    n = counts.sum()
+    in float64; NaN for fewer than two entries. ``mean, m2``: ``[BH, SPLIT]``; ``counts``: ``[SPLIT]``
+    entries per part (a part with none holds zeros)."""
+    n = counts.sum() * mean.shape[0]
     if n < 2:
         return float("nan")
-    use = counts > 0
-    mean, m2, counts = mean[use], m2[use], counts[use]
-    mu = (counts * mean).sum() / n
-    total = m2.sum() + (counts * (mean - mu) ** 2).sum()
+    mu = (mean * counts).sum() / n
+    total = m2.sum() + (((mean - mu) ** 2) * counts).sum()
     return float(math.sqrt(max(total, 0.0) / (n - 1))) if np.isfinite(total) else float("nan")
 
 
@@ -590,8 +590,7 @@ def moments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spread: bool = Fa
     split = _splits(bh, max(n, m_), block, q.device)
     rows_q, rows_k = _rows(n, split, block), _rows(m_, split, block)
     part = torch.empty(bh, split, 5, dtype=torch.float32, device=q.device)
-    kmax = torch.empty(bh, split, d_pad, dtype=torch.float32, device=q.device)
-    kmin = torch.empty_like(kmax)
+    kmax, kmin = torch.empty(2, bh, split, d_pad, dtype=torch.float32, device=q.device).unbind(0)
     with _on(q):
         _moments_kernel[(bh, split)](
             q, k, v, part, kmax, kmin, *q.stride(), *k.stride(), *v.stride(),
@@ -603,20 +602,28 @@ def moments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spread: bool = Fa
         flat = torch.cat([flat, width.reshape(1)])
     host = flat.cpu().numpy().astype(np.float64)  # the one host transfer
     p = host[: bh * split * 5].reshape(bh, split, 5)
-    starts = np.arange(split)
-    cq = np.clip(n - starts * rows_q, 0, rows_q)[None, :].repeat(bh, 0) * d  # entries per program
-    ck = np.clip(m_ - starts * rows_k, 0, rows_k)[None, :].repeat(bh, 0) * d
-    sq = _combine(p[..., 0].ravel(), p[..., 1].ravel(), cq.ravel().astype(np.float64))
-    sk = _combine(p[..., 2].ravel(), p[..., 3].ravel(), ck.ravel().astype(np.float64))
+    starts = np.arange(split, dtype=np.float64)
+    cq = np.clip(n - starts * rows_q, 0, rows_q) * d  # [SPLIT] entries per program
+    ck = np.clip(m_ - starts * rows_k, 0, rows_k) * d
+    sq = _combine(p[..., 0], p[..., 1], cq)
+    sk = _combine(p[..., 2], p[..., 3], ck)
     return Moments(sq, sk, bool(p[..., 4].sum() == 0), kmax, kmin, split, float(host[-1]) if spread else None)
 
 
+def _states(bh: int, parts: int, d_pad: int, dv_pad: int, device):
+    """``([BH, parts, D_PAD, DV_PAD], [BH, parts, D_PAD])`` float32 buffers in one allocation."""
+    buf = torch.empty(bh * parts * d_pad * (dv_pad + 1), dtype=torch.float32, device=device)
+    cut = bh * parts * d_pad * dv_pad
+    return buf[:cut].view(bh, parts, d_pad, dv_pad), buf[cut:].view(bh, parts, d_pad)
+
+
 def _precision(dtype: torch.dtype) -> str:
-    # half inputs: one TF32 product (~1e-3, under the output's rounding); float32: three TF32 products
-    # (hi·hi + hi·lo + lo·hi, about float32 accuracy); the interpreter computes in plain float32
+    # bf16 inputs: one TF32 product (~1e-3, under bf16's 2^-8 rounding of the output); float16 (2^-11)
+    # and float32: three TF32 products (hi·hi + hi·lo + lo·hi, about float32 accuracy; one measured
+    # 1.2e-3 for float16, benchmarks/RESULTS.md §4); the interpreter computes in plain float32
     if _interpreting():
         return "ieee"
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+    return "tf32" if dtype == torch.bfloat16 else "tf32x3"
 
 
 class _NonCausalLLN(torch.autograd.Function):
@@ -636,8 +643,7 @@ class _NonCausalLLN(torch.autograd.Function):
         bh = bsz * h
         prec = _precision(q.dtype)
         split_k = _splits(bh, m_, block, q.device)
-        sp = torch.empty(bh, split_k, d_pad, dv_pad, dtype=torch.float32, device=q.device)
-        zp = torch.empty(bh, split_k, d_pad, dtype=torch.float32, device=q.device)
+        sp, zp = _states(bh, split_k, d_pad, dv_pad, q.device)
         _nc_state_kernel[(bh, split_k)](
             k, v, kmax, sp, zp, *k.stride(), *v.stride(), h, m_, d, dv, _rows(m_, split_k, block), split_s,
             beta, D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block, PRECISION=prec,
@@ -670,8 +676,7 @@ class _NonCausalLLN(torch.autograd.Function):
         bh, split = sp.shape[0], sp.shape[1]
         prec = _precision(q.dtype)
         dq = torch.empty(bsz, h, n, d, dtype=q.dtype, device=q.device)
-        gsp = torch.empty_like(sp)
-        gzp = torch.empty_like(zp)
+        gsp, gzp = _states(bh, split, d_pad, dv_pad, q.device)
         _nc_grad_q_kernel[(bh, split)](
             q, g, out, den, sp, zp, kmax, dq, gsp, gzp, *q.stride(), *g.stride(),
             h, n, d, dv, _rows(n, split, block), split_s, alpha, beta,
@@ -713,8 +718,7 @@ class _CausalLLN(torch.autograd.Function):
         c = _block(d_pad, dv_pad)
         bh, nc = bsz * h, triton.cdiv(n, c)
         prec = _precision(q.dtype)
-        hs = torch.empty(bh, nc, d_pad, dv_pad, dtype=torch.float32, device=q.device)
-        zs = torch.empty(bh, nc, d_pad, dtype=torch.float32, device=q.device)
+        hs, zs = _states(bh, nc, d_pad, dv_pad, q.device)
         strides = (*q.stride(), *k.stride(), *v.stride())
         _c_state_kernel[(bh, nc)](k, v, kmax, hs, zs, *k.stride(), *v.stride(), h, n, d, dv, split_s, beta, nc,
                                   D_PAD=d_pad, DV_PAD=dv_pad, C=c, PRECISION=prec)
@@ -744,8 +748,7 @@ class _CausalLLN(torch.autograd.Function):
         bh, nc, d_pad, dv_pad = hs.shape
         c = _block(d_pad, dv_pad)
         prec = _precision(q.dtype)
-        ghs = torch.empty_like(hs)
-        gzs = torch.empty_like(zs)
+        ghs, gzs = _states(bh, nc, d_pad, dv_pad, q.device)
         _c_grad_state_kernel[(bh, nc)](q, g, out, den, kmax, ghs, gzs, *q.stride(), *g.stride(),
                                        h, n, d, dv, split_s, alpha, beta, nc,
                                        D_PAD=d_pad, DV_PAD=dv_pad, C=c, PRECISION=prec)

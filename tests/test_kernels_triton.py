@@ -1,4 +1,5 @@
-"""LLN's fused Triton kernels against dense float64 references, on the CPU under TRITON_INTERPRET=1.
+"""The fused Triton kernels of LLN and of the block softmax of LLN+Diag against dense float64 references,
+on the CPU under TRITON_INTERPRET=1.
 
 Triton reads TRITON_INTERPRET when a kernel is decorated, so the checks run in a fresh interpreter with
 the variable set. Sizes are small (the interpreter runs each program in Python) but not multiples of the
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = textwrap.dedent(
     """
     import json, math, torch
-    from attnstats.kernels import LLNAttention, LLNPlusDiagAttention, lln_triton
+    from attnstats.kernels import BlockDiagonalAttention, LLNAttention, LLNPlusDiagAttention, block_diagonal_triton, lln_triton
     from attnstats.kernels.linear import causal_log_space, linear_attention
 
     assert lln_triton.available(torch.zeros(1))
@@ -109,6 +110,43 @@ SCRIPT = textwrap.dedent(
     out["wide"] = rel(got, want)
     out["wide_calls"] = list(calls)
 
+    # the block softmax, alone and as LLN+Diag's weighted sum (every mode: the learnable weights get
+    # gradients), against the PyTorch path in float64; blocks not dividing N, d_v != d
+    block_diagonal_triton.applies = lambda q, k, v, mask, block: mask is None and q.dtype == torch.float32
+    real_block = block_diagonal_triton.block_diagonal
+
+    def counted_block(*a, **kw):
+        calls.append("block_with_base" if kw.get("base") is not None else "block")
+        return real_block(*a, **kw)
+
+    block_diagonal_triton.block_diagonal = counted_block
+    diag = {}
+    for n, d, dv, block in ((70, 16, 16, None), (45, 20, 24, 12)):
+        qb, kb = (torch.randn(2, 2, n, d, generator=g) for _ in range(2))
+        vb = torch.randn(2, 2, n, dv, generator=g)
+        go = torch.randn(2, 2, n, dv, generator=g)
+        for causal in (False, True):
+            kinds = [("block_diag", BlockDiagonalAttention(block=block))]
+            for mode in ("average", "learnable_scale", "learnable_ratio"):
+                kinds.append((mode, LLNPlusDiagAttention(mode, num_heads=2, head_dim=dv, block=block)))
+            for name, kern in kinds:
+                for p in kern.parameters():
+                    with torch.no_grad():
+                        p.copy_(torch.rand(p.shape, generator=g))
+                ref = kern.double()
+                xs = [x.double().requires_grad_() for x in (qb, kb, vb)]
+                want = ref(*xs, causal=causal)
+                wants = torch.autograd.grad(want, xs + list(ref.parameters()), go.double())
+                kern = kern.float()
+                xs = [x.clone().requires_grad_() for x in (qb, kb, vb)]
+                got = kern(*xs, causal=causal)
+                gots = torch.autograd.grad(got, xs + list(kern.parameters()), go)
+                scale = max(float(w.abs().max()) for w in wants[:3])
+                diag[f"{name} n={n} causal={causal}"] = [rel(got, want)] + [
+                    float((a.double() - b).abs().max()) / max(scale, float(b.abs().max())) for a, b in zip(gots, wants)]
+    out["diag"] = diag
+    out["diag_calls"] = list(calls)
+
     # bad input: the error names the tensor and the index
     msgs = []
     for name, idx in (("q", (0, 1, 7, 2)), ("k", (0, 0, 3, 5)), ("v", (0, 1, 88, 0))):
@@ -150,6 +188,14 @@ def test_fused_lln_kernels_under_interpreter():
     assert got["calls"] == ["lln_noncausal"] * 3 + ["lln_causal"] * 3, got["calls"]
     # … but keys 400 log units apart did not (the product form would lose rows to underflow)
     assert got["wide"] < 1e-5 and got["wide_calls"] == [], (got["wide"], got["wide_calls"])
+    for case, errs in got["diag"].items():
+        # float32 against float64 (outputs, then the gradients of q, k, v and of the weights), as above
+        assert max(errs) < 1e-5, (case, errs)
+    # every float32 call above went through the kernels: 2 sizes × 2 causal rules, block_diag alone once
+    # and LLN+Diag's three modes (LLN's kernels, then the block kernel with LLN's output as its base)
+    calls = got["diag_calls"]
+    assert calls.count("block") == 4 and calls.count("block_with_base") == 12, calls
+    assert calls.count("lln_noncausal") == 6 and calls.count("lln_causal") == 6, calls
     q_msg, k_msg, v_msg = got["errors"]
     assert "q: expected finite values" in q_msg and "(0, 1, 7, 2)" in q_msg, q_msg
     assert "k: expected finite values" in k_msg and "(0, 0, 3, 5)" in k_msg, k_msg

@@ -1,0 +1,229 @@
+"""A fused Triton kernel for block-diagonal softmax attention, and for LLN+Diag's weighted sum.
+
+:class:`~attnstats.kernels.block_diagonal.BlockDiagonalAttention` (and the Diag part of
+:class:`~attnstats.kernels.lln_diag.LLNPlusDiagAttention`) send a call here when its inputs are CUDA
+tensors of one dtype, with no mask and blocks of at most :data:`MAX_BLOCK` tokens; the PyTorch path
+(one SDPA call over all blocks) stays the reference, tested against this kernel on the CPU under
+``TRITON_INTERPRET=1`` and on the GPU by ``benchmarks/lln_gpu.py``.
+
+One program owns one block of ``C`` consecutive tokens of one head: the whole ``[C, C]`` score tile
+fits on chip, so the softmax needs no running maximum, and the backward recomputes it instead of
+storing it. LLN+Diag's output ``w_L ⊙ LLN + w_D ⊙ Diag`` is formed in the same pass (``w_L, w_D``
+scalars or per-head, per-channel tensors ``[H, d_v]``), and the backward gives the gradients of the
+LLN output and of the weights with those of q, k, v: one launch each way, where SDPA on thousands of
+64-token blocks and the weighted sum's elementwise passes took longer than LLN itself
+(benchmarks/RESULTS.md §4). Products in TF32 for bf16 inputs (below their rounding), three TF32
+products for float16 and float32; softmax and accumulation in float32.
+"""
+from __future__ import annotations
+
+import torch
+
+from .lln_triton import _DTYPES, _HAVE_TRITON, _on, _pad, _precision
+
+__all__ = ["MAX_BLOCK", "applies", "block_diagonal"]
+
+if _HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+# Largest block (and head dims) the kernel takes: the [C, C] scores and [C, d] tiles live in registers
+MAX_BLOCK = 128
+
+# Warps per program, by padded block size (a dozen [C, C] and [C, d] float32 tiles live at once in the
+# backward); benchmarks/profile_lln.py times the alternatives
+NUM_WARPS = {16: 4, 32: 4, 64: 4, 128: 8}
+
+
+def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, block: int) -> bool:
+    """Whether a block-diagonal call goes to the kernel: CUDA tensors of one dtype (bf16, fp16, fp32),
+    no mask, ``N == M``, blocks and head dims of at most :data:`MAX_BLOCK`, Triton installed."""
+    return (
+        _HAVE_TRITON and mask is None and q.is_cuda and k.is_cuda and v.is_cuda
+        and q.dtype in _DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+        and q.shape[-2] == k.shape[-2] and q.shape[-2] > 0
+        and min(block, q.shape[-2]) <= MAX_BLOCK and q.shape[-1] <= MAX_BLOCK and v.shape[-1] <= MAX_BLOCK
+    )
+
+
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _block_tiles(Q, K, V, bh, blk, H, N, C, D, DV, scale,
+                     sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+                     CAUSAL: tl.constexpr, C_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+                     PRECISION: tl.constexpr):
+        # Block blk of one head: q, k [C_PAD, D_PAD], v [C_PAD, DV_PAD] (float32), the softmax p
+        # [C_PAD, C_PAD] and the block's output p v [C_PAD, DV_PAD]; rows past the block are 0.
+        b = bh // H
+        h = bh % H
+        offs_c = tl.arange(0, C_PAD)
+        offs_d = tl.arange(0, D_PAD)
+        offs_e = tl.arange(0, DV_PAD)
+        rows = blk * C + offs_c
+        rmask = (offs_c < C) & (rows < N)
+        qmask = rmask[:, None] & (offs_d[None, :] < D)
+        vmask = rmask[:, None] & (offs_e[None, :] < DV)
+        q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + offs_d[None, :] * sq_d, mask=qmask,
+                    other=0.0).to(tl.float32)
+        k = tl.load(K + b * sk_b + h * sk_h + rows[:, None] * sk_n + offs_d[None, :] * sk_d, mask=qmask,
+                    other=0.0).to(tl.float32)
+        v = tl.load(V + b * sv_b + h * sv_h + rows[:, None] * sv_n + offs_e[None, :] * sv_d, mask=vmask,
+                    other=0.0).to(tl.float32)
+        valid = rmask[:, None] & rmask[None, :]  # [C_PAD, C_PAD]
+        if CAUSAL:
+            valid = valid & (offs_c[None, :] <= offs_c[:, None])
+        s = tl.where(valid, tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, float("-inf"))
+        top = tl.max(s, 1)
+        top = tl.where(rmask, top, 0.0)  # rows past the block: no finite score, kept NaN-free
+        e = tl.where(valid, tl.exp(s - top[:, None]), 0.0)
+        tot = tl.sum(e, 1)
+        p = e / tl.where(rmask, tot, 1.0)[:, None]  # [C_PAD, C_PAD]; every row in the block has its own key
+        od = tl.dot(p, v, input_precision=PRECISION)  # [C_PAD, DV_PAD]
+        return q, k, v, p, od, rows, rmask, qmask, vmask, offs_d, offs_e
+
+    @triton.jit
+    def _weights(WL, WD, h, DV, offs_e, emask, wl, wd, PER_CHANNEL: tl.constexpr):
+        # (w_L, w_D) for head h: [DV_PAD] rows of [H, DV] tensors, or the scalars wl, wd
+        if PER_CHANNEL:
+            wl_h = tl.load(WL + h * DV + offs_e, mask=emask, other=0.0)
+            wd_h = tl.load(WD + h * DV + offs_e, mask=emask, other=0.0)
+        else:
+            wl_h = wl
+            wd_h = wd
+        return wl_h, wd_h
+
+    @triton.jit
+    def _forward_kernel(
+        Q, K, V, BASE, WL, WD, OUT,
+        sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+        H, N, C, D, DV, scale, wl, wd,
+        CAUSAL: tl.constexpr, HAS_BASE: tl.constexpr, PER_CHANNEL: tl.constexpr,
+        C_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # OUT [BH, N, DV] contiguous: p v, or w_L ⊙ BASE + w_D ⊙ p v (BASE contiguous as OUT)
+        bh = tl.program_id(0)
+        blk = tl.program_id(1)
+        q, k, v, p, od, rows, rmask, qmask, vmask, offs_d, offs_e = _block_tiles(
+            Q, K, V, bh, blk, H, N, C, D, DV, scale,
+            sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+            CAUSAL, C_PAD, D_PAD, DV_PAD, PRECISION)
+        at = (bh * N + rows[:, None]) * DV + offs_e[None, :]
+        if HAS_BASE:
+            wl_h, wd_h = _weights(WL, WD, bh % H, DV, offs_e, offs_e < DV, wl, wd, PER_CHANNEL)
+            base = tl.load(BASE + at, mask=vmask, other=0.0).to(tl.float32)
+            od = wl_h * base + wd_h * od
+        tl.store(OUT + at, od.to(OUT.dtype.element_ty), mask=vmask)
+
+    @triton.jit
+    def _backward_kernel(
+        Q, K, V, G, BASE, WL, WD, DQ, DK, DVV, DBASE, DWL, DWD,
+        sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, sg_b, sg_h, sg_n, sg_d,
+        H, N, C, D, DV, scale, wl, wd, NB,
+        CAUSAL: tl.constexpr, HAS_BASE: tl.constexpr, PER_CHANNEL: tl.constexpr,
+        C_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # With gd = w_D ⊙ g: dv = pᵀ gd, ds = p ⊙ (gd vᵀ − rowsum(gd ⊙ p v)), dq = scale·ds k,
+        # dk = scale·dsᵀ q; with a base: ∂BASE = w_L ⊙ g, and per-channel weights get their block's
+        # Σ_rows g ⊙ BASE and Σ_rows g ⊙ p v at DWL, DWD [BH, NB, DV_PAD].
+        bh = tl.program_id(0)
+        blk = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        q, k, v, p, od, rows, rmask, qmask, vmask, offs_d, offs_e = _block_tiles(
+            Q, K, V, bh, blk, H, N, C, D, DV, scale,
+            sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+            CAUSAL, C_PAD, D_PAD, DV_PAD, PRECISION)
+        g = tl.load(G + b * sg_b + h * sg_h + rows[:, None] * sg_n + offs_e[None, :] * sg_d, mask=vmask,
+                    other=0.0).to(tl.float32)
+        at = (bh * N + rows[:, None]) * DV + offs_e[None, :]
+        gd = g
+        if HAS_BASE:
+            wl_h, wd_h = _weights(WL, WD, h, DV, offs_e, offs_e < DV, wl, wd, PER_CHANNEL)
+            gd = wd_h * g
+            tl.store(DBASE + at, (wl_h * g).to(DBASE.dtype.element_ty), mask=vmask)
+            if PER_CHANNEL:
+                base = tl.load(BASE + at, mask=vmask, other=0.0).to(tl.float32)
+                part = (bh * NB + blk) * DV_PAD + offs_e
+                tl.store(DWL + part, tl.sum(g * base, 0))
+                tl.store(DWD + part, tl.sum(g * od, 0))
+        dv = tl.dot(tl.trans(p), gd, input_precision=PRECISION)  # [C_PAD, DV_PAD]
+        dp = tl.dot(gd, tl.trans(v), input_precision=PRECISION)  # [C_PAD, C_PAD]
+        delta = tl.sum(gd * od, 1)  # [C_PAD]
+        ds = p * (dp - delta[:, None]) * scale
+        dq = tl.dot(ds, k, input_precision=PRECISION)  # [C_PAD, D_PAD]
+        dk = tl.dot(tl.trans(ds), q, input_precision=PRECISION)
+        at_d = (bh * N + rows[:, None]) * D + offs_d[None, :]
+        tl.store(DQ + at_d, dq.to(DQ.dtype.element_ty), mask=qmask)
+        tl.store(DK + at_d, dk.to(DK.dtype.element_ty), mask=qmask)
+        tl.store(DVV + at, dv.to(DVV.dtype.element_ty), mask=vmask)
+
+
+def _config(q, v, block):
+    bsz, h, n, d = q.shape
+    c = min(block, n)
+    return bsz, h, n, d, v.shape[-1], c, triton.cdiv(n, c), max(16, triton.next_power_of_2(c)), _pad(d), _pad(v.shape[-1])
+
+
+class _BlockDiagonal(torch.autograd.Function):
+    """Block-diagonal softmax, optionally combined as ``w_L ⊙ base + w_D ⊙ ·``, by the fused kernel."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, base, wl, wd, scale, block, causal):
+        with _on(q):
+            bsz, h, n, d, dv, c, nb, c_pad, d_pad, dv_pad = _config(q, v, block)
+            per_channel = isinstance(wl, torch.Tensor)
+            wl_t, wd_t = (w.detach().to(torch.float32).contiguous() if per_channel else None for w in (wl, wd))
+            out = torch.empty(bsz, h, n, dv, dtype=q.dtype, device=q.device)
+            has_base = base is not None
+            base_c = base.contiguous() if has_base else None
+            _forward_kernel[(bsz * h, nb)](
+                q, k, v, base_c, wl_t, wd_t, out, *q.stride(), *k.stride(), *v.stride(),
+                h, n, c, d, dv, float(scale), 0.0 if per_channel else float(wl), 0.0 if per_channel else float(wd),
+                CAUSAL=causal, HAS_BASE=has_base, PER_CHANNEL=per_channel,
+                C_PAD=c_pad, D_PAD=d_pad, DV_PAD=dv_pad, PRECISION=_precision(q.dtype), num_warps=NUM_WARPS[c_pad],
+            )
+        ctx.save_for_backward(q, k, v, base_c, wl_t, wd_t)
+        ctx.consts = (None if per_channel else float(wl), None if per_channel else float(wd), float(scale), block,
+                      causal, per_channel, has_base, wl.dtype if per_channel else None)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernel records no graph: no second derivative
+    def backward(ctx, g):
+        q, k, v, base, wl_t, wd_t = ctx.saved_tensors
+        wl, wd, scale, block, causal, per_channel, has_base, w_dtype = ctx.consts
+        with _on(g):
+            bsz, h, n, d, dv, c, nb, c_pad, d_pad, dv_pad = _config(q, v, block)
+            dq = torch.empty(bsz, h, n, d, dtype=q.dtype, device=q.device)
+            dk = torch.empty(bsz, h, n, d, dtype=k.dtype, device=k.device)
+            dvv = torch.empty(bsz, h, n, dv, dtype=v.dtype, device=v.device)
+            dbase = torch.empty_like(base) if has_base else None
+            dwl = dwd = None
+            if per_channel:
+                dwl = torch.empty(bsz, h, nb, dv_pad, dtype=torch.float32, device=q.device)
+                dwd = torch.empty_like(dwl)
+            _backward_kernel[(bsz * h, nb)](
+                q, k, v, g, base, wl_t, wd_t, dq, dk, dvv, dbase, dwl, dwd,
+                *q.stride(), *k.stride(), *v.stride(), *g.stride(),
+                h, n, c, d, dv, scale, 0.0 if per_channel else wl, 0.0 if per_channel else wd, nb,
+                CAUSAL=causal, HAS_BASE=has_base, PER_CHANNEL=per_channel,
+                C_PAD=c_pad, D_PAD=d_pad, DV_PAD=dv_pad, PRECISION=_precision(q.dtype), num_warps=NUM_WARPS[c_pad],
+            )
+            if per_channel:  # [B, H, nb, DV_PAD] block partials summed over batch and blocks: [H, d_v]
+                dwl = dwl.sum((0, 2))[:, :dv].to(w_dtype)
+                dwd = dwd.sum((0, 2))[:, :dv].to(w_dtype)
+        return dq, dk, dvv, dbase, dwl, dwd, None, None, None
+
+
+def block_diagonal(q, k, v, scale: float, block: int, causal: bool, base=None, wl=None, wd=None) -> torch.Tensor:
+    """Softmax attention inside consecutive blocks of ``block`` tokens (the remainder a smaller last block),
+    ``[B, H, N, d_v]`` in q's dtype; with ``base`` (``[B, H, N, d_v]``), ``w_L ⊙ base + w_D ⊙`` that.
+
+    Args: ``q, k [B, H, N, d]``, ``v [B, H, N, d_v]`` (one dtype, any strides, finite); ``scale``: the
+    score scale; ``causal``: the causal rule inside each block; ``wl, wd``: floats, or tensors
+    ``[H, d_v]`` (learnable: they get gradients). Differentiable in q, k, v, base and the weights (once).
+    """
+    if base is None:
+        wl, wd = 0.0, 1.0
+    return _BlockDiagonal.apply(q, k, v, base, wl, wd, float(scale), int(block), bool(causal))
