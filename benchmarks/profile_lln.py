@@ -111,6 +111,19 @@ def main():
             print(f"block kernel with LLN+Diag's sum, {warps} warps: forward+backward",
                   round(do_bench(block, return_mode="median"), 3), "ms", flush=True)
         block_diagonal_triton.NUM_WARPS[64] = 4
+    # LLN+Diag with its block softmax inside LLN's kernels against LLN's kernels followed by the separate
+    # block kernel
+    real = lln_triton.fuses_diag
+    for n in (8192, 16384, 32768, 65536):
+        q, k, v, g = inputs(n)
+        for causal in (False, True):
+            row = {"lln": do_bench(step(lln, q, k, v, g, causal), return_mode="median")}
+            for name, rule in (("fused", lambda *a: True), ("separate block kernel", lambda *a: False)):
+                lln_triton.fuses_diag = rule
+                row[name] = do_bench(step(diag, q, k, v, g, causal), return_mode="median")
+            lln_triton.fuses_diag = real
+            print(f"LLN+Diag paths, N = {n}, causal = {causal}:", {key: round(t, 3) for key, t in row.items()}, "ms",
+                  flush=True)
 
 
 if __name__ == "__main__":

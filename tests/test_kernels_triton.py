@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -79,13 +80,31 @@ SCRIPT = textwrap.dedent(
             worst[key] = max(worst.get(key, 0.0), float((got.double() - want).abs().max()) / scale)
     out["worst"] = worst
 
+    # long calls: more programs per head, their partial states summed by torch.sum between the kernels
+    # (the thresholds lowered so that it happens at test sizes)
+    lln_triton.WIDE_FROM_TOKENS, lln_triton._SUMMED_IN_KERNEL = 0, 1
+    q = torch.randn(2, 2, 200, 16, generator=g).requires_grad_()
+    k = torch.randn(2, 2, 200, 16, generator=g).requires_grad_()
+    v = torch.randn(2, 2, 200, 24, generator=g).requires_grad_()
+    st = lln_triton.moments(q, k, v)
+    assert lln_triton._splits(4, 200, 64, q.device) > 1 and st.split == 1  # several programs, partials summed
+    o = lln_triton.lln_noncausal(q, k, v, 0.6, 0.7, 0.0, st)
+    go = torch.randn(2, 2, 200, 24, generator=g)
+    grads = torch.autograd.grad(o, (q, k, v), go)
+    xs = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = dense(*xs, 0.6, 0.7, False)
+    refs = torch.autograd.grad(ref, xs, go.double())
+    scale = max(float(r.abs().max()) for r in refs)
+    out["wide"] = [rel(o.detach(), ref.detach())] + [float((a.double() - b).abs().max()) / scale for a, b in zip(grads, refs)]
+    lln_triton.WIDE_FROM_TOKENS, lln_triton._SUMMED_IN_KERNEL = 32768, 16
+
     # the module path: LLNAttention sends a call here when lln_triton.applies (CUDA only, so forced here)
     # (forced for float32 CPU tensors here; the float64 references below take the PyTorch path)
     lln_triton.applies = lambda q, k, v, mask: mask is None and q.dtype == torch.float32
     calls = []
     for name in ("lln_causal", "lln_noncausal"):
         def counted(*a, _f=getattr(lln_triton, name), _n=name):
-            calls.append(_n)
+            calls.append(_n + ("+diag" if len(a) > 7 and a[7] is not None else ""))
             return _f(*a)
         setattr(lln_triton, name, counted)
     q, k, v = (torch.randn(1, 2, 90, 16, generator=g, dtype=torch.float32) for _ in range(3))
@@ -107,12 +126,14 @@ SCRIPT = textwrap.dedent(
     kw[0, 0, 5, 3] = 400.0
     got = LLNAttention(moment_matching=False)(q, kw, v, causal=True)
     want = LLNAttention(moment_matching=False)(q.double(), kw.double(), v.double(), causal=True)
-    out["wide"] = rel(got, want)
-    out["wide_calls"] = list(calls)
+    out["spread"] = rel(got, want)
+    out["spread_calls"] = list(calls)
 
     # the block softmax, alone and as LLN+Diag's weighted sum (every mode: the learnable weights get
     # gradients), against the PyTorch path in float64; blocks not dividing N, d_v != d
     block_diagonal_triton.applies = lambda q, k, v, mask, block: mask is None and q.dtype == torch.float32
+    real_fuses = lln_triton.fuses_diag  # half precision only on a GPU; the rule is tested apart, below
+    lln_triton.fuses_diag = lambda q, v, block, causal: real_fuses(q.half(), v, block, causal)
     real_block = block_diagonal_triton.block_diagonal
 
     def counted_block(*a, **kw):
@@ -121,7 +142,8 @@ SCRIPT = textwrap.dedent(
 
     block_diagonal_triton.block_diagonal = counted_block
     diag = {}
-    for n, d, dv, block in ((70, 16, 16, None), (45, 20, 24, 12)):
+    # (blocks of 64 tokens are the LLN kernels' tiles: the block softmax runs inside them)
+    for n, d, dv, block in ((70, 16, 16, None), (45, 20, 24, 12), (150, 16, 24, 64)):
         qb, kb = (torch.randn(2, 2, n, d, generator=g) for _ in range(2))
         vb = torch.randn(2, 2, n, dv, generator=g)
         go = torch.randn(2, 2, n, dv, generator=g)
@@ -187,16 +209,39 @@ def test_fused_lln_kernels_under_interpreter():
     # every float32 module call above went through the kernels (LLN+Diag's LLN part too) …
     assert got["calls"] == ["lln_noncausal"] * 3 + ["lln_causal"] * 3, got["calls"]
     # … but keys 400 log units apart did not (the product form would lose rows to underflow)
-    assert got["wide"] < 1e-5 and got["wide_calls"] == [], (got["wide"], got["wide_calls"])
+    assert got["spread"] < 1e-5 and got["spread_calls"] == [], (got["spread"], got["spread_calls"])
+    # the partial states summed between the kernels: float32 against float64, as above
+    assert max(got["wide"]) < 1e-5, got["wide"]
     for case, errs in got["diag"].items():
         # float32 against float64 (outputs, then the gradients of q, k, v and of the weights), as above
         assert max(errs) < 1e-5, (case, errs)
-    # every float32 call above went through the kernels: 2 sizes × 2 causal rules, block_diag alone once
-    # and LLN+Diag's three modes (LLN's kernels, then the block kernel with LLN's output as its base)
+    # every float32 call above went through the kernels: 3 sizes × 2 causal rules, block_diag alone once
+    # and LLN+Diag's three modes: for blocks of 64, LLN's kernels with the block softmax inside; for the
+    # others, LLN's kernels, then the block kernel with LLN's output as its base
     calls = got["diag_calls"]
-    assert calls.count("block") == 4 and calls.count("block_with_base") == 12, calls
+    assert calls.count("block") == 6 and calls.count("block_with_base") == 12, calls
     assert calls.count("lln_noncausal") == 6 and calls.count("lln_causal") == 6, calls
+    assert calls.count("lln_noncausal+diag") == 3 and calls.count("lln_causal+diag") == 3, calls
     q_msg, k_msg, v_msg = got["errors"]
     assert "q: expected finite values" in q_msg and "(0, 1, 7, 2)" in q_msg, q_msg
     assert "k: expected finite values" in k_msg and "(0, 0, 3, 5)" in k_msg, k_msg
     assert "v: expected finite values" in v_msg and "(0, 1, 88, 0)" in v_msg, v_msg
+
+
+def test_diag_fusion_rule():
+    """LLN+Diag's block softmax goes inside LLN's kernels only where that measured faster and fits: blocks
+    equal to the kernels' tiles, half precision, causal or at most NONCAUSAL_DIAG_MAX_TOKENS tokens."""
+    from attnstats.kernels import lln_triton
+
+    def x(n, d, dtype=torch.bfloat16):
+        return torch.empty(1, 2, n, d, dtype=dtype, device="meta")  # the rule reads shapes and dtypes only
+
+    limit = lln_triton.NONCAUSAL_DIAG_MAX_TOKENS
+    assert lln_triton.fuses_diag(x(limit, 64), x(limit, 64), 64, causal=False)
+    assert not lln_triton.fuses_diag(x(limit + 1, 64), x(limit + 1, 64), 64, causal=False)
+    assert lln_triton.fuses_diag(x(4 * limit, 64), x(4 * limit, 64), 64, causal=True)
+    assert lln_triton.fuses_diag(x(100, 64, torch.float16), x(100, 64, torch.float16), 64, causal=False)
+    assert not lln_triton.fuses_diag(x(100, 64, torch.float32), x(100, 64, torch.float32), 64, causal=True)
+    assert not lln_triton.fuses_diag(x(100, 64), x(100, 64), 32, causal=True)  # blocks are not the tiles
+    assert lln_triton.fuses_diag(x(100, 128), x(100, 128), 32, causal=True)  # wide heads: tiles of 32
+    assert not lln_triton.fuses_diag(x(100, 64), x(90, 64), 64, causal=False)  # N != M

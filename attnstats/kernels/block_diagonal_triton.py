@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import torch
 
-from .lln_triton import _DTYPES, _HAVE_TRITON, _on, _pad, _precision
+from .triton_common import DTYPES, HAVE_TRITON, on_device, pad, precision
 
 __all__ = ["MAX_BLOCK", "applies", "block_diagonal"]
 
-if _HAVE_TRITON:
+if HAVE_TRITON:
     import triton
     import triton.language as tl
+
+    from .triton_common import block_softmax, block_softmax_grads, mix_weights
 
 # Largest block (and head dims) the kernel takes: the [C, C] scores and [C, d] tiles live in registers
 MAX_BLOCK = 128
@@ -39,14 +41,14 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, block: int)
     """Whether a block-diagonal call goes to the kernel: CUDA tensors of one dtype (bf16, fp16, fp32),
     no mask, ``N == M``, blocks and head dims of at most :data:`MAX_BLOCK`, Triton installed."""
     return (
-        _HAVE_TRITON and mask is None and q.is_cuda and k.is_cuda and v.is_cuda
-        and q.dtype in _DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+        HAVE_TRITON and mask is None and q.is_cuda and k.is_cuda and v.is_cuda
+        and q.dtype in DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
         and q.shape[-2] == k.shape[-2] and q.shape[-2] > 0
         and min(block, q.shape[-2]) <= MAX_BLOCK and q.shape[-1] <= MAX_BLOCK and v.shape[-1] <= MAX_BLOCK
     )
 
 
-if _HAVE_TRITON:
+if HAVE_TRITON:
 
     @triton.jit
     def _block_tiles(Q, K, V, bh, blk, H, N, C, D, DV, scale,
@@ -70,28 +72,8 @@ if _HAVE_TRITON:
                     other=0.0).to(tl.float32)
         v = tl.load(V + b * sv_b + h * sv_h + rows[:, None] * sv_n + offs_e[None, :] * sv_d, mask=vmask,
                     other=0.0).to(tl.float32)
-        valid = rmask[:, None] & rmask[None, :]  # [C_PAD, C_PAD]
-        if CAUSAL:
-            valid = valid & (offs_c[None, :] <= offs_c[:, None])
-        s = tl.where(valid, tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, float("-inf"))
-        top = tl.max(s, 1)
-        top = tl.where(rmask, top, 0.0)  # rows past the block: no finite score, kept NaN-free
-        e = tl.where(valid, tl.exp(s - top[:, None]), 0.0)
-        tot = tl.sum(e, 1)
-        p = e / tl.where(rmask, tot, 1.0)[:, None]  # [C_PAD, C_PAD]; every row in the block has its own key
-        od = tl.dot(p, v, input_precision=PRECISION)  # [C_PAD, DV_PAD]
+        p, od = block_softmax(q, k, v, rmask, scale, CAUSAL, C_PAD, PRECISION)  # [C_PAD, C_PAD], [C_PAD, DV_PAD]
         return q, k, v, p, od, rows, rmask, qmask, vmask, offs_d, offs_e
-
-    @triton.jit
-    def _weights(WL, WD, h, DV, offs_e, emask, wl, wd, PER_CHANNEL: tl.constexpr):
-        # (w_L, w_D) for head h: [DV_PAD] rows of [H, DV] tensors, or the scalars wl, wd
-        if PER_CHANNEL:
-            wl_h = tl.load(WL + h * DV + offs_e, mask=emask, other=0.0)
-            wd_h = tl.load(WD + h * DV + offs_e, mask=emask, other=0.0)
-        else:
-            wl_h = wl
-            wd_h = wd
-        return wl_h, wd_h
 
     @triton.jit
     def _forward_kernel(
@@ -110,7 +92,7 @@ if _HAVE_TRITON:
             CAUSAL, C_PAD, D_PAD, DV_PAD, PRECISION)
         at = (bh * N + rows[:, None]) * DV + offs_e[None, :]
         if HAS_BASE:
-            wl_h, wd_h = _weights(WL, WD, bh % H, DV, offs_e, offs_e < DV, wl, wd, PER_CHANNEL)
+            wl_h, wd_h = mix_weights(WL, WD, bh % H, DV, offs_e, offs_e < DV, wl, wd, PER_CHANNEL)
             base = tl.load(BASE + at, mask=vmask, other=0.0).to(tl.float32)
             od = wl_h * base + wd_h * od
         tl.store(OUT + at, od.to(OUT.dtype.element_ty), mask=vmask)
@@ -123,9 +105,9 @@ if _HAVE_TRITON:
         CAUSAL: tl.constexpr, HAS_BASE: tl.constexpr, PER_CHANNEL: tl.constexpr,
         C_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        # With gd = w_D ⊙ g: dv = pᵀ gd, ds = p ⊙ (gd vᵀ − rowsum(gd ⊙ p v)), dq = scale·ds k,
-        # dk = scale·dsᵀ q; with a base: ∂BASE = w_L ⊙ g, and per-channel weights get their block's
-        # Σ_rows g ⊙ BASE and Σ_rows g ⊙ p v at DWL, DWD [BH, NB, DV_PAD].
+        # The block's dq, dk, dv for gd = w_D ⊙ g (block_softmax_grads); with a base: ∂BASE = w_L ⊙ g,
+        # and per-channel weights get their block's Σ_rows g ⊙ BASE and Σ_rows g ⊙ p v at DWL, DWD
+        # [BH, NB, DV_PAD].
         bh = tl.program_id(0)
         blk = tl.program_id(1)
         b = bh // H
@@ -139,7 +121,7 @@ if _HAVE_TRITON:
         at = (bh * N + rows[:, None]) * DV + offs_e[None, :]
         gd = g
         if HAS_BASE:
-            wl_h, wd_h = _weights(WL, WD, h, DV, offs_e, offs_e < DV, wl, wd, PER_CHANNEL)
+            wl_h, wd_h = mix_weights(WL, WD, h, DV, offs_e, offs_e < DV, wl, wd, PER_CHANNEL)
             gd = wd_h * g
             tl.store(DBASE + at, (wl_h * g).to(DBASE.dtype.element_ty), mask=vmask)
             if PER_CHANNEL:
@@ -147,12 +129,7 @@ if _HAVE_TRITON:
                 part = (bh * NB + blk) * DV_PAD + offs_e
                 tl.store(DWL + part, tl.sum(g * base, 0))
                 tl.store(DWD + part, tl.sum(g * od, 0))
-        dv = tl.dot(tl.trans(p), gd, input_precision=PRECISION)  # [C_PAD, DV_PAD]
-        dp = tl.dot(gd, tl.trans(v), input_precision=PRECISION)  # [C_PAD, C_PAD]
-        delta = tl.sum(gd * od, 1)  # [C_PAD]
-        ds = p * (dp - delta[:, None]) * scale
-        dq = tl.dot(ds, k, input_precision=PRECISION)  # [C_PAD, D_PAD]
-        dk = tl.dot(tl.trans(ds), q, input_precision=PRECISION)
+        dq, dk, dv = block_softmax_grads(q, k, v, p, od, gd, scale, PRECISION)
         at_d = (bh * N + rows[:, None]) * D + offs_d[None, :]
         tl.store(DQ + at_d, dq.to(DQ.dtype.element_ty), mask=qmask)
         tl.store(DK + at_d, dk.to(DK.dtype.element_ty), mask=qmask)
@@ -162,7 +139,7 @@ if _HAVE_TRITON:
 def _config(q, v, block):
     bsz, h, n, d = q.shape
     c = min(block, n)
-    return bsz, h, n, d, v.shape[-1], c, triton.cdiv(n, c), max(16, triton.next_power_of_2(c)), _pad(d), _pad(v.shape[-1])
+    return bsz, h, n, d, v.shape[-1], c, triton.cdiv(n, c), pad(c), pad(d), pad(v.shape[-1])
 
 
 class _BlockDiagonal(torch.autograd.Function):
@@ -170,7 +147,7 @@ class _BlockDiagonal(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, base, wl, wd, scale, block, causal):
-        with _on(q):
+        with on_device(q):
             bsz, h, n, d, dv, c, nb, c_pad, d_pad, dv_pad = _config(q, v, block)
             per_channel = isinstance(wl, torch.Tensor)
             wl_t, wd_t = (w.detach().to(torch.float32).contiguous() if per_channel else None for w in (wl, wd))
@@ -181,7 +158,7 @@ class _BlockDiagonal(torch.autograd.Function):
                 q, k, v, base_c, wl_t, wd_t, out, *q.stride(), *k.stride(), *v.stride(),
                 h, n, c, d, dv, float(scale), 0.0 if per_channel else float(wl), 0.0 if per_channel else float(wd),
                 CAUSAL=causal, HAS_BASE=has_base, PER_CHANNEL=per_channel,
-                C_PAD=c_pad, D_PAD=d_pad, DV_PAD=dv_pad, PRECISION=_precision(q.dtype), num_warps=NUM_WARPS[c_pad],
+                C_PAD=c_pad, D_PAD=d_pad, DV_PAD=dv_pad, PRECISION=precision(q.dtype), num_warps=NUM_WARPS[c_pad],
             )
         ctx.save_for_backward(q, k, v, base_c, wl_t, wd_t)
         ctx.consts = (None if per_channel else float(wl), None if per_channel else float(wd), float(scale), block,
@@ -193,7 +170,7 @@ class _BlockDiagonal(torch.autograd.Function):
     def backward(ctx, g):
         q, k, v, base, wl_t, wd_t = ctx.saved_tensors
         wl, wd, scale, block, causal, per_channel, has_base, w_dtype = ctx.consts
-        with _on(g):
+        with on_device(g):
             bsz, h, n, d, dv, c, nb, c_pad, d_pad, dv_pad = _config(q, v, block)
             dq = torch.empty(bsz, h, n, d, dtype=q.dtype, device=q.device)
             dk = torch.empty(bsz, h, n, d, dtype=k.dtype, device=k.device)
@@ -208,7 +185,7 @@ class _BlockDiagonal(torch.autograd.Function):
                 *q.stride(), *k.stride(), *v.stride(), *g.stride(),
                 h, n, c, d, dv, scale, 0.0 if per_channel else wl, 0.0 if per_channel else wd, nb,
                 CAUSAL=causal, HAS_BASE=has_base, PER_CHANNEL=per_channel,
-                C_PAD=c_pad, D_PAD=d_pad, DV_PAD=dv_pad, PRECISION=_precision(q.dtype), num_warps=NUM_WARPS[c_pad],
+                C_PAD=c_pad, D_PAD=d_pad, DV_PAD=dv_pad, PRECISION=precision(q.dtype), num_warps=NUM_WARPS[c_pad],
             )
             if per_channel:  # [B, H, nb, DV_PAD] block partials summed over batch and blocks: [H, d_v]
                 dwl = dwl.sum((0, 2))[:, :dv].to(w_dtype)

@@ -129,17 +129,26 @@ class LLNAttention(LogFeatureAttention):
     def _output(self, q, k, v, causal: bool, mask, checked: bool = False) -> torch.Tensor:
         """The output by the fused Triton kernels where they apply (:func:`lln_triton.applies`: CUDA
         tensors of one dtype, no mask), else by the PyTorch path of the base class."""
-        if not lln_triton.applies(q, k, v, mask):
-            return super()._output(q, k, v, causal, mask, checked)
+        if lln_triton.applies(q, k, v, mask):
+            out = self._fused_output(q, k, v, causal, checked)
+            if out is not None:
+                return out
+            checked = True  # keys too spread out for the fused causal path: the log-space path, below
+        return super()._output(q, k, v, causal, mask, checked)
+
+    def _fused_output(self, q, k, v, causal: bool, checked: bool = False, diag=None):
+        """The output ``[B, H, N, d_v]`` by the fused kernels, or None when causal keys are spread too far
+        for them (then q, k, v have been checked). ``diag``: LLN+Diag's ``(scale, w_L, w_D)`` to fold its
+        block softmax in (:func:`lln_triton.fuses_diag`), or None."""
         st = lln_triton.moments(q, k, v, spread=causal)  # the one host sync
         if not checked:
             _check_read(q, k, v, st.sigma_q, st.sigma_k, st.v_finite)
         alpha, beta = self._rule(st.sigma_q, st.sigma_k, q.shape[-1]) if self.moment_matching else (1.0, 1.0)
         if not causal:
-            return lln_triton.lln_noncausal(q, k, v, alpha, beta, self.eps, st)  # [B, H, N, d_v]
+            return lln_triton.lln_noncausal(q, k, v, alpha, beta, self.eps, st, diag)  # [B, H, N, d_v]
         if st.spread * beta <= causal_underflow_limit(torch.float32):
-            return lln_triton.lln_causal(q, k, v, alpha, beta, self.eps, st)  # [B, H, N, d_v]
-        return super()._output(q, k, v, causal, mask, checked=True)  # keys too spread out: the log-space path
+            return lln_triton.lln_causal(q, k, v, alpha, beta, self.eps, st, diag)  # [B, H, N, d_v]
+        return None
 
     def _checked_features(self, q, k, v, dtype, causal: bool, key_valid, checked: bool):
         """:meth:`LogFeatureAttention._checked_features` with one device transfer for everything: σ_q and

@@ -80,18 +80,25 @@ class LLNPlusDiagAttention(Kernel):
     def forward(self, q, k, v, *, causal: bool = False, mask=None) -> torch.Tensor:
         """Attention output ``[B, H, N, d_v]``.
 
-        CUDA inputs of one dtype with no mask take two fused paths: LLN's kernels
-        (:mod:`~attnstats.kernels.lln_triton`, which also check q, k, v for NaN and inf), then one kernel
-        for the block softmax and the weighted sum (:mod:`~attnstats.kernels.block_diagonal_triton`).
+        CUDA inputs of one dtype with no mask take LLN's fused kernels (:mod:`~attnstats.kernels.lln_triton`,
+        which also check q, k, v for NaN and inf), with the block softmax and the weighted sum folded in
+        where that measured faster (:func:`~attnstats.kernels.lln_triton.fuses_diag`: blocks of 64 tokens,
+        the default for head dim 64, half precision, causal or up to 16k tokens); other calls take one more
+        kernel for them (:mod:`~attnstats.kernels.block_diagonal_triton`).
         """
-        block = min(self.diag.block_size(q.shape[-1]), q.shape[-2])
+        block = self.diag.block_size(q.shape[-1])
         fused = lln_triton.applies(q, k, v, mask) and block_diagonal_triton.applies(q, k, v, mask, block)
         check_qkv(q, k, v, causal, why="block-diagonal attention", finite=not fused)
         self._check_heads(q, v)
         if fused:
-            out_l = self.lln._output(q, k, v, causal, mask)  # [B, H, N, d_v]; checks finiteness
             wl, wd = self.weights()  # floats, or [H, d_v] each
-            return block_diagonal_triton.block_diagonal(q, k, v, self.diag._scale(q.shape[-1]), block, causal,
+            scale = self.diag._scale(q.shape[-1])
+            if lln_triton.fuses_diag(q, v, block, causal):
+                out = self.lln._fused_output(q, k, v, causal, diag=(scale, wl, wd))  # [B, H, N, d_v]
+                if out is not None:
+                    return out
+            out_l = self.lln._output(q, k, v, causal, mask)  # [B, H, N, d_v]; checks finiteness
+            return block_diagonal_triton.block_diagonal(q, k, v, scale, min(block, q.shape[-2]), causal,
                                                         base=out_l, wl=wl, wd=wd)  # [B, H, N, d_v]
         out_l = self.lln._output(q, k, v, causal, mask, checked=True)  # [B, H, N, d_v]; inputs checked above
         out_d = self.diag._output(q, k, v, causal, mask)  # [B, H, N, d_v]

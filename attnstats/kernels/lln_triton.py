@@ -33,37 +33,30 @@ float32.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import os
 
 import numpy as np
 import torch
 
-__all__ = ["MAX_HEAD_DIM", "available", "applies", "moments", "lln_noncausal", "lln_causal"]
+__all__ = ["MAX_HEAD_DIM", "available", "applies", "fuses_diag", "moments", "lln_noncausal", "lln_causal"]
 
-try:  # Triton is an optional extra: without it these kernels are simply unavailable
+from .triton_common import DTYPES, HAVE_TRITON, interpreting, on_device, pad, precision
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    _HAVE_TRITON = True
-except Exception:  # pragma: no cover - depends on the environment
-    _HAVE_TRITON = False
+    from .triton_common import block_softmax, block_softmax_grads, mix_weights
 
 # Largest head dim (of q, k and of v) the kernels take: the per-program state [d, d_v] lives in registers
 MAX_HEAD_DIM = 128
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def available(x: torch.Tensor) -> bool:
     """Whether the kernels can run on ``x``: Triton imports, and ``x`` is a CUDA tensor (or a CPU tensor
     under ``TRITON_INTERPRET=1``, for tests)."""
-    return _HAVE_TRITON and (x.is_cuda or (_interpreting() and x.device.type == "cpu"))
+    return HAVE_TRITON and (x.is_cuda or (interpreting() and x.device.type == "cpu"))
 
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> bool:
@@ -71,16 +64,11 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> bool:
     tensors of one dtype (bf16, fp16, fp32), no mask, head dims ≤ :data:`MAX_HEAD_DIM`, Triton installed.
     (CPU tensors never do: the interpreter is for tests.)"""
     return (
-        _HAVE_TRITON and mask is None and q.is_cuda and k.is_cuda and v.is_cuda
-        and q.dtype in _DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+        HAVE_TRITON and mask is None and q.is_cuda and k.is_cuda and v.is_cuda
+        and q.dtype in DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
         and q.shape[-1] <= MAX_HEAD_DIM and v.shape[-1] <= MAX_HEAD_DIM
         and q.shape[-2] > 0 and k.shape[-2] > 0
     )
-
-
-def _pad(n: int) -> int:
-    """Tile width for a head dim: a power of two ≥ 16 (``tl.dot``'s smallest)."""
-    return max(16, triton.next_power_of_2(n))
 
 
 def _block(d_pad: int, dv_pad: int) -> int:
@@ -94,16 +82,32 @@ def _multiprocessors(index) -> int:
     return 8 if index is None else torch.cuda.get_device_properties(index).multi_processor_count
 
 
+# Programs per head along the tokens. Each consumer kernel sums its producer's per-program partial
+# states ([d, d_v] each) itself when there are at most 16; long calls (from WIDE_FROM_TOKENS tokens) run
+# up to WIDE_SPLIT programs per head, about eight per streaming multiprocessor, and have their partials
+# summed by one torch.sum first: with 16 programs per head the kernels ran at a third of the memory
+# bandwidth at 64k tokens (benchmarks/RESULTS.md §4).
+WIDE_FROM_TOKENS = 32768
+WIDE_SPLIT = 64
+_SUMMED_IN_KERNEL = 16
+
+
 def _splits(bh: int, n: int, block: int, device: torch.device) -> int:
-    """Programs per head along the tokens: about two per streaming multiprocessor in all, at most one
-    per tile and at most 16 (each later program sums the 16 partial states)."""
+    """Programs per head along ``n`` tokens: about two per streaming multiprocessor in all (eight from
+    :data:`WIDE_FROM_TOKENS` tokens), at most one per tile, at most 16 (:data:`WIDE_SPLIT` for long calls)."""
     index = (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else None
-    return max(1, min(16, triton.cdiv(n, block), triton.cdiv(2 * _multiprocessors(index), bh)))
+    sms = _multiprocessors(index)
+    if n >= WIDE_FROM_TOKENS:
+        return max(1, min(WIDE_SPLIT, triton.cdiv(n, block), triton.cdiv(8 * sms, bh)))
+    return max(1, min(_SUMMED_IN_KERNEL, triton.cdiv(n, block), triton.cdiv(2 * sms, bh)))
 
 
-def _on(x: torch.Tensor):
-    """Launch on ``x``'s GPU (Triton launches on the current device); nothing for CPU tensors."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+def _summed(parts):
+    """Partial states ``[BH, P, …]`` as the next kernel reads them: as they are (it sums them) when
+    ``P ≤ 16``, else summed over P first (``[BH, 1, …]``); and their number."""
+    if parts[0].shape[1] <= _SUMMED_IN_KERNEL:
+        return parts, parts[0].shape[1]
+    return tuple(x.sum(1, keepdim=True) for x in parts), 1
 
 
 def _rows(n: int, split: int, block: int) -> int:
@@ -111,7 +115,7 @@ def _rows(n: int, split: int, block: int) -> int:
     return triton.cdiv(triton.cdiv(n, block), split) * block
 
 
-if _HAVE_TRITON:
+if HAVE_TRITON:
 
     @triton.jit
     def _column_moments(X, sx_n, sx_d, lo, hi, offs_d, dmask, BLOCK: tl.constexpr, D_PAD: tl.constexpr):
@@ -258,13 +262,17 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _nc_out_kernel(
-        Q, SP, ZP, KMAX, OUT, DEN,
-        sq_b, sq_h, sq_n, sq_d,
-        H, N, D, DV, ROWS, SPLIT_S, alpha, beta, eps,
+        Q, K, V, SP, ZP, KMAX, OUT, DEN, OUT_L, WL, WD,
+        sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+        H, N, D, DV, ROWS, SPLIT_S, NP, alpha, beta, eps, dscale, wl, wd,
         D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+        DIAG: tl.constexpr, PER_CHANNEL: tl.constexpr,
     ):
-        # One program, a range of queries of one head: out = qt S / (qt·z + eps), and the denominators.
-        # OUT [BH, N, DV] contiguous in the output dtype; DEN [BH, N] float32.
+        # One program, a range of queries of one head: out = qt S / (qt·z + eps) (S, z: the sum of NP
+        # partials at SP, ZP), and the denominators.
+        # OUT [BH, N, DV] contiguous in the output dtype; DEN [BH, N] float32. DIAG (LLN+Diag, blocks of
+        # BLOCK tokens: the program's tiles are its blocks): OUT = w_L ⊙ LLN + w_D ⊙ block softmax, and
+        # OUT_L the LLN part, for the backward.
         bh = tl.program_id(0)
         sp = tl.program_id(1)
         b = bh // H
@@ -274,8 +282,8 @@ if _HAVE_TRITON:
         dmask = offs_d < D
         emask = offs_e < DV
         m = _key_shift(KMAX, bh, beta, SPLIT_S, offs_d, dmask, D_PAD)  # [D_PAD]
-        s = _sum_partials(SP, bh, tl.num_programs(1), offs_d, offs_e, D_PAD, DV_PAD)  # [D_PAD, DV_PAD]
-        z = _sum_vectors(ZP, bh, tl.num_programs(1), offs_d, D_PAD)  # [D_PAD]
+        s = _sum_partials(SP, bh, NP, offs_d, offs_e, D_PAD, DV_PAD)  # [D_PAD, DV_PAD]
+        z = _sum_vectors(ZP, bh, NP, offs_d, D_PAD)  # [D_PAD]
         lo = sp * ROWS
         hi = tl.minimum(lo + ROWS, N)
         for r0 in range(lo, hi, BLOCK):
@@ -287,19 +295,34 @@ if _HAVE_TRITON:
             num = tl.dot(qt, s, input_precision=PRECISION)  # [BLOCK, DV_PAD]
             den = tl.sum(qt * z[None, :], 1) + eps  # [BLOCK], ≥ 1 + eps
             out = num / den[:, None]
-            tl.store(OUT + (bh * N + rows[:, None]) * DV + offs_e[None, :], out.to(OUT.dtype.element_ty),
-                     mask=rmask[:, None] & emask[None, :])
+            at = (bh * N + rows[:, None]) * DV + offs_e[None, :]
+            vmask = rmask[:, None] & emask[None, :]
+            if DIAG:
+                kk = tl.load(K + b * sk_b + h * sk_h + rows[:, None] * sk_n + offs_d[None, :] * sk_d,
+                             mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # [BLOCK, D_PAD]
+                vv = tl.load(V + b * sv_b + h * sv_h + rows[:, None] * sv_n + offs_e[None, :] * sv_d,
+                             mask=vmask, other=0.0).to(tl.float32)  # [BLOCK, DV_PAD]
+                _, od = block_softmax(qq, kk, vv, rmask, dscale, False, BLOCK, PRECISION)  # [BLOCK, DV_PAD]
+                tl.store(OUT_L + at, out.to(OUT_L.dtype.element_ty), mask=vmask)
+                wl_h, wd_h = mix_weights(WL, WD, h, DV, offs_e, emask, wl, wd, PER_CHANNEL)
+                out = wl_h * out + wd_h * od
+            tl.store(OUT + at, out.to(OUT.dtype.element_ty), mask=vmask)
             tl.store(DEN + bh * N + rows, den, mask=rmask)
 
     @triton.jit
     def _nc_grad_q_kernel(
-        Q, G, OUT, DEN, SP, ZP, KMAX, DQ, GSP, GZP,
-        sq_b, sq_h, sq_n, sq_d, sg_b, sg_h, sg_n, sg_d,
-        H, N, D, DV, ROWS, SPLIT_S, alpha, beta,
+        Q, K, V, G, OUT, DEN, SP, ZP, KMAX, DQ, GSP, GZP, WL, WD, DK, DV_OUT, DWL, DWD,
+        sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, sg_b, sg_h, sg_n, sg_d,
+        H, N, D, DV, ROWS, SPLIT_S, NP, alpha, beta, dscale, wl, wd,
         D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+        DIAG: tl.constexpr, PER_CHANNEL: tl.constexpr,
     ):
-        # One program, a range of queries of one head: dq, and its share of ∂S = qtᵀ gn, ∂z = qtᵀ gd.
-        # gn = g / den (through the numerator), gd = −(g·out) / den (through the denominator).
+        # One program, a range of queries of one head: dq, and its share of ∂S = qtᵀ gn, ∂z = qtᵀ gd
+        # (S, z: the sum of NP partials at SP, ZP).
+        # gn = g / den (through the numerator), gd = −(g·out) / den (through the denominator). DIAG: OUT
+        # is the LLN part, whose output gradient is w_L ⊙ g; the block softmax's gradients (for w_D ⊙ g)
+        # add to dq here and are stored at DK, DV_OUT, which the key kernel then adds to; per-channel
+        # weights get the program's Σ_rows g ⊙ LLN and Σ_rows g ⊙ Diag at DWL, DWD [BH, SPLIT, DV_PAD].
         bh = tl.program_id(0)
         sp = tl.program_id(1)
         split = tl.num_programs(1)
@@ -310,10 +333,14 @@ if _HAVE_TRITON:
         dmask = offs_d < D
         emask = offs_e < DV
         m = _key_shift(KMAX, bh, beta, SPLIT_S, offs_d, dmask, D_PAD)
-        s = _sum_partials(SP, bh, split, offs_d, offs_e, D_PAD, DV_PAD)  # [D_PAD, DV_PAD]
-        z = _sum_vectors(ZP, bh, split, offs_d, D_PAD)  # [D_PAD]
+        s = _sum_partials(SP, bh, NP, offs_d, offs_e, D_PAD, DV_PAD)  # [D_PAD, DV_PAD]
+        z = _sum_vectors(ZP, bh, NP, offs_d, D_PAD)  # [D_PAD]
         gs_acc = tl.zeros([D_PAD, DV_PAD], dtype=tl.float32)
         gz_acc = tl.zeros([D_PAD], dtype=tl.float32)
+        wl_acc = tl.zeros([DV_PAD], dtype=tl.float32)
+        wd_acc = tl.zeros([DV_PAD], dtype=tl.float32)
+        if DIAG:
+            wl_h, wd_h = mix_weights(WL, WD, h, DV, offs_e, emask, wl, wd, PER_CHANNEL)
         lo = sp * ROWS
         hi = tl.minimum(lo + ROWS, N)
         for r0 in range(lo, hi, BLOCK):
@@ -328,27 +355,48 @@ if _HAVE_TRITON:
                         mask=vmask, other=0.0).to(tl.float32)  # [BLOCK, DV_PAD]
             o = tl.load(OUT + (bh * N + rows[:, None]) * DV + offs_e[None, :], mask=vmask, other=0.0).to(tl.float32)
             den = tl.load(DEN + bh * N + rows, mask=rmask, other=1.0)  # [BLOCK]
-            gn = g / den[:, None]  # [BLOCK, DV_PAD]
-            gd = -tl.sum(g * o, 1) / den  # [BLOCK]
+            gl = g
+            if DIAG:
+                gl = wl_h * g
+            gn = gl / den[:, None]  # [BLOCK, DV_PAD]
+            gd = -tl.sum(gl * o, 1) / den  # [BLOCK]
             gqt = tl.dot(gn, tl.trans(s), input_precision=PRECISION) + gd[:, None] * z[None, :]  # [BLOCK, D_PAD]
             dq = alpha * gqt * qt
+            if DIAG:
+                kk = tl.load(K + b * sk_b + h * sk_h + rows[:, None] * sk_n + offs_d[None, :] * sk_d,
+                             mask=qmask, other=0.0).to(tl.float32)  # [BLOCK, D_PAD]
+                vv = tl.load(V + b * sv_b + h * sv_h + rows[:, None] * sv_n + offs_e[None, :] * sv_d,
+                             mask=vmask, other=0.0).to(tl.float32)  # [BLOCK, DV_PAD]
+                p, od = block_softmax(qq, kk, vv, rmask, dscale, False, BLOCK, PRECISION)
+                dq_d, dk_d, dv_d = block_softmax_grads(qq, kk, vv, p, od, wd_h * g, dscale, PRECISION)
+                dq += dq_d
+                tl.store(DK + (bh * N + rows[:, None]) * D + offs_d[None, :], dk_d.to(DK.dtype.element_ty), mask=qmask)
+                tl.store(DV_OUT + (bh * N + rows[:, None]) * DV + offs_e[None, :], dv_d.to(DV_OUT.dtype.element_ty),
+                         mask=vmask)
+                if PER_CHANNEL:
+                    wl_acc += tl.sum(g * o, 0)
+                    wd_acc += tl.sum(g * od, 0)
             tl.store(DQ + (bh * N + rows[:, None]) * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qmask)
             gs_acc += tl.dot(tl.trans(qt), gn, input_precision=PRECISION)  # [D_PAD, DV_PAD]
             gz_acc += tl.sum(qt * gd[:, None], 0)
         tl.store(GSP + (bh * split + sp) * D_PAD * DV_PAD + offs_d[:, None] * DV_PAD + offs_e[None, :], gs_acc)
         tl.store(GZP + (bh * split + sp) * D_PAD + offs_d, gz_acc)
+        if DIAG and PER_CHANNEL:
+            tl.store(DWL + (bh * split + sp) * DV_PAD + offs_e, wl_acc)
+            tl.store(DWD + (bh * split + sp) * DV_PAD + offs_e, wd_acc)
 
     @triton.jit
     def _nc_grad_kv_kernel(
         K, V, KMAX, GSP, GZP, DK, DV_OUT,
         sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-        H, M, D, DV, ROWS, SPLIT_S, beta,
+        H, M, D, DV, ROWS, SPLIT_S, NP, beta,
         D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+        DIAG: tl.constexpr,
     ):
-        # One program, a range of keys of one head: dv = kt ∂S, dk = β·(v ∂Sᵀ + ∂z)·kt.
+        # One program, a range of keys of one head: dv = kt ∂S, dk = β·(v ∂Sᵀ + ∂z)·kt (DIAG: added to the
+        # block softmax's, which the query kernel left at DK, DV_OUT).
         bh = tl.program_id(0)
         sp = tl.program_id(1)
-        split = tl.num_programs(1)
         b = bh // H
         h = bh % H
         offs_d = tl.arange(0, D_PAD)
@@ -356,8 +404,8 @@ if _HAVE_TRITON:
         dmask = offs_d < D
         emask = offs_e < DV
         m = _key_shift(KMAX, bh, beta, SPLIT_S, offs_d, dmask, D_PAD)
-        gs = _sum_partials(GSP, bh, split, offs_d, offs_e, D_PAD, DV_PAD)  # [D_PAD, DV_PAD]
-        gz = _sum_vectors(GZP, bh, split, offs_d, D_PAD)  # [D_PAD]
+        gs = _sum_partials(GSP, bh, NP, offs_d, offs_e, D_PAD, DV_PAD)  # [D_PAD, DV_PAD]: NP partials
+        gz = _sum_vectors(GZP, bh, NP, offs_d, D_PAD)  # [D_PAD]
         lo = sp * ROWS
         hi = tl.minimum(lo + ROWS, M)
         for r0 in range(lo, hi, BLOCK):
@@ -373,6 +421,10 @@ if _HAVE_TRITON:
             dv = tl.dot(kt, gs, input_precision=PRECISION)  # [BLOCK, DV_PAD]
             gkt = tl.dot(vv, tl.trans(gs), input_precision=PRECISION) + gz[None, :]  # [BLOCK, D_PAD]
             dk = beta * gkt * kt
+            if DIAG:
+                dk += tl.load(DK + (bh * M + rows[:, None]) * D + offs_d[None, :], mask=kmask, other=0.0).to(tl.float32)
+                dv += tl.load(DV_OUT + (bh * M + rows[:, None]) * DV + offs_e[None, :], mask=vmask,
+                              other=0.0).to(tl.float32)
             tl.store(DK + (bh * M + rows[:, None]) * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kmask)
             tl.store(DV_OUT + (bh * M + rows[:, None]) * DV + offs_e[None, :], dv.to(DV_OUT.dtype.element_ty),
                      mask=vmask)
@@ -412,8 +464,8 @@ if _HAVE_TRITON:
     def _chunk_tiles(Q, K, V, KMAX, bh, c, H, N, D, DV, SPLIT_S, alpha, beta,
                      sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                      D_PAD: tl.constexpr, DV_PAD: tl.constexpr, C: tl.constexpr, PRECISION: tl.constexpr):
-        # Chunk c of one head: qt, kt [C, D_PAD], v [C, DV_PAD], the causal intra-chunk weights
-        # a = tril(qt ktᵀ) [C, C], and the rows, their mask and the feature mask.
+        # Chunk c of one head: q, k as loaded (float32), qt, kt [C, D_PAD], v [C, DV_PAD], the causal
+        # intra-chunk weights a = tril(qt ktᵀ) [C, C], and the rows, their mask and the feature mask.
         b = bh // H
         h = bh % H
         offs_d = tl.arange(0, D_PAD)
@@ -434,20 +486,23 @@ if _HAVE_TRITON:
         kt = tl.where(qmask, tl.exp(beta * kk - m[None, :]), 0.0)  # [C, D_PAD]
         tri = tl.arange(0, C)[None, :] <= tl.arange(0, C)[:, None]  # [C, C]: key j ≤ query i
         a = tl.where(tri, tl.dot(qt, tl.trans(kt), input_precision=PRECISION), 0.0)  # [C, C]
-        return qt, kt, vv, a, tri, rows, rmask, offs_d, offs_e, dmask, emask
+        return qq, kk, qt, kt, vv, a, tri, rows, rmask, offs_d, offs_e, dmask, emask
 
     @triton.jit
     def _c_out_kernel(
-        Q, K, V, KMAX, HS, ZS, OUT, DEN,
+        Q, K, V, KMAX, HS, ZS, OUT, DEN, OUT_L, WL, WD,
         sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-        H, N, D, DV, SPLIT_S, alpha, beta, eps, NC,
+        H, N, D, DV, SPLIT_S, alpha, beta, eps, NC, dscale, wl, wd,
         D_PAD: tl.constexpr, DV_PAD: tl.constexpr, C: tl.constexpr, PRECISION: tl.constexpr,
+        DIAG: tl.constexpr, PER_CHANNEL: tl.constexpr,
     ):
         # One program, chunk c of one head: out = (qt S_<c + a v) / ((qt·z_<c + Σ a)(1 + eps)), with
-        # S_<c, z_<c the inclusive prefix sums HS, ZS at chunk c − 1 (0 for the first chunk).
+        # S_<c, z_<c the inclusive prefix sums HS, ZS at chunk c − 1 (0 for the first chunk). DIAG
+        # (LLN+Diag, blocks of C tokens: the chunks): OUT = w_L ⊙ LLN + w_D ⊙ causal block softmax, and
+        # OUT_L the LLN part, for the backward.
         bh = tl.program_id(0)
         c = tl.program_id(1)
-        qt, kt, vv, a, tri, rows, rmask, offs_d, offs_e, dmask, emask = _chunk_tiles(
+        qq, kk, qt, kt, vv, a, tri, rows, rmask, offs_d, offs_e, dmask, emask = _chunk_tiles(
             Q, K, V, KMAX, bh, c, H, N, D, DV, SPLIT_S, alpha, beta,
             sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, D_PAD, DV_PAD, C, PRECISION)
         prev = tl.maximum(c - 1, 0)
@@ -461,19 +516,27 @@ if _HAVE_TRITON:
         # the shared shift leaves den on no fixed scale: eps is relative, and a row with no weight gives 0
         den = tl.where(den > 0, den * (1.0 + eps), 1.0)
         out = num / den[:, None]
-        tl.store(OUT + (bh * N + rows[:, None]) * DV + offs_e[None, :], out.to(OUT.dtype.element_ty),
-                 mask=rmask[:, None] & emask[None, :])
+        at = (bh * N + rows[:, None]) * DV + offs_e[None, :]
+        vmask = rmask[:, None] & emask[None, :]
+        if DIAG:
+            _, od = block_softmax(qq, kk, vv, rmask, dscale, True, C, PRECISION)  # [C, DV_PAD]
+            tl.store(OUT_L + at, out.to(OUT_L.dtype.element_ty), mask=vmask)
+            wl_h, wd_h = mix_weights(WL, WD, bh % H, DV, offs_e, emask, wl, wd, PER_CHANNEL)
+            out = wl_h * out + wd_h * od
+        tl.store(OUT + at, out.to(OUT.dtype.element_ty), mask=vmask)
         tl.store(DEN + bh * N + rows, den, mask=rmask)
 
     @triton.jit
     def _c_grad_state_kernel(
-        Q, G, OUT, DEN, KMAX, GHS, GZS,
+        Q, G, OUT, DEN, KMAX, GHS, GZS, WL, WD,
         sq_b, sq_h, sq_n, sq_d, sg_b, sg_h, sg_n, sg_d,
-        H, N, D, DV, SPLIT_S, alpha, beta, NC,
+        H, N, D, DV, SPLIT_S, alpha, beta, NC, wl, wd,
         D_PAD: tl.constexpr, DV_PAD: tl.constexpr, C: tl.constexpr, PRECISION: tl.constexpr,
+        DIAG: tl.constexpr, PER_CHANNEL: tl.constexpr,
     ):
         # One program, chunk c of one head: qtᵀ gn [D_PAD, DV_PAD] and qtᵀ gd [D_PAD], stored at chunk
-        # position NC − 1 − c (reversed, so a prefix sum gives the sums over later chunks).
+        # position NC − 1 − c (reversed, so a prefix sum gives the sums over later chunks). DIAG: OUT is
+        # the LLN part, whose output gradient is w_L ⊙ g.
         bh = tl.program_id(0)
         c = tl.program_id(1)
         b = bh // H
@@ -494,6 +557,9 @@ if _HAVE_TRITON:
                     mask=vmask, other=0.0).to(tl.float32)
         o = tl.load(OUT + (bh * N + rows[:, None]) * DV + offs_e[None, :], mask=vmask, other=0.0).to(tl.float32)
         den = tl.load(DEN + bh * N + rows, mask=rmask, other=1.0)
+        if DIAG:
+            wl_h, _ = mix_weights(WL, WD, h, DV, offs_e, emask, wl, wd, PER_CHANNEL)
+            g = wl_h * g
         gn = g / den[:, None]  # [C, DV_PAD]
         gd = -tl.sum(g * o, 1) / den  # [C]
         rc = NC - 1 - c
@@ -503,21 +569,25 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _c_grad_kernel(
-        Q, K, V, G, OUT, DEN, KMAX, HS, ZS, GHS, GZS, DQ, DK, DV_OUT,
+        Q, K, V, G, OUT, DEN, KMAX, HS, ZS, GHS, GZS, DQ, DK, DV_OUT, WL, WD, DWL, DWD,
         sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, sg_b, sg_h, sg_n, sg_d,
-        H, N, D, DV, SPLIT_S, alpha, beta, NC,
+        H, N, D, DV, SPLIT_S, alpha, beta, NC, dscale, wl, wd,
         D_PAD: tl.constexpr, DV_PAD: tl.constexpr, C: tl.constexpr, PRECISION: tl.constexpr,
+        DIAG: tl.constexpr, PER_CHANNEL: tl.constexpr,
     ):
         # One program, chunk c of one head: dq, dk, dv. With ga = tril(gn vᵀ + gd) [C, C], S_<c, z_<c the
         # earlier chunks' state and key sum, ∂S_>c, ∂z_>c the later chunks' qtᵀ gn and qtᵀ gd:
         #   dq = α·(gn S_<cᵀ + gd z_<c + ga kt)·qt
         #   dk = β·(gaᵀ qt + v ∂S_>cᵀ + ∂z_>c)·kt
         #   dv = aᵀ gn + kt ∂S_>c
+        # DIAG: OUT is the LLN part (output gradient w_L ⊙ g); the causal block softmax's gradients for
+        # w_D ⊙ g are added, and per-channel weights get the chunk's Σ_rows g ⊙ LLN and Σ_rows g ⊙ Diag
+        # at DWL, DWD [BH, NC, DV_PAD].
         bh = tl.program_id(0)
         c = tl.program_id(1)
         b = bh // H
         h = bh % H
-        qt, kt, vv, a, tri, rows, rmask, offs_d, offs_e, dmask, emask = _chunk_tiles(
+        qq, kk, qt, kt, vv, a, tri, rows, rmask, offs_d, offs_e, dmask, emask = _chunk_tiles(
             Q, K, V, KMAX, bh, c, H, N, D, DV, SPLIT_S, alpha, beta,
             sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, D_PAD, DV_PAD, C, PRECISION)
         vmask = rmask[:, None] & emask[None, :]
@@ -526,8 +596,12 @@ if _HAVE_TRITON:
                     mask=vmask, other=0.0).to(tl.float32)
         o = tl.load(OUT + (bh * N + rows[:, None]) * DV + offs_e[None, :], mask=vmask, other=0.0).to(tl.float32)
         den = tl.load(DEN + bh * N + rows, mask=rmask, other=1.0)
-        gn = g / den[:, None]  # [C, DV_PAD]
-        gd = -tl.sum(g * o, 1) / den  # [C]
+        gl = g
+        if DIAG:
+            wl_h, wd_h = mix_weights(WL, WD, h, DV, offs_e, emask, wl, wd, PER_CHANNEL)
+            gl = wl_h * g
+        gn = gl / den[:, None]  # [C, DV_PAD]
+        gd = -tl.sum(gl * o, 1) / den  # [C]
         state = offs_d[:, None] * DV_PAD + offs_e[None, :]
         prev = tl.maximum(c - 1, 0)
         s = tl.where(c == 0, 0.0, tl.load(HS + (bh * NC + prev) * D_PAD * DV_PAD + state))  # S_<c
@@ -542,18 +616,29 @@ if _HAVE_TRITON:
         dkt = (tl.dot(tl.trans(ga), qt, input_precision=PRECISION)
                + tl.dot(vv, tl.trans(gs), input_precision=PRECISION) + gz[None, :])  # [C, D_PAD]
         dv = tl.dot(tl.trans(a), gn, input_precision=PRECISION) + tl.dot(kt, gs, input_precision=PRECISION)
-        tl.store(DQ + (bh * N + rows[:, None]) * D + offs_d[None, :], (alpha * dqt * qt).to(DQ.dtype.element_ty),
-                 mask=qmask)
-        tl.store(DK + (bh * N + rows[:, None]) * D + offs_d[None, :], (beta * dkt * kt).to(DK.dtype.element_ty),
-                 mask=qmask)
+        dq = alpha * dqt * qt
+        dk = beta * dkt * kt
+        if DIAG:
+            p, od = block_softmax(qq, kk, vv, rmask, dscale, True, C, PRECISION)
+            dq_d, dk_d, dv_d = block_softmax_grads(qq, kk, vv, p, od, wd_h * g, dscale, PRECISION)
+            dq += dq_d
+            dk += dk_d
+            dv += dv_d
+            if PER_CHANNEL:
+                tl.store(DWL + (bh * NC + c) * DV_PAD + offs_e, tl.sum(g * o, 0))
+                tl.store(DWD + (bh * NC + c) * DV_PAD + offs_e, tl.sum(g * od, 0))
+        tl.store(DQ + (bh * N + rows[:, None]) * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qmask)
+        tl.store(DK + (bh * N + rows[:, None]) * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=qmask)
         tl.store(DV_OUT + (bh * N + rows[:, None]) * DV + offs_e[None, :], dv.to(DV_OUT.dtype.element_ty),
                  mask=vmask)
+
+
 
 class Moments:
     """What :func:`moments` read: ``sigma_q``, ``sigma_k`` (floats; NaN when q or k holds a NaN or inf),
     ``v_finite`` (bool), ``kmax``, ``kmin`` (``[B·H, SPLIT, D_PAD]`` float32 on the device, the per-program
-    key maxima and minima), ``split`` (programs per head) and ``spread`` (k's spread, a float, when
-    asked for; else None)."""
+    key maxima and minima, or their reduction, ``SPLIT = 1``), ``split`` (``SPLIT``) and ``spread`` (k's
+    spread, a float, when asked for; else None)."""
 
     __slots__ = ("sigma_q", "sigma_k", "v_finite", "kmax", "kmin", "split", "spread")
 
@@ -584,14 +669,14 @@ def moments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spread: bool = Fa
     """
     bsz, h, n, d = q.shape
     m_, dv = k.shape[-2], v.shape[-1]
-    d_pad, dv_pad = _pad(d), _pad(dv)
+    d_pad, dv_pad = pad(d), pad(dv)
     block = _block(d_pad, dv_pad)
     bh = bsz * h
     split = _splits(bh, max(n, m_), block, q.device)
     rows_q, rows_k = _rows(n, split, block), _rows(m_, split, block)
     part = torch.empty(bh, split, 5, dtype=torch.float32, device=q.device)
     kmax, kmin = torch.empty(2, bh, split, d_pad, dtype=torch.float32, device=q.device).unbind(0)
-    with _on(q):
+    with on_device(q):
         _moments_kernel[(bh, split)](
             q, k, v, part, kmax, kmin, *q.stride(), *k.stride(), *v.stride(),
             h, n, m_, d, dv, rows_q, rows_k, D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block,
@@ -607,6 +692,8 @@ def moments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spread: bool = Fa
     ck = np.clip(m_ - starts * rows_k, 0, rows_k) * d
     sq = _combine(p[..., 0], p[..., 1], cq)
     sk = _combine(p[..., 2], p[..., 3], ck)
+    if split > _SUMMED_IN_KERNEL:  # every later program reads the key shift: one partial, not dozens
+        kmax, kmin, split = kmax.amax(1, keepdim=True), kmin.amin(1, keepdim=True), 1
     return Moments(sq, sk, bool(p[..., 4].sum() == 0), kmax, kmin, split, float(host[-1]) if spread else None)
 
 
@@ -617,107 +704,163 @@ def _states(bh: int, parts: int, d_pad: int, dv_pad: int, device):
     return buf[:cut].view(bh, parts, d_pad, dv_pad), buf[cut:].view(bh, parts, d_pad)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # bf16 inputs: one TF32 product (~1e-3, under bf16's 2^-8 rounding of the output); float16 (2^-11)
-    # and float32: three TF32 products (hi·hi + hi·lo + lo·hi, about float32 accuracy; one measured
-    # 1.2e-3 for float16, benchmarks/RESULTS.md §4); the interpreter computes in plain float32
-    if _interpreting():
-        return "ieee"
-    return "tf32" if dtype == torch.bfloat16 else "tf32x3"
+class _Mix:
+    """LLN+Diag's part of a fused call: the block softmax's scale and the weights ``w_L, w_D`` (floats, or
+    ``[H, d_v]`` tensors passed to the kernels as float32), or no Diag part at all."""
+
+    def __init__(self, dscale, wl, wd):
+        self.on = dscale is not None
+        self.per_channel = isinstance(wl, torch.Tensor)
+        self.dscale = float(dscale) if self.on else 1.0
+        self.wl = 0.0 if self.per_channel or not self.on else float(wl)
+        self.wd = 0.0 if self.per_channel or not self.on else float(wd)
+        self.wl_t, self.wd_t = ((w.detach().to(torch.float32).contiguous() for w in (wl, wd)) if self.per_channel
+                                else (None, None))
+        self.dtype = wl.dtype if self.per_channel else None
+
+    def weight_grads(self, parts, bsz, h, dv):
+        """The weights' gradients ``[H, d_v]`` from the kernels' per-program partials ``[B·H, P, DV_PAD]``
+        each, or Nones."""
+        if not self.per_channel:
+            return None, None
+        return tuple(x.reshape(bsz, h, -1, x.shape[-1]).sum((0, 2))[:, :dv].to(self.dtype) for x in parts)
 
 
 class _NonCausalLLN(torch.autograd.Function):
-    """Non-causal LLN attention by the fused kernels (module docstring), with its backward."""
+    """Non-causal LLN attention by the fused kernels (module docstring), with its backward; with a Diag
+    part (``dscale`` not None), LLN+Diag's ``w_L ⊙ LLN + w_D ⊙ Diag``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, alpha, beta, eps, kmax, split_s):
-        with _on(q):
-            return _NonCausalLLN._forward(ctx, q, k, v, alpha, beta, eps, kmax, split_s)
+    def forward(ctx, q, k, v, wl, wd, alpha, beta, eps, kmax, split_s, dscale):
+        with on_device(q):
+            return _NonCausalLLN._forward(ctx, q, k, v, wl, wd, alpha, beta, eps, kmax, split_s, dscale)
 
     @staticmethod
-    def _forward(ctx, q, k, v, alpha, beta, eps, kmax, split_s):
+    def _forward(ctx, q, k, v, wl, wd, alpha, beta, eps, kmax, split_s, dscale):
         bsz, h, n, d = q.shape
         m_, dv = k.shape[-2], v.shape[-1]
-        d_pad, dv_pad = _pad(d), _pad(dv)
+        d_pad, dv_pad = pad(d), pad(dv)
         block = _block(d_pad, dv_pad)
         bh = bsz * h
-        prec = _precision(q.dtype)
-        split_k = _splits(bh, m_, block, q.device)
-        sp, zp = _states(bh, split_k, d_pad, dv_pad, q.device)
-        _nc_state_kernel[(bh, split_k)](
-            k, v, kmax, sp, zp, *k.stride(), *v.stride(), h, m_, d, dv, _rows(m_, split_k, block), split_s,
+        prec = precision(q.dtype)
+        mix = _Mix(dscale, wl, wd)
+        split = _splits(bh, max(n, m_), block, q.device)  # programs per head, every kernel
+        sp, zp = _states(bh, split, d_pad, dv_pad, q.device)
+        _nc_state_kernel[(bh, split)](
+            k, v, kmax, sp, zp, *k.stride(), *v.stride(), h, m_, d, dv, _rows(m_, split, block), split_s,
             beta, D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block, PRECISION=prec,
         )
+        (sp, zp), n_parts = _summed((sp, zp))
         out = torch.empty(bsz, h, n, dv, dtype=q.dtype, device=q.device)
+        out_l = torch.empty_like(out) if mix.on else out  # the LLN part, kept for the backward
         den = torch.empty(bsz, h, n, dtype=torch.float32, device=q.device)
-        split_q = split_k  # the output kernel sums the state kernel's partials: one split for both
-        _nc_out_kernel[(bh, split_q)](
-            q, sp, zp, kmax, out, den, *q.stride(), h, n, d, dv, _rows(n, split_q, block), split_s,
-            alpha, beta, eps, D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block, PRECISION=prec,
+        _nc_out_kernel[(bh, split)](
+            q, k, v, sp, zp, kmax, out, den, out_l, mix.wl_t, mix.wd_t, *q.stride(), *k.stride(), *v.stride(),
+            h, n, d, dv, _rows(n, split, block), split_s, n_parts, alpha, beta, eps, mix.dscale, mix.wl, mix.wd,
+            D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block, PRECISION=prec, DIAG=mix.on, PER_CHANNEL=mix.per_channel,
+            num_warps=DIAG_WARPS if mix.on else 4,
         )
-        ctx.save_for_backward(q, k, v, out, den, sp, zp, kmax)
-        ctx.consts = (alpha, beta, split_s)
+        ctx.save_for_backward(q, k, v, out_l, den, sp, zp, kmax)
+        ctx.consts = (alpha, beta, split_s, mix, split)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the kernels record no graph: no second derivative
     def backward(ctx, g):
-        with _on(g):
+        with on_device(g):
             return _NonCausalLLN._backward(ctx, g)
 
     @staticmethod
     def _backward(ctx, g):
-        q, k, v, out, den, sp, zp, kmax = ctx.saved_tensors
-        alpha, beta, split_s = ctx.consts
+        q, k, v, out_l, den, sp, zp, kmax = ctx.saved_tensors
+        alpha, beta, split_s, mix, split = ctx.consts
         bsz, h, n, d = q.shape
         m_, dv = k.shape[-2], v.shape[-1]
         d_pad, dv_pad = sp.shape[-2], sp.shape[-1]
         block = _block(d_pad, dv_pad)
-        bh, split = sp.shape[0], sp.shape[1]
-        prec = _precision(q.dtype)
+        bh, n_parts = sp.shape[0], sp.shape[1]
+        prec = precision(q.dtype)
         dq = torch.empty(bsz, h, n, d, dtype=q.dtype, device=q.device)
-        gsp, gzp = _states(bh, split, d_pad, dv_pad, q.device)
-        _nc_grad_q_kernel[(bh, split)](
-            q, g, out, den, sp, zp, kmax, dq, gsp, gzp, *q.stride(), *g.stride(),
-            h, n, d, dv, _rows(n, split, block), split_s, alpha, beta,
-            D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block, PRECISION=prec,
-        )
         dk = torch.empty(bsz, h, m_, d, dtype=k.dtype, device=k.device)
         dvv = torch.empty(bsz, h, m_, dv, dtype=v.dtype, device=v.device)
+        gsp, gzp = _states(bh, split, d_pad, dv_pad, q.device)
+        dwl, dwd = (torch.empty(2, bh, split, dv_pad, dtype=torch.float32, device=q.device).unbind(0)
+                    if mix.per_channel else (None, None))
+        _nc_grad_q_kernel[(bh, split)](
+            q, k, v, g, out_l, den, sp, zp, kmax, dq, gsp, gzp, mix.wl_t, mix.wd_t, dk, dvv, dwl, dwd,
+            *q.stride(), *k.stride(), *v.stride(), *g.stride(),
+            h, n, d, dv, _rows(n, split, block), split_s, n_parts, alpha, beta, mix.dscale, mix.wl, mix.wd,
+            D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block, PRECISION=prec, DIAG=mix.on, PER_CHANNEL=mix.per_channel,
+            num_warps=DIAG_WARPS if mix.on else 4,
+        )
+        (gsp, gzp), g_parts = _summed((gsp, gzp))
         _nc_grad_kv_kernel[(bh, split)](
             k, v, kmax, gsp, gzp, dk, dvv, *k.stride(), *v.stride(),
-            h, m_, d, dv, _rows(m_, split, block), split_s, beta,
-            D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block, PRECISION=prec,
+            h, m_, d, dv, _rows(m_, split, block), split_s, g_parts, beta,
+            D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block, PRECISION=prec, DIAG=mix.on,
         )
-        return dq, dk, dvv, None, None, None, None, None
+        gwl, gwd = mix.weight_grads((dwl, dwd), bsz, h, dv)
+        return dq, dk, dvv, gwl, gwd, None, None, None, None, None, None
 
 
-def lln_noncausal(q, k, v, alpha: float, beta: float, eps: float, stats: Moments) -> torch.Tensor:
+# Warps per program of the non-causal kernels that carry LLN+Diag's block softmax: 8 measured faster than 4
+# from 16k tokens (benchmarks/profile_lln.py, results/profile_lln_run3.txt)
+DIAG_WARPS = 8
+
+# Longest non-causal call whose block softmax runs inside LLN's kernels. Those kernels walk a head's
+# tokens in at most 16 programs, which carries the extra block work well up to 16k tokens (LLN+Diag
+# 1.16× LLN there, the separate kernel 1.47×) but not beyond (32k: 1.37× against 1.30×; 64k: 2.0× against
+# 1.67×), where the separate kernel's program per block spreads it wider (results/profile_lln_run3.txt).
+NONCAUSAL_DIAG_MAX_TOKENS = 16384
+
+
+def fuses_diag(q: torch.Tensor, v: torch.Tensor, block: int, causal: bool) -> bool:
+    """Whether LLN+Diag's block softmax runs inside LLN's kernels: its blocks are the kernels' tiles
+    (``block`` equals their tile of 64 tokens, 32 for head dims above 64), ``N == M``, half-precision
+    inputs (float32's three-TF32 products need more shared memory than an H100 has for the fused
+    backward's tiles: 295 KB against 232 KB), and causal or at most :data:`NONCAUSAL_DIAG_MAX_TOKENS`
+    tokens. Other calls take the separate kernel of :mod:`attnstats.kernels.block_diagonal_triton`."""
+    n = q.shape[-2]
+    return (block == _block(pad(q.shape[-1]), pad(v.shape[-1])) and n == v.shape[-2]
+            and q.dtype in (torch.bfloat16, torch.float16) and (causal or n <= NONCAUSAL_DIAG_MAX_TOKENS))
+
+
+def _diag_inputs(diag):
+    # (w_L, w_D) as Function inputs: tensors stay tensors (they get gradients)
+    return (None, None) if diag is None else (diag[1], diag[2])
+
+
+def lln_noncausal(q, k, v, alpha: float, beta: float, eps: float, stats: Moments, diag=None) -> torch.Tensor:
     """Non-causal LLN attention ``[B, H, N, d_v]`` in q's dtype, by the fused kernels.
 
     Args: ``q [B, H, N, d]``, ``k [B, H, M, d]``, ``v [B, H, M, d_v]`` (one dtype, any strides, finite);
     ``alpha, beta``: the temperatures (> 0); ``eps``: added to each denominator (≥ 1); ``stats``: what
-    :func:`moments` read from these q, k, v. Differentiable in q, k, v (once).
+    :func:`moments` read from these q, k, v; ``diag``: None, or LLN+Diag's ``(scale, w_L, w_D)`` (the
+    block softmax's score scale, weights as floats or ``[H, d_v]`` tensors) when :func:`fuses_diag`:
+    then the output is ``w_L ⊙ LLN + w_D ⊙ Diag``. Differentiable in q, k, v and tensor weights (once).
     """
-    return _NonCausalLLN.apply(q, k, v, float(alpha), float(beta), float(eps), stats.kmax, stats.split)
+    return _NonCausalLLN.apply(q, k, v, *_diag_inputs(diag), float(alpha), float(beta), float(eps), stats.kmax,
+                               stats.split, None if diag is None else float(diag[0]))
 
 
 class _CausalLLN(torch.autograd.Function):
-    """Causal LLN attention by the fused chunk kernels (module docstring), with its backward."""
+    """Causal LLN attention by the fused chunk kernels (module docstring), with its backward; with a Diag
+    part (``dscale`` not None), LLN+Diag's ``w_L ⊙ LLN + w_D ⊙ Diag``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, alpha, beta, eps, kmax, split_s):
-        with _on(q):
-            return _CausalLLN._forward(ctx, q, k, v, alpha, beta, eps, kmax, split_s)
+    def forward(ctx, q, k, v, wl, wd, alpha, beta, eps, kmax, split_s, dscale):
+        with on_device(q):
+            return _CausalLLN._forward(ctx, q, k, v, wl, wd, alpha, beta, eps, kmax, split_s, dscale)
 
     @staticmethod
-    def _forward(ctx, q, k, v, alpha, beta, eps, kmax, split_s):
+    def _forward(ctx, q, k, v, wl, wd, alpha, beta, eps, kmax, split_s, dscale):
         bsz, h, n, d = q.shape
         dv = v.shape[-1]
-        d_pad, dv_pad = _pad(d), _pad(dv)
+        d_pad, dv_pad = pad(d), pad(dv)
         c = _block(d_pad, dv_pad)
         bh, nc = bsz * h, triton.cdiv(n, c)
-        prec = _precision(q.dtype)
+        prec = precision(q.dtype)
+        mix = _Mix(dscale, wl, wd)
         hs, zs = _states(bh, nc, d_pad, dv_pad, q.device)
         strides = (*q.stride(), *k.stride(), *v.stride())
         _c_state_kernel[(bh, nc)](k, v, kmax, hs, zs, *k.stride(), *v.stride(), h, n, d, dv, split_s, beta, nc,
@@ -725,52 +868,63 @@ class _CausalLLN(torch.autograd.Function):
         hs = hs.cumsum_(1)  # [BH, nc, D_PAD, DV_PAD]: the states of chunks 0 … c
         zs = zs.cumsum_(1)  # [BH, nc, D_PAD]
         out = torch.empty(bsz, h, n, dv, dtype=q.dtype, device=q.device)
+        out_l = torch.empty_like(out) if mix.on else out  # the LLN part, kept for the backward
         den = torch.empty(bsz, h, n, dtype=torch.float32, device=q.device)
-        _c_out_kernel[(bh, nc)](q, k, v, kmax, hs, zs, out, den, *strides, h, n, d, dv, split_s,
-                                alpha, beta, eps, nc, D_PAD=d_pad, DV_PAD=dv_pad, C=c, PRECISION=prec,
+        _c_out_kernel[(bh, nc)](q, k, v, kmax, hs, zs, out, den, out_l, mix.wl_t, mix.wd_t, *strides, h, n, d, dv,
+                                split_s, alpha, beta, eps, nc, mix.dscale, mix.wl, mix.wd,
+                                D_PAD=d_pad, DV_PAD=dv_pad, C=c, PRECISION=prec, DIAG=mix.on,
+                                PER_CHANNEL=mix.per_channel,
                                 num_warps=8)  # a dozen [C, C] and [C, d] float32 tiles live at once
-        ctx.save_for_backward(q, k, v, out, den, hs, zs, kmax)
-        ctx.consts = (alpha, beta, split_s)
+        ctx.save_for_backward(q, k, v, out_l, den, hs, zs, kmax)
+        ctx.consts = (alpha, beta, split_s, mix)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the kernels record no graph: no second derivative
     def backward(ctx, g):
-        with _on(g):
+        with on_device(g):
             return _CausalLLN._backward(ctx, g)
 
     @staticmethod
     def _backward(ctx, g):
-        q, k, v, out, den, hs, zs, kmax = ctx.saved_tensors
-        alpha, beta, split_s = ctx.consts
+        q, k, v, out_l, den, hs, zs, kmax = ctx.saved_tensors
+        alpha, beta, split_s, mix = ctx.consts
         bsz, h, n, d = q.shape
         dv = v.shape[-1]
         bh, nc, d_pad, dv_pad = hs.shape
         c = _block(d_pad, dv_pad)
-        prec = _precision(q.dtype)
+        prec = precision(q.dtype)
         ghs, gzs = _states(bh, nc, d_pad, dv_pad, q.device)
-        _c_grad_state_kernel[(bh, nc)](q, g, out, den, kmax, ghs, gzs, *q.stride(), *g.stride(),
-                                       h, n, d, dv, split_s, alpha, beta, nc,
-                                       D_PAD=d_pad, DV_PAD=dv_pad, C=c, PRECISION=prec)
+        _c_grad_state_kernel[(bh, nc)](q, g, out_l, den, kmax, ghs, gzs, mix.wl_t, mix.wd_t, *q.stride(), *g.stride(),
+                                       h, n, d, dv, split_s, alpha, beta, nc, mix.wl, mix.wd,
+                                       D_PAD=d_pad, DV_PAD=dv_pad, C=c, PRECISION=prec, DIAG=mix.on,
+                                       PER_CHANNEL=mix.per_channel)
         ghs = ghs.cumsum_(1)  # reversed chunk order: position r holds the sum over chunks ≥ nc − 1 − r
         gzs = gzs.cumsum_(1)
         dq = torch.empty_like(q, memory_format=torch.contiguous_format)
         dk = torch.empty_like(k, memory_format=torch.contiguous_format)
         dvv = torch.empty_like(v, memory_format=torch.contiguous_format)
-        _c_grad_kernel[(bh, nc)](q, k, v, g, out, den, kmax, hs, zs, ghs, gzs, dq, dk, dvv,
-                                 *q.stride(), *k.stride(), *v.stride(), *g.stride(),
-                                 h, n, d, dv, split_s, alpha, beta, nc,
-                                 D_PAD=d_pad, DV_PAD=dv_pad, C=c, PRECISION=prec, num_warps=8)
-        return dq, dk, dvv, None, None, None, None, None
+        dwl, dwd = (torch.empty(2, bh, nc, dv_pad, dtype=torch.float32, device=q.device).unbind(0)
+                    if mix.per_channel else (None, None))
+        _c_grad_kernel[(bh, nc)](q, k, v, g, out_l, den, kmax, hs, zs, ghs, gzs, dq, dk, dvv, mix.wl_t, mix.wd_t,
+                                 dwl, dwd, *q.stride(), *k.stride(), *v.stride(), *g.stride(),
+                                 h, n, d, dv, split_s, alpha, beta, nc, mix.dscale, mix.wl, mix.wd,
+                                 D_PAD=d_pad, DV_PAD=dv_pad, C=c, PRECISION=prec, DIAG=mix.on,
+                                 PER_CHANNEL=mix.per_channel, num_warps=8)
+        gwl, gwd = mix.weight_grads((dwl, dwd), bsz, h, dv)
+        return dq, dk, dvv, gwl, gwd, None, None, None, None, None, None
 
 
-def lln_causal(q, k, v, alpha: float, beta: float, eps: float, stats: Moments) -> torch.Tensor:
+def lln_causal(q, k, v, alpha: float, beta: float, eps: float, stats: Moments, diag=None) -> torch.Tensor:
     """Causal LLN attention ``[B, H, N, d_v]`` in q's dtype, by the fused chunk kernels.
 
-    Args as :func:`lln_noncausal` (``N == M``); ``eps`` here multiplies each denominator by ``1 + eps``
-    (the shared shift leaves it on no fixed scale). Exact to rounding while the key spread (``β`` times k's) is within :func:`attnstats.kernels.linear.causal_underflow_limit` of float32;
-    the caller checks that (:attr:`Moments.spread`). Chunks of 64 tokens (32 for head dims above 64): inside a chunk the
+    Args as :func:`lln_noncausal` (``N == M``; ``diag`` with the causal rule inside each block); ``eps``
+    here multiplies each denominator by ``1 + eps`` (the shared shift leaves it on no fixed scale). Exact
+    to rounding while the key spread (``β`` times k's) is within
+    :func:`attnstats.kernels.linear.causal_underflow_limit` of float32; the caller checks that
+    (:attr:`Moments.spread`). Chunks of 64 tokens (32 for head dims above 64): inside a chunk the
     ``[C, C]`` products, the earlier chunks through prefix sums of their ``[d, d_v]`` states; memory
-    ``O(N·d·d_v/C)`` per head. Differentiable in q, k, v (once).
+    ``O(N·d·d_v/C)`` per head. Differentiable in q, k, v and tensor weights (once).
     """
-    return _CausalLLN.apply(q, k, v, float(alpha), float(beta), float(eps), stats.kmax, stats.split)
+    return _CausalLLN.apply(q, k, v, *_diag_inputs(diag), float(alpha), float(beta), float(eps), stats.kmax,
+                            stats.split, None if diag is None else float(diag[0]))

@@ -1,0 +1,93 @@
+"""What attnstats' fused Triton kernels for attention share: whether Triton runs here, tile widths, the
+products' precision, and the softmax of one block of tokens (forward and backward), which both
+block-diagonal attention (:mod:`attnstats.kernels.block_diagonal_triton`) and LLN+Diag's fused path
+(:mod:`attnstats.kernels.lln_triton`) compute.
+
+Triton is optional (``pip install 'attnstats[triton]'``). The kernels run on CUDA tensors, and on CPU
+tensors under ``TRITON_INTERPRET=1`` (set before Triton is first imported), which is how the tests check
+them on machines without a GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+try:  # Triton is an optional extra: without it the kernels are simply unavailable
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except Exception:  # pragma: no cover - depends on the environment
+    HAVE_TRITON = False
+
+# the input dtypes the kernels take (float64 stays on the PyTorch paths)
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def pad(n: int) -> int:
+    """Tile width for a head dim or a block: a power of two ≥ 16 (``tl.dot``'s smallest)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision for float32 tiles made from inputs of ``dtype``.
+
+    bf16 inputs: one TF32 product (~1e-3, under bf16's 2^-8 rounding of the output); float16 (2^-11)
+    and float32: three TF32 products (hi·hi + hi·lo + lo·hi, about float32 accuracy; one measured 1.2e-3
+    for float16, benchmarks/RESULTS.md §4); the interpreter computes in plain float32.
+    """
+    if interpreting():
+        return "ieee"
+    return "tf32" if dtype == torch.bfloat16 else "tf32x3"
+
+
+def on_device(x: torch.Tensor):
+    """Launch on ``x``'s GPU (Triton launches on the current device); nothing for CPU tensors."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def block_softmax(q, k, v, rmask, scale, CAUSAL: tl.constexpr, C_PAD: tl.constexpr, PRECISION: tl.constexpr):
+        # Softmax attention inside one block of tokens. q, k [C_PAD, D_PAD], v [C_PAD, DV_PAD] float32
+        # tiles of the block's rows (0 past it); rmask [C_PAD]: the rows in the block. Returns p
+        # [C_PAD, C_PAD] (rows past the block: 0) and p v [C_PAD, DV_PAD]. The whole score tile is on
+        # chip: no running maximum. Every row in the block has its own key, so no row is empty.
+        offs = tl.arange(0, C_PAD)
+        valid = rmask[:, None] & rmask[None, :]
+        if CAUSAL:
+            valid = valid & (offs[None, :] <= offs[:, None])
+        s = tl.where(valid, tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, float("-inf"))
+        top = tl.where(rmask, tl.max(s, 1), 0.0)  # rows past the block: no finite score, kept NaN-free
+        e = tl.where(valid, tl.exp(s - top[:, None]), 0.0)
+        p = e / tl.where(rmask, tl.sum(e, 1), 1.0)[:, None]
+        return p, tl.dot(p, v, input_precision=PRECISION)
+
+    @triton.jit
+    def block_softmax_grads(q, k, v, p, od, gd, scale, PRECISION: tl.constexpr):
+        # The gradients of block_softmax's output od = p v for its output gradient gd [C_PAD, DV_PAD]:
+        # dv = pᵀ gd, ds = p ⊙ (gd vᵀ − rowsum(gd ⊙ od)), dq = scale·ds k, dk = scale·dsᵀ q.
+        dv = tl.dot(tl.trans(p), gd, input_precision=PRECISION)  # [C_PAD, DV_PAD]
+        dp = tl.dot(gd, tl.trans(v), input_precision=PRECISION)  # [C_PAD, C_PAD]
+        ds = p * (dp - tl.sum(gd * od, 1)[:, None]) * scale
+        dq = tl.dot(ds, k, input_precision=PRECISION)  # [C_PAD, D_PAD]
+        dk = tl.dot(tl.trans(ds), q, input_precision=PRECISION)
+        return dq, dk, dv
+
+    @triton.jit
+    def mix_weights(WL, WD, h, DV, offs_e, emask, wl, wd, PER_CHANNEL: tl.constexpr):
+        # LLN+Diag's (w_L, w_D) for head h: [DV_PAD] rows of [H, DV] float32 tensors, or the scalars wl, wd
+        if PER_CHANNEL:
+            wl_h = tl.load(WL + h * DV + offs_e, mask=emask, other=0.0)
+            wd_h = tl.load(WD + h * DV + offs_e, mask=emask, other=0.0)
+        else:
+            wl_h = wl
+            wd_h = wd
+        return wl_h, wd_h
