@@ -804,13 +804,13 @@ class _NonCausalLLN(torch.autograd.Function):
 
 
 # Warps per program of the non-causal kernels that carry LLN+Diag's block softmax: 8 measured faster than 4
-# from 16k tokens (benchmarks/profile_lln.py, results/profile_lln_run3.txt)
+# from 16k tokens (benchmarks/profile_lln.py, benchmarks/results/profile_lln_run3.txt)
 DIAG_WARPS = 8
 
-# Longest non-causal call whose block softmax runs inside LLN's kernels. Those kernels walk a head's
-# tokens in at most 16 programs, which carries the extra block work well up to 16k tokens (LLN+Diag
-# 1.16× LLN there, the separate kernel 1.47×) but not beyond (32k: 1.37× against 1.30×; 64k: 2.0× against
-# 1.67×), where the separate kernel's program per block spreads it wider (results/profile_lln_run3.txt).
+# Longest non-causal call whose block softmax runs inside LLN's kernels: faster than the separate kernel
+# up to 16k tokens (LLN+Diag 1.18× LLN there, against 1.58×), slower beyond (32k: 1.21× against 1.12×;
+# 64k: 2.06× against 1.64×), where the query-gradient kernel carrying both is bound by its work per tile
+# (benchmarks/results/profile_lln_run4.txt; more programs per head did not change it).
 NONCAUSAL_DIAG_MAX_TOKENS = 16384
 
 
