@@ -95,7 +95,9 @@ _SUMMED_IN_KERNEL = 16
 def _splits(bh: int, n: int, block: int, device: torch.device) -> int:
     """Programs per head along ``n`` tokens: about two per streaming multiprocessor in all (eight from
     :data:`WIDE_FROM_TOKENS` tokens), at most one per tile, at most 16 (:data:`WIDE_SPLIT` for long calls)."""
-    index = (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else None
+    index = None
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
     sms = _multiprocessors(index)
     if n >= WIDE_FROM_TOKENS:
         return max(1, min(WIDE_SPLIT, triton.cdiv(n, block), triton.cdiv(8 * sms, bh)))
@@ -116,6 +118,26 @@ def _rows(n: int, split: int, block: int) -> int:
 
 
 if HAVE_TRITON:
+
+    @triton.jit
+    def _head(H, D, DV, D_PAD: tl.constexpr, DV_PAD: tl.constexpr):
+        # The program's (batch·head) index, its batch and head, and the feature and value offsets with
+        # their masks (padded columns past D, DV)
+        bh = tl.program_id(0)
+        offs_d = tl.arange(0, D_PAD)
+        offs_e = tl.arange(0, DV_PAD)
+        return bh, bh // H, bh % H, offs_d, offs_e, offs_d < D, offs_e < DV
+
+    @triton.jit
+    def _tile(X, b, h, s_b, s_h, s_n, s_d, rows, cols, mask):
+        # X[b, h, rows, cols] as a float32 tile, 0 where not mask
+        return tl.load(X + b * s_b + h * s_h + rows[:, None] * s_n + cols[None, :] * s_d, mask=mask,
+                       other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _flat_tile(X, bh, N, W, rows, cols, mask):
+        # X[bh, rows, cols] of a contiguous [BH, N, W] buffer as a float32 tile, 0 where not mask
+        return tl.load(X + (bh * N + rows[:, None]) * W + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
     def _column_moments(X, sx_n, sx_d, lo, hi, offs_d, dmask, BLOCK: tl.constexpr, D_PAD: tl.constexpr):
@@ -233,15 +255,9 @@ if HAVE_TRITON:
         D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
     ):
         # One program, a range of keys of one head: its share of S = ktᵀ v and z = Σ kt.
-        bh = tl.program_id(0)
+        bh, b, h, offs_d, offs_e, dmask, emask = _head(H, D, DV, D_PAD, DV_PAD)
         sp = tl.program_id(1)
         split = tl.num_programs(1)
-        b = bh // H
-        h = bh % H
-        offs_d = tl.arange(0, D_PAD)
-        offs_e = tl.arange(0, DV_PAD)
-        dmask = offs_d < D
-        emask = offs_e < DV
         m = _key_shift(KMAX, bh, beta, SPLIT_S, offs_d, dmask, D_PAD)  # [D_PAD]
         s_acc = tl.zeros([D_PAD, DV_PAD], dtype=tl.float32)
         z_acc = tl.zeros([D_PAD], dtype=tl.float32)
@@ -250,11 +266,11 @@ if HAVE_TRITON:
         for r0 in range(lo, hi, BLOCK):
             rows = r0 + tl.arange(0, BLOCK)  # [BLOCK]
             rmask = rows < hi
-            kk = tl.load(K + b * sk_b + h * sk_h + rows[:, None] * sk_n + offs_d[None, :] * sk_d,
-                         mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # [BLOCK, D_PAD]
-            vv = tl.load(V + b * sv_b + h * sv_h + rows[:, None] * sv_n + offs_e[None, :] * sv_d,
-                         mask=rmask[:, None] & emask[None, :], other=0.0).to(tl.float32)  # [BLOCK, DV_PAD]
-            kt = tl.where(rmask[:, None] & dmask[None, :], tl.exp(beta * kk - m[None, :]), 0.0)  # [BLOCK, D_PAD]
+            kmask = rmask[:, None] & dmask[None, :]
+            kk = _tile(K, b, h, sk_b, sk_h, sk_n, sk_d, rows, offs_d, kmask)  # [BLOCK, D_PAD]
+            vmask = rmask[:, None] & emask[None, :]
+            vv = _tile(V, b, h, sv_b, sv_h, sv_n, sv_d, rows, offs_e, vmask)  # [BLOCK, DV_PAD]
+            kt = tl.where(kmask, tl.exp(beta * kk - m[None, :]), 0.0)  # [BLOCK, D_PAD]
             s_acc += tl.dot(tl.trans(kt), vv, input_precision=PRECISION)  # [D_PAD, DV_PAD]
             z_acc += tl.sum(kt, 0)
         tl.store(SP + (bh * split + sp) * D_PAD * DV_PAD + offs_d[:, None] * DV_PAD + offs_e[None, :], s_acc)
@@ -273,14 +289,8 @@ if HAVE_TRITON:
         # OUT [BH, N, DV] contiguous in the output dtype; DEN [BH, N] float32. DIAG (LLN+Diag, blocks of
         # BLOCK tokens: the program's tiles are its blocks): OUT = w_L ⊙ LLN + w_D ⊙ block softmax, and
         # OUT_L the LLN part, for the backward.
-        bh = tl.program_id(0)
+        bh, b, h, offs_d, offs_e, dmask, emask = _head(H, D, DV, D_PAD, DV_PAD)
         sp = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        offs_d = tl.arange(0, D_PAD)
-        offs_e = tl.arange(0, DV_PAD)
-        dmask = offs_d < D
-        emask = offs_e < DV
         m = _key_shift(KMAX, bh, beta, SPLIT_S, offs_d, dmask, D_PAD)  # [D_PAD]
         s = _sum_partials(SP, bh, NP, offs_d, offs_e, D_PAD, DV_PAD)  # [D_PAD, DV_PAD]
         z = _sum_vectors(ZP, bh, NP, offs_d, D_PAD)  # [D_PAD]
@@ -289,8 +299,8 @@ if HAVE_TRITON:
         for r0 in range(lo, hi, BLOCK):
             rows = r0 + tl.arange(0, BLOCK)
             rmask = rows < hi
-            qq = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + offs_d[None, :] * sq_d,
-                         mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # [BLOCK, D_PAD]
+            qmask = rmask[:, None] & dmask[None, :]
+            qq = _tile(Q, b, h, sq_b, sq_h, sq_n, sq_d, rows, offs_d, qmask)  # [BLOCK, D_PAD]
             qt = _query_features(qq, alpha, m, dmask)  # [BLOCK, D_PAD]
             num = tl.dot(qt, s, input_precision=PRECISION)  # [BLOCK, DV_PAD]
             den = tl.sum(qt * z[None, :], 1) + eps  # [BLOCK], ≥ 1 + eps
@@ -298,10 +308,8 @@ if HAVE_TRITON:
             at = (bh * N + rows[:, None]) * DV + offs_e[None, :]
             vmask = rmask[:, None] & emask[None, :]
             if DIAG:
-                kk = tl.load(K + b * sk_b + h * sk_h + rows[:, None] * sk_n + offs_d[None, :] * sk_d,
-                             mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # [BLOCK, D_PAD]
-                vv = tl.load(V + b * sv_b + h * sv_h + rows[:, None] * sv_n + offs_e[None, :] * sv_d,
-                             mask=vmask, other=0.0).to(tl.float32)  # [BLOCK, DV_PAD]
+                kk = _tile(K, b, h, sk_b, sk_h, sk_n, sk_d, rows, offs_d, qmask)  # [BLOCK, D_PAD]
+                vv = _tile(V, b, h, sv_b, sv_h, sv_n, sv_d, rows, offs_e, vmask)  # [BLOCK, DV_PAD]
                 _, od = block_softmax(qq, kk, vv, rmask, dscale, False, BLOCK, PRECISION)  # [BLOCK, DV_PAD]
                 tl.store(OUT_L + at, out.to(OUT_L.dtype.element_ty), mask=vmask)
                 wl_h, wd_h = mix_weights(WL, WD, h, DV, offs_e, emask, wl, wd, PER_CHANNEL)
@@ -323,15 +331,9 @@ if HAVE_TRITON:
         # is the LLN part, whose output gradient is w_L ⊙ g; the block softmax's gradients (for w_D ⊙ g)
         # add to dq here and are stored at DK, DV_OUT, which the key kernel then adds to; per-channel
         # weights get the program's Σ_rows g ⊙ LLN and Σ_rows g ⊙ Diag at DWL, DWD [BH, SPLIT, DV_PAD].
-        bh = tl.program_id(0)
+        bh, b, h, offs_d, offs_e, dmask, emask = _head(H, D, DV, D_PAD, DV_PAD)
         sp = tl.program_id(1)
         split = tl.num_programs(1)
-        b = bh // H
-        h = bh % H
-        offs_d = tl.arange(0, D_PAD)
-        offs_e = tl.arange(0, DV_PAD)
-        dmask = offs_d < D
-        emask = offs_e < DV
         m = _key_shift(KMAX, bh, beta, SPLIT_S, offs_d, dmask, D_PAD)
         s = _sum_partials(SP, bh, NP, offs_d, offs_e, D_PAD, DV_PAD)  # [D_PAD, DV_PAD]
         z = _sum_vectors(ZP, bh, NP, offs_d, D_PAD)  # [D_PAD]
@@ -348,12 +350,10 @@ if HAVE_TRITON:
             rmask = rows < hi
             qmask = rmask[:, None] & dmask[None, :]
             vmask = rmask[:, None] & emask[None, :]
-            qq = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + offs_d[None, :] * sq_d,
-                         mask=qmask, other=0.0).to(tl.float32)  # [BLOCK, D_PAD]
+            qq = _tile(Q, b, h, sq_b, sq_h, sq_n, sq_d, rows, offs_d, qmask)  # [BLOCK, D_PAD]
             qt = tl.where(qmask, _query_features(qq, alpha, m, dmask), 0.0)  # [BLOCK, D_PAD]
-            g = tl.load(G + b * sg_b + h * sg_h + rows[:, None] * sg_n + offs_e[None, :] * sg_d,
-                        mask=vmask, other=0.0).to(tl.float32)  # [BLOCK, DV_PAD]
-            o = tl.load(OUT + (bh * N + rows[:, None]) * DV + offs_e[None, :], mask=vmask, other=0.0).to(tl.float32)
+            g = _tile(G, b, h, sg_b, sg_h, sg_n, sg_d, rows, offs_e, vmask)  # [BLOCK, DV_PAD]
+            o = _flat_tile(OUT, bh, N, DV, rows, offs_e, vmask)
             den = tl.load(DEN + bh * N + rows, mask=rmask, other=1.0)  # [BLOCK]
             gl = g
             if DIAG:
@@ -363,10 +363,8 @@ if HAVE_TRITON:
             gqt = tl.dot(gn, tl.trans(s), input_precision=PRECISION) + gd[:, None] * z[None, :]  # [BLOCK, D_PAD]
             dq = alpha * gqt * qt
             if DIAG:
-                kk = tl.load(K + b * sk_b + h * sk_h + rows[:, None] * sk_n + offs_d[None, :] * sk_d,
-                             mask=qmask, other=0.0).to(tl.float32)  # [BLOCK, D_PAD]
-                vv = tl.load(V + b * sv_b + h * sv_h + rows[:, None] * sv_n + offs_e[None, :] * sv_d,
-                             mask=vmask, other=0.0).to(tl.float32)  # [BLOCK, DV_PAD]
+                kk = _tile(K, b, h, sk_b, sk_h, sk_n, sk_d, rows, offs_d, qmask)  # [BLOCK, D_PAD]
+                vv = _tile(V, b, h, sv_b, sv_h, sv_n, sv_d, rows, offs_e, vmask)  # [BLOCK, DV_PAD]
                 p, od = block_softmax(qq, kk, vv, rmask, dscale, False, BLOCK, PRECISION)
                 dq_d, dk_d, dv_d = block_softmax_grads(qq, kk, vv, p, od, wd_h * g, dscale, PRECISION)
                 dq += dq_d
@@ -395,14 +393,8 @@ if HAVE_TRITON:
     ):
         # One program, a range of keys of one head: dv = kt ∂S, dk = β·(v ∂Sᵀ + ∂z)·kt (DIAG: added to the
         # block softmax's, which the query kernel left at DK, DV_OUT).
-        bh = tl.program_id(0)
+        bh, b, h, offs_d, offs_e, dmask, emask = _head(H, D, DV, D_PAD, DV_PAD)
         sp = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        offs_d = tl.arange(0, D_PAD)
-        offs_e = tl.arange(0, DV_PAD)
-        dmask = offs_d < D
-        emask = offs_e < DV
         m = _key_shift(KMAX, bh, beta, SPLIT_S, offs_d, dmask, D_PAD)
         gs = _sum_partials(GSP, bh, NP, offs_d, offs_e, D_PAD, DV_PAD)  # [D_PAD, DV_PAD]: NP partials
         gz = _sum_vectors(GZP, bh, NP, offs_d, D_PAD)  # [D_PAD]
@@ -413,18 +405,15 @@ if HAVE_TRITON:
             rmask = rows < hi
             kmask = rmask[:, None] & dmask[None, :]
             vmask = rmask[:, None] & emask[None, :]
-            kk = tl.load(K + b * sk_b + h * sk_h + rows[:, None] * sk_n + offs_d[None, :] * sk_d,
-                         mask=kmask, other=0.0).to(tl.float32)  # [BLOCK, D_PAD]
-            vv = tl.load(V + b * sv_b + h * sv_h + rows[:, None] * sv_n + offs_e[None, :] * sv_d,
-                         mask=vmask, other=0.0).to(tl.float32)  # [BLOCK, DV_PAD]
+            kk = _tile(K, b, h, sk_b, sk_h, sk_n, sk_d, rows, offs_d, kmask)  # [BLOCK, D_PAD]
+            vv = _tile(V, b, h, sv_b, sv_h, sv_n, sv_d, rows, offs_e, vmask)  # [BLOCK, DV_PAD]
             kt = tl.where(kmask, tl.exp(beta * kk - m[None, :]), 0.0)  # [BLOCK, D_PAD]
             dv = tl.dot(kt, gs, input_precision=PRECISION)  # [BLOCK, DV_PAD]
             gkt = tl.dot(vv, tl.trans(gs), input_precision=PRECISION) + gz[None, :]  # [BLOCK, D_PAD]
             dk = beta * gkt * kt
             if DIAG:
-                dk += tl.load(DK + (bh * M + rows[:, None]) * D + offs_d[None, :], mask=kmask, other=0.0).to(tl.float32)
-                dv += tl.load(DV_OUT + (bh * M + rows[:, None]) * DV + offs_e[None, :], mask=vmask,
-                              other=0.0).to(tl.float32)
+                dk += _flat_tile(DK, bh, M, D, rows, offs_d, kmask)
+                dv += _flat_tile(DV_OUT, bh, M, DV, rows, offs_e, vmask)
             tl.store(DK + (bh * M + rows[:, None]) * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kmask)
             tl.store(DV_OUT + (bh * M + rows[:, None]) * DV + offs_e[None, :], dv.to(DV_OUT.dtype.element_ty),
                      mask=vmask)
@@ -439,22 +428,14 @@ if HAVE_TRITON:
     ):
         # One program, chunk c of one head: its state ktᵀ v [D_PAD, DV_PAD] and key sum Σ kt [D_PAD],
         # at HS[bh, c], ZS[bh, c] (a prefix sum over chunks follows).
-        bh = tl.program_id(0)
+        bh, b, h, offs_d, offs_e, dmask, emask = _head(H, D, DV, D_PAD, DV_PAD)
         c = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        offs_d = tl.arange(0, D_PAD)
-        offs_e = tl.arange(0, DV_PAD)
-        dmask = offs_d < D
-        emask = offs_e < DV
         m = _key_shift(KMAX, bh, beta, SPLIT_S, offs_d, dmask, D_PAD)
         rows = c * C + tl.arange(0, C)
         rmask = rows < N
         kmask = rmask[:, None] & dmask[None, :]
-        kk = tl.load(K + b * sk_b + h * sk_h + rows[:, None] * sk_n + offs_d[None, :] * sk_d,
-                     mask=kmask, other=0.0).to(tl.float32)  # [C, D_PAD]
-        vv = tl.load(V + b * sv_b + h * sv_h + rows[:, None] * sv_n + offs_e[None, :] * sv_d,
-                     mask=rmask[:, None] & emask[None, :], other=0.0).to(tl.float32)  # [C, DV_PAD]
+        kk = _tile(K, b, h, sk_b, sk_h, sk_n, sk_d, rows, offs_d, kmask)  # [C, D_PAD]
+        vv = _tile(V, b, h, sv_b, sv_h, sv_n, sv_d, rows, offs_e, rmask[:, None] & emask[None, :])  # [C, DV_PAD]
         kt = tl.where(kmask, tl.exp(beta * kk - m[None, :]), 0.0)  # [C, D_PAD]
         hs = tl.dot(tl.trans(kt), vv, input_precision=PRECISION)  # [D_PAD, DV_PAD]
         tl.store(HS + (bh * NC + c) * D_PAD * DV_PAD + offs_d[:, None] * DV_PAD + offs_e[None, :], hs)
@@ -476,12 +457,9 @@ if HAVE_TRITON:
         rows = c * C + tl.arange(0, C)
         rmask = rows < N
         qmask = rmask[:, None] & dmask[None, :]
-        qq = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + offs_d[None, :] * sq_d,
-                     mask=qmask, other=0.0).to(tl.float32)
-        kk = tl.load(K + b * sk_b + h * sk_h + rows[:, None] * sk_n + offs_d[None, :] * sk_d,
-                     mask=qmask, other=0.0).to(tl.float32)
-        vv = tl.load(V + b * sv_b + h * sv_h + rows[:, None] * sv_n + offs_e[None, :] * sv_d,
-                     mask=rmask[:, None] & emask[None, :], other=0.0).to(tl.float32)
+        qq = _tile(Q, b, h, sq_b, sq_h, sq_n, sq_d, rows, offs_d, qmask)
+        kk = _tile(K, b, h, sk_b, sk_h, sk_n, sk_d, rows, offs_d, qmask)
+        vv = _tile(V, b, h, sv_b, sv_h, sv_n, sv_d, rows, offs_e, rmask[:, None] & emask[None, :])
         qt = tl.where(qmask, _query_features(qq, alpha, m, dmask), 0.0)  # [C, D_PAD]
         kt = tl.where(qmask, tl.exp(beta * kk - m[None, :]), 0.0)  # [C, D_PAD]
         tri = tl.arange(0, C)[None, :] <= tl.arange(0, C)[:, None]  # [C, C]: key j ≤ query i
@@ -537,25 +515,17 @@ if HAVE_TRITON:
         # One program, chunk c of one head: qtᵀ gn [D_PAD, DV_PAD] and qtᵀ gd [D_PAD], stored at chunk
         # position NC − 1 − c (reversed, so a prefix sum gives the sums over later chunks). DIAG: OUT is
         # the LLN part, whose output gradient is w_L ⊙ g.
-        bh = tl.program_id(0)
+        bh, b, h, offs_d, offs_e, dmask, emask = _head(H, D, DV, D_PAD, DV_PAD)
         c = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        offs_d = tl.arange(0, D_PAD)
-        offs_e = tl.arange(0, DV_PAD)
-        dmask = offs_d < D
-        emask = offs_e < DV
         m = _key_shift(KMAX, bh, beta, SPLIT_S, offs_d, dmask, D_PAD)
         rows = c * C + tl.arange(0, C)
         rmask = rows < N
         qmask = rmask[:, None] & dmask[None, :]
         vmask = rmask[:, None] & emask[None, :]
-        qq = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + offs_d[None, :] * sq_d,
-                     mask=qmask, other=0.0).to(tl.float32)
+        qq = _tile(Q, b, h, sq_b, sq_h, sq_n, sq_d, rows, offs_d, qmask)
         qt = tl.where(qmask, _query_features(qq, alpha, m, dmask), 0.0)  # [C, D_PAD]
-        g = tl.load(G + b * sg_b + h * sg_h + rows[:, None] * sg_n + offs_e[None, :] * sg_d,
-                    mask=vmask, other=0.0).to(tl.float32)
-        o = tl.load(OUT + (bh * N + rows[:, None]) * DV + offs_e[None, :], mask=vmask, other=0.0).to(tl.float32)
+        g = _tile(G, b, h, sg_b, sg_h, sg_n, sg_d, rows, offs_e, vmask)
+        o = _flat_tile(OUT, bh, N, DV, rows, offs_e, vmask)
         den = tl.load(DEN + bh * N + rows, mask=rmask, other=1.0)
         if DIAG:
             wl_h, _ = mix_weights(WL, WD, h, DV, offs_e, emask, wl, wd, PER_CHANNEL)
@@ -592,9 +562,8 @@ if HAVE_TRITON:
             sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, D_PAD, DV_PAD, C, PRECISION)
         vmask = rmask[:, None] & emask[None, :]
         qmask = rmask[:, None] & dmask[None, :]
-        g = tl.load(G + b * sg_b + h * sg_h + rows[:, None] * sg_n + offs_e[None, :] * sg_d,
-                    mask=vmask, other=0.0).to(tl.float32)
-        o = tl.load(OUT + (bh * N + rows[:, None]) * DV + offs_e[None, :], mask=vmask, other=0.0).to(tl.float32)
+        g = _tile(G, b, h, sg_b, sg_h, sg_n, sg_d, rows, offs_e, vmask)
+        o = _flat_tile(OUT, bh, N, DV, rows, offs_e, vmask)
         den = tl.load(DEN + bh * N + rows, mask=rmask, other=1.0)
         gl = g
         if DIAG:
