@@ -49,8 +49,9 @@ class LLNAttention(LogFeatureAttention):
             below float32 resolution; see :mod:`attnstats.kernels.linear`).
         scale: the softmax scale whose score variance is matched; None = ``1/sqrt(d)``. With another
             scale ``c`` the matched score variance is ``c²·d·σ_q²σ_k²``.
-        chunk: tokens per chunk of the causal algorithm (default 64 for the product form, a
-            memory-bounded size for the log-space algorithm).
+        chunk: tokens per chunk of the causal algorithm of the PyTorch path (default 64 for the product
+            form, a memory-bounded size for the log-space algorithm); the fused kernels use their own
+            tiles (64 tokens, 32 for head dims above 64).
 
     On a GPU, q, k, v of one dtype with no mask run as fused Triton kernels
     (:mod:`attnstats.kernels.lln_triton`: features formed in the kernels, float32 arithmetic, a few
