@@ -245,3 +245,16 @@ def test_diag_fusion_rule():
     assert not lln_triton.fuses_diag(x(100, 64), x(100, 64), 32, causal=True)  # blocks are not the tiles
     assert lln_triton.fuses_diag(x(100, 128), x(100, 128), 32, causal=True)  # wide heads: tiles of 32
     assert not lln_triton.fuses_diag(x(100, 64), x(90, 64), 64, causal=False)  # N != M
+
+
+def test_calls_past_32_bit_offsets_take_the_pytorch_paths():
+    """The kernels address entries with 32-bit offsets: a tensor (its whole storage, for a view) or a
+    buffer of 2^31 entries or more keeps the call on the PyTorch paths."""
+    from attnstats.kernels.triton_common import offsets_fit
+
+    big = torch.empty(2**31, dtype=torch.bfloat16, device="meta")  # no memory: shapes only
+    assert offsets_fit(torch.empty(2, 3, 64, 8, device="meta"))
+    assert not offsets_fit(big)
+    assert not offsets_fit(big[:64])  # a small view of a large storage is addressed from the storage
+    assert offsets_fit(big[:64].clone())
+    assert not offsets_fit(torch.empty(2, 3, device="meta"), buffers=2**31)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_common import DTYPES, HAVE_TRITON, on_device, pad, precision
+from .triton_common import DTYPES, HAVE_TRITON, offsets_fit, on_device, pad, precision
 
 __all__ = ["MAX_BLOCK", "applies", "block_diagonal"]
 
@@ -39,12 +39,14 @@ NUM_WARPS = {16: 4, 32: 4, 64: 4, 128: 8}
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, block: int) -> bool:
     """Whether a block-diagonal call goes to the kernel: CUDA tensors of one dtype (bf16, fp16, fp32),
-    no mask, ``N == M``, blocks and head dims of at most :data:`MAX_BLOCK`, Triton installed."""
+    no mask, ``N == M``, no empty batch, blocks and head dims of at most :data:`MAX_BLOCK`, every tensor
+    under 2^31 entries (32-bit offsets), Triton installed."""
     return (
         HAVE_TRITON and mask is None and q.is_cuda and k.is_cuda and v.is_cuda
         and q.dtype in DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
-        and q.shape[-2] == k.shape[-2] and q.shape[-2] > 0
+        and q.shape[-2] == k.shape[-2] and q.shape[-2] > 0 and q.shape[0] * q.shape[1] > 0
         and min(block, q.shape[-2]) <= MAX_BLOCK and q.shape[-1] <= MAX_BLOCK and v.shape[-1] <= MAX_BLOCK
+        and offsets_fit(q, k, v, buffers=q.shape[0] * q.shape[1] * q.shape[-2] * max(q.shape[-1], v.shape[-1]))
     )
 
 

@@ -41,7 +41,7 @@ import torch
 
 __all__ = ["MAX_HEAD_DIM", "available", "applies", "fuses_diag", "moments", "lln_noncausal", "lln_causal"]
 
-from .triton_common import DTYPES, HAVE_TRITON, interpreting, on_device, pad, precision
+from .triton_common import DTYPES, HAVE_TRITON, interpreting, offsets_fit, on_device, pad, precision
 
 if HAVE_TRITON:
     import triton
@@ -61,14 +61,19 @@ def available(x: torch.Tensor) -> bool:
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> bool:
     """Whether :class:`~attnstats.kernels.lln.LLNAttention` takes the fused path for this call: CUDA
-    tensors of one dtype (bf16, fp16, fp32), no mask, head dims ≤ :data:`MAX_HEAD_DIM`, Triton installed.
-    (CPU tensors never do: the interpreter is for tests.)"""
-    return (
-        HAVE_TRITON and mask is None and q.is_cuda and k.is_cuda and v.is_cuda
-        and q.dtype in DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
-        and q.shape[-1] <= MAX_HEAD_DIM and v.shape[-1] <= MAX_HEAD_DIM
-        and q.shape[-2] > 0 and k.shape[-2] > 0
-    )
+    tensors of one dtype (bf16, fp16, fp32), no mask, head dims ≤ :data:`MAX_HEAD_DIM`, no empty batch,
+    every tensor and buffer under 2^31 entries (32-bit offsets), Triton installed. (CPU tensors never
+    do: the interpreter is for tests.)"""
+    if not (HAVE_TRITON and mask is None and q.is_cuda and k.is_cuda and v.is_cuda
+            and q.dtype in DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+            and q.shape[-1] <= MAX_HEAD_DIM and v.shape[-1] <= MAX_HEAD_DIM
+            and q.shape[-2] > 0 and k.shape[-2] > 0 and q.shape[0] * q.shape[1] > 0):
+        return False
+    bh, n, dv = q.shape[0] * q.shape[1], max(q.shape[-2], k.shape[-2]), v.shape[-1]
+    # the largest buffers: the output (and LLN+Diag's LLN part), the causal per-chunk states (tiles of 32
+    # tokens at the least)
+    states = bh * triton.cdiv(n, 32) * pad(q.shape[-1]) * (pad(dv) + 1)
+    return offsets_fit(q, k, v, buffers=max(bh * n * max(dv, q.shape[-1]), states))
 
 
 def _block(d_pad: int, dv_pad: int) -> int:

@@ -47,6 +47,18 @@ def precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.bfloat16 else "tf32x3"
 
 
+# The kernels compute offsets in 32-bit integers: every tensor they read or write must stay below 2^31
+# entries (larger calls take the PyTorch paths)
+MAX_OFFSET = 2**31 - 1
+
+
+def offsets_fit(*xs: torch.Tensor, buffers: int = 0) -> bool:
+    """Whether 32-bit offsets reach every entry of ``xs`` (their whole storage: a view into a larger
+    tensor is addressed from its storage) and ``buffers`` (the largest buffer a kernel allocates)."""
+    return buffers <= MAX_OFFSET and all(
+        x.untyped_storage().nbytes() // x.element_size() <= MAX_OFFSET for x in xs)
+
+
 def on_device(x: torch.Tensor):
     """Launch on ``x``'s GPU (Triton launches on the current device); nothing for CPU tensors."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
