@@ -10,28 +10,20 @@ Usage: ``cd benchmarks && PYTHONPATH=.. python crossover_gpu.py --out $OUT/cross
 """
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from attnstats.capture.record import AttentionRecord
 from attnstats.metrics import record_metrics, streaming_values
+from harness import median_s
 
 GROUPS = ("entropy", "moments", "lognormal", "spectral_gap")
 
 
 def timed(fn, repeat=5):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    """Median ms of ``fn()`` with a device sync after each call."""
+    return median_s(fn, repeat, sync=True)[0] * 1e3
 
 
 def main():

@@ -20,14 +20,20 @@ def bench(fn, target_ms=300):
     return float(do_bench(fn, warmup=max(10, est), rep=max(target_ms, 3 * est), return_mode="median"))
 
 
-def median_s(fn, repeat):
+def median_s(fn, repeat, sync=False):
     """``(median, min, max)`` wall-clock seconds of ``fn()`` over ``repeat`` runs after one warm-up
-    (the first call loads libraries and allocates). For CPU work; GPU kernels use :func:`bench`."""
-    fn()
+    (the first call loads libraries and allocates). For CPU work, and with ``sync`` for the host time
+    of a GPU call (each call followed by a device sync); GPU kernels alone use :func:`bench`."""
+    def call():
+        fn()
+        if sync:
+            torch.cuda.synchronize()
+
+    call()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        fn()
+        call()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), min(times), max(times)
 

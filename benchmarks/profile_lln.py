@@ -8,9 +8,7 @@ cProfile of the Python side and torch.profiler tables (what runs on the GPU, for
 import argparse
 import cProfile
 import pstats
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attnstats.kernels import block_diagonal_triton, get_kernel, lln_triton  # noqa: E402
+from harness import median_s  # noqa: E402
 
 
 def inputs(n):
@@ -35,19 +34,6 @@ def step(kern, q, k, v, g, causal):
         kern(q, k, v, causal=causal).backward(g)
 
     return run
-
-
-def host_us(fn, repeat=50):
-    """Median wall-clock µs of one call followed by a sync."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(times)
 
 
 def profile_table(fn, rows=25):
@@ -83,7 +69,7 @@ def main():
         }
         print(f"N = {args.n}, causal = {causal}:",
               {name: round(do_bench(f, return_mode="median"), 4) for name, f in parts.items()}, "ms;",
-              "host µs per forward+backward:", round(host_us(run), 1), flush=True)
+              "host µs per forward+backward:", round(median_s(run, 50, sync=True)[0] * 1e6, 1), flush=True)
         pr = cProfile.Profile()
         pr.enable()
         for _ in range(200):

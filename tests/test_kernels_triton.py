@@ -247,9 +247,9 @@ def test_diag_fusion_rule():
     assert not lln_triton.fuses_diag(x(100, 64), x(90, 64), 64, causal=False)  # N != M
 
 
-def test_calls_past_32_bit_offsets_take_the_pytorch_paths():
-    """The kernels address entries with 32-bit offsets: a tensor (its whole storage, for a view) or a
-    buffer of 2^31 entries or more keeps the call on the PyTorch paths."""
+def test_32_bit_offset_rule_counts_whole_storages_and_buffers():
+    """The kernels address entries with 32-bit offsets: the rule their dispatch (``applies``) uses refuses a
+    tensor (its whole storage, for a view) or a buffer of 2^31 entries or more."""
     from attnstats.kernels.triton_common import offsets_fit
 
     big = torch.empty(2**31, dtype=torch.bfloat16, device="meta")  # no memory: shapes only

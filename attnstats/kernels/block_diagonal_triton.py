@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_common import DTYPES, HAVE_TRITON, offsets_fit, on_device, pad, precision
+from .triton_common import DTYPES, HAVE_TRITON, MixWeights, launched_on_device, offsets_fit, pad, precision
 
 __all__ = ["MAX_BLOCK", "applies", "block_diagonal"]
 
@@ -148,51 +148,44 @@ class _BlockDiagonal(torch.autograd.Function):
     """Block-diagonal softmax, optionally combined as ``w_L ⊙ base + w_D ⊙ ·``, by the fused kernel."""
 
     @staticmethod
+    @launched_on_device
     def forward(ctx, q, k, v, base, wl, wd, scale, block, causal):
-        with on_device(q):
-            bsz, h, n, d, dv, c, nb, c_pad, d_pad, dv_pad = _config(q, v, block)
-            per_channel = isinstance(wl, torch.Tensor)
-            wl_t, wd_t = (w.detach().to(torch.float32).contiguous() if per_channel else None for w in (wl, wd))
-            out = torch.empty(bsz, h, n, dv, dtype=q.dtype, device=q.device)
-            has_base = base is not None
-            base_c = base.contiguous() if has_base else None
-            _forward_kernel[(bsz * h, nb)](
-                q, k, v, base_c, wl_t, wd_t, out, *q.stride(), *k.stride(), *v.stride(),
-                h, n, c, d, dv, float(scale), 0.0 if per_channel else float(wl), 0.0 if per_channel else float(wd),
-                CAUSAL=causal, HAS_BASE=has_base, PER_CHANNEL=per_channel,
-                C_PAD=c_pad, D_PAD=d_pad, DV_PAD=dv_pad, PRECISION=precision(q.dtype), num_warps=NUM_WARPS[c_pad],
-            )
-        ctx.save_for_backward(q, k, v, base_c, wl_t, wd_t)
-        ctx.consts = (None if per_channel else float(wl), None if per_channel else float(wd), float(scale), block,
-                      causal, per_channel, has_base, wl.dtype if per_channel else None)
+        bsz, h, n, d, dv, c, nb, c_pad, d_pad, dv_pad = _config(q, v, block)
+        mix = MixWeights(wl, wd, on=base is not None)
+        out = torch.empty(bsz, h, n, dv, dtype=q.dtype, device=q.device)
+        base_c = base.contiguous() if mix.on else None
+        _forward_kernel[(bsz * h, nb)](
+            q, k, v, base_c, mix.wl_t, mix.wd_t, out, *q.stride(), *k.stride(), *v.stride(),
+            h, n, c, d, dv, float(scale), mix.wl, mix.wd,
+            CAUSAL=causal, HAS_BASE=mix.on, PER_CHANNEL=mix.per_channel,
+            C_PAD=c_pad, D_PAD=d_pad, DV_PAD=dv_pad, PRECISION=precision(q.dtype), num_warps=NUM_WARPS[c_pad],
+        )
+        ctx.save_for_backward(q, k, v, base_c)
+        ctx.consts = (mix, float(scale), block, causal)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the kernel records no graph: no second derivative
+    @launched_on_device
     def backward(ctx, g):
-        q, k, v, base, wl_t, wd_t = ctx.saved_tensors
-        wl, wd, scale, block, causal, per_channel, has_base, w_dtype = ctx.consts
-        with on_device(g):
-            bsz, h, n, d, dv, c, nb, c_pad, d_pad, dv_pad = _config(q, v, block)
-            dq = torch.empty(bsz, h, n, d, dtype=q.dtype, device=q.device)
-            dk = torch.empty(bsz, h, n, d, dtype=k.dtype, device=k.device)
-            dvv = torch.empty(bsz, h, n, dv, dtype=v.dtype, device=v.device)
-            dbase = torch.empty_like(base) if has_base else None
-            dwl = dwd = None
-            if per_channel:
-                dwl = torch.empty(bsz, h, nb, dv_pad, dtype=torch.float32, device=q.device)
-                dwd = torch.empty_like(dwl)
-            _backward_kernel[(bsz * h, nb)](
-                q, k, v, g, base, wl_t, wd_t, dq, dk, dvv, dbase, dwl, dwd,
-                *q.stride(), *k.stride(), *v.stride(), *g.stride(),
-                h, n, c, d, dv, scale, 0.0 if per_channel else wl, 0.0 if per_channel else wd, nb,
-                CAUSAL=causal, HAS_BASE=has_base, PER_CHANNEL=per_channel,
-                C_PAD=c_pad, D_PAD=d_pad, DV_PAD=dv_pad, PRECISION=precision(q.dtype), num_warps=NUM_WARPS[c_pad],
-            )
-            if per_channel:  # [B, H, nb, DV_PAD] block partials summed over batch and blocks: [H, d_v]
-                dwl = dwl.sum((0, 2))[:, :dv].to(w_dtype)
-                dwd = dwd.sum((0, 2))[:, :dv].to(w_dtype)
-        return dq, dk, dvv, dbase, dwl, dwd, None, None, None
+        q, k, v, base = ctx.saved_tensors
+        mix, scale, block, causal = ctx.consts
+        bsz, h, n, d, dv, c, nb, c_pad, d_pad, dv_pad = _config(q, v, block)
+        dq = torch.empty(bsz, h, n, d, dtype=q.dtype, device=q.device)
+        dk = torch.empty(bsz, h, n, d, dtype=k.dtype, device=k.device)
+        dvv = torch.empty(bsz, h, n, dv, dtype=v.dtype, device=v.device)
+        dbase = torch.empty_like(base) if mix.on else None
+        dwl, dwd = (torch.empty(2, bsz, h, nb, dv_pad, dtype=torch.float32, device=q.device).unbind(0)
+                    if mix.per_channel else (None, None))
+        _backward_kernel[(bsz * h, nb)](
+            q, k, v, g, base, mix.wl_t, mix.wd_t, dq, dk, dvv, dbase, dwl, dwd,
+            *q.stride(), *k.stride(), *v.stride(), *g.stride(),
+            h, n, c, d, dv, scale, mix.wl, mix.wd, nb,
+            CAUSAL=causal, HAS_BASE=mix.on, PER_CHANNEL=mix.per_channel,
+            C_PAD=c_pad, D_PAD=d_pad, DV_PAD=dv_pad, PRECISION=precision(q.dtype), num_warps=NUM_WARPS[c_pad],
+        )
+        gwl, gwd = mix.grads((dwl, dwd), bsz, h, dv)  # block partials summed over batch and blocks
+        return dq, dk, dvv, dbase, gwl, gwd, None, None, None
 
 
 def block_diagonal(q, k, v, scale: float, block: int, causal: bool, base=None, wl=None, wd=None) -> torch.Tensor:
@@ -203,6 +196,4 @@ def block_diagonal(q, k, v, scale: float, block: int, causal: bool, base=None, w
     score scale; ``causal``: the causal rule inside each block; ``wl, wd``: floats, or tensors
     ``[H, d_v]`` (learnable: they get gradients). Differentiable in q, k, v, base and the weights (once).
     """
-    if base is None:
-        wl, wd = 0.0, 1.0
     return _BlockDiagonal.apply(q, k, v, base, wl, wd, float(scale), int(block), bool(causal))

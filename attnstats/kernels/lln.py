@@ -105,7 +105,10 @@ class LLNAttention(LogFeatureAttention):
         return self._rule(sq, sk, q.shape[-1])
 
     def _rule(self, sq: float, sk: float, d: int) -> tuple[float, float]:
-        """``(α, β)`` from ``σ_q, σ_k`` (floats; NaN or ≤ 0 read as 1) for head dim ``d``."""
+        """``(α, β)`` from ``σ_q, σ_k`` (floats; NaN or ≤ 0 read as 1) for head dim ``d``; ``(1, 1)`` without
+        moment matching."""
+        if not self.moment_matching:
+            return 1.0, 1.0
         sq, sk = (v if v > 0 else 1.0 for v in (sq, sk))  # NaN > 0 is False
         # a softmax scale c/sqrt(d) gives scores of variance c²·σ_q²σ_k²
         c = 1.0 if self.scale is None else float(self.scale) * d**0.5
@@ -144,7 +147,7 @@ class LLNAttention(LogFeatureAttention):
         st = lln_triton.moments(q, k, v, spread=causal)  # the one host sync
         if not checked:
             _check_read(q, k, v, st.sigma_q, st.sigma_k, st.v_finite)
-        alpha, beta = self._rule(st.sigma_q, st.sigma_k, q.shape[-1]) if self.moment_matching else (1.0, 1.0)
+        alpha, beta = self._rule(st.sigma_q, st.sigma_k, q.shape[-1])
         if not causal:
             return lln_triton.lln_noncausal(q, k, v, alpha, beta, self.eps, st, diag)  # [B, H, N, d_v]
         if st.spread * beta <= causal_underflow_limit(torch.float32):
@@ -163,7 +166,7 @@ class LLNAttention(LogFeatureAttention):
             sq, sk, v_ok, *spread_k = torch.stack(parts).tolist()  # the one host sync
         if not checked:
             _check_read(q, k, v, sq, sk, v_ok == 1.0)
-        alpha, beta = self._rule(sq, sk, q.shape[-1]) if self.moment_matching else (1.0, 1.0)
+        alpha, beta = self._rule(sq, sk, q.shape[-1])
         spread = spread_k[0] * beta if causal else None  # β > 0: the spread of βk
         return self._scaled(q, qd, alpha), self._scaled(k, kd, beta), spread
 

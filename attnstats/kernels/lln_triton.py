@@ -41,7 +41,8 @@ import torch
 
 __all__ = ["MAX_HEAD_DIM", "available", "applies", "fuses_diag", "moments", "lln_noncausal", "lln_causal"]
 
-from .triton_common import DTYPES, HAVE_TRITON, interpreting, offsets_fit, on_device, pad, precision
+from .triton_common import (DTYPES, HAVE_TRITON, MixWeights, interpreting, launched_on_device, offsets_fit, on_device,
+                            pad, precision)
 
 if HAVE_TRITON:
     import triton
@@ -610,15 +611,15 @@ if HAVE_TRITON:
 
 class Moments:
     """What :func:`moments` read: ``sigma_q``, ``sigma_k`` (floats; NaN when q or k holds a NaN or inf),
-    ``v_finite`` (bool), ``kmax``, ``kmin`` (``[B·H, SPLIT, D_PAD]`` float32 on the device, the per-program
-    key maxima and minima, or their reduction, ``SPLIT = 1``), ``split`` (``SPLIT``) and ``spread`` (k's
-    spread, a float, when asked for; else None)."""
+    ``v_finite`` (bool), ``kmax`` (``[B·H, SPLIT, D_PAD]`` float32 on the device, the per-program key
+    maxima, or their reduction, ``SPLIT = 1``), ``split`` (``SPLIT``) and ``spread`` (k's spread, a
+    float, when asked for; else None)."""
 
-    __slots__ = ("sigma_q", "sigma_k", "v_finite", "kmax", "kmin", "split", "spread")
+    __slots__ = ("sigma_q", "sigma_k", "v_finite", "kmax", "split", "spread")
 
-    def __init__(self, sigma_q, sigma_k, v_finite, kmax, kmin, split, spread=None):
+    def __init__(self, sigma_q, sigma_k, v_finite, kmax, split, spread=None):
         self.sigma_q, self.sigma_k, self.v_finite = sigma_q, sigma_k, v_finite
-        self.kmax, self.kmin, self.split, self.spread = kmax, kmin, split, spread
+        self.kmax, self.split, self.spread = kmax, split, spread
 
 
 def _combine(mean: np.ndarray, m2: np.ndarray, counts: np.ndarray) -> float:
@@ -667,8 +668,8 @@ def moments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spread: bool = Fa
     sq = _combine(p[..., 0], p[..., 1], cq)
     sk = _combine(p[..., 2], p[..., 3], ck)
     if split > _SUMMED_IN_KERNEL:  # every later program reads the key shift: one partial, not dozens
-        kmax, kmin, split = kmax.amax(1, keepdim=True), kmin.amin(1, keepdim=True), 1
-    return Moments(sq, sk, bool(p[..., 4].sum() == 0), kmax, kmin, split, float(host[-1]) if spread else None)
+        kmax, split = kmax.amax(1, keepdim=True), 1
+    return Moments(sq, sk, bool(p[..., 4].sum() == 0), kmax, split, float(host[-1]) if spread else None)
 
 
 def _states(bh: int, parts: int, d_pad: int, dv_pad: int, device):
@@ -678,46 +679,21 @@ def _states(bh: int, parts: int, d_pad: int, dv_pad: int, device):
     return buf[:cut].view(bh, parts, d_pad, dv_pad), buf[cut:].view(bh, parts, d_pad)
 
 
-class _Mix:
-    """LLN+Diag's part of a fused call: the block softmax's scale and the weights ``w_L, w_D`` (floats, or
-    ``[H, d_v]`` tensors passed to the kernels as float32), or no Diag part at all."""
-
-    def __init__(self, dscale, wl, wd):
-        self.on = dscale is not None
-        self.per_channel = isinstance(wl, torch.Tensor)
-        self.dscale = float(dscale) if self.on else 1.0
-        self.wl = 0.0 if self.per_channel or not self.on else float(wl)
-        self.wd = 0.0 if self.per_channel or not self.on else float(wd)
-        self.wl_t, self.wd_t = ((w.detach().to(torch.float32).contiguous() for w in (wl, wd)) if self.per_channel
-                                else (None, None))
-        self.dtype = wl.dtype if self.per_channel else None
-
-    def weight_grads(self, parts, bsz, h, dv):
-        """The weights' gradients ``[H, d_v]`` from the kernels' per-program partials ``[B·H, P, DV_PAD]``
-        each, or Nones."""
-        if not self.per_channel:
-            return None, None
-        return tuple(x.reshape(bsz, h, -1, x.shape[-1]).sum((0, 2))[:, :dv].to(self.dtype) for x in parts)
-
-
 class _NonCausalLLN(torch.autograd.Function):
     """Non-causal LLN attention by the fused kernels (module docstring), with its backward; with a Diag
     part (``dscale`` not None), LLN+Diag's ``w_L ⊙ LLN + w_D ⊙ Diag``."""
 
     @staticmethod
+    @launched_on_device
     def forward(ctx, q, k, v, wl, wd, alpha, beta, eps, kmax, split_s, dscale):
-        with on_device(q):
-            return _NonCausalLLN._forward(ctx, q, k, v, wl, wd, alpha, beta, eps, kmax, split_s, dscale)
-
-    @staticmethod
-    def _forward(ctx, q, k, v, wl, wd, alpha, beta, eps, kmax, split_s, dscale):
         bsz, h, n, d = q.shape
         m_, dv = k.shape[-2], v.shape[-1]
         d_pad, dv_pad = pad(d), pad(dv)
         block = _block(d_pad, dv_pad)
         bh = bsz * h
         prec = precision(q.dtype)
-        mix = _Mix(dscale, wl, wd)
+        mix = MixWeights(wl, wd, on=dscale is not None)
+        dscale = 1.0 if dscale is None else float(dscale)  # the block softmax's score scale (unused without it)
         split = _splits(bh, max(n, m_), block, q.device)  # programs per head, every kernel
         sp, zp = _states(bh, split, d_pad, dv_pad, q.device)
         _nc_state_kernel[(bh, split)](
@@ -730,24 +706,20 @@ class _NonCausalLLN(torch.autograd.Function):
         den = torch.empty(bsz, h, n, dtype=torch.float32, device=q.device)
         _nc_out_kernel[(bh, split)](
             q, k, v, sp, zp, kmax, out, den, out_l, mix.wl_t, mix.wd_t, *q.stride(), *k.stride(), *v.stride(),
-            h, n, d, dv, _rows(n, split, block), split_s, n_parts, alpha, beta, eps, mix.dscale, mix.wl, mix.wd,
+            h, n, d, dv, _rows(n, split, block), split_s, n_parts, alpha, beta, eps, dscale, mix.wl, mix.wd,
             D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block, PRECISION=prec, DIAG=mix.on, PER_CHANNEL=mix.per_channel,
             num_warps=DIAG_WARPS if mix.on else 4,
         )
         ctx.save_for_backward(q, k, v, out_l, den, sp, zp, kmax)
-        ctx.consts = (alpha, beta, split_s, mix, split)
+        ctx.consts = (alpha, beta, split_s, mix, dscale, split)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the kernels record no graph: no second derivative
+    @launched_on_device
     def backward(ctx, g):
-        with on_device(g):
-            return _NonCausalLLN._backward(ctx, g)
-
-    @staticmethod
-    def _backward(ctx, g):
         q, k, v, out_l, den, sp, zp, kmax = ctx.saved_tensors
-        alpha, beta, split_s, mix, split = ctx.consts
+        alpha, beta, split_s, mix, dscale, split = ctx.consts
         bsz, h, n, d = q.shape
         m_, dv = k.shape[-2], v.shape[-1]
         d_pad, dv_pad = sp.shape[-2], sp.shape[-1]
@@ -763,7 +735,7 @@ class _NonCausalLLN(torch.autograd.Function):
         _nc_grad_q_kernel[(bh, split)](
             q, k, v, g, out_l, den, sp, zp, kmax, dq, gsp, gzp, mix.wl_t, mix.wd_t, dk, dvv, dwl, dwd,
             *q.stride(), *k.stride(), *v.stride(), *g.stride(),
-            h, n, d, dv, _rows(n, split, block), split_s, n_parts, alpha, beta, mix.dscale, mix.wl, mix.wd,
+            h, n, d, dv, _rows(n, split, block), split_s, n_parts, alpha, beta, dscale, mix.wl, mix.wd,
             D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block, PRECISION=prec, DIAG=mix.on, PER_CHANNEL=mix.per_channel,
             num_warps=DIAG_WARPS if mix.on else 4,
         )
@@ -773,7 +745,7 @@ class _NonCausalLLN(torch.autograd.Function):
             h, m_, d, dv, _rows(m_, split, block), split_s, g_parts, beta,
             D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block, PRECISION=prec, DIAG=mix.on,
         )
-        gwl, gwd = mix.weight_grads((dwl, dwd), bsz, h, dv)
+        gwl, gwd = mix.grads((dwl, dwd), bsz, h, dv)
         return dq, dk, dvv, gwl, gwd, None, None, None, None, None, None
 
 
@@ -822,19 +794,16 @@ class _CausalLLN(torch.autograd.Function):
     part (``dscale`` not None), LLN+Diag's ``w_L ⊙ LLN + w_D ⊙ Diag``."""
 
     @staticmethod
+    @launched_on_device
     def forward(ctx, q, k, v, wl, wd, alpha, beta, eps, kmax, split_s, dscale):
-        with on_device(q):
-            return _CausalLLN._forward(ctx, q, k, v, wl, wd, alpha, beta, eps, kmax, split_s, dscale)
-
-    @staticmethod
-    def _forward(ctx, q, k, v, wl, wd, alpha, beta, eps, kmax, split_s, dscale):
         bsz, h, n, d = q.shape
         dv = v.shape[-1]
         d_pad, dv_pad = pad(d), pad(dv)
         c = _block(d_pad, dv_pad)
         bh, nc = bsz * h, triton.cdiv(n, c)
         prec = precision(q.dtype)
-        mix = _Mix(dscale, wl, wd)
+        mix = MixWeights(wl, wd, on=dscale is not None)
+        dscale = 1.0 if dscale is None else float(dscale)  # the block softmax's score scale (unused without it)
         hs, zs = _states(bh, nc, d_pad, dv_pad, q.device)
         strides = (*q.stride(), *k.stride(), *v.stride())
         _c_state_kernel[(bh, nc)](k, v, kmax, hs, zs, *k.stride(), *v.stride(), h, n, d, dv, split_s, beta, nc,
@@ -845,24 +814,20 @@ class _CausalLLN(torch.autograd.Function):
         out_l = torch.empty_like(out) if mix.on else out  # the LLN part, kept for the backward
         den = torch.empty(bsz, h, n, dtype=torch.float32, device=q.device)
         _c_out_kernel[(bh, nc)](q, k, v, kmax, hs, zs, out, den, out_l, mix.wl_t, mix.wd_t, *strides, h, n, d, dv,
-                                split_s, alpha, beta, eps, nc, mix.dscale, mix.wl, mix.wd,
+                                split_s, alpha, beta, eps, nc, dscale, mix.wl, mix.wd,
                                 D_PAD=d_pad, DV_PAD=dv_pad, C=c, PRECISION=prec, DIAG=mix.on,
                                 PER_CHANNEL=mix.per_channel,
                                 num_warps=8)  # a dozen [C, C] and [C, d] float32 tiles live at once
         ctx.save_for_backward(q, k, v, out_l, den, hs, zs, kmax)
-        ctx.consts = (alpha, beta, split_s, mix)
+        ctx.consts = (alpha, beta, split_s, mix, dscale)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the kernels record no graph: no second derivative
+    @launched_on_device
     def backward(ctx, g):
-        with on_device(g):
-            return _CausalLLN._backward(ctx, g)
-
-    @staticmethod
-    def _backward(ctx, g):
         q, k, v, out_l, den, hs, zs, kmax = ctx.saved_tensors
-        alpha, beta, split_s, mix = ctx.consts
+        alpha, beta, split_s, mix, dscale = ctx.consts
         bsz, h, n, d = q.shape
         dv = v.shape[-1]
         bh, nc, d_pad, dv_pad = hs.shape
@@ -882,10 +847,10 @@ class _CausalLLN(torch.autograd.Function):
                     if mix.per_channel else (None, None))
         _c_grad_kernel[(bh, nc)](q, k, v, g, out_l, den, kmax, hs, zs, ghs, gzs, dq, dk, dvv, mix.wl_t, mix.wd_t,
                                  dwl, dwd, *q.stride(), *k.stride(), *v.stride(), *g.stride(),
-                                 h, n, d, dv, split_s, alpha, beta, nc, mix.dscale, mix.wl, mix.wd,
+                                 h, n, d, dv, split_s, alpha, beta, nc, dscale, mix.wl, mix.wd,
                                  D_PAD=d_pad, DV_PAD=dv_pad, C=c, PRECISION=prec, DIAG=mix.on,
                                  PER_CHANNEL=mix.per_channel, num_warps=8)
-        gwl, gwd = mix.weight_grads((dwl, dwd), bsz, h, dv)
+        gwl, gwd = mix.grads((dwl, dwd), bsz, h, dv)
         return dq, dk, dvv, gwl, gwd, None, None, None, None, None, None
 
 

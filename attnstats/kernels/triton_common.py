@@ -10,6 +10,7 @@ them on machines without a GPU.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -62,6 +63,39 @@ def offsets_fit(*xs: torch.Tensor, buffers: int = 0) -> bool:
 def on_device(x: torch.Tensor):
     """Launch on ``x``'s GPU (Triton launches on the current device); nothing for CPU tensors."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def launched_on_device(fn):
+    """An autograd Function's ``forward(ctx, x, …)`` or ``backward(ctx, x)`` run with ``x``'s GPU current."""
+    @functools.wraps(fn)
+    def run(ctx, x, *args):
+        with on_device(x):
+            return fn(ctx, x, *args)
+
+    return run
+
+
+class MixWeights:
+    """LLN+Diag's weights ``w_L, w_D`` as the kernels take them: floats (``wl``, ``wd``), or, when
+    ``per_channel``, ``[H, d_v]`` tensors passed as contiguous float32 (``wl_t``, ``wd_t``; the floats
+    are then 0) whose gradients the kernels return as per-program partials. ``on`` False: the call has
+    no weighted sum (the kernels' flag off, every weight unused)."""
+
+    def __init__(self, wl, wd, on: bool = True):
+        self.on = on
+        self.per_channel = on and isinstance(wl, torch.Tensor)
+        self.wl = float(wl) if on and not self.per_channel else 0.0
+        self.wd = float(wd) if on and not self.per_channel else 0.0
+        self.wl_t, self.wd_t = ((w.detach().to(torch.float32).contiguous() for w in (wl, wd)) if self.per_channel
+                                else (None, None))
+        self.dtype = wl.dtype if self.per_channel else None
+
+    def grads(self, parts, bsz: int, h: int, dv: int):
+        """The weights' gradients ``[H, d_v]`` from the kernels' partials (two tensors ``[B·H, P, DV_PAD]``
+        or ``[B, H, P, DV_PAD]``), or Nones when the weights are floats."""
+        if not self.per_channel:
+            return None, None
+        return tuple(x.reshape(bsz, h, -1, x.shape[-1]).sum((0, 2))[:, :dv].to(self.dtype) for x in parts)
 
 
 if HAVE_TRITON:
