@@ -424,7 +424,6 @@ if HAVE_TRITON:
             tl.store(DV_OUT + (bh * M + rows[:, None]) * DV + offs_e[None, :], dv.to(DV_OUT.dtype.element_ty),
                      mask=vmask)
 
-
     @triton.jit
     def _c_state_kernel(
         K, V, KMAX, HS, ZS,
