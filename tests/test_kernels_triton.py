@@ -258,3 +258,28 @@ def test_32_bit_offset_rule_counts_whole_storages_and_buffers():
     assert not offsets_fit(big[:64])  # a small view of a large storage is addressed from the storage
     assert offsets_fit(big[:64].clone())
     assert not offsets_fit(torch.empty(2, 3, device="meta"), buffers=2**31)
+
+
+def test_direct_launch_key_and_argument_order():
+    """What `triton_common.launch` keys a compiled kernel on, and the argument list it hands it (checked
+    here without a GPU: the direct launches themselves run in benchmarks/lln_gpu.py's agreement part)."""
+    from attnstats.kernels import lln_triton, triton_common
+
+    key = triton_common._arg_key
+    x = torch.zeros(64, dtype=torch.float32)
+    # Triton specialises on a tensor's dtype and 16-byte alignment and on an integer's value (== 1, % 16,
+    # width): each must change the key; a float's value must not (it is always typed fp32)
+    assert key(x) == (torch.float32, True)
+    assert key(x[1:]) == (torch.float32, False)  # 4 bytes in: not 16-aligned
+    assert key(x.half()) != key(x)
+    assert key(1) != key(16) and key(2**31) != key(2**31 - 1)
+    assert key(True) != key(1)
+    assert key(0.5) == key(2.0)
+    kernel = lln_triton._nc_state_kernel
+    params = list(kernel.params)
+    n_args = sum(not p.is_constexpr for p in params)
+    meta = {p.name: p.name for p in params if p.is_constexpr}
+    # the launcher takes every parameter in the kernel's order: the positional ones, then the constexprs
+    assert triton_common._tail(kernel, (0,) * n_args, meta) == tuple(p.name for p in params[n_args:])
+    assert all(p.is_constexpr for p in params[n_args:])
+    assert triton_common._tail(kernel, (0,) * n_args, {}) is None  # a constexpr missing: Triton's own launch

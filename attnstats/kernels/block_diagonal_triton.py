@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_common import DTYPES, HAVE_TRITON, MixWeights, launched_on_device, offsets_fit, pad, precision
+from .triton_common import DTYPES, HAVE_TRITON, MixWeights, launch, launched_on_device, offsets_fit, pad, precision
 
 __all__ = ["MAX_BLOCK", "applies", "block_diagonal"]
 
@@ -154,7 +154,7 @@ class _BlockDiagonal(torch.autograd.Function):
         mix = MixWeights(wl, wd, on=base is not None)
         out = torch.empty(bsz, h, n, dv, dtype=q.dtype, device=q.device)
         base_c = base.contiguous() if mix.on else None
-        _forward_kernel[(bsz * h, nb)](
+        launch(_forward_kernel, (bsz * h, nb),
             q, k, v, base_c, mix.wl_t, mix.wd_t, out, *q.stride(), *k.stride(), *v.stride(),
             h, n, c, d, dv, float(scale), mix.wl, mix.wd,
             CAUSAL=causal, HAS_BASE=mix.on, PER_CHANNEL=mix.per_channel,
@@ -177,7 +177,7 @@ class _BlockDiagonal(torch.autograd.Function):
         dbase = torch.empty_like(base) if mix.on else None
         dwl, dwd = (torch.empty(2, bsz, h, nb, dv_pad, dtype=torch.float32, device=q.device).unbind(0)
                     if mix.per_channel else (None, None))
-        _backward_kernel[(bsz * h, nb)](
+        launch(_backward_kernel, (bsz * h, nb),
             q, k, v, g, base, mix.wl_t, mix.wd_t, dq, dk, dvv, dbase, dwl, dwd,
             *q.stride(), *k.stride(), *v.stride(), *g.stride(),
             h, n, c, d, dv, scale, mix.wl, mix.wd, nb,

@@ -41,8 +41,8 @@ import torch
 
 __all__ = ["MAX_HEAD_DIM", "available", "applies", "fuses_diag", "moments", "lln_noncausal", "lln_causal"]
 
-from .triton_common import (DTYPES, HAVE_TRITON, MixWeights, interpreting, launched_on_device, offsets_fit, on_device,
-                            pad, precision)
+from .triton_common import (DTYPES, HAVE_TRITON, MixWeights, interpreting, launch, launched_on_device, offsets_fit,
+                            on_device, pad, precision)
 
 if HAVE_TRITON:
     import triton
@@ -98,6 +98,7 @@ WIDE_SPLIT = 64
 _SUMMED_IN_KERNEL = 16
 
 
+@functools.lru_cache(maxsize=1024)
 def _splits(bh: int, n: int, block: int, device: torch.device) -> int:
     """Programs per head along ``n`` tokens: about two per streaming multiprocessor in all (eight from
     :data:`WIDE_FROM_TOKENS` tokens), at most one per tile, at most 16 (:data:`WIDE_SPLIT` for long calls)."""
@@ -621,16 +622,24 @@ class Moments:
         self.kmax, self.split, self.spread = kmax, split, spread
 
 
-def _combine(mean: np.ndarray, m2: np.ndarray, counts: np.ndarray) -> float:
-    """Sample standard deviation (divisor n − 1) from per-part means and squared deviations (Chan's rule),
-    in float64; NaN for fewer than two entries. ``mean, m2``: ``[BH, SPLIT]``; ``counts``: ``[SPLIT]``
-    entries per part (a part with none holds zeros)."""
-    n = counts.sum() * mean.shape[0]
-    if n < 2:
-        return float("nan")
-    mu = (mean * counts).sum() / n
-    total = m2.sum() + (((mean - mu) ** 2) * counts).sum()
-    return float(math.sqrt(max(total, 0.0) / (n - 1))) if np.isfinite(total) else float("nan")
+@functools.lru_cache(maxsize=256)
+def _counts(n: int, m_: int, d: int, split: int, rows_q: int, rows_k: int) -> np.ndarray:
+    """``[2, 1, SPLIT]`` float64: the q and k entries each :func:`moments` program reads (0 for a program
+    past the end)."""
+    starts = np.arange(split, dtype=np.float64)
+    return np.stack([np.clip(n - starts * rows_q, 0, rows_q), np.clip(m_ - starts * rows_k, 0, rows_k)])[:, None] * d
+
+
+def _combine(mean: np.ndarray, m2: np.ndarray, counts: np.ndarray) -> tuple:
+    """Sample standard deviations (divisor n − 1) of q and of k from per-part means and squared deviations
+    (Chan's rule), in float64; NaN for fewer than two entries or a non-finite sum. ``mean, m2``:
+    ``[2, BH, SPLIT]``; ``counts``: ``[2, 1, SPLIT]`` entries per part (a part with none holds zeros)."""
+    n = counts.sum((1, 2)) * mean.shape[1]  # [2]
+    with np.errstate(invalid="ignore", over="ignore"):
+        mu = (mean * counts).sum((1, 2)) / np.maximum(n, 1)
+        total = m2.sum((1, 2)) + (((mean - mu[:, None, None]) ** 2) * counts).sum((1, 2))
+    return tuple(math.sqrt(max(t, 0.0) / (c - 1)) if c >= 2 and math.isfinite(t) else float("nan")
+                 for t, c in zip(total.tolist(), n.tolist()))
 
 
 def moments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spread: bool = False) -> Moments:
@@ -648,27 +657,24 @@ def moments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spread: bool = Fa
     bh = bsz * h
     split = _splits(bh, max(n, m_), block, q.device)
     rows_q, rows_k = _rows(n, split, block), _rows(m_, split, block)
-    part = torch.empty(bh, split, 5, dtype=torch.float32, device=q.device)
-    kmax, kmin = torch.empty(2, bh, split, d_pad, dtype=torch.float32, device=q.device).unbind(0)
+    # one allocation: the per-program moments [BH, SPLIT, 5], then key maxima and minima [BH, SPLIT, D_PAD]
+    buf = torch.empty(bh * split * (5 + 2 * d_pad), dtype=torch.float32, device=q.device)
+    cut = bh * split * 5
+    part = buf[:cut]
+    kmax, kmin = buf[cut:].view(2, bh, split, d_pad).unbind(0)
     with on_device(q):
-        _moments_kernel[(bh, split)](
-            q, k, v, part, kmax, kmin, *q.stride(), *k.stride(), *v.stride(),
-            h, n, m_, d, dv, rows_q, rows_k, D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block,
-        )
-    flat = part.reshape(-1)
+        launch(_moments_kernel, (bh, split),
+               q, k, v, part, kmax, kmin, *q.stride(), *k.stride(), *v.stride(),
+               h, n, m_, d, dv, rows_q, rows_k, D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block)
     if spread:
         width = (kmax.amax(1) - kmin.amin(1))[:, :d].amax()  # 0-dim: the padded columns left out
-        flat = torch.cat([flat, width.reshape(1)])
-    host = flat.cpu().numpy().astype(np.float64)  # the one host transfer
-    p = host[: bh * split * 5].reshape(bh, split, 5)
-    starts = np.arange(split, dtype=np.float64)
-    cq = np.clip(n - starts * rows_q, 0, rows_q) * d  # [SPLIT] entries per program
-    ck = np.clip(m_ - starts * rows_k, 0, rows_k) * d
-    sq = _combine(p[..., 0], p[..., 1], cq)
-    sk = _combine(p[..., 2], p[..., 3], ck)
+        part = torch.cat([part, width.reshape(1)])
+    host = part.cpu().numpy().astype(np.float64)  # the one host transfer
+    p = host[:cut].reshape(bh, split, 5).transpose(2, 0, 1)  # [5, BH, SPLIT]
+    sq, sk = _combine(p[0:3:2], p[1:4:2], _counts(n, m_, d, split, rows_q, rows_k))
     if split > _SUMMED_IN_KERNEL:  # every later program reads the key shift: one partial, not dozens
         kmax, split = kmax.amax(1, keepdim=True), 1
-    return Moments(sq, sk, bool(p[..., 4].sum() == 0), kmax, split, float(host[-1]) if spread else None)
+    return Moments(sq, sk, bool(p[4].sum() == 0), kmax, split, float(host[-1]) if spread else None)
 
 
 def _states(bh: int, parts: int, d_pad: int, dv_pad: int, device):
@@ -695,7 +701,7 @@ class _NonCausalLLN(torch.autograd.Function):
         dscale = 1.0 if dscale is None else float(dscale)  # the block softmax's score scale (unused without it)
         split = _splits(bh, max(n, m_), block, q.device)  # programs per head, every kernel
         sp, zp = _states(bh, split, d_pad, dv_pad, q.device)
-        _nc_state_kernel[(bh, split)](
+        launch(_nc_state_kernel, (bh, split),
             k, v, kmax, sp, zp, *k.stride(), *v.stride(), h, m_, d, dv, _rows(m_, split, block), split_s,
             beta, D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block, PRECISION=prec,
         )
@@ -703,7 +709,7 @@ class _NonCausalLLN(torch.autograd.Function):
         out = torch.empty(bsz, h, n, dv, dtype=q.dtype, device=q.device)
         out_l = torch.empty_like(out) if mix.on else out  # the LLN part, kept for the backward
         den = torch.empty(bsz, h, n, dtype=torch.float32, device=q.device)
-        _nc_out_kernel[(bh, split)](
+        launch(_nc_out_kernel, (bh, split),
             q, k, v, sp, zp, kmax, out, den, out_l, mix.wl_t, mix.wd_t, *q.stride(), *k.stride(), *v.stride(),
             h, n, d, dv, _rows(n, split, block), split_s, n_parts, alpha, beta, eps, dscale, mix.wl, mix.wd,
             D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block, PRECISION=prec, DIAG=mix.on, PER_CHANNEL=mix.per_channel,
@@ -731,7 +737,7 @@ class _NonCausalLLN(torch.autograd.Function):
         gsp, gzp = _states(bh, split, d_pad, dv_pad, q.device)
         dwl, dwd = (torch.empty(2, bh, split, dv_pad, dtype=torch.float32, device=q.device).unbind(0)
                     if mix.per_channel else (None, None))
-        _nc_grad_q_kernel[(bh, split)](
+        launch(_nc_grad_q_kernel, (bh, split),
             q, k, v, g, out_l, den, sp, zp, kmax, dq, gsp, gzp, mix.wl_t, mix.wd_t, dk, dvv, dwl, dwd,
             *q.stride(), *k.stride(), *v.stride(), *g.stride(),
             h, n, d, dv, _rows(n, split, block), split_s, n_parts, alpha, beta, dscale, mix.wl, mix.wd,
@@ -739,7 +745,7 @@ class _NonCausalLLN(torch.autograd.Function):
             num_warps=DIAG_WARPS if mix.on else 4,
         )
         (gsp, gzp), g_parts = _summed((gsp, gzp))
-        _nc_grad_kv_kernel[(bh, split)](
+        launch(_nc_grad_kv_kernel, (bh, split),
             k, v, kmax, gsp, gzp, dk, dvv, *k.stride(), *v.stride(),
             h, m_, d, dv, _rows(m_, split, block), split_s, g_parts, beta,
             D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block, PRECISION=prec, DIAG=mix.on,
@@ -805,18 +811,20 @@ class _CausalLLN(torch.autograd.Function):
         dscale = 1.0 if dscale is None else float(dscale)  # the block softmax's score scale (unused without it)
         hs, zs = _states(bh, nc, d_pad, dv_pad, q.device)
         strides = (*q.stride(), *k.stride(), *v.stride())
-        _c_state_kernel[(bh, nc)](k, v, kmax, hs, zs, *k.stride(), *v.stride(), h, n, d, dv, split_s, beta, nc,
-                                  D_PAD=d_pad, DV_PAD=dv_pad, C=c, PRECISION=prec)
+        launch(_c_state_kernel, (bh, nc),
+               k, v, kmax, hs, zs, *k.stride(), *v.stride(), h, n, d, dv, split_s, beta, nc,
+               D_PAD=d_pad, DV_PAD=dv_pad, C=c, PRECISION=prec)
         hs = hs.cumsum_(1)  # [BH, nc, D_PAD, DV_PAD]: the states of chunks 0 … c
         zs = zs.cumsum_(1)  # [BH, nc, D_PAD]
         out = torch.empty(bsz, h, n, dv, dtype=q.dtype, device=q.device)
         out_l = torch.empty_like(out) if mix.on else out  # the LLN part, kept for the backward
         den = torch.empty(bsz, h, n, dtype=torch.float32, device=q.device)
-        _c_out_kernel[(bh, nc)](q, k, v, kmax, hs, zs, out, den, out_l, mix.wl_t, mix.wd_t, *strides, h, n, d, dv,
-                                split_s, alpha, beta, eps, nc, dscale, mix.wl, mix.wd,
-                                D_PAD=d_pad, DV_PAD=dv_pad, C=c, PRECISION=prec, DIAG=mix.on,
-                                PER_CHANNEL=mix.per_channel,
-                                num_warps=8)  # a dozen [C, C] and [C, d] float32 tiles live at once
+        launch(_c_out_kernel, (bh, nc),
+               q, k, v, kmax, hs, zs, out, den, out_l, mix.wl_t, mix.wd_t, *strides, h, n, d, dv,
+               split_s, alpha, beta, eps, nc, dscale, mix.wl, mix.wd,
+               D_PAD=d_pad, DV_PAD=dv_pad, C=c, PRECISION=prec, DIAG=mix.on,
+               PER_CHANNEL=mix.per_channel,
+               num_warps=8)  # a dozen [C, C] and [C, d] float32 tiles live at once
         ctx.save_for_backward(q, k, v, out_l, den, hs, zs, kmax)
         ctx.consts = (alpha, beta, split_s, mix, dscale)
         return out
@@ -833,10 +841,11 @@ class _CausalLLN(torch.autograd.Function):
         c = _block(d_pad, dv_pad)
         prec = precision(q.dtype)
         ghs, gzs = _states(bh, nc, d_pad, dv_pad, q.device)
-        _c_grad_state_kernel[(bh, nc)](q, g, out_l, den, kmax, ghs, gzs, mix.wl_t, mix.wd_t, *q.stride(), *g.stride(),
-                                       h, n, d, dv, split_s, alpha, beta, nc, mix.wl, mix.wd,
-                                       D_PAD=d_pad, DV_PAD=dv_pad, C=c, PRECISION=prec, DIAG=mix.on,
-                                       PER_CHANNEL=mix.per_channel)
+        launch(_c_grad_state_kernel, (bh, nc),
+               q, g, out_l, den, kmax, ghs, gzs, mix.wl_t, mix.wd_t, *q.stride(), *g.stride(),
+               h, n, d, dv, split_s, alpha, beta, nc, mix.wl, mix.wd,
+               D_PAD=d_pad, DV_PAD=dv_pad, C=c, PRECISION=prec, DIAG=mix.on,
+               PER_CHANNEL=mix.per_channel)
         ghs = ghs.cumsum_(1)  # reversed chunk order: position r holds the sum over chunks ≥ nc − 1 − r
         gzs = gzs.cumsum_(1)
         dq = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -844,11 +853,12 @@ class _CausalLLN(torch.autograd.Function):
         dvv = torch.empty_like(v, memory_format=torch.contiguous_format)
         dwl, dwd = (torch.empty(2, bh, nc, dv_pad, dtype=torch.float32, device=q.device).unbind(0)
                     if mix.per_channel else (None, None))
-        _c_grad_kernel[(bh, nc)](q, k, v, g, out_l, den, kmax, hs, zs, ghs, gzs, dq, dk, dvv, mix.wl_t, mix.wd_t,
-                                 dwl, dwd, *q.stride(), *k.stride(), *v.stride(), *g.stride(),
-                                 h, n, d, dv, split_s, alpha, beta, nc, dscale, mix.wl, mix.wd,
-                                 D_PAD=d_pad, DV_PAD=dv_pad, C=c, PRECISION=prec, DIAG=mix.on,
-                                 PER_CHANNEL=mix.per_channel, num_warps=8)
+        launch(_c_grad_kernel, (bh, nc),
+               q, k, v, g, out_l, den, kmax, hs, zs, ghs, gzs, dq, dk, dvv, mix.wl_t, mix.wd_t,
+               dwl, dwd, *q.stride(), *k.stride(), *v.stride(), *g.stride(),
+               h, n, d, dv, split_s, alpha, beta, nc, dscale, mix.wl, mix.wd,
+               D_PAD=d_pad, DV_PAD=dv_pad, C=c, PRECISION=prec, DIAG=mix.on,
+               PER_CHANNEL=mix.per_channel, num_warps=8)
         gwl, gwd = mix.grads((dwl, dwd), bsz, h, dv)
         return dq, dk, dvv, gwl, gwd, None, None, None, None, None, None
 

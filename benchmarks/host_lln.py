@@ -1,0 +1,153 @@
+"""Host time of LLN's fused path, piece by piece (GPU, bf16, 16 heads, d = 64).
+
+    PYTHONUNBUFFERED=1 python benchmarks/host_lln.py [--n 4096]
+
+For each piece: µs per call with a device sync after each call (host time plus the GPU's when it is
+longer), µs per call of 200 calls queued without syncs (the host's time when the GPU keeps up), and the
+GPU time by do_bench.
+"""
+import argparse
+import cProfile
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from attnstats.kernels import get_kernel, lln_triton  # noqa: E402
+from attnstats.kernels import triton_common  # noqa: E402
+from attnstats.kernels.triton_common import pad, precision  # noqa: E402
+
+
+def per_call_us(fn, calls=200, sync_each=False):
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+        if sync_each:
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+class _Twice(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+
+def _fast(on, fn):
+    # fn with attnstats' direct kernel launches on or off (triton_common.FAST_LAUNCH)
+    def run():
+        triton_common.FAST_LAUNCH = on
+        try:
+            fn()
+        finally:
+            triton_common.FAST_LAUNCH = True
+    return run
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=4096)
+    args = ap.parse_args()
+    n = args.n
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, g = (torch.randn(1, 16, n, 64, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_()
+    lln = get_kernel("lln")
+    st = lln_triton.moments(q, k, v)
+    bh, d_pad = 16, pad(64)
+    block = lln_triton._block(d_pad, d_pad)
+    split = lln_triton._splits(bh, n, block, q.device)
+    sp, zp = lln_triton._states(bh, split, d_pad, d_pad, q.device)
+    state_args = (k, v, st.kmax, sp, zp, *k.stride(), *v.stride(), 16, n, 64, 64, lln_triton._rows(n, split, block),
+                  st.split, 0.5)
+    consts = dict(D_PAD=d_pad, DV_PAD=d_pad, BLOCK=block, PRECISION=precision(q.dtype))
+
+    def jit_launch():
+        lln_triton._nc_state_kernel[(bh, split)](*state_args, **consts)
+
+    out = lln(q, k, v)
+
+    def backward_only():
+        torch.autograd.grad(out, (q, k, v), g, retain_graph=True)
+
+    x = torch.randn(16, device="cuda", requires_grad=True)
+
+    def fwd_bwd(fn):
+        def run():
+            for t in (q, k, v):
+                t.grad = None
+            fn().backward(g)
+        return run
+
+    pieces = {
+        "torch.empty": lambda: torch.empty(16, n, 64, device="cuda"),
+        "state kernel launch (jit)": jit_launch,
+        "moments": lambda: lln_triton.moments(q, k, v),
+        "kernels forward (no grad)": lambda: lln_triton.lln_noncausal(q.detach(), k.detach(), v.detach(), 0.5, 0.5,
+                                                                       1e-8, st),
+        "kernels forward": lambda: lln_triton.lln_noncausal(q, k, v, 0.5, 0.5, 1e-8, st),
+        "kernels forward+backward": fwd_bwd(lambda: lln_triton.lln_noncausal(q, k, v, 0.5, 0.5, 1e-8, st)),
+        "backward only (autograd.grad)": backward_only,
+        "module forward (no grad)": lambda: lln(q.detach(), k.detach(), v.detach()),
+        "module forward": lambda: lln(q, k, v),
+        "module forward+backward": fwd_bwd(lambda: lln(q, k, v)),
+        "trivial Function forward+backward": lambda: _Twice.apply(x).sum().backward(),
+        "sdpa forward": lambda: F.scaled_dot_product_attention(q, k, v),
+        "sdpa forward+backward": fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, v)),
+    }
+    try:  # the compiled kernel launched directly, past the JIT's binding and specialisation
+        ck = lln_triton._nc_state_kernel[(bh, split)](*state_args, **consts)
+        binder = lln_triton._nc_state_kernel.device_caches[torch.cuda.current_device()][4]
+        bound = tuple(binder(*state_args, **consts)[0].values())
+        stream = torch.cuda.current_stream().cuda_stream
+        run = ck.run
+
+        def direct():
+            run(bh, split, 1, stream, ck.function, ck.packed_metadata, None, None, None, *bound)
+
+        direct()
+        torch.cuda.synchronize()
+        pieces["state kernel launch (compiled, direct)"] = direct
+    except Exception as e:  # noqa: BLE001
+        print("direct launch failed:", repr(e))
+    lln_diag = get_kernel("lln_diag")
+    for causal in (True, False):
+        for fast in (False, True):
+            label = f"{'causal' if causal else 'non-causal'}, direct launches {'on' if fast else 'off'}"
+            pieces[f"lln forward+backward, {label}"] = _fast(fast, fwd_bwd(lambda c=causal: lln(q, k, v, causal=c)))
+            pieces[f"lln_diag forward+backward, {label}"] = _fast(
+                fast, fwd_bwd(lambda c=causal: lln_diag(q, k, v, causal=c)))
+        pieces[f"sdpa forward+backward, {'causal' if causal else 'non-causal'}"] = fwd_bwd(
+            lambda c=causal: F.scaled_dot_product_attention(q, k, v, is_causal=c))
+    print(f"N = {n}: piece | µs/call synced | µs/call queued | GPU ms (do_bench)")
+    for name, fn in pieces.items():
+        print(f"{name:55s} {per_call_us(fn, sync_each=True):9.1f} {per_call_us(fn):9.1f} "
+              f"{do_bench(fn, return_mode='median'):9.4f}", flush=True)
+    for name in ("backward only (autograd.grad)", "module forward", "lln forward+backward, non-causal, direct launches on"):
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(200):
+            pieces[name]()
+        torch.cuda.synchronize()
+        pr.disable()
+        print(name)
+        pstats.Stats(pr).sort_stats("tottime").print_stats(22)
+
+
+if __name__ == "__main__":
+    main()
