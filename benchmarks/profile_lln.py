@@ -1,6 +1,6 @@
 """Where the time of one LLN (and LLN+Diag) forward + backward goes on the GPU, bf16, 16 heads, d = 64.
 
-    PYTHONUNBUFFERED=1 python benchmarks/profile_lln.py [--n 4096] [--diag-n 65536]
+    PYTHONUNBUFFERED=1 python benchmarks/profile_lln.py [--n 4096] [--diag-n 65536] [--only-diag]
 
 Prints do_bench medians (ms) of the whole call and of its steps, the host time of one call, a
 cProfile of the Python side and torch.profiler tables (what runs on the GPU, for how long).
@@ -49,11 +49,32 @@ def profile_table(fn, rows=25):
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
 
 
+def kernel_times(fn, calls=5):
+    """GPU µs per call of each kernel ``fn`` launches (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / calls) for e in prof.key_averages() if e.device_time_total > 0]
+    return {key: round(us, 1) for key, us in sorted(rows, key=lambda r: -r[1])}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--diag-n", type=int, default=65536)
+    ap.add_argument("--only-diag", action="store_true",
+                    help="only LLN+Diag's two paths: whole-call times at 8k-64k, GPU time per kernel at 16k-64k")
     args = ap.parse_args()
+    if args.only_diag:
+        diag_paths()
+        diag_kernel_times()
+        return
     lln, diag = get_kernel("lln"), get_kernel("lln_diag")
     q, k, v, g = inputs(args.n)
     for causal in (False, True):
@@ -97,8 +118,13 @@ def main():
             print(f"block kernel with LLN+Diag's sum, {warps} warps: forward+backward",
                   round(do_bench(block, return_mode="median"), 3), "ms", flush=True)
         block_diagonal_triton.NUM_WARPS[64] = 4
+    diag_paths()
+
+
+def diag_paths():
     # LLN+Diag with its block softmax inside LLN's kernels against LLN's kernels followed by the separate
-    # block kernel
+    # block kernel (what fuses_diag decides between)
+    lln, diag = get_kernel("lln"), get_kernel("lln_diag")
     real = lln_triton.fuses_diag
     for n in (8192, 16384, 32768, 65536):
         q, k, v, g = inputs(n)
@@ -110,6 +136,21 @@ def main():
             lln_triton.fuses_diag = real
             print(f"LLN+Diag paths, N = {n}, causal = {causal}:", {key: round(t, 3) for key, t in row.items()}, "ms",
                   flush=True)
+
+
+def diag_kernel_times():
+    lln, diag = get_kernel("lln"), get_kernel("lln_diag")
+    real = lln_triton.fuses_diag
+    for n in (16384, 32768, 65536):
+        q, k, v, g = inputs(n)
+        for causal in (False, True):
+            print(f"N = {n}, causal = {causal}, LLN: GPU µs per kernel", kernel_times(step(lln, q, k, v, g, causal)),
+                  flush=True)
+            for name, rule in (("fused", lambda *a: True), ("separate block kernel", lambda *a: False)):
+                lln_triton.fuses_diag = rule
+                print(f"N = {n}, causal = {causal}, LLN+Diag {name}: GPU µs per kernel",
+                      kernel_times(step(diag, q, k, v, g, causal)), flush=True)
+            lln_triton.fuses_diag = real
 
 
 if __name__ == "__main__":

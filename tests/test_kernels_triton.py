@@ -169,6 +169,14 @@ SCRIPT = textwrap.dedent(
     out["diag"] = diag
     out["diag_calls"] = list(calls)
 
+    # the causal path's running sums over chunks, more chunks than one step of the prefix kernel takes
+    hs, zs = lln_triton._states(2, 70, 32, 16, q.device)
+    hs.copy_(torch.randn(hs.shape, generator=g))
+    zs.copy_(torch.randn(zs.shape, generator=g))
+    want_h, want_z = hs.double().cumsum(1), zs.double().cumsum(1)
+    lln_triton._prefix_sums(hs, zs)
+    out["prefix"] = [rel(hs, want_h), rel(zs, want_z)]
+
     # bad input: the error names the tensor and the index
     msgs = []
     for name, idx in (("q", (0, 1, 7, 2)), ("k", (0, 0, 3, 5)), ("v", (0, 1, 88, 0))):
@@ -222,6 +230,9 @@ def test_fused_lln_kernels_under_interpreter():
     assert calls.count("block") == 6 and calls.count("block_with_base") == 12, calls
     assert calls.count("lln_noncausal") == 6 and calls.count("lln_causal") == 6, calls
     assert calls.count("lln_noncausal+diag") == 3 and calls.count("lln_causal+diag") == 3, calls
+    # float32 running sums of up to 70 terms against float64: at most 70 roundings of 2^-24 relative to
+    # the largest sum, 4.2e-6
+    assert max(got["prefix"]) < 1e-5, got["prefix"]
     q_msg, k_msg, v_msg = got["errors"]
     assert "q: expected finite values" in q_msg and "(0, 1, 7, 2)" in q_msg, q_msg
     assert "k: expected finite values" in k_msg and "(0, 0, 3, 5)" in k_msg, k_msg

@@ -426,6 +426,34 @@ if HAVE_TRITON:
                      mask=vmask)
 
     @triton.jit
+    def _prefix_kernel(X, Z, NC, SX, SZ, NBX, BS: tl.constexpr, U: tl.constexpr):
+        # In place, along the chunks: X [BH, NC, SX] and Z [BH, NC, SZ] float32 (the per-chunk states and
+        # key sums) become their running sums over chunks 0 … c. One program: BS columns of one head, of X
+        # (program index < NBX) or of Z, U chunks per step (a [U, BS] tile: enough bytes in flight to
+        # stream at memory speed, which torch.cumsum along this middle axis did not reach).
+        bh = tl.program_id(0)
+        j = tl.program_id(1)
+        on_x = j < NBX
+        width = tl.where(on_x, SX, SZ)
+        cols = tl.where(on_x, j, j - NBX) * BS + tl.arange(0, BS)
+        cmask = cols < width
+        carry = tl.zeros([BS], dtype=tl.float32)
+        for c0 in range(0, NC, U):
+            chunks = c0 + tl.arange(0, U)
+            m = (chunks[:, None] < NC) & cmask[None, :]
+            at = (bh * NC + chunks[:, None]) * width + cols[None, :]
+            if on_x:
+                x = tl.load(X + at, mask=m, other=0.0)
+            else:
+                x = tl.load(Z + at, mask=m, other=0.0)
+            run = tl.cumsum(x, 0) + carry[None, :]  # [U, BS]
+            if on_x:
+                tl.store(X + at, run, mask=m)
+            else:
+                tl.store(Z + at, run, mask=m)
+            carry += tl.sum(x, 0)
+
+    @triton.jit
     def _c_state_kernel(
         K, V, KMAX, HS, ZS,
         sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
@@ -794,6 +822,20 @@ def lln_noncausal(q, k, v, alpha: float, beta: float, eps: float, stats: Moments
                                stats.split, None if diag is None else float(diag[0]))
 
 
+# Columns and chunks per step of the prefix-sum kernel: 64 × 32 float32 (8 KB) per program and step
+PREFIX_COLUMNS, PREFIX_CHUNKS = 64, 32
+
+
+def _prefix_sums(hs: torch.Tensor, zs: torch.Tensor) -> None:
+    """In place: ``hs [BH, nc, D_PAD, DV_PAD]`` and ``zs [BH, nc, D_PAD]`` (float32, contiguous, as
+    :func:`_states` makes them) become their running sums along the chunks (``torch.cumsum(dim=1)``)."""
+    bh, nc, d_pad, dv_pad = hs.shape
+    sx = d_pad * dv_pad
+    nbx = triton.cdiv(sx, PREFIX_COLUMNS)
+    launch(_prefix_kernel, (bh, nbx + triton.cdiv(d_pad, PREFIX_COLUMNS)), hs, zs, nc, sx, d_pad, nbx,
+           BS=PREFIX_COLUMNS, U=PREFIX_CHUNKS)
+
+
 class _CausalLLN(torch.autograd.Function):
     """Causal LLN attention by the fused chunk kernels (module docstring), with its backward; with a Diag
     part (``dscale`` not None), LLN+Diag's ``w_L ⊙ LLN + w_D ⊙ Diag``."""
@@ -814,8 +856,7 @@ class _CausalLLN(torch.autograd.Function):
         launch(_c_state_kernel, (bh, nc),
                k, v, kmax, hs, zs, *k.stride(), *v.stride(), h, n, d, dv, split_s, beta, nc,
                D_PAD=d_pad, DV_PAD=dv_pad, C=c, PRECISION=prec)
-        hs = hs.cumsum_(1)  # [BH, nc, D_PAD, DV_PAD]: the states of chunks 0 … c
-        zs = zs.cumsum_(1)  # [BH, nc, D_PAD]
+        _prefix_sums(hs, zs)  # [BH, nc, D_PAD, DV_PAD], [BH, nc, D_PAD]: the states of chunks 0 … c
         out = torch.empty(bsz, h, n, dv, dtype=q.dtype, device=q.device)
         out_l = torch.empty_like(out) if mix.on else out  # the LLN part, kept for the backward
         den = torch.empty(bsz, h, n, dtype=torch.float32, device=q.device)
@@ -846,8 +887,7 @@ class _CausalLLN(torch.autograd.Function):
                h, n, d, dv, split_s, alpha, beta, nc, mix.wl, mix.wd,
                D_PAD=d_pad, DV_PAD=dv_pad, C=c, PRECISION=prec, DIAG=mix.on,
                PER_CHANNEL=mix.per_channel)
-        ghs = ghs.cumsum_(1)  # reversed chunk order: position r holds the sum over chunks ≥ nc − 1 − r
-        gzs = gzs.cumsum_(1)
+        _prefix_sums(ghs, gzs)  # reversed chunk order: position r holds the sum over chunks ≥ nc − 1 − r
         dq = torch.empty_like(q, memory_format=torch.contiguous_format)
         dk = torch.empty_like(k, memory_format=torch.contiguous_format)
         dvv = torch.empty_like(v, memory_format=torch.contiguous_format)
