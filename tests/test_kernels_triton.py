@@ -241,16 +241,16 @@ def test_fused_lln_kernels_under_interpreter():
 
 def test_diag_fusion_rule():
     """LLN+Diag's block softmax goes inside LLN's kernels only where that measured faster and fits: blocks
-    equal to the kernels' tiles, half precision, causal or at most NONCAUSAL_DIAG_MAX_TOKENS tokens."""
+    equal to the kernels' tiles, half precision, at most DIAG_FUSED_MAX_TOKENS tokens."""
     from attnstats.kernels import lln_triton
 
     def x(n, d, dtype=torch.bfloat16):
         return torch.empty(1, 2, n, d, dtype=dtype, device="meta")  # the rule reads shapes and dtypes only
 
-    limit = lln_triton.NONCAUSAL_DIAG_MAX_TOKENS
-    assert lln_triton.fuses_diag(x(limit, 64), x(limit, 64), 64, causal=False)
-    assert not lln_triton.fuses_diag(x(limit + 1, 64), x(limit + 1, 64), 64, causal=False)
-    assert lln_triton.fuses_diag(x(4 * limit, 64), x(4 * limit, 64), 64, causal=True)
+    limit = lln_triton.DIAG_FUSED_MAX_TOKENS
+    for causal in (False, True):
+        assert lln_triton.fuses_diag(x(limit, 64), x(limit, 64), 64, causal=causal)
+        assert not lln_triton.fuses_diag(x(limit + 1, 64), x(limit + 1, 64), 64, causal=causal)
     assert lln_triton.fuses_diag(x(100, 64, torch.float16), x(100, 64, torch.float16), 64, causal=False)
     assert not lln_triton.fuses_diag(x(100, 64, torch.float32), x(100, 64, torch.float32), 64, causal=True)
     assert not lln_triton.fuses_diag(x(100, 64), x(100, 64), 32, causal=True)  # blocks are not the tiles

@@ -83,7 +83,7 @@ class LLNPlusDiagAttention(Kernel):
         CUDA inputs of one dtype with no mask take LLN's fused kernels (:mod:`~attnstats.kernels.lln_triton`,
         which also check q, k, v for NaN and inf), with the block softmax and the weighted sum folded in
         where that measured faster (:func:`~attnstats.kernels.lln_triton.fuses_diag`: blocks of 64 tokens,
-        the default for head dim 64, half precision, causal or up to 16k tokens); other calls take one more
+        the default for head dim 64, half precision, up to 16k tokens); other calls take one more
         kernel for them (:mod:`~attnstats.kernels.block_diagonal_triton`).
         """
         block = self.diag.block_size(q.shape[-1])

@@ -786,22 +786,23 @@ class _NonCausalLLN(torch.autograd.Function):
 # from 16k tokens (benchmarks/profile_lln.py, benchmarks/results/profile_lln_run3.txt)
 DIAG_WARPS = 8
 
-# Longest non-causal call whose block softmax runs inside LLN's kernels: faster than the separate kernel
-# up to 16k tokens (LLN+Diag 1.18× LLN there, against 1.58×), slower beyond (32k: 1.21× against 1.12×;
-# 64k: 2.06× against 1.64×), where the query-gradient kernel carrying both is bound by its work per tile
-# (benchmarks/results/profile_lln_run4.txt; more programs per head did not change it).
-NONCAUSAL_DIAG_MAX_TOKENS = 16384
+# Longest call whose block softmax runs inside LLN's kernels, causal or not: faster than the separate
+# kernel up to 16k tokens (LLN+Diag 1.11× LLN there non-causal, against 1.39×; causal 1.15× against
+# 1.19×), slower beyond (32k: 1.49× against 1.39× non-causal, 1.33× against 1.21× causal; 64k: 2.26×
+# against 1.85×, 1.41× against 1.34×), where the gradient kernel carrying both is bound by its work per
+# tile: twice LLN's alone (benchmarks/profile_lln.py --only-diag, benchmarks/RESULTS.md §4).
+DIAG_FUSED_MAX_TOKENS = 16384
 
 
 def fuses_diag(q: torch.Tensor, v: torch.Tensor, block: int, causal: bool) -> bool:
     """Whether LLN+Diag's block softmax runs inside LLN's kernels: its blocks are the kernels' tiles
     (``block`` equals their tile of 64 tokens, 32 for head dims above 64), ``N == M``, half-precision
     inputs (float32's three-TF32 products need more shared memory than an H100 has for the fused
-    backward's tiles: 295 KB against 232 KB), and causal or at most :data:`NONCAUSAL_DIAG_MAX_TOKENS`
-    tokens. Other calls take the separate kernel of :mod:`attnstats.kernels.block_diagonal_triton`."""
+    backward's tiles: 295 KB against 232 KB), and at most :data:`DIAG_FUSED_MAX_TOKENS` tokens. Other
+    calls take the separate kernel of :mod:`attnstats.kernels.block_diagonal_triton`."""
     n = q.shape[-2]
     return (block == _block(pad(q.shape[-1]), pad(v.shape[-1])) and n == v.shape[-2]
-            and q.dtype in (torch.bfloat16, torch.float16) and (causal or n <= NONCAUSAL_DIAG_MAX_TOKENS))
+            and q.dtype in (torch.bfloat16, torch.float16) and n <= DIAG_FUSED_MAX_TOKENS)
 
 
 def _diag_inputs(diag):
