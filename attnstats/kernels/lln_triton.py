@@ -25,6 +25,12 @@ forward + backward whose arithmetic takes a fraction of a millisecond (benchmark
    denominators for the backward.
 3. non-causal backward: over the queries, ``dq`` and the partial sums of ``∂S``, ``∂z``; over the
    keys, ``dk`` and ``dv``.
+4. causal: one program per 64-token chunk computes its state, a prefix kernel turns the chunk states
+   into running sums in place, and one program per chunk forms its output from the states before it
+   and its ``[C, C]`` tile; the backward mirrors this with running sums from the end.
+
+Every kernel is launched through :func:`attnstats.kernels.triton_common.launch`, which hands an
+already compiled kernel its arguments directly (a third of Triton's own launch cost on the host).
 
 Partial sums go to per-(head, split) buffers summed by the next kernel, in a fixed order: the results
 do not depend on scheduling. Products run in TF32 for bf16 inputs (about 1e-3, below the output's
