@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attnstats.kernels import get_kernel, lln_triton  # noqa: E402
 from attnstats.kernels import triton_common  # noqa: E402
 from attnstats.kernels.triton_common import pad, precision  # noqa: E402
+from profile_lln import inputs, step  # noqa: E402
 
 
 def per_call_us(fn, calls=200, sync_each=False):
@@ -63,10 +64,7 @@ def main():
     ap.add_argument("--n", type=int, default=4096)
     args = ap.parse_args()
     n = args.n
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v, g = (torch.randn(1, 16, n, 64, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(4))
-    for t in (q, k, v):
-        t.requires_grad_()
+    q, k, v, g = inputs(n)
     lln = get_kernel("lln")
     st = lln_triton.moments(q, k, v)
     bh, d_pad = 16, pad(64)
@@ -87,28 +85,26 @@ def main():
 
     x = torch.randn(16, device="cuda", requires_grad=True)
 
-    def fwd_bwd(fn):
-        def run():
-            for t in (q, k, v):
-                t.grad = None
-            fn().backward(g)
-        return run
+    def sdpa(q, k, v, causal=False):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    def kernels(q, k, v, causal=False):
+        return lln_triton.lln_noncausal(q, k, v, 0.5, 0.5, 1e-8, st)
 
     pieces = {
         "torch.empty": lambda: torch.empty(16, n, 64, device="cuda"),
         "state kernel launch (jit)": jit_launch,
         "moments": lambda: lln_triton.moments(q, k, v),
-        "kernels forward (no grad)": lambda: lln_triton.lln_noncausal(q.detach(), k.detach(), v.detach(), 0.5, 0.5,
-                                                                       1e-8, st),
-        "kernels forward": lambda: lln_triton.lln_noncausal(q, k, v, 0.5, 0.5, 1e-8, st),
-        "kernels forward+backward": fwd_bwd(lambda: lln_triton.lln_noncausal(q, k, v, 0.5, 0.5, 1e-8, st)),
+        "kernels forward (no grad)": lambda: kernels(q.detach(), k.detach(), v.detach()),
+        "kernels forward": lambda: kernels(q, k, v),
+        "kernels forward+backward": step(kernels, q, k, v, g, False),
         "backward only (autograd.grad)": backward_only,
         "module forward (no grad)": lambda: lln(q.detach(), k.detach(), v.detach()),
         "module forward": lambda: lln(q, k, v),
-        "module forward+backward": fwd_bwd(lambda: lln(q, k, v)),
+        "module forward+backward": step(lln, q, k, v, g, False),
         "trivial Function forward+backward": lambda: _Twice.apply(x).sum().backward(),
         "sdpa forward": lambda: F.scaled_dot_product_attention(q, k, v),
-        "sdpa forward+backward": fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, v)),
+        "sdpa forward+backward": step(sdpa, q, k, v, g, False),
     }
     try:  # the compiled kernel launched directly, past the JIT's binding and specialisation
         ck = lln_triton._nc_state_kernel[(bh, split)](*state_args, **consts)
@@ -129,11 +125,9 @@ def main():
     for causal in (True, False):
         for fast in (False, True):
             label = f"{'causal' if causal else 'non-causal'}, direct launches {'on' if fast else 'off'}"
-            pieces[f"lln forward+backward, {label}"] = _fast(fast, fwd_bwd(lambda c=causal: lln(q, k, v, causal=c)))
-            pieces[f"lln_diag forward+backward, {label}"] = _fast(
-                fast, fwd_bwd(lambda c=causal: lln_diag(q, k, v, causal=c)))
-        pieces[f"sdpa forward+backward, {'causal' if causal else 'non-causal'}"] = fwd_bwd(
-            lambda c=causal: F.scaled_dot_product_attention(q, k, v, is_causal=c))
+            pieces[f"lln forward+backward, {label}"] = _fast(fast, step(lln, q, k, v, g, causal))
+            pieces[f"lln_diag forward+backward, {label}"] = _fast(fast, step(lln_diag, q, k, v, g, causal))
+        pieces[f"sdpa forward+backward, {'causal' if causal else 'non-causal'}"] = step(sdpa, q, k, v, g, causal)
     print(f"N = {n}: piece | µs/call synced | µs/call queued | GPU ms (do_bench)")
     for name, fn in pieces.items():
         print(f"{name:55s} {per_call_us(fn, sync_each=True):9.1f} {per_call_us(fn):9.1f} "

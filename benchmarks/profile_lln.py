@@ -6,6 +6,7 @@ Prints do_bench medians (ms) of the whole call and of its steps, the host time o
 cProfile of the Python side and torch.profiler tables (what runs on the GPU, for how long).
 """
 import argparse
+import contextlib
 import cProfile
 import pstats
 import sys
@@ -121,36 +122,45 @@ def main():
     diag_paths()
 
 
-def diag_paths():
-    # LLN+Diag with its block softmax inside LLN's kernels against LLN's kernels followed by the separate
-    # block kernel (what fuses_diag decides between)
-    lln, diag = get_kernel("lln"), get_kernel("lln_diag")
+# LLN+Diag's two paths, what fuses_diag decides between: the block softmax inside LLN's kernels, or LLN's
+# kernels followed by the separate block kernel
+DIAG_PATHS = (("fused", True), ("separate block kernel", False))
+
+
+@contextlib.contextmanager
+def diag_path(fused):
     real = lln_triton.fuses_diag
+    lln_triton.fuses_diag = lambda *a: fused
+    try:
+        yield
+    finally:
+        lln_triton.fuses_diag = real
+
+
+def diag_paths():
+    lln, diag = get_kernel("lln"), get_kernel("lln_diag")
     for n in (8192, 16384, 32768, 65536):
         q, k, v, g = inputs(n)
         for causal in (False, True):
             row = {"lln": do_bench(step(lln, q, k, v, g, causal), return_mode="median")}
-            for name, rule in (("fused", lambda *a: True), ("separate block kernel", lambda *a: False)):
-                lln_triton.fuses_diag = rule
-                row[name] = do_bench(step(diag, q, k, v, g, causal), return_mode="median")
-            lln_triton.fuses_diag = real
+            for name, fused in DIAG_PATHS:
+                with diag_path(fused):
+                    row[name] = do_bench(step(diag, q, k, v, g, causal), return_mode="median")
             print(f"LLN+Diag paths, N = {n}, causal = {causal}:", {key: round(t, 3) for key, t in row.items()}, "ms",
                   flush=True)
 
 
 def diag_kernel_times():
     lln, diag = get_kernel("lln"), get_kernel("lln_diag")
-    real = lln_triton.fuses_diag
     for n in (16384, 32768, 65536):
         q, k, v, g = inputs(n)
         for causal in (False, True):
             print(f"N = {n}, causal = {causal}, LLN: GPU µs per kernel", kernel_times(step(lln, q, k, v, g, causal)),
                   flush=True)
-            for name, rule in (("fused", lambda *a: True), ("separate block kernel", lambda *a: False)):
-                lln_triton.fuses_diag = rule
-                print(f"N = {n}, causal = {causal}, LLN+Diag {name}: GPU µs per kernel",
-                      kernel_times(step(diag, q, k, v, g, causal)), flush=True)
-            lln_triton.fuses_diag = real
+            for name, fused in DIAG_PATHS:
+                with diag_path(fused):
+                    print(f"N = {n}, causal = {causal}, LLN+Diag {name}: GPU µs per kernel",
+                          kernel_times(step(diag, q, k, v, g, causal)), flush=True)
 
 
 if __name__ == "__main__":
