@@ -6,6 +6,7 @@ backend modules, read with ``ast``, for what they touch on the recorder.
 from __future__ import annotations
 
 import ast
+import contextlib
 import inspect
 import threading
 from pathlib import Path
@@ -194,3 +195,48 @@ def test_encoder_padding_stack():
     rec.pop_encoder_padding()
     rec.pop_encoder_padding()  # nothing running: nothing happens
     assert rec.encoder_padding() is None
+
+
+def test_one_torch_function_mode_runs_for_the_sdpa_and_softmax_backends():
+    """Every torch call of the forward pays each open mode once: the default backends (sdpa and softmax)
+    share one, which still captures the SDPA calls with their q and k."""
+    from attnstats.capture.sdpa import CaptureMode
+
+    model = Net()
+    seen = []
+
+    def probe():
+        n = torch._C._len_torch_function_stack()
+        seen.append(sum(isinstance(torch._C._get_function_stack_at(i), CaptureMode) for i in range(n)))
+
+    model.first.probe = probe
+    x = _x()
+    with torch.no_grad(), attnstats.record(model) as rec:
+        assert set(rec.backends) >= {"sdpa", "softmax"}
+        model(x)
+    assert seen == [1]
+    assert [r.name for r in rec.records] == ["first", "second"]
+    p = _softmax_reference(x, 2 * x, x.shape[-1] ** -0.5)
+    assert torch.allclose(rec.records[0].probs().double(), p, atol=1e-12)  # float64 inputs: rounding only
+
+
+def test_transformers_attention_functions_are_wrapped_once_for_all_blocks():
+    """Entering a block reuses the wrapper made for each registered attention function before (making
+    one copies the function's attributes, which cost about a millisecond per block)."""
+    pytest.importorskip("transformers")
+    from transformers.modeling_utils import AttentionInterface
+
+    from attnstats.capture.hf import install_hf
+
+    class Rec:  # what install_hf reads of a recorder
+        modules: list = []
+
+    mapping = AttentionInterface._global_mapping
+    original = mapping["sdpa"]
+    wrappers = []
+    for _ in range(2):
+        with contextlib.ExitStack() as stack:
+            install_hf(Rec(), stack)
+            wrappers.append(mapping["sdpa"])
+    assert wrappers[0] is wrappers[1] and wrappers[0] is not original
+    assert mapping["sdpa"] is original  # restored on exit

@@ -74,7 +74,7 @@ def install_hf(recorder, stack: contextlib.ExitStack) -> None:
     for key, fn in list(mapping.items()):
         if callable(fn):
             stack.callback(patch_entry(mapping, key, functools.partial(_wrap, impl=key)))
-    files = {type(m).__module__ for m in recorder.model.modules() if type(m).__module__.startswith("transformers.")}
+    files = {type(m).__module__ for m in recorder.modules if type(m).__module__.startswith("transformers.")}
     for modname in sorted(files):
         table = vars(sys.modules[modname]) if modname in sys.modules else {}
         for fname in sorted(n for n, fn in table.items() if _EAGER_NAME.fullmatch(n) and callable(fn)):
@@ -112,13 +112,9 @@ def _parameters(fn) -> frozenset | None:
     return named or None
 
 
-@functools.lru_cache(maxsize=256)
 def _reading(fn) -> tuple:
-    """``(signature or None, named parameters, reads module.sinks, name)`` of an attention function.
-
-    Read once per function: every ``record`` block wraps the same registered functions again, and
-    ``inspect.signature`` is most of what entering a block costs.
-    """
+    """``(signature or None, named parameters, reads module.sinks, name)`` of an attention function (read
+    once per function, with its wrapper: ``inspect.signature`` is slow)."""
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
@@ -131,11 +127,21 @@ def _reading(fn) -> tuple:
 
 
 def _wrap(fn, impl: str):
-    """The wrapper of one attention function: records for the blocks open in the calling thread only."""
+    """The wrapper of one attention function (the same object each time for the same ``fn`` and ``impl``)."""
     try:
-        signature, params, reads_module_sinks, fname = _reading(fn)
-    except TypeError:  # an unhashable callable: read it now
-        signature, params, reads_module_sinks, fname = _reading.__wrapped__(fn)
+        return _wrapper(fn, impl)
+    except TypeError:  # an unhashable callable: a wrapper of its own
+        return _wrapper.__wrapped__(fn, impl)
+
+
+@functools.lru_cache(maxsize=256)
+def _wrapper(fn, impl: str):
+    """The wrapper of one attention function: records for the blocks open in the calling thread only.
+
+    Made once per function: every ``record`` block wraps the same registered functions again, and
+    copying a function's attributes onto its wrapper cost a block about a millisecond on entry.
+    """
+    signature, params, reads_module_sinks, fname = _reading(fn)
 
     @functools.wraps(fn)
     def attention(module, query, key, value, attention_mask, *args, **kwargs):

@@ -35,10 +35,11 @@ _TEL_SIGNATURE = inspect.signature(nn.TransformerEncoderLayer.forward)
 _ENC_SIGNATURE = inspect.signature(nn.TransformerEncoder.forward)
 
 
-def hook_free_modules(model: nn.Module) -> set[int]:
-    """ids of the modules that must carry no forward hook: every ``TransformerEncoderLayer`` and its children."""
+def hook_free_modules(modules) -> set[int]:
+    """ids of the modules that must carry no forward hook: every ``TransformerEncoderLayer`` among ``modules``
+    (a model's modules) and its children."""
     ids: set[int] = set()
-    for module in model.modules():
+    for module in modules:
         if isinstance(module, nn.TransformerEncoderLayer):
             ids.update(id(m) for m in module.modules())
     return ids
@@ -54,7 +55,7 @@ def install_fast_path_guards(recorder, stack: contextlib.ExitStack) -> None:
     from .sdpa import resume_capture_modes, suspend_capture_modes
 
     capture = "mha" in recorder.backends
-    hook_free = hook_free_modules(recorder.model)
+    hook_free = recorder.hook_free
     suspended = threading.local()  # per thread: the modes each running module took off the stack
 
     def suspend(module, *args):
@@ -98,7 +99,7 @@ def install_fast_path_guards(recorder, stack: contextlib.ExitStack) -> None:
             recorder.pop_encoder_padding()
         resume(module)
 
-    for module in dict.fromkeys(recorder.model.modules()):
+    for module in recorder.modules:
         if id(module) in hook_free:
             if isinstance(module, nn.TransformerEncoderLayer):
                 stack.callback(patch_entry(module.__dict__, "forward", functools.partial(_encoder_layer_forward, module)))

@@ -15,8 +15,10 @@ calling thread opened it), names the call with :meth:`Recorder.module_name` (the
 :meth:`Recorder.current_module` (the innermost module running), and passes the call's arguments, q and k
 as the attention function received them, to :meth:`Recorder.capture`, which applies ``layers=``, copies
 q and k and appends the :class:`AttentionRecord` (a backend that sees only the probabilities, ``softmax``,
-passes them to :meth:`Recorder.capture_probs` instead). Backends read ``model``, ``backends`` and
-``stats_metrics`` and nothing private; what they must tell each other goes through the recorder:
+passes them to :meth:`Recorder.capture_probs` instead). Backends read ``model``, ``backends``,
+``stats_metrics``, ``modules`` (the model's modules, walked once per block) and ``hook_free`` and nothing
+private; a backend that must know when a module's forward ends registers with :meth:`Recorder.on_module_end`
+rather than hooking every module again; what they must tell each other goes through the recorder:
 
 - a backend that captures some modules itself (``module`` with ``modules=``) claims them with
   :meth:`Recorder.own_module`; the ``sdpa`` backend skips SDPA calls made while
@@ -254,6 +256,9 @@ class Recorder:
                 "alongside: kernels run on the captured q, k, which store='stats' does not keep; use store='qk'"
             )
         self._names = {id(m): name for name, m in model.named_modules()}
+        self.modules: list[nn.Module] = []  # while the block is open: the model's modules, each once
+        self.hook_free: set[int] = set()  # while the block is open: ids of the modules that must carry no hook
+        self._module_end: list = []  # on_module_end's functions
         self._layer_of: dict[str, int] = {}
         self._stack: list[str] = []
         self._calls_in_forward: dict[str, int] = {}
@@ -296,6 +301,12 @@ class Recorder:
         self._encoder_padding = []
         self._owned, self._owned_depth = set(), 0
         self._owner = threading.get_ident()
+        from .mha import hook_free_modules
+
+        # one walk of the model for every backend (a large model has thousands of modules)
+        self.modules = list(dict.fromkeys(self.model.modules()))
+        self.hook_free = hook_free_modules(self.modules)  # a hook there would turn the encoder fast path off
+        self._module_end: list = []
         stack = contextlib.ExitStack()
         try:
             self._install_module_stack(stack)
@@ -311,14 +322,17 @@ class Recorder:
                 from .hf import install_hf
 
                 install_hf(self, stack)
-            if "sdpa" in self.backends or "hf" in self.backends:
+            sdpa = "sdpa" in self.backends or "hf" in self.backends
+            if "softmax" in self.backends:  # one torch-function mode for both: each mode costs every torch call
+                from .softmax import install_softmax
+
+                install_softmax(self, stack, sdpa=sdpa)
+            elif sdpa:
                 from .sdpa import install_sdpa
 
                 install_sdpa(self, stack)
-            if "softmax" in self.backends:
-                from .softmax import install_softmax
-
-                install_softmax(self, stack)
+            if self._module_end:
+                self._install_module_end(stack)
         except BaseException:
             stack.close()
             raise
@@ -387,14 +401,26 @@ class Recorder:
                 if self._stack.pop() == name:
                     break
 
-        from .mha import hook_free_modules
-
-        hook_free = hook_free_modules(self.model)  # a hook there would turn the encoder fast path off
-        for module in dict.fromkeys(self.model.modules()):
-            if id(module) in hook_free or _attention_free_leaf(module):
-                continue
+        for module in self._stack_modules():
             stack.callback(module.register_forward_pre_hook(pre).remove)
             stack.callback(module.register_forward_hook(post, always_call=True).remove)
+
+    def _stack_modules(self):
+        """The modules that carry the module stack's hooks (the others cannot run attention, or must stay hook-free)."""
+        return [m for m in self.modules if id(m) not in self.hook_free and not _attention_free_leaf(m)]
+
+    def _install_module_end(self, stack: contextlib.ExitStack) -> None:
+        # registered after every backend's hooks, so that on_module_end's functions run after them
+        def ended(module, args, output):
+            if compiling() or not self.is_recording():
+                return
+            name = self._names.get(id(module))
+            if name is not None:
+                for fn in self._module_end:
+                    fn(name)
+
+        for module in self._stack_modules():
+            stack.callback(module.register_forward_hook(ended, always_call=True).remove)
 
     def _call_name(self, name: str) -> str:
         """``name``, suffixed ``#j`` for the j-th extra attention call in one forward of the same module."""
@@ -434,6 +460,13 @@ class Recorder:
         the forward of ``module`` runs, so the ``sdpa`` backend does not capture the same call twice.
         """
         self._owned.add(id(module))
+
+    def on_module_end(self, fn) -> None:
+        """Call ``fn(name)`` each time the forward of a module on the module stack ends (``name``: its path),
+        while the block is open, after the forward hooks of every backend: for every module of the model
+        except attention-free ``torch.nn`` leaves and the modules in :attr:`hook_free`. Call it while
+        installing a backend."""
+        self._module_end.append(fn)
 
     def in_owned_module(self) -> bool:
         """True while the forward of a module claimed with :meth:`own_module` runs in the recording thread."""

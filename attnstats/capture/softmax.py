@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .record import normalize_mask, valid_tokens
-from .sdpa import CaptureMode
+from .sdpa import _SDPA, CaptureMode
 from .threads import compiling
 
 __all__ = ["SoftmaxMode", "install_softmax", "MASKED_SCORE"]
@@ -127,13 +127,15 @@ class SoftmaxMode(CaptureMode):
     """Torch-function mode that hands each softmax over attention scores of the recorded block to its recorder.
 
     A :class:`attnstats.capture.sdpa.CaptureMode`, so that the fast-path guards of ``nn.MultiheadAttention``
-    and ``nn.TransformerEncoderLayer`` take it off the mode stack as they take the ``sdpa`` mode.
+    and ``nn.TransformerEncoderLayer`` take it off the mode stack as they take the ``sdpa`` mode. With
+    ``sdpa=True`` it also does that mode's work (the SDPA calls), so a block runs one mode, not two.
     """
 
-    def __init__(self, recorder):
+    def __init__(self, recorder, sdpa: bool = False):
         super().__init__(recorder)
+        self.sdpa = sdpa
         self._scores: dict[int, tuple] = {}  # id(tensor) -> (weakref, _Scores): live score tensors
-        self._modules = dict(recorder.model.named_modules())
+        self._modules = {name: m for m in recorder.modules if (name := recorder.module_name(m)) is not None}
         self._warned: set[str] = set()
         # (module path, P, attend, None) or (module path, None, None, why the layout is unknown) of the
         # softmax calls whose module still runs
@@ -145,7 +147,10 @@ class SoftmaxMode(CaptureMode):
         if compiling():
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
-        if func in _PRODUCTS:
+        if func is _SDPA:
+            if self.sdpa:
+                self._capture(args, kwargs)
+        elif func in _PRODUCTS:
             self._product(func, args, kwargs, out)
         elif func in _SOFTMAX:
             self._softmax(args, kwargs, out)
@@ -325,24 +330,20 @@ def _input_padding(model: nn.Module, args, kwargs) -> torch.Tensor | None:
     return mask == 0
 
 
-def install_softmax(recorder, stack: contextlib.ExitStack) -> None:
-    """Enter a :class:`SoftmaxMode` for the block, and read each model call's 2-D ``attention_mask``."""
-    from .mha import hook_free_modules
-
-    mode = SoftmaxMode(recorder)
+def install_softmax(recorder, stack: contextlib.ExitStack, sdpa: bool = False) -> None:
+    """Enter a :class:`SoftmaxMode` for the block (with ``sdpa``, it also captures the SDPA calls, in place
+    of a second mode), and read each model call's 2-D ``attention_mask``."""
+    mode = SoftmaxMode(recorder, sdpa=sdpa)
     model = recorder.model
-    hook_free = hook_free_modules(model)  # a hook there would turn an encoder layer's fast path off
 
-    def ended(module, args, output):
-        if mode.pending and not compiling() and recorder.is_recording():
-            name = recorder.module_name(module)
-            if name is not None:
-                mode.flush(name)
+    def ended(name):
+        if mode.pending:
+            mode.flush(name)
 
-    for module in dict.fromkeys(model.modules()):
-        if id(module) not in hook_free:
-            stack.callback(module.register_forward_hook(ended, always_call=True).remove)
-    if id(model) not in hook_free:
+    # A softmax's record is named after a module on the recorder's module stack (never an attention-free
+    # torch.nn leaf): the stack's own hooks say when that module's forward ends
+    recorder.on_module_end(ended)
+    if id(model) not in recorder.hook_free:
         saved: list = []
 
         def pre(module, args, kwargs):
