@@ -3,6 +3,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from scipy import special, stats as sps
 
 from attnstats.stats.kolmogorov import kolmogorov_sf, smirnov_sf
@@ -57,3 +58,24 @@ def test_nan_statistic_gives_nan_and_bad_sizes_are_refused():
         kolmogorov_sf([0.1], 0)
     with pytest.raises(ValueError, match="n: expected integer sample sizes"):
         kolmogorov_sf([0.1], 2.5)
+
+
+# Durbin's formula multiplies matrices of non-negative entries (no cancellation): the CDF carries about
+# log2(n)·m·eps of rounding (m ≤ 117 here) plus eps·ln n! from the lgamma factor; 1 − CDF is ≥ 6e-4 in
+# the regimes where it is used for the p-value, so the p-value's relative error stays far below RTOL.
+@pytest.mark.parametrize("n", [3, 16, 55, 136, 140, 141, 1000, 3136, 20000, 100000])
+def test_durbin_regimes_match_scipy(n):
+    """Every test in scipy's Durbin and Pomeranz branches (n ≤ 140 with n·d² ≤ 4; a good fit at larger n),
+    batched: the p-value and the CDF itself against scipy, one test at a time."""
+    from attnstats.stats.kolmogorov import durbin_cdf
+
+    if n <= 140:
+        nx2 = np.linspace(0.02, 4.0, 60)
+        d = np.sqrt(nx2 / n)
+    else:  # scipy's Durbin branch there: n·d^1.5 ≤ 1.4, and n·d > 1 (the closed form below)
+        d = np.linspace(1.01 / n, (1.39 / n) ** (2 / 3), 40)  # inside: at 1.4 itself scipy may round either way
+    d = d[(n * d > 1.0) & (n * d < n - 1) & (d < 0.5)]
+    assert d.size
+    np.testing.assert_allclose(kolmogorov_sf(d, n), sps.kstwo.sf(d, n), rtol=RTOL, atol=ATOL)
+    cdf = durbin_cdf(torch.full((d.size,), n), torch.as_tensor(d))
+    np.testing.assert_allclose(cdf.numpy(), sps.kstwo.cdf(d, n), rtol=RTOL, atol=ATOL)
