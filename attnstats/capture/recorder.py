@@ -172,6 +172,19 @@ def _masked_std(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(ss / (n - 1))
 
 
+def _remove_all(handles: list) -> None:
+    """Remove every hook handle in ``handles``, also when one removal raises (the first error is re-raised)."""
+    error = None
+    for handle in handles:
+        try:
+            handle.remove()
+        except BaseException as e:  # noqa: BLE001 - the others must still go
+            error = error or e
+    handles.clear()
+    if error is not None:
+        raise error
+
+
 def _attention_free_leaf(module: nn.Module) -> bool:
     """True for a module of torch.nn itself with no children (Linear, Embedding, LayerNorm, Dropout,
     activations, convolutions …): no attention runs inside it, so the module stack needs no hook on it.
@@ -259,6 +272,7 @@ class Recorder:
         self.modules: list[nn.Module] = []  # while the block is open: the model's modules, each once
         self.hook_free: set[int] = set()  # while the block is open: ids of the modules that must carry no hook
         self._module_end: list = []  # on_module_end's functions
+        self._hooked: list[nn.Module] = []
         self._layer_of: dict[str, int] = {}
         self._stack: list[str] = []
         self._calls_in_forward: dict[str, int] = {}
@@ -306,6 +320,8 @@ class Recorder:
         # one walk of the model for every backend (a large model has thousands of modules)
         self.modules = list(dict.fromkeys(self.model.modules()))
         self.hook_free = hook_free_modules(self.modules)  # a hook there would turn the encoder fast path off
+        # the modules that carry the module stack's hooks (the others cannot run attention, or must stay hook-free)
+        self._hooked = [m for m in self.modules if id(m) not in self.hook_free and not _attention_free_leaf(m)]
         self._module_end: list = []
         stack = contextlib.ExitStack()
         try:
@@ -350,6 +366,7 @@ class Recorder:
         self._encoder_padding = []
         stack.close()
         self._owned, self._owned_depth = set(), 0
+        self.modules, self.hook_free, self._hooked, self._module_end = [], set(), [], []
         if exc_type is None and not self.records:
             warnings.warn(self._nothing_message(), NothingCapturedWarning, stacklevel=2)
         if exc_type is None:  # the hooks are gone: what store="stats" left for after the forward
@@ -401,13 +418,11 @@ class Recorder:
                 if self._stack.pop() == name:
                     break
 
-        for module in self._stack_modules():
-            stack.callback(module.register_forward_pre_hook(pre).remove)
-            stack.callback(module.register_forward_hook(post, always_call=True).remove)
-
-    def _stack_modules(self):
-        """The modules that carry the module stack's hooks (the others cannot run attention, or must stay hook-free)."""
-        return [m for m in self.modules if id(m) not in self.hook_free and not _attention_free_leaf(m)]
+        handles = []
+        stack.callback(_remove_all, handles)  # one exit callback for all: a model has hundreds of modules
+        for module in self._hooked:
+            handles.append(module.register_forward_pre_hook(pre))
+            handles.append(module.register_forward_hook(post, always_call=True))
 
     def _install_module_end(self, stack: contextlib.ExitStack) -> None:
         # registered after every backend's hooks, so that on_module_end's functions run after them
@@ -419,8 +434,10 @@ class Recorder:
                 for fn in self._module_end:
                     fn(name)
 
-        for module in self._stack_modules():
-            stack.callback(module.register_forward_hook(ended, always_call=True).remove)
+        handles = []
+        stack.callback(_remove_all, handles)
+        for module in self._hooked:
+            handles.append(module.register_forward_hook(ended, always_call=True))
 
     def _call_name(self, name: str) -> str:
         """``name``, suffixed ``#j`` for the j-th extra attention call in one forward of the same module."""
