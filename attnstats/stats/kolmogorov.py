@@ -80,50 +80,56 @@ def durbin_cdf(n, d):
     """``P(D_n < d)`` by Durbin's matrix formula (module docstring), for many tests at once.
 
     Args: ``n``: int64 tensor ``[T]`` of sample sizes ≥ 1; ``d``: float64 tensor ``[T]`` with
-    ``1/2 < n·d`` and ``d < 1``. Returns float64 ``[T]`` on ``d``'s device. Tests are grouped by matrix
-    size ``m = 2k − 1`` (``k = ⌈n·d⌉``), so the cost is ``O(m³ log n)`` per test: meant for the regimes of
-    small ``k`` where scipy uses it (``k`` ≤ 24 for ``n ≤ 140``).
+    ``1/2 < n·d`` and ``d < 1``. Returns float64 ``[T]`` on ``d``'s device. Each test's matrix has size
+    ``m = 2k − 1`` (``k = ⌈n·d⌉``); tests whose ``m`` round up to the same multiple of 4 share one batch, their
+    matrices padded with zeros (``[[H, 0], [0, 0]]ⁿ`` holds ``Hⁿ``), so the cost is ``O(m³ log n)`` per test:
+    meant for the regimes of small ``k`` where scipy uses it (``k`` ≤ 24 for ``n ≤ 140``).
     """
     out = torch.empty_like(d)
     nd = n.to(torch.float64) * d
-    k_all = torch.ceil(nd).to(torch.int64)
-    for k in torch.unique(k_all).tolist():
-        idx = (k_all == k).nonzero()[:, 0]
-        out[idx] = _durbin_one_k(int(k), n[idx], k - nd[idx])
+    k = torch.ceil(nd).to(torch.int64)  # [T]
+    bucket = (2 * k - 1 + 3) // 4  # [T] padded size / 4
+    for size in torch.unique(bucket).tolist():
+        idx = (bucket == size).nonzero()[:, 0]
+        out[idx] = _durbin_batch(4 * int(size), k[idx], n[idx], k[idx] - nd[idx])
     return out
 
 
-def _durbin_one_k(k: int, n: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """``P(D_n < (k − h)/n)`` for tests ``n [T]``, ``h [T]`` in ``[0, 1)`` of one ``k``."""
-    m = 2 * k - 1
-    dev = h.device
-    j = torch.arange(1, m + 1, dtype=torch.float64, device=dev)  # [m]
-    inv_fact = torch.exp(-torch.lgamma(torch.arange(1, m + 2, dtype=torch.float64, device=dev)))  # [m+1] 1/i!, i = 0 … m
-    rows = torch.arange(m, device=dev)
-    lag = rows[:, None] - rows[None, :] + 1  # [m, m] i − j + 1
-    band = torch.where(lag >= 0, inv_fact[lag.clamp(0, m)], 0.0)  # [m, m] 1/(i−j+1)! on and below the superdiagonal
-    hp = h[:, None] ** j  # [T, m] h^1 … h^m
-    v = (1.0 - hp) * inv_fact[1:]  # [T, m] first column: (1 − h^i)/i!
-    v[:, -1] = (1.0 + (2.0 * h - 1.0).clamp_min(0.0) ** m - 2.0 * hp[:, -1]) * inv_fact[m]
-    H = band.expand(h.shape[0], m, m).clone()  # [T, m, m]
+def _durbin_batch(size: int, k: torch.Tensor, n: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``P(D_n < (k − h)/n)`` for tests ``k, n, h [T]`` (``h`` in ``[0, 1)``) whose matrices fit in ``size``."""
+    dev, t = h.device, h.shape[0]
+    m = 2 * k - 1  # [T]
+    inv_fact = torch.exp(-torch.lgamma(torch.arange(1, size + 2, dtype=torch.float64, device=dev)))  # 1/i!, i ≤ size
+    rows = torch.arange(size, device=dev)
+    lag = rows[:, None] - rows[None, :] + 1  # [S, S] i − j + 1
+    band = torch.where(lag >= 0, inv_fact[lag.clamp(0, size)], 0.0)  # [S, S] 1/(i−j+1)! on and below the superdiagonal
+    hp = h[:, None] ** torch.arange(1, size + 1, dtype=torch.float64, device=dev)  # [T, S] h^1 … h^S
+    v = (1.0 - hp) * inv_fact[1:]  # [T, S] first column: (1 − h^i)/i!
+    h_m = hp.gather(1, (m - 1)[:, None])[:, 0]  # [T] h^m
+    corner = (1.0 + (2.0 * h - 1.0).clamp_min(0.0) ** m - 2.0 * h_m) * inv_fact[m]  # [T]
+    v.scatter_(1, (m - 1)[:, None], corner[:, None])
+    H = band.expand(t, size, size).clone()  # [T, S, S]
     H[:, :, 0] = v
-    H[:, -1, :] = v.flip(1)
-    # Row sums of H are at most e, so (H/e)ⁿ stays ≤ 1 entrywise at any n: no overflow; e^n comes back in
+    src = (m - 1)[:, None] - rows[None, :]  # [T, S] the last row is the first column reversed
+    last = torch.where(src >= 0, v.gather(1, src.clamp_min(0)), 0.0)  # [T, S]
+    H.scatter_(1, (m - 1)[:, None, None].expand(t, 1, size), last[:, None, :])
+    inside = (rows[None, :] < m[:, None])  # [T, S]
+    H.mul_(inside[:, :, None] & inside[:, None, :])  # zero padding past each test's m
+    # Row sums of H are at most e, so (H/e)ⁿ stays ≤ 1 entrywise at any n: no overflow; eⁿ comes back in
     # the log-space factor below
     H.div_(math.e)
-    power = torch.eye(m, dtype=torch.float64, device=dev).expand_as(H).clone()  # [T, m, m]
-    bits = n.clone()
-    while bool((bits > 0).any()):
-        odd = (bits & 1).bool()
-        if bool(odd.any()):
-            power[odd] = power[odd] @ H[odd]
-        bits >>= 1
-        if bool((bits > 0).any()):
+    power = torch.eye(size, dtype=torch.float64, device=dev).expand(t, size, size)  # [T, S, S]
+    bits = int(n.max()).bit_length()
+    for b in range(bits):
+        odd = ((n >> b) & 1).bool()[:, None, None]  # [T, 1, 1]
+        power = torch.where(odd, power @ H, power)
+        if b + 1 < bits:
             H = H @ H
     nf = n.to(torch.float64)
     # n!/nⁿ · eⁿ, in logs: ln n! − n ln n + n (about ½ ln 2πn)
     log_scale = torch.lgamma(nf + 1.0) - nf * torch.log(nf) + nf
-    return power[:, k - 1, k - 1] * torch.exp(log_scale)
+    entry = power.diagonal(dim1=1, dim2=2).gather(1, (k - 1)[:, None])[:, 0]  # [T] (Hⁿ)_kk
+    return entry * torch.exp(log_scale)
 
 
 def kolmogorov_sf(d, n):
