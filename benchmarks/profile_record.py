@@ -1,0 +1,80 @@
+"""Where the time of ``record(model, store="stats")`` goes at short N on the GPU: host and device.
+
+The model and sequence of ``record_gpu.py`` (Llama-style, 4 layers, bf16, causal, one sequence of N
+tokens). For each N: the plain forward, the forward under ``record(layers=[])`` (hooks and mode, no
+capture), and under ``record(store="stats")`` with the default metrics, each timed by CUDA events
+(``harness.bench``) and by host time per call (wall clock, no sync inside the loop); then a cProfile of
+the ``store="stats"`` block (host time by function, sorted by own time) and a ``torch.profiler`` table
+of its GPU kernels.
+
+    cd benchmarks && PYTHONPATH=.. python profile_record.py --ns 4096 8192 > $OUT/profile_record.txt
+"""
+import argparse
+import cProfile
+import io
+import pstats
+import time
+import warnings
+
+import torch
+
+import attnstats
+from attnstats.metrics import METRICS
+from harness import bench
+from record_gpu import DEV, llama, timed_forward
+
+
+def host_ms(fn, repeat=20):
+    """Host time of one call in ms: ``repeat`` calls back to back, synchronised only at the ends."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / repeat * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ns", nargs="*", type=int, default=[4096, 8192])
+    ap.add_argument("--top", type=int, default=35)
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")  # nothing captured under layers=[]: said once per block
+    model = llama(4)
+    for n in args.ns:
+        ids = torch.randint(0, 30000, (1, n), device=DEV, generator=torch.Generator(DEV).manual_seed(n))
+
+        def no_layer():
+            with torch.no_grad(), attnstats.record(model, store="stats", layers=[]):
+                model(input_ids=ids)
+
+        runs = {"plain": timed_forward(model, ids), "record(layers=[])": no_layer,
+                "record(store='stats')": timed_forward(model, ids, METRICS)}
+        for name, fn in runs.items():
+            print(f"N={n} {name:24s} CUDA events {bench(fn):8.2f} ms   host {host_ms(fn):8.2f} ms", flush=True)
+        stats = runs["record(store='stats')"]
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(10):
+            stats()
+        torch.cuda.synchronize()
+        prof.disable()
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.top)
+        print(f"--- N={n}: cProfile of 10 store='stats' blocks (host), by own time\n{out.getvalue()}", flush=True)
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("cumtime").print_stats(args.top)
+        print(f"--- N={n}: the same, by cumulative time\n{out.getvalue()}", flush=True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as tp:
+            for _ in range(5):
+                stats()
+            torch.cuda.synchronize()
+        print(f"--- N={n}: GPU kernels of 5 store='stats' blocks\n"
+              + tp.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=70),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
