@@ -104,7 +104,8 @@ SCRIPT = textwrap.dedent(
     calls = []
     for name in ("lln_causal", "lln_noncausal"):
         def counted(*a, _f=getattr(lln_triton, name), _n=name):
-            calls.append(_n + ("+diag" if len(a) > 7 and a[7] is not None else ""))
+            diag = a[7] if len(a) > 7 else None
+            calls.append(_n + ("" if diag is None else "+diag" if diag[3] is None else "+block"))
             return _f(*a)
         setattr(lln_triton, name, counted)
     q, k, v = (torch.randn(1, 2, 90, 16, generator=g, dtype=torch.float32) for _ in range(3))
@@ -225,11 +226,12 @@ def test_fused_lln_kernels_under_interpreter():
         assert max(errs) < 1e-5, (case, errs)
     # every float32 call above went through the kernels: 3 sizes × 2 causal rules, block_diag alone once
     # and LLN+Diag's three modes: for blocks of 64, LLN's kernels with the block softmax inside; for the
-    # others, LLN's kernels, then the block kernel with LLN's output as its base
+    # others, LLN's kernels and then the block kernel in the same autograd node
     calls = got["diag_calls"]
-    assert calls.count("block") == 6 and calls.count("block_with_base") == 12, calls
-    assert calls.count("lln_noncausal") == 6 and calls.count("lln_causal") == 6, calls
+    assert calls.count("block") == 6 and calls.count("block_with_base") == 0, calls
+    assert calls.count("lln_noncausal+block") == 6 and calls.count("lln_causal+block") == 6, calls
     assert calls.count("lln_noncausal+diag") == 3 and calls.count("lln_causal+diag") == 3, calls
+    assert len(calls) == 24, calls
     # float32 running sums of up to 70 terms against float64: at most 70 roundings of 2^-24 relative to
     # the largest sum, 4.2e-6
     assert max(got["prefix"]) < 1e-5, got["prefix"]

@@ -21,7 +21,7 @@ import torch
 
 from .triton_common import DTYPES, HAVE_TRITON, MixWeights, launch, launched_on_device, offsets_fit, pad, precision
 
-__all__ = ["MAX_BLOCK", "applies", "block_diagonal"]
+__all__ = ["MAX_BLOCK", "applies", "block_diagonal", "forward_into", "backward_into"]
 
 if HAVE_TRITON:
     import triton
@@ -104,12 +104,13 @@ if HAVE_TRITON:
         Q, K, V, G, BASE, WL, WD, DQ, DK, DVV, DBASE, DWL, DWD,
         sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, sg_b, sg_h, sg_n, sg_d,
         H, N, C, D, DV, scale, wl, wd, NB,
-        CAUSAL: tl.constexpr, HAS_BASE: tl.constexpr, PER_CHANNEL: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_BASE: tl.constexpr, PER_CHANNEL: tl.constexpr, ACC: tl.constexpr,
         C_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, PRECISION: tl.constexpr,
     ):
         # The block's dq, dk, dv for gd = w_D ⊙ g (block_softmax_grads); with a base: ∂BASE = w_L ⊙ g,
         # and per-channel weights get their block's Σ_rows g ⊙ BASE and Σ_rows g ⊙ p v at DWL, DWD
-        # [BH, NB, DV_PAD].
+        # [BH, NB, DV_PAD]. ACC: dq, dk, dv are added to what DQ, DK, DVV hold (the gradients of the
+        # base, computed first by its own kernels), and ∂BASE is not stored.
         bh = tl.program_id(0)
         blk = tl.program_id(1)
         b = bh // H
@@ -125,7 +126,8 @@ if HAVE_TRITON:
         if HAS_BASE:
             wl_h, wd_h = mix_weights(WL, WD, h, DV, offs_e, offs_e < DV, wl, wd, PER_CHANNEL)
             gd = wd_h * g
-            tl.store(DBASE + at, (wl_h * g).to(DBASE.dtype.element_ty), mask=vmask)
+            if not ACC:
+                tl.store(DBASE + at, (wl_h * g).to(DBASE.dtype.element_ty), mask=vmask)
             if PER_CHANNEL:
                 base = tl.load(BASE + at, mask=vmask, other=0.0).to(tl.float32)
                 part = (bh * NB + blk) * DV_PAD + offs_e
@@ -133,6 +135,10 @@ if HAVE_TRITON:
                 tl.store(DWD + part, tl.sum(g * od, 0))
         dq, dk, dv = block_softmax_grads(q, k, v, p, od, gd, scale, PRECISION)
         at_d = (bh * N + rows[:, None]) * D + offs_d[None, :]
+        if ACC:
+            dq += tl.load(DQ + at_d, mask=qmask, other=0.0).to(tl.float32)
+            dk += tl.load(DK + at_d, mask=qmask, other=0.0).to(tl.float32)
+            dv += tl.load(DVV + at, mask=vmask, other=0.0).to(tl.float32)
         tl.store(DQ + at_d, dq.to(DQ.dtype.element_ty), mask=qmask)
         tl.store(DK + at_d, dk.to(DK.dtype.element_ty), mask=qmask)
         tl.store(DVV + at, dv.to(DVV.dtype.element_ty), mask=vmask)
@@ -144,22 +150,48 @@ def _config(q, v, block):
     return bsz, h, n, d, v.shape[-1], c, triton.cdiv(n, c), pad(c), pad(d), pad(v.shape[-1])
 
 
+def forward_into(q, k, v, base, mix: MixWeights, scale: float, block: int, causal: bool) -> torch.Tensor:
+    """The kernel's forward: block softmax ``[B, H, N, d_v]`` in q's dtype, or ``w_L ⊙ base + w_D ⊙`` it
+    (``base`` contiguous ``[B, H, N, d_v]``, ``mix.on``)."""
+    bsz, h, n, d, dv, c, nb, c_pad, d_pad, dv_pad = _config(q, v, block)
+    out = torch.empty(bsz, h, n, dv, dtype=q.dtype, device=q.device)
+    launch(_forward_kernel, (bsz * h, nb),
+        q, k, v, base, mix.wl_t, mix.wd_t, out, *q.stride(), *k.stride(), *v.stride(),
+        h, n, c, d, dv, float(scale), mix.wl, mix.wd,
+        CAUSAL=causal, HAS_BASE=mix.on, PER_CHANNEL=mix.per_channel,
+        C_PAD=c_pad, D_PAD=d_pad, DV_PAD=dv_pad, PRECISION=precision(q.dtype), num_warps=NUM_WARPS[c_pad],
+    )
+    return out
+
+
+def backward_into(q, k, v, g, base, mix: MixWeights, scale: float, block: int, causal: bool, dq, dk, dvv,
+                  dbase=None):
+    """The kernel's backward: the gradients of q, k, v written to ``dq, dk, dvv`` (contiguous, q's
+    layout), or added to what they hold when ``dbase`` is None and there is a base (its own gradients,
+    computed first); else ``w_L ⊙ g`` at ``dbase``. Returns the per-block partials of the weights'
+    gradients ``([B, H, NB, DV_PAD], …)`` for per-channel weights, else ``(None, None)``."""
+    bsz, h, n, d, dv, c, nb, c_pad, d_pad, dv_pad = _config(q, v, block)
+    dwl, dwd = (torch.empty(2, bsz, h, nb, dv_pad, dtype=torch.float32, device=q.device).unbind(0)
+                if mix.per_channel else (None, None))
+    launch(_backward_kernel, (bsz * h, nb),
+        q, k, v, g, base, mix.wl_t, mix.wd_t, dq, dk, dvv, dbase, dwl, dwd,
+        *q.stride(), *k.stride(), *v.stride(), *g.stride(),
+        h, n, c, d, dv, float(scale), mix.wl, mix.wd, nb,
+        CAUSAL=causal, HAS_BASE=mix.on, PER_CHANNEL=mix.per_channel, ACC=mix.on and dbase is None,
+        C_PAD=c_pad, D_PAD=d_pad, DV_PAD=dv_pad, PRECISION=precision(q.dtype), num_warps=NUM_WARPS[c_pad],
+    )
+    return dwl, dwd
+
+
 class _BlockDiagonal(torch.autograd.Function):
     """Block-diagonal softmax, optionally combined as ``w_L ⊙ base + w_D ⊙ ·``, by the fused kernel."""
 
     @staticmethod
     @launched_on_device
     def forward(ctx, q, k, v, base, wl, wd, scale, block, causal):
-        bsz, h, n, d, dv, c, nb, c_pad, d_pad, dv_pad = _config(q, v, block)
         mix = MixWeights(wl, wd, on=base is not None)
-        out = torch.empty(bsz, h, n, dv, dtype=q.dtype, device=q.device)
         base_c = base.contiguous() if mix.on else None
-        launch(_forward_kernel, (bsz * h, nb),
-            q, k, v, base_c, mix.wl_t, mix.wd_t, out, *q.stride(), *k.stride(), *v.stride(),
-            h, n, c, d, dv, float(scale), mix.wl, mix.wd,
-            CAUSAL=causal, HAS_BASE=mix.on, PER_CHANNEL=mix.per_channel,
-            C_PAD=c_pad, D_PAD=d_pad, DV_PAD=dv_pad, PRECISION=precision(q.dtype), num_warps=NUM_WARPS[c_pad],
-        )
+        out = forward_into(q, k, v, base_c, mix, scale, block, causal)
         ctx.save_for_backward(q, k, v, base_c)
         ctx.consts = (mix, float(scale), block, causal)
         return out
@@ -170,21 +202,12 @@ class _BlockDiagonal(torch.autograd.Function):
     def backward(ctx, g):
         q, k, v, base = ctx.saved_tensors
         mix, scale, block, causal = ctx.consts
-        bsz, h, n, d, dv, c, nb, c_pad, d_pad, dv_pad = _config(q, v, block)
-        dq = torch.empty(bsz, h, n, d, dtype=q.dtype, device=q.device)
-        dk = torch.empty(bsz, h, n, d, dtype=k.dtype, device=k.device)
-        dvv = torch.empty(bsz, h, n, dv, dtype=v.dtype, device=v.device)
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        dvv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         dbase = torch.empty_like(base) if mix.on else None
-        dwl, dwd = (torch.empty(2, bsz, h, nb, dv_pad, dtype=torch.float32, device=q.device).unbind(0)
-                    if mix.per_channel else (None, None))
-        launch(_backward_kernel, (bsz * h, nb),
-            q, k, v, g, base, mix.wl_t, mix.wd_t, dq, dk, dvv, dbase, dwl, dwd,
-            *q.stride(), *k.stride(), *v.stride(), *g.stride(),
-            h, n, c, d, dv, scale, mix.wl, mix.wd, nb,
-            CAUSAL=causal, HAS_BASE=mix.on, PER_CHANNEL=mix.per_channel,
-            C_PAD=c_pad, D_PAD=d_pad, DV_PAD=dv_pad, PRECISION=precision(q.dtype), num_warps=NUM_WARPS[c_pad],
-        )
-        gwl, gwd = mix.grads((dwl, dwd), bsz, h, dv)  # block partials summed over batch and blocks
+        parts = backward_into(q, k, v, g, base, mix, scale, block, causal, dq, dk, dvv, dbase)
+        gwl, gwd = mix.grads(parts, q.shape[0], q.shape[1], v.shape[-1])  # block partials summed over batch and blocks
         return dq, dk, dvv, dbase, gwl, gwd, None, None, None
 
 

@@ -83,8 +83,9 @@ class LLNPlusDiagAttention(Kernel):
         CUDA inputs of one dtype with no mask take LLN's fused kernels (:mod:`~attnstats.kernels.lln_triton`,
         which also check q, k, v for NaN and inf), with the block softmax and the weighted sum folded in
         where that measured faster (:func:`~attnstats.kernels.lln_triton.fuses_diag`: blocks of 64 tokens,
-        the default for head dim 64, half precision, up to 16k tokens); other calls take one more
-        kernel for them (:mod:`~attnstats.kernels.block_diagonal_triton`).
+        the default for head dim 64, half precision, up to 16k tokens); other calls run the block kernel
+        of :mod:`~attnstats.kernels.block_diagonal_triton` after LLN's in the same autograd node, its
+        backward adding its gradients to LLN's in place.
         """
         block = self.diag.block_size(q.shape[-1])
         fused = lln_triton.applies(q, k, v, mask) and block_diagonal_triton.applies(q, k, v, mask, block)
@@ -93,12 +94,14 @@ class LLNPlusDiagAttention(Kernel):
         if fused:
             wl, wd = self.weights()  # floats, or [H, d_v] each
             scale = self.diag._scale(q.shape[-1])
-            if lln_triton.fuses_diag(q, v, block, causal):
-                out = self.lln._fused_output(q, k, v, causal, diag=(scale, wl, wd))  # [B, H, N, d_v]
-                if out is not None:
-                    return out
-            out_l = self.lln._output(q, k, v, causal, mask)  # [B, H, N, d_v]; checks finiteness
-            return block_diagonal_triton.block_diagonal(q, k, v, scale, min(block, q.shape[-2]), causal,
+            block = min(block, q.shape[-2])
+            separate = None if lln_triton.fuses_diag(q, v, block, causal) else block
+            out = self.lln._fused_output(q, k, v, causal, diag=(scale, wl, wd, separate))  # [B, H, N, d_v]
+            if out is not None:
+                return out
+            # causal keys spread too far for LLN's kernels (q, k, v are checked): its log-space path
+            out_l = self.lln._output(q, k, v, causal, mask, checked=True)  # [B, H, N, d_v]
+            return block_diagonal_triton.block_diagonal(q, k, v, scale, block, causal,
                                                         base=out_l, wl=wl, wd=wd)  # [B, H, N, d_v]
         out_l = self.lln._output(q, k, v, causal, mask, checked=True)  # [B, H, N, d_v]; inputs checked above
         out_d = self.diag._output(q, k, v, causal, mask)  # [B, H, N, d_v]

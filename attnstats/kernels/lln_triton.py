@@ -47,6 +47,7 @@ import torch
 
 __all__ = ["MAX_HEAD_DIM", "available", "applies", "fuses_diag", "moments", "lln_noncausal", "lln_causal"]
 
+from . import block_diagonal_triton
 from .triton_common import (DTYPES, HAVE_TRITON, MixWeights, interpreting, launch, launched_on_device, offsets_fit,
                             on_device, pad, precision)
 
@@ -336,14 +337,15 @@ if HAVE_TRITON:
         sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, sg_b, sg_h, sg_n, sg_d,
         H, N, D, DV, ROWS, SPLIT_S, NP, alpha, beta, dscale, wl, wd,
         D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-        DIAG: tl.constexpr, PER_CHANNEL: tl.constexpr,
+        DIAG: tl.constexpr, PER_CHANNEL: tl.constexpr, MIXED: tl.constexpr,
     ):
         # One program, a range of queries of one head: dq, and its share of ∂S = qtᵀ gn, ∂z = qtᵀ gd
         # (S, z: the sum of NP partials at SP, ZP).
-        # gn = g / den (through the numerator), gd = −(g·out) / den (through the denominator). DIAG: OUT
-        # is the LLN part, whose output gradient is w_L ⊙ g; the block softmax's gradients (for w_D ⊙ g)
-        # add to dq here and are stored at DK, DV_OUT, which the key kernel then adds to; per-channel
-        # weights get the program's Σ_rows g ⊙ LLN and Σ_rows g ⊙ Diag at DWL, DWD [BH, SPLIT, DV_PAD].
+        # gn = g / den (through the numerator), gd = −(g·out) / den (through the denominator). MIXED: OUT
+        # is LLN+Diag's LLN part, whose output gradient is w_L ⊙ g. DIAG (with MIXED): the block softmax's
+        # gradients (for w_D ⊙ g) add to dq here and are stored at DK, DV_OUT, which the key kernel then
+        # adds to; per-channel weights get the program's Σ_rows g ⊙ LLN and Σ_rows g ⊙ Diag at DWL, DWD
+        # [BH, SPLIT, DV_PAD].
         bh, b, h, offs_d, offs_e, dmask, emask = _head(H, D, DV, D_PAD, DV_PAD)
         sp = tl.program_id(1)
         split = tl.num_programs(1)
@@ -354,7 +356,7 @@ if HAVE_TRITON:
         gz_acc = tl.zeros([D_PAD], dtype=tl.float32)
         wl_acc = tl.zeros([DV_PAD], dtype=tl.float32)
         wd_acc = tl.zeros([DV_PAD], dtype=tl.float32)
-        if DIAG:
+        if MIXED:
             wl_h, wd_h = mix_weights(WL, WD, h, DV, offs_e, emask, wl, wd, PER_CHANNEL)
         lo = sp * ROWS
         hi = tl.minimum(lo + ROWS, N)
@@ -369,7 +371,7 @@ if HAVE_TRITON:
             o = _flat_tile(OUT, bh, N, DV, rows, offs_e, vmask)
             den = tl.load(DEN + bh * N + rows, mask=rmask, other=1.0)  # [BLOCK]
             gl = g
-            if DIAG:
+            if MIXED:
                 gl = wl_h * g
             gn = gl / den[:, None]  # [BLOCK, DV_PAD]
             gd = -tl.sum(gl * o, 1) / den  # [BLOCK]
@@ -550,11 +552,11 @@ if HAVE_TRITON:
         sq_b, sq_h, sq_n, sq_d, sg_b, sg_h, sg_n, sg_d,
         H, N, D, DV, SPLIT_S, alpha, beta, NC, wl, wd,
         D_PAD: tl.constexpr, DV_PAD: tl.constexpr, C: tl.constexpr, PRECISION: tl.constexpr,
-        DIAG: tl.constexpr, PER_CHANNEL: tl.constexpr,
+        MIXED: tl.constexpr, PER_CHANNEL: tl.constexpr,
     ):
         # One program, chunk c of one head: qtᵀ gn [D_PAD, DV_PAD] and qtᵀ gd [D_PAD], stored at chunk
-        # position NC − 1 − c (reversed, so a prefix sum gives the sums over later chunks). DIAG: OUT is
-        # the LLN part, whose output gradient is w_L ⊙ g.
+        # position NC − 1 − c (reversed, so a prefix sum gives the sums over later chunks). MIXED: OUT is
+        # LLN+Diag's LLN part, whose output gradient is w_L ⊙ g.
         bh, b, h, offs_d, offs_e, dmask, emask = _head(H, D, DV, D_PAD, DV_PAD)
         c = tl.program_id(1)
         m = _key_shift(KMAX, bh, beta, SPLIT_S, offs_d, dmask, D_PAD)
@@ -567,7 +569,7 @@ if HAVE_TRITON:
         g = _tile(G, b, h, sg_b, sg_h, sg_n, sg_d, rows, offs_e, vmask)
         o = _flat_tile(OUT, bh, N, DV, rows, offs_e, vmask)
         den = tl.load(DEN + bh * N + rows, mask=rmask, other=1.0)
-        if DIAG:
+        if MIXED:
             wl_h, _ = mix_weights(WL, WD, h, DV, offs_e, emask, wl, wd, PER_CHANNEL)
             g = wl_h * g
         gn = g / den[:, None]  # [C, DV_PAD]
@@ -583,16 +585,16 @@ if HAVE_TRITON:
         sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, sg_b, sg_h, sg_n, sg_d,
         H, N, D, DV, SPLIT_S, alpha, beta, NC, dscale, wl, wd,
         D_PAD: tl.constexpr, DV_PAD: tl.constexpr, C: tl.constexpr, PRECISION: tl.constexpr,
-        DIAG: tl.constexpr, PER_CHANNEL: tl.constexpr,
+        DIAG: tl.constexpr, PER_CHANNEL: tl.constexpr, MIXED: tl.constexpr,
     ):
         # One program, chunk c of one head: dq, dk, dv. With ga = tril(gn vᵀ + gd) [C, C], S_<c, z_<c the
         # earlier chunks' state and key sum, ∂S_>c, ∂z_>c the later chunks' qtᵀ gn and qtᵀ gd:
         #   dq = α·(gn S_<cᵀ + gd z_<c + ga kt)·qt
         #   dk = β·(gaᵀ qt + v ∂S_>cᵀ + ∂z_>c)·kt
         #   dv = aᵀ gn + kt ∂S_>c
-        # DIAG: OUT is the LLN part (output gradient w_L ⊙ g); the causal block softmax's gradients for
-        # w_D ⊙ g are added, and per-channel weights get the chunk's Σ_rows g ⊙ LLN and Σ_rows g ⊙ Diag
-        # at DWL, DWD [BH, NC, DV_PAD].
+        # MIXED: OUT is LLN+Diag's LLN part (output gradient w_L ⊙ g). DIAG (with MIXED): the causal block
+        # softmax's gradients for w_D ⊙ g are added, and per-channel weights get the chunk's Σ_rows g ⊙ LLN
+        # and Σ_rows g ⊙ Diag at DWL, DWD [BH, NC, DV_PAD].
         bh = tl.program_id(0)
         c = tl.program_id(1)
         b = bh // H
@@ -606,7 +608,7 @@ if HAVE_TRITON:
         o = _flat_tile(OUT, bh, N, DV, rows, offs_e, vmask)
         den = tl.load(DEN + bh * N + rows, mask=rmask, other=1.0)
         gl = g
-        if DIAG:
+        if MIXED:
             wl_h, wd_h = mix_weights(WL, WD, h, DV, offs_e, emask, wl, wd, PER_CHANNEL)
             gl = wl_h * g
         gn = gl / den[:, None]  # [C, DV_PAD]
@@ -720,11 +722,12 @@ def _states(bh: int, parts: int, d_pad: int, dv_pad: int, device):
 
 class _NonCausalLLN(torch.autograd.Function):
     """Non-causal LLN attention by the fused kernels (module docstring), with its backward; with a Diag
-    part (``dscale`` not None), LLN+Diag's ``w_L ⊙ LLN + w_D ⊙ Diag``."""
+    part (``dscale`` not None), LLN+Diag's ``w_L ⊙ LLN + w_D ⊙ Diag``: inside LLN's kernels, or with
+    ``dblock`` (the block size) by the separate block kernel after them (:func:`_diag_after`)."""
 
     @staticmethod
     @launched_on_device
-    def forward(ctx, q, k, v, wl, wd, alpha, beta, eps, kmax, split_s, dscale):
+    def forward(ctx, q, k, v, wl, wd, alpha, beta, eps, kmax, split_s, dscale, dblock):
         bsz, h, n, d = q.shape
         m_, dv = k.shape[-2], v.shape[-1]
         d_pad, dv_pad = pad(d), pad(dv)
@@ -732,6 +735,7 @@ class _NonCausalLLN(torch.autograd.Function):
         bh = bsz * h
         prec = precision(q.dtype)
         mix = MixWeights(wl, wd, on=dscale is not None)
+        inside = mix.on and dblock is None  # the block softmax in LLN's kernels
         dscale = 1.0 if dscale is None else float(dscale)  # the block softmax's score scale (unused without it)
         split = _splits(bh, max(n, m_), block, q.device)  # programs per head, every kernel
         sp, zp = _states(bh, split, d_pad, dv_pad, q.device)
@@ -741,16 +745,18 @@ class _NonCausalLLN(torch.autograd.Function):
         )
         (sp, zp), n_parts = _summed((sp, zp))
         out = torch.empty(bsz, h, n, dv, dtype=q.dtype, device=q.device)
-        out_l = torch.empty_like(out) if mix.on else out  # the LLN part, kept for the backward
+        out_l = torch.empty_like(out) if inside else out  # the LLN part, kept for the backward
         den = torch.empty(bsz, h, n, dtype=torch.float32, device=q.device)
         launch(_nc_out_kernel, (bh, split),
             q, k, v, sp, zp, kmax, out, den, out_l, mix.wl_t, mix.wd_t, *q.stride(), *k.stride(), *v.stride(),
             h, n, d, dv, _rows(n, split, block), split_s, n_parts, alpha, beta, eps, dscale, mix.wl, mix.wd,
-            D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block, PRECISION=prec, DIAG=mix.on, PER_CHANNEL=mix.per_channel,
-            num_warps=DIAG_WARPS if mix.on else 4,
+            D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block, PRECISION=prec, DIAG=inside, PER_CHANNEL=mix.per_channel,
+            num_warps=DIAG_WARPS if inside else 4,
         )
+        if mix.on and not inside:
+            out = block_diagonal_triton.forward_into(q, k, v, out_l, mix, dscale, dblock, False)  # [B, H, N, d_v]
         ctx.save_for_backward(q, k, v, out_l, den, sp, zp, kmax)
-        ctx.consts = (alpha, beta, split_s, mix, dscale, split)
+        ctx.consts = (alpha, beta, split_s, mix, dscale, split, dblock)
         return out
 
     @staticmethod
@@ -758,7 +764,8 @@ class _NonCausalLLN(torch.autograd.Function):
     @launched_on_device
     def backward(ctx, g):
         q, k, v, out_l, den, sp, zp, kmax = ctx.saved_tensors
-        alpha, beta, split_s, mix, dscale, split = ctx.consts
+        alpha, beta, split_s, mix, dscale, split, dblock = ctx.consts
+        inside = mix.on and dblock is None
         bsz, h, n, d = q.shape
         m_, dv = k.shape[-2], v.shape[-1]
         d_pad, dv_pad = sp.shape[-2], sp.shape[-1]
@@ -770,22 +777,24 @@ class _NonCausalLLN(torch.autograd.Function):
         dvv = torch.empty(bsz, h, m_, dv, dtype=v.dtype, device=v.device)
         gsp, gzp = _states(bh, split, d_pad, dv_pad, q.device)
         dwl, dwd = (torch.empty(2, bh, split, dv_pad, dtype=torch.float32, device=q.device).unbind(0)
-                    if mix.per_channel else (None, None))
+                    if mix.per_channel and inside else (None, None))
         launch(_nc_grad_q_kernel, (bh, split),
             q, k, v, g, out_l, den, sp, zp, kmax, dq, gsp, gzp, mix.wl_t, mix.wd_t, dk, dvv, dwl, dwd,
             *q.stride(), *k.stride(), *v.stride(), *g.stride(),
             h, n, d, dv, _rows(n, split, block), split_s, n_parts, alpha, beta, dscale, mix.wl, mix.wd,
-            D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block, PRECISION=prec, DIAG=mix.on, PER_CHANNEL=mix.per_channel,
-            num_warps=DIAG_WARPS if mix.on else 4,
+            D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block, PRECISION=prec, DIAG=inside, PER_CHANNEL=mix.per_channel,
+            MIXED=mix.on, num_warps=DIAG_WARPS if inside else 4,
         )
         (gsp, gzp), g_parts = _summed((gsp, gzp))
         launch(_nc_grad_kv_kernel, (bh, split),
             k, v, kmax, gsp, gzp, dk, dvv, *k.stride(), *v.stride(),
             h, m_, d, dv, _rows(m_, split, block), split_s, g_parts, beta,
-            D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block, PRECISION=prec, DIAG=mix.on,
+            D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block, PRECISION=prec, DIAG=inside,
         )
+        if mix.on and not inside:  # the block kernel's gradients added to LLN's in place
+            dwl, dwd = block_diagonal_triton.backward_into(q, k, v, g, out_l, mix, dscale, dblock, False, dq, dk, dvv)
         gwl, gwd = mix.grads((dwl, dwd), bsz, h, dv)
-        return dq, dk, dvv, gwl, gwd, None, None, None, None, None, None
+        return dq, dk, dvv, gwl, gwd, None, None, None, None, None, None, None
 
 
 # Warps per program of the non-causal kernels that carry LLN+Diag's block softmax: 8 measured faster than 4
@@ -816,17 +825,26 @@ def _diag_inputs(diag):
     return (None, None) if diag is None else (diag[1], diag[2])
 
 
+def _diag_consts(diag):
+    # (the block softmax's score scale, the separate kernel's block size or None), Nones without a Diag part
+    if diag is None:
+        return None, None
+    return float(diag[0]), (None if len(diag) < 4 or diag[3] is None else int(diag[3]))
+
+
 def lln_noncausal(q, k, v, alpha: float, beta: float, eps: float, stats: Moments, diag=None) -> torch.Tensor:
     """Non-causal LLN attention ``[B, H, N, d_v]`` in q's dtype, by the fused kernels.
 
     Args: ``q [B, H, N, d]``, ``k [B, H, M, d]``, ``v [B, H, M, d_v]`` (one dtype, any strides, finite);
     ``alpha, beta``: the temperatures (> 0); ``eps``: added to each denominator (≥ 1); ``stats``: what
-    :func:`moments` read from these q, k, v; ``diag``: None, or LLN+Diag's ``(scale, w_L, w_D)`` (the
-    block softmax's score scale, weights as floats or ``[H, d_v]`` tensors) when :func:`fuses_diag`:
-    then the output is ``w_L ⊙ LLN + w_D ⊙ Diag``. Differentiable in q, k, v and tensor weights (once).
+    :func:`moments` read from these q, k, v; ``diag``: None, or LLN+Diag's ``(scale, w_L, w_D, block)``
+    (the block softmax's score scale, weights as floats or ``[H, d_v]`` tensors, and None when
+    :func:`fuses_diag` — the block softmax inside LLN's kernels — else the block size for the separate
+    kernel, which runs after them in the same node): then the output is ``w_L ⊙ LLN + w_D ⊙ Diag``
+    (``N == M``). Differentiable in q, k, v and tensor weights (once).
     """
     return _NonCausalLLN.apply(q, k, v, *_diag_inputs(diag), float(alpha), float(beta), float(eps), stats.kmax,
-                               stats.split, None if diag is None else float(diag[0]))
+                               stats.split, *_diag_consts(diag))
 
 
 # Columns and chunks per step of the prefix-sum kernel: 64 × 32 float32 (8 KB) per program and step
@@ -845,11 +863,11 @@ def _prefix_sums(hs: torch.Tensor, zs: torch.Tensor) -> None:
 
 class _CausalLLN(torch.autograd.Function):
     """Causal LLN attention by the fused chunk kernels (module docstring), with its backward; with a Diag
-    part (``dscale`` not None), LLN+Diag's ``w_L ⊙ LLN + w_D ⊙ Diag``."""
+    part (``dscale`` not None), LLN+Diag's ``w_L ⊙ LLN + w_D ⊙ Diag``, as in :class:`_NonCausalLLN`."""
 
     @staticmethod
     @launched_on_device
-    def forward(ctx, q, k, v, wl, wd, alpha, beta, eps, kmax, split_s, dscale):
+    def forward(ctx, q, k, v, wl, wd, alpha, beta, eps, kmax, split_s, dscale, dblock):
         bsz, h, n, d = q.shape
         dv = v.shape[-1]
         d_pad, dv_pad = pad(d), pad(dv)
@@ -857,6 +875,7 @@ class _CausalLLN(torch.autograd.Function):
         bh, nc = bsz * h, triton.cdiv(n, c)
         prec = precision(q.dtype)
         mix = MixWeights(wl, wd, on=dscale is not None)
+        inside = mix.on and dblock is None  # the block softmax in LLN's kernels
         dscale = 1.0 if dscale is None else float(dscale)  # the block softmax's score scale (unused without it)
         hs, zs = _states(bh, nc, d_pad, dv_pad, q.device)
         strides = (*q.stride(), *k.stride(), *v.stride())
@@ -865,16 +884,18 @@ class _CausalLLN(torch.autograd.Function):
                D_PAD=d_pad, DV_PAD=dv_pad, C=c, PRECISION=prec)
         _prefix_sums(hs, zs)  # [BH, nc, D_PAD, DV_PAD], [BH, nc, D_PAD]: the states of chunks 0 … c
         out = torch.empty(bsz, h, n, dv, dtype=q.dtype, device=q.device)
-        out_l = torch.empty_like(out) if mix.on else out  # the LLN part, kept for the backward
+        out_l = torch.empty_like(out) if inside else out  # the LLN part, kept for the backward
         den = torch.empty(bsz, h, n, dtype=torch.float32, device=q.device)
         launch(_c_out_kernel, (bh, nc),
                q, k, v, kmax, hs, zs, out, den, out_l, mix.wl_t, mix.wd_t, *strides, h, n, d, dv,
                split_s, alpha, beta, eps, nc, dscale, mix.wl, mix.wd,
-               D_PAD=d_pad, DV_PAD=dv_pad, C=c, PRECISION=prec, DIAG=mix.on,
+               D_PAD=d_pad, DV_PAD=dv_pad, C=c, PRECISION=prec, DIAG=inside,
                PER_CHANNEL=mix.per_channel,
                num_warps=8)  # a dozen [C, C] and [C, d] float32 tiles live at once
+        if mix.on and not inside:
+            out = block_diagonal_triton.forward_into(q, k, v, out_l, mix, dscale, dblock, True)  # [B, H, N, d_v]
         ctx.save_for_backward(q, k, v, out_l, den, hs, zs, kmax)
-        ctx.consts = (alpha, beta, split_s, mix, dscale)
+        ctx.consts = (alpha, beta, split_s, mix, dscale, dblock)
         return out
 
     @staticmethod
@@ -882,7 +903,8 @@ class _CausalLLN(torch.autograd.Function):
     @launched_on_device
     def backward(ctx, g):
         q, k, v, out_l, den, hs, zs, kmax = ctx.saved_tensors
-        alpha, beta, split_s, mix, dscale = ctx.consts
+        alpha, beta, split_s, mix, dscale, dblock = ctx.consts
+        inside = mix.on and dblock is None
         bsz, h, n, d = q.shape
         dv = v.shape[-1]
         bh, nc, d_pad, dv_pad = hs.shape
@@ -892,22 +914,24 @@ class _CausalLLN(torch.autograd.Function):
         launch(_c_grad_state_kernel, (bh, nc),
                q, g, out_l, den, kmax, ghs, gzs, mix.wl_t, mix.wd_t, *q.stride(), *g.stride(),
                h, n, d, dv, split_s, alpha, beta, nc, mix.wl, mix.wd,
-               D_PAD=d_pad, DV_PAD=dv_pad, C=c, PRECISION=prec, DIAG=mix.on,
+               D_PAD=d_pad, DV_PAD=dv_pad, C=c, PRECISION=prec, MIXED=mix.on,
                PER_CHANNEL=mix.per_channel)
         _prefix_sums(ghs, gzs)  # reversed chunk order: position r holds the sum over chunks ≥ nc − 1 − r
         dq = torch.empty_like(q, memory_format=torch.contiguous_format)
         dk = torch.empty_like(k, memory_format=torch.contiguous_format)
         dvv = torch.empty_like(v, memory_format=torch.contiguous_format)
         dwl, dwd = (torch.empty(2, bh, nc, dv_pad, dtype=torch.float32, device=q.device).unbind(0)
-                    if mix.per_channel else (None, None))
+                    if mix.per_channel and inside else (None, None))
         launch(_c_grad_kernel, (bh, nc),
                q, k, v, g, out_l, den, kmax, hs, zs, ghs, gzs, dq, dk, dvv, mix.wl_t, mix.wd_t,
                dwl, dwd, *q.stride(), *k.stride(), *v.stride(), *g.stride(),
                h, n, d, dv, split_s, alpha, beta, nc, dscale, mix.wl, mix.wd,
-               D_PAD=d_pad, DV_PAD=dv_pad, C=c, PRECISION=prec, DIAG=mix.on,
-               PER_CHANNEL=mix.per_channel, num_warps=8)
+               D_PAD=d_pad, DV_PAD=dv_pad, C=c, PRECISION=prec, DIAG=inside,
+               PER_CHANNEL=mix.per_channel, MIXED=mix.on, num_warps=8)
+        if mix.on and not inside:  # the block kernel's gradients added to LLN's in place
+            dwl, dwd = block_diagonal_triton.backward_into(q, k, v, g, out_l, mix, dscale, dblock, True, dq, dk, dvv)
         gwl, gwd = mix.grads((dwl, dwd), bsz, h, dv)
-        return dq, dk, dvv, gwl, gwd, None, None, None, None, None, None
+        return dq, dk, dvv, gwl, gwd, None, None, None, None, None, None, None
 
 
 def lln_causal(q, k, v, alpha: float, beta: float, eps: float, stats: Moments, diag=None) -> torch.Tensor:
@@ -922,4 +946,4 @@ def lln_causal(q, k, v, alpha: float, beta: float, eps: float, stats: Moments, d
     ``O(N·d·d_v/C)`` per head. Differentiable in q, k, v and tensor weights (once).
     """
     return _CausalLLN.apply(q, k, v, *_diag_inputs(diag), float(alpha), float(beta), float(eps), stats.kmax,
-                            stats.split, None if diag is None else float(diag[0]))
+                            stats.split, *_diag_consts(diag))
