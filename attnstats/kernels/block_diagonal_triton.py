@@ -27,7 +27,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_common import block_softmax, block_softmax_grads, mix_weights
+    from .triton_common import block_probs, block_softmax_grads, mix_weights
 
 # Largest block (and head dims) the kernel takes: the [C, C] scores and [C, d] tiles live in registers
 MAX_BLOCK = 128
@@ -57,8 +57,8 @@ if HAVE_TRITON:
                      sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                      CAUSAL: tl.constexpr, C_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                      PRECISION: tl.constexpr):
-        # Block blk of one head: q, k [C_PAD, D_PAD], v [C_PAD, DV_PAD] (float32), the softmax p
-        # [C_PAD, C_PAD] and the block's output p v [C_PAD, DV_PAD]; rows past the block are 0.
+        # Block blk of one head: q, k [C_PAD, D_PAD], v [C_PAD, DV_PAD] (float32) and the softmax p
+        # [C_PAD, C_PAD]; rows past the block are 0.
         b = bh // H
         h = bh % H
         offs_c = tl.arange(0, C_PAD)
@@ -74,8 +74,8 @@ if HAVE_TRITON:
                     other=0.0).to(tl.float32)
         v = tl.load(V + b * sv_b + h * sv_h + rows[:, None] * sv_n + offs_e[None, :] * sv_d, mask=vmask,
                     other=0.0).to(tl.float32)
-        p, od = block_softmax(q, k, v, rmask, scale, CAUSAL, C_PAD, PRECISION)  # [C_PAD, C_PAD], [C_PAD, DV_PAD]
-        return q, k, v, p, od, rows, rmask, qmask, vmask, offs_d, offs_e
+        p = block_probs(q, k, rmask, scale, CAUSAL, C_PAD, PRECISION)  # [C_PAD, C_PAD]
+        return q, k, v, p, rows, rmask, qmask, vmask, offs_d, offs_e
 
     @triton.jit
     def _forward_kernel(
@@ -88,10 +88,11 @@ if HAVE_TRITON:
         # OUT [BH, N, DV] contiguous: p v, or w_L ⊙ BASE + w_D ⊙ p v (BASE contiguous as OUT)
         bh = tl.program_id(0)
         blk = tl.program_id(1)
-        q, k, v, p, od, rows, rmask, qmask, vmask, offs_d, offs_e = _block_tiles(
+        q, k, v, p, rows, rmask, qmask, vmask, offs_d, offs_e = _block_tiles(
             Q, K, V, bh, blk, H, N, C, D, DV, scale,
             sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
             CAUSAL, C_PAD, D_PAD, DV_PAD, PRECISION)
+        od = tl.dot(p, v, input_precision=PRECISION)  # [C_PAD, DV_PAD]
         at = (bh * N + rows[:, None]) * DV + offs_e[None, :]
         if HAS_BASE:
             wl_h, wd_h = mix_weights(WL, WD, bh % H, DV, offs_e, offs_e < DV, wl, wd, PER_CHANNEL)
@@ -115,7 +116,7 @@ if HAVE_TRITON:
         blk = tl.program_id(1)
         b = bh // H
         h = bh % H
-        q, k, v, p, od, rows, rmask, qmask, vmask, offs_d, offs_e = _block_tiles(
+        q, k, v, p, rows, rmask, qmask, vmask, offs_d, offs_e = _block_tiles(
             Q, K, V, bh, blk, H, N, C, D, DV, scale,
             sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
             CAUSAL, C_PAD, D_PAD, DV_PAD, PRECISION)
@@ -132,8 +133,8 @@ if HAVE_TRITON:
                 base = tl.load(BASE + at, mask=vmask, other=0.0).to(tl.float32)
                 part = (bh * NB + blk) * DV_PAD + offs_e
                 tl.store(DWL + part, tl.sum(g * base, 0))
-                tl.store(DWD + part, tl.sum(g * od, 0))
-        dq, dk, dv = block_softmax_grads(q, k, v, p, od, gd, scale, PRECISION)
+                tl.store(DWD + part, tl.sum(g * tl.dot(p, v, input_precision=PRECISION), 0))  # g ⊙ the block's output
+        dq, dk, dv = block_softmax_grads(q, k, v, p, gd, scale, PRECISION)
         at_d = (bh * N + rows[:, None]) * D + offs_d[None, :]
         if ACC:
             dq += tl.load(DQ + at_d, mask=qmask, other=0.0).to(tl.float32)

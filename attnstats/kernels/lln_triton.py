@@ -55,7 +55,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_common import block_softmax, block_softmax_grads, mix_weights
+    from .triton_common import block_probs, block_softmax, block_softmax_grads, mix_weights
 
 # Largest head dim (of q, k and of v) the kernels take: the per-program state [d, d_v] lives in registers
 MAX_HEAD_DIM = 128
@@ -380,15 +380,15 @@ if HAVE_TRITON:
             if DIAG:
                 kk = _tile(K, b, h, sk_b, sk_h, sk_n, sk_d, rows, offs_d, qmask)  # [BLOCK, D_PAD]
                 vv = _tile(V, b, h, sv_b, sv_h, sv_n, sv_d, rows, offs_e, vmask)  # [BLOCK, DV_PAD]
-                p, od = block_softmax(qq, kk, vv, rmask, dscale, False, BLOCK, PRECISION)
-                dq_d, dk_d, dv_d = block_softmax_grads(qq, kk, vv, p, od, wd_h * g, dscale, PRECISION)
+                p = block_probs(qq, kk, rmask, dscale, False, BLOCK, PRECISION)  # [BLOCK, BLOCK]
+                dq_d, dk_d, dv_d = block_softmax_grads(qq, kk, vv, p, wd_h * g, dscale, PRECISION)
                 dq += dq_d
                 tl.store(DK + (bh * N + rows[:, None]) * D + offs_d[None, :], dk_d.to(DK.dtype.element_ty), mask=qmask)
                 tl.store(DV_OUT + (bh * N + rows[:, None]) * DV + offs_e[None, :], dv_d.to(DV_OUT.dtype.element_ty),
                          mask=vmask)
                 if PER_CHANNEL:
                     wl_acc += tl.sum(g * o, 0)
-                    wd_acc += tl.sum(g * od, 0)
+                    wd_acc += tl.sum(g * tl.dot(p, vv, input_precision=PRECISION), 0)  # g ⊙ the block's output
             tl.store(DQ + (bh * N + rows[:, None]) * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qmask)
             gs_acc += tl.dot(tl.trans(qt), gn, input_precision=PRECISION)  # [D_PAD, DV_PAD]
             gz_acc += tl.sum(qt * gd[:, None], 0)
@@ -630,14 +630,15 @@ if HAVE_TRITON:
         dq = alpha * dqt * qt
         dk = beta * dkt * kt
         if DIAG:
-            p, od = block_softmax(qq, kk, vv, rmask, dscale, True, C, PRECISION)
-            dq_d, dk_d, dv_d = block_softmax_grads(qq, kk, vv, p, od, wd_h * g, dscale, PRECISION)
+            p = block_probs(qq, kk, rmask, dscale, True, C, PRECISION)  # [C, C]
+            dq_d, dk_d, dv_d = block_softmax_grads(qq, kk, vv, p, wd_h * g, dscale, PRECISION)
             dq += dq_d
             dk += dk_d
             dv += dv_d
             if PER_CHANNEL:
                 tl.store(DWL + (bh * NC + c) * DV_PAD + offs_e, tl.sum(g * o, 0))
-                tl.store(DWD + (bh * NC + c) * DV_PAD + offs_e, tl.sum(g * od, 0))
+                tl.store(DWD + (bh * NC + c) * DV_PAD + offs_e,
+                         tl.sum(g * tl.dot(p, vv, input_precision=PRECISION), 0))  # g ⊙ the block's output
         tl.store(DQ + (bh * N + rows[:, None]) * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qmask)
         tl.store(DK + (bh * N + rows[:, None]) * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=qmask)
         tl.store(DV_OUT + (bh * N + rows[:, None]) * DV + offs_e[None, :], dv.to(DV_OUT.dtype.element_ty),

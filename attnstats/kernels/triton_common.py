@@ -211,11 +211,11 @@ class MixWeights:
 if HAVE_TRITON:
 
     @triton.jit
-    def block_softmax(q, k, v, rmask, scale, CAUSAL: tl.constexpr, C_PAD: tl.constexpr, PRECISION: tl.constexpr):
-        # Softmax attention inside one block of tokens. q, k [C_PAD, D_PAD], v [C_PAD, DV_PAD] float32
-        # tiles of the block's rows (0 past it); rmask [C_PAD]: the rows in the block. Returns p
-        # [C_PAD, C_PAD] (rows past the block: 0) and p v [C_PAD, DV_PAD]. The whole score tile is on
-        # chip: no running maximum. Every row in the block has its own key, so no row is empty.
+    def block_probs(q, k, rmask, scale, CAUSAL: tl.constexpr, C_PAD: tl.constexpr, PRECISION: tl.constexpr):
+        # Softmax probabilities inside one block of tokens, p [C_PAD, C_PAD] (rows past the block: 0).
+        # q, k [C_PAD, D_PAD] float32 tiles of the block's rows (0 past it); rmask [C_PAD]: the rows in
+        # the block. The whole score tile is on chip: no running maximum. Every row in the block has its
+        # own key, so no row is empty.
         offs = tl.arange(0, C_PAD)
         valid = rmask[:, None] & rmask[None, :]
         if CAUSAL:
@@ -223,16 +223,24 @@ if HAVE_TRITON:
         s = tl.where(valid, tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, float("-inf"))
         top = tl.where(rmask, tl.max(s, 1), 0.0)  # rows past the block: no finite score, kept NaN-free
         e = tl.where(valid, tl.exp(s - top[:, None]), 0.0)
-        p = e / tl.where(rmask, tl.sum(e, 1), 1.0)[:, None]
+        return e / tl.where(rmask, tl.sum(e, 1), 1.0)[:, None]
+
+    @triton.jit
+    def block_softmax(q, k, v, rmask, scale, CAUSAL: tl.constexpr, C_PAD: tl.constexpr, PRECISION: tl.constexpr):
+        # Softmax attention inside one block (block_probs): p [C_PAD, C_PAD] and p v [C_PAD, DV_PAD] for
+        # v [C_PAD, DV_PAD] float32.
+        p = block_probs(q, k, rmask, scale, CAUSAL, C_PAD, PRECISION)
         return p, tl.dot(p, v, input_precision=PRECISION)
 
     @triton.jit
-    def block_softmax_grads(q, k, v, p, od, gd, scale, PRECISION: tl.constexpr):
-        # The gradients of block_softmax's output od = p v for its output gradient gd [C_PAD, DV_PAD]:
-        # dv = pᵀ gd, ds = p ⊙ (gd vᵀ − rowsum(gd ⊙ od)), dq = scale·ds k, dk = scale·dsᵀ q.
+    def block_softmax_grads(q, k, v, p, gd, scale, PRECISION: tl.constexpr):
+        # The gradients of the block's output p v for its output gradient gd [C_PAD, DV_PAD]:
+        # dv = pᵀ gd, ds = p ⊙ (gd vᵀ − δ), dq = scale·ds k, dk = scale·dsᵀ q, with δ_i = Σ_j p_ij (gd vᵀ)_ij,
+        # which equals gd_i · (p v)_i: the output itself is not needed (one product fewer, one tile less
+        # held in registers).
         dv = tl.dot(tl.trans(p), gd, input_precision=PRECISION)  # [C_PAD, DV_PAD]
         dp = tl.dot(gd, tl.trans(v), input_precision=PRECISION)  # [C_PAD, C_PAD]
-        ds = p * (dp - tl.sum(gd * od, 1)[:, None]) * scale
+        ds = p * (dp - tl.sum(p * dp, 1)[:, None]) * scale
         dq = tl.dot(ds, k, input_precision=PRECISION)  # [C_PAD, D_PAD]
         dk = tl.dot(tl.trans(ds), q, input_precision=PRECISION)
         return dq, dk, dv
