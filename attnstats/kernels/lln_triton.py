@@ -828,9 +828,7 @@ def _diag_inputs(diag):
 
 def _diag_consts(diag):
     # (the block softmax's score scale, the separate kernel's block size or None), Nones without a Diag part
-    if diag is None:
-        return None, None
-    return float(diag[0]), (None if len(diag) < 4 or diag[3] is None else int(diag[3]))
+    return (None, None) if diag is None else (float(diag[0]), None if diag[3] is None else int(diag[3]))
 
 
 def lln_noncausal(q, k, v, alpha: float, beta: float, eps: float, stats: Moments, diag=None) -> torch.Tensor:
