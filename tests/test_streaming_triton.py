@@ -114,6 +114,24 @@ SCRIPT = textwrap.dedent(
         ref = sampled_scores_reference(q, k, lse, ii, jj, 0.25)
         assert torch.equal(torch.isnan(got), torch.isnan(ref))
         worst = max(worst, rel(got, ref))
+    # The per-matrix merge of the rows (one launch on a GPU) against its reference, moments_from_rows:
+    # float64 sums of the same float32 rows in another order, so they agree to float64 rounding
+    # (a few hundred terms: ~1e-14 relative); rows with no valid key (NaN fields) and a matrix with none.
+    from attnstats.stats.online import RowAccumulators, moments_from_rows
+    nq = 150  # more rows than one step of the merge's loop
+    cnt = torch.randint(0, 40, (2, 3, nq), generator=g)
+    cnt[0, 0] = 0
+    cnt[1, 2, :7] = 0
+    f32 = lambda *shape: torch.rand(*shape, generator=g, dtype=torch.float64).float()  # noqa: E731
+    lse, sp2, s_mean, s_m2 = f32(2, 3, nq) * 5, f32(2, 3, nq), f32(2, 3, nq) * 3 - 1, f32(2, 3, nq) * 2
+    for x in (lse, sp2, s_mean, s_m2):
+        x[cnt == 0] = math.nan
+    rows = RowAccumulators(lse=lse, entropy=torch.zeros_like(lse), sum_p2=sp2, count=cnt, s_mean=s_mean, s_m2=s_m2)
+    ref = moments_from_rows(rows)
+    got = streaming_triton.row_moments(cnt, sp2, lse, s_mean, s_m2)
+    merge = max(rel(got[i], getattr(ref, f)) for i, f in enumerate(("mean", "var", "log_mean", "log_var")))
+    assert torch.equal(got[4].round().long(), ref.count), "merge counts"
+    print("MERGE", merge)
     print("WORST", worst)
     """
 )
@@ -131,3 +149,5 @@ def test_triton_kernels_under_interpreter():
     worst = float(res.stdout.split("WORST")[-1])
     # float32 accumulation of a few dozen terms: far under 1e-5 relative.
     assert worst < 1e-5, worst
+    merge = float(res.stdout.split("MERGE")[-1].split()[0])
+    assert merge < 1e-12, merge  # float64 sums in another order

@@ -28,7 +28,7 @@ from .dense import EntryMoments
 from ..masks import broadcast_mask
 from ..validation import check_finite, check_qk, compute_dtype
 
-__all__ = ["RowAccumulators", "streaming_row_accumulators", "prepare_qk", "moments_from_rows"]
+__all__ = ["RowAccumulators", "streaming_row_accumulators", "prepare_qk", "moments_from_rows", "matrix_moments"]
 
 
 @dataclass(frozen=True)
@@ -277,6 +277,21 @@ def moments_from_rows(rows: RowAccumulators, mass: torch.Tensor | None = None) -
         count=count.round().to(torch.int64),
         zero_count=torch.zeros_like(count, dtype=torch.int64),
     )
+
+
+def matrix_moments(rows: RowAccumulators) -> EntryMoments:
+    """:func:`moments_from_rows` (no sink), in one Triton launch where the rows are float32 on a GPU with
+    Triton (:func:`attnstats.stats.online_triton.row_moments`); the reference elsewhere."""
+    if rows.lse.is_cuda and rows.lse.dtype == torch.float32:
+        from . import online_triton as streaming_triton
+
+        if streaming_triton.available():
+            mean, var, log_mean, log_var, count = streaming_triton.row_moments(
+                rows.count, rows.sum_p2, rows.lse, rows.s_mean, rows.s_m2).unbind(0)
+            count = count.round().to(torch.int64)
+            return EntryMoments(mean=mean, var=var, log_mean=log_mean, log_var=log_var, count=count,
+                                zero_count=torch.zeros_like(count))
+    return moments_from_rows(rows)
 
 
 def _use_triton(q: torch.Tensor, mask) -> bool:

@@ -23,7 +23,7 @@ import os
 import torch
 
 
-__all__ = ["available", "row_accumulators", "raw_accumulators", "attention_matmat", "attention_rmatmat", "attention_row_sums", "sampled_log_probs"]
+__all__ = ["available", "row_accumulators", "raw_accumulators", "row_moments", "attention_matmat", "attention_rmatmat", "attention_row_sums", "sampled_log_probs"]
 
 _LN2 = math.log(2.0)
 _LOG2E = 1.0 / _LN2
@@ -342,6 +342,76 @@ if _HAVE_TRITON:
         dot = tl.sum(q.to(tl.float64) * k.to(tl.float64), axis=1)  # [BLOCK_S]
         lse = tl.load(LSE + b * sl_b + h * sl_h + ii * sl_n, mask=ok, other=0.0).to(tl.float64)
         tl.store(OUT + t * so_m + offs, dot * scale - lse, mask=ok)
+
+
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _row_moments_kernel(CNT, SP2, LSE, SMEAN, SM2, OUT, NQ, M, BLOCK: tl.constexpr):
+        # One program, matrix m: the entry moments of attnstats.stats.online.moments_from_rows (no sink)
+        # from its rows' accumulators. CNT int64 and SP2, LSE, SMEAN, SM2 float32, each [M, NQ]
+        # contiguous; OUT [5, M] float64: mean, var, log_mean, log_var, count. Two passes over the
+        # rows (the spreads between rows need the means), float64 throughout, as the reference.
+        m = tl.program_id(0)
+        base = m.to(tl.int64) * NQ
+        acc_n = tl.zeros([BLOCK], dtype=tl.float64)
+        acc_has = tl.zeros([BLOCK], dtype=tl.float64)
+        acc_wp = tl.zeros([BLOCK], dtype=tl.float64)
+        acc_wl = tl.zeros([BLOCK], dtype=tl.float64)
+        acc_lm = tl.zeros([BLOCK], dtype=tl.float64)
+        for r0 in range(0, NQ, BLOCK):
+            offs = r0 + tl.arange(0, BLOCK)
+            ok = offs < NQ
+            n = tl.load(CNT + base + offs, mask=ok, other=0).to(tl.float64)  # [BLOCK] valid keys per row
+            has = n > 0
+            inv_n = tl.where(has, 1.0 / tl.maximum(n, 1.0), 0.0)  # row mean of P
+            sp2 = tl.load(SP2 + base + offs, mask=ok, other=0.0).to(tl.float64)
+            rlm = (tl.load(SMEAN + base + offs, mask=ok, other=0.0)
+                   - tl.load(LSE + base + offs, mask=ok, other=0.0)).to(tl.float64)  # row mean of ln P
+            sm2 = tl.load(SM2 + base + offs, mask=ok, other=0.0).to(tl.float64)
+            acc_n += n
+            acc_has += tl.where(has, 1.0, 0.0)
+            acc_wp += tl.where(has, tl.maximum(sp2 - inv_n, 0.0), 0.0)  # Σ_j (P_ij − 1/n_i)²
+            acc_wl += tl.where(has, sm2, 0.0)
+            acc_lm += tl.where(has, n * rlm, 0.0)
+        count = tl.sum(acc_n, 0)
+        mean = tl.sum(acc_has, 0) / count
+        log_mean = tl.sum(acc_lm, 0) / count
+        acc_bp = tl.zeros([BLOCK], dtype=tl.float64)
+        acc_bl = tl.zeros([BLOCK], dtype=tl.float64)
+        for r0 in range(0, NQ, BLOCK):
+            offs = r0 + tl.arange(0, BLOCK)
+            ok = offs < NQ
+            n = tl.load(CNT + base + offs, mask=ok, other=0).to(tl.float64)
+            has = n > 0
+            inv_n = tl.where(has, 1.0 / tl.maximum(n, 1.0), 0.0)
+            rlm = (tl.load(SMEAN + base + offs, mask=ok, other=0.0)
+                   - tl.load(LSE + base + offs, mask=ok, other=0.0)).to(tl.float64)
+            acc_bp += tl.where(has, n * (inv_n - mean) * (inv_n - mean), 0.0)
+            acc_bl += tl.where(has, n * (rlm - log_mean) * (rlm - log_mean), 0.0)
+        tl.store(OUT + m, mean)
+        tl.store(OUT + M + m, (tl.sum(acc_wp, 0) + tl.sum(acc_bp, 0)) / count)
+        tl.store(OUT + 2 * M + m, log_mean)
+        tl.store(OUT + 3 * M + m, (tl.sum(acc_wl, 0) + tl.sum(acc_bl, 0)) / count)
+        tl.store(OUT + 4 * M + m, count)
+
+
+def row_moments(count, sum_p2, lse, s_mean, s_m2) -> torch.Tensor:
+    """The entry moments of every matrix from its rows' accumulators, in one launch: ``[5, ...]`` float64
+    ``mean, var, log_mean, log_var, count`` for rows ``[..., Nq]`` (``count`` int64, the others float32),
+    the numbers of :func:`attnstats.stats.online.moments_from_rows` (no sink), which is its reference and
+    takes some 35 small launches on a GPU."""
+    if not _HAVE_TRITON:
+        raise ImportError("the fused row merge needs Triton: pip install 'attnstats[triton]'")
+    batch, nq = lse.shape[:-1], lse.shape[-1]
+    fields = [x.reshape(-1, nq).contiguous() for x in (count, sum_p2, lse, s_mean, s_m2)]  # [M, Nq] each
+    m = fields[0].shape[0]
+    out = torch.empty(5, m, dtype=torch.float64, device=lse.device)  # [5, M]
+    if m:
+        block = 64 if _interpreting() else 1024
+        with _on_device(lse):
+            _row_moments_kernel[(m,)](*fields, out, nq, m, BLOCK=block)
+    return out.reshape(5, *batch)
 
 
 def _on_device(t: torch.Tensor):

@@ -14,7 +14,7 @@ import torch
 from ..masks import causal_mask, is_key_padding, no_valid_entry
 from .dense import EntryMoments
 from . import online_triton
-from .online import _raise_if_not_finite, _reshape_rows, _row_pass, moments_from_rows, prepare_qk, streaming_row_accumulators
+from .online import _raise_if_not_finite, _reshape_rows, _row_pass, matrix_moments, prepare_qk, streaming_row_accumulators
 
 __all__ = ["StreamingStats", "streaming_stats", "streaming_stats_unchecked", "sample_log_probs", "streaming_lognormal_fit"]
 
@@ -90,7 +90,7 @@ def streaming_stats_unchecked(q, k, *, scale=None, mask=None, causal=False, back
     """
     rows, batch, used, finite = _row_pass(q, k, scale, mask, causal, backend, block_size)
     rows = _reshape_rows(rows, batch)
-    moments = moments_from_rows(rows)
+    moments = matrix_moments(rows)
     return StreamingStats(
         entropy=rows.entropy,
         lse=rows.lse,
