@@ -287,11 +287,13 @@ def linear_attention_causal(
     caller knows it, else it is measured here (one device sync). The whole computation runs with
     autocast off.
 
-    bfloat16 inputs on a GPU go to fla's ``chunk_linear_attn`` when fla is installed and the spread
-    is within :data:`FLA_SPREAD_LIMIT` (measured 1.3–1.6× faster than the product form from 16k
-    tokens; benchmarks/RESULTS.md §4). Its products run in bf16 and TF32, about 1e-3 relative, below
-    the bf16 rounding of the output, and its denominators get its own guard (1e-10 on a scale of at
-    least 1e-4, see :data:`FLA_SPREAD_LIMIT`) instead of ``eps``. float16 is not sent: fla keeps its
+    bfloat16 inputs on a GPU go to fla's ``chunk_linear_attn`` when fla is installed, the spread is
+    within :data:`FLA_SPREAD_LIMIT` and the call needs no gradient (measured 1.3–1.6× faster than the
+    product form from 16k tokens; benchmarks/RESULTS.md §4). Its forward products run in bf16 and TF32,
+    about 1e-3 relative, below the bf16 rounding of the output, and its denominators get its own guard
+    (1e-10 on a scale of at least 1e-4, see :data:`FLA_SPREAD_LIMIT`) instead of ``eps``; its backward
+    is off by about 8e-2 of the largest gradient entry on bf16 (the product form: ~4e-3, the bf16
+    rounding), so a call that needs gradients takes the product form. float16 is not sent: fla keeps its
     denominators in the input dtype, and float16's range (6e-5 to 6.5e4) holds neither the 2^60 scale
     nor features e^-50 small. float16, float32 and float64 inputs take the product form (about 1e-6
     relative in float32) or, past the underflow limit, the log-space algorithm.
@@ -304,7 +306,8 @@ def linear_attention_causal(
             spread = float(spread)
         else:
             m = lk.detach().amax(-2, keepdim=True)  # [B, H, 1, r]
-        if half == torch.bfloat16 and spread <= FLA_SPREAD_LIMIT and fla_available(lq):
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (lq, lk, v))
+        if half == torch.bfloat16 and spread <= FLA_SPREAD_LIMIT and not needs_grad and fla_available(lq):
             qt, kt = _shifted_features(lq, lk, m)  # [B, H, N, r] each
             out = _fla_causal(qt, kt, v, half)  # [B, H, N, d_v], in bf16
         elif spread <= causal_underflow_limit(lq.dtype):
