@@ -135,9 +135,9 @@ def _pytorch(kern, q, k, v, causal):
 
 
 def part_agreement(dev, dtypes=("float32", "float16", "bfloat16")):
-    """The GPU kernels against the same kernels in float64 on the CPU, N = 2048, 4 heads: the largest
-    relative output error for float32 and bf16 inputs, and fla's causal output (float32 features)
-    against attnstats' on the same features."""
+    """The GPU kernels (LLN, LLN+Diag, the block softmax alone) against the same kernels in float64 on the
+    CPU, N = 2048, 4 heads: the largest relative output error for float32 and bf16 inputs, and fla's
+    causal output (float32 features) against attnstats' on the same features."""
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 4, 2048, 64, generator=gen, dtype=torch.float64) for _ in range(3))
     g = torch.randn(1, 4, 2048, 64, generator=gen, dtype=torch.float64)
@@ -146,7 +146,7 @@ def part_agreement(dev, dtypes=("float32", "float16", "bfloat16")):
     # (bf16 and float16 outputs are rounded to 2^-8 and 2^-11); gradients relative to their largest entry
     for dt in (getattr(torch, name) for name in dtypes):
         qh, kh, vh = (x.to(dt) for x in (q, k, v))
-        for name in ("lln", "lln_diag"):
+        for name in ("lln", "lln_diag", "block_diag"):
             kern = get_kernel(name)
             for causal in (False, True):
                 xs = [x.double().requires_grad_() for x in (qh, kh, vh)]

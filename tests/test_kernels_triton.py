@@ -170,6 +170,26 @@ SCRIPT = textwrap.dedent(
     out["diag"] = diag
     out["diag_calls"] = list(calls)
 
+    # half inputs: the block kernel multiplies the fp16 tiles themselves (q kᵀ, g vᵀ), as on a GPU; against
+    # the float64 PyTorch path on the same (rounded) inputs, with a base and scalar weights (w_D factors
+    # out of g vᵀ) and without
+    half = []
+    for causal in (False, True):
+        qh, kh, vh, gh, bh_ = (torch.randn(1, 2, 70, 16, generator=g).half() for _ in range(5))
+        for base, wl, wd in ((None, None, None), (bh_, 0.3, 0.7)):
+            xs = [x.clone().requires_grad_() for x in (qh, kh, vh)]
+            got = real_block(*xs, 0.25, 16, causal, base=base, wl=wl, wd=wd)
+            gots = torch.autograd.grad(got, xs, gh)
+            xd = [x.double().requires_grad_() for x in (qh, kh, vh)]
+            want = BlockDiagonalAttention(block=16, scale=0.25)._output(*xd, causal, None)
+            if base is not None:
+                want = wl * base.double() + wd * want
+            wants = torch.autograd.grad(want, xd, gh.double())
+            scale_g = max(float(w.abs().max()) for w in wants)
+            half.append(max([rel(got, want)] + [float((a.double() - b).abs().max()) / scale_g
+                                                for a, b in zip(gots, wants)]))
+    out["block_half"] = half
+
     # the causal path's running sums over chunks, more chunks than one step of the prefix kernel takes
     hs, zs = lln_triton._states(2, 70, 32, 16, q.device)
     hs.copy_(torch.randn(hs.shape, generator=g))
@@ -232,6 +252,9 @@ def test_fused_lln_kernels_under_interpreter():
     assert calls.count("lln_noncausal+block") == 6 and calls.count("lln_causal+block") == 6, calls
     assert calls.count("lln_noncausal+diag") == 3 and calls.count("lln_causal+diag") == 3, calls
     assert len(calls) == 24, calls
+    # fp16 inputs, outputs and gradients (rounded to 2^-11 ≈ 4.9e-4): the products of the fp16 tiles are
+    # exact, so what is left is a few of those roundings
+    assert max(got["block_half"]) < 2e-3, got["block_half"]
     # float32 running sums of up to 70 terms against float64: at most 70 roundings of 2^-24 relative to
     # the largest sum, 4.2e-6
     assert max(got["prefix"]) < 1e-5, got["prefix"]

@@ -27,7 +27,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_common import block_probs, block_softmax_grads, mix_weights
+    from .triton_common import block_probs_of, block_softmax_grads_of, mix_weights
 
 # Largest block (and head dims) the kernel takes: the [C, C] scores and [C, d] tiles live in registers
 MAX_BLOCK = 128
@@ -56,9 +56,11 @@ if HAVE_TRITON:
     def _block_tiles(Q, K, V, bh, blk, H, N, C, D, DV, scale,
                      sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                      CAUSAL: tl.constexpr, C_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-                     PRECISION: tl.constexpr):
-        # Block blk of one head: q, k [C_PAD, D_PAD], v [C_PAD, DV_PAD] (float32) and the softmax p
-        # [C_PAD, C_PAD]; rows past the block are 0.
+                     PRECISION: tl.constexpr, HALF: tl.constexpr):
+        # Block blk of one head: q, k [C_PAD, D_PAD], v [C_PAD, DV_PAD] as stored (rows past the block 0)
+        # and the softmax p [C_PAD, C_PAD] (float32). HALF (bf16 or fp16 inputs): q kᵀ as a product of the
+        # half tiles themselves, with float32 accumulation: the same products as TF32 on their float32
+        # copies (every half value is exact in TF32), at the half tensor cores' rate.
         b = bh // H
         h = bh % H
         offs_c = tl.arange(0, C_PAD)
@@ -68,13 +70,14 @@ if HAVE_TRITON:
         rmask = (offs_c < C) & (rows < N)
         qmask = rmask[:, None] & (offs_d[None, :] < D)
         vmask = rmask[:, None] & (offs_e[None, :] < DV)
-        q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + offs_d[None, :] * sq_d, mask=qmask,
-                    other=0.0).to(tl.float32)
-        k = tl.load(K + b * sk_b + h * sk_h + rows[:, None] * sk_n + offs_d[None, :] * sk_d, mask=qmask,
-                    other=0.0).to(tl.float32)
-        v = tl.load(V + b * sv_b + h * sv_h + rows[:, None] * sv_n + offs_e[None, :] * sv_d, mask=vmask,
-                    other=0.0).to(tl.float32)
-        p = block_probs(q, k, rmask, scale, CAUSAL, C_PAD, PRECISION)  # [C_PAD, C_PAD]
+        q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + offs_d[None, :] * sq_d, mask=qmask, other=0.0)
+        k = tl.load(K + b * sk_b + h * sk_h + rows[:, None] * sk_n + offs_d[None, :] * sk_d, mask=qmask, other=0.0)
+        v = tl.load(V + b * sv_b + h * sv_h + rows[:, None] * sv_n + offs_e[None, :] * sv_d, mask=vmask, other=0.0)
+        if HALF:
+            qk = tl.dot(q, tl.trans(k))  # [C_PAD, C_PAD] float32
+        else:
+            qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=PRECISION)
+        p = block_probs_of(qk, rmask, scale, CAUSAL, C_PAD)  # [C_PAD, C_PAD]
         return q, k, v, p, rows, rmask, qmask, vmask, offs_d, offs_e
 
     @triton.jit
@@ -84,6 +87,7 @@ if HAVE_TRITON:
         H, N, C, D, DV, scale, wl, wd,
         CAUSAL: tl.constexpr, HAS_BASE: tl.constexpr, PER_CHANNEL: tl.constexpr,
         C_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, PRECISION: tl.constexpr,
+        HALF: tl.constexpr,
     ):
         # OUT [BH, N, DV] contiguous: p v, or w_L ⊙ BASE + w_D ⊙ p v (BASE contiguous as OUT)
         bh = tl.program_id(0)
@@ -91,8 +95,8 @@ if HAVE_TRITON:
         q, k, v, p, rows, rmask, qmask, vmask, offs_d, offs_e = _block_tiles(
             Q, K, V, bh, blk, H, N, C, D, DV, scale,
             sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-            CAUSAL, C_PAD, D_PAD, DV_PAD, PRECISION)
-        od = tl.dot(p, v, input_precision=PRECISION)  # [C_PAD, DV_PAD]
+            CAUSAL, C_PAD, D_PAD, DV_PAD, PRECISION, HALF)
+        od = tl.dot(p, v.to(tl.float32), input_precision=PRECISION)  # [C_PAD, DV_PAD]
         at = (bh * N + rows[:, None]) * DV + offs_e[None, :]
         if HAS_BASE:
             wl_h, wd_h = mix_weights(WL, WD, bh % H, DV, offs_e, offs_e < DV, wl, wd, PER_CHANNEL)
@@ -107,6 +111,7 @@ if HAVE_TRITON:
         H, N, C, D, DV, scale, wl, wd, NB,
         CAUSAL: tl.constexpr, HAS_BASE: tl.constexpr, PER_CHANNEL: tl.constexpr, ACC: tl.constexpr,
         C_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, PRECISION: tl.constexpr,
+        HALF: tl.constexpr,
     ):
         # The block's dq, dk, dv for gd = w_D ⊙ g (block_softmax_grads); with a base: ∂BASE = w_L ⊙ g,
         # and per-channel weights get their block's Σ_rows g ⊙ BASE and Σ_rows g ⊙ p v at DWL, DWD
@@ -119,22 +124,29 @@ if HAVE_TRITON:
         q, k, v, p, rows, rmask, qmask, vmask, offs_d, offs_e = _block_tiles(
             Q, K, V, bh, blk, H, N, C, D, DV, scale,
             sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-            CAUSAL, C_PAD, D_PAD, DV_PAD, PRECISION)
-        g = tl.load(G + b * sg_b + h * sg_h + rows[:, None] * sg_n + offs_e[None, :] * sg_d, mask=vmask,
-                    other=0.0).to(tl.float32)
+            CAUSAL, C_PAD, D_PAD, DV_PAD, PRECISION, HALF)
+        g_in = tl.load(G + b * sg_b + h * sg_h + rows[:, None] * sg_n + offs_e[None, :] * sg_d, mask=vmask,
+                       other=0.0)
+        g = g_in.to(tl.float32)
         at = (bh * N + rows[:, None]) * DV + offs_e[None, :]
         gd = g
+        wd_s = 1.0  # w_D when it is one number (it then factors out of gd vᵀ)
         if HAS_BASE:
             wl_h, wd_h = mix_weights(WL, WD, h, DV, offs_e, offs_e < DV, wl, wd, PER_CHANNEL)
             gd = wd_h * g
+            wd_s = wd
             if not ACC:
                 tl.store(DBASE + at, (wl_h * g).to(DBASE.dtype.element_ty), mask=vmask)
             if PER_CHANNEL:
                 base = tl.load(BASE + at, mask=vmask, other=0.0).to(tl.float32)
                 part = (bh * NB + blk) * DV_PAD + offs_e
                 tl.store(DWL + part, tl.sum(g * base, 0))
-                tl.store(DWD + part, tl.sum(g * tl.dot(p, v, input_precision=PRECISION), 0))  # g ⊙ the block's output
-        dq, dk, dv = block_softmax_grads(q, k, v, p, gd, scale, PRECISION)
+                tl.store(DWD + part, tl.sum(g * tl.dot(p, v.to(tl.float32), input_precision=PRECISION), 0))
+        if HALF and not PER_CHANNEL:  # g vᵀ as a product of the half tiles (as q kᵀ above), times w_D
+            dp = wd_s * tl.dot(g_in.to(v.dtype), tl.trans(v))  # [C_PAD, C_PAD]
+        else:
+            dp = tl.dot(gd, tl.trans(v.to(tl.float32)), input_precision=PRECISION)
+        dq, dk, dv = block_softmax_grads_of(q.to(tl.float32), k.to(tl.float32), p, gd, dp, scale, PRECISION)
         at_d = (bh * N + rows[:, None]) * D + offs_d[None, :]
         if ACC:
             dq += tl.load(DQ + at_d, mask=qmask, other=0.0).to(tl.float32)
@@ -143,6 +155,12 @@ if HAVE_TRITON:
         tl.store(DQ + at_d, dq.to(DQ.dtype.element_ty), mask=qmask)
         tl.store(DK + at_d, dk.to(DK.dtype.element_ty), mask=qmask)
         tl.store(DVV + at, dv.to(DVV.dtype.element_ty), mask=vmask)
+
+
+def _half(q, g=None) -> bool:
+    """Whether the kernel multiplies the half-precision tiles themselves (q, k, v and the output gradient
+    ``g`` all bf16, or all fp16)."""
+    return q.dtype in (torch.bfloat16, torch.float16) and (g is None or g.dtype == q.dtype)
 
 
 def _config(q, v, block):
@@ -160,7 +178,8 @@ def forward_into(q, k, v, base, mix: MixWeights, scale: float, block: int, causa
         q, k, v, base, mix.wl_t, mix.wd_t, out, *q.stride(), *k.stride(), *v.stride(),
         h, n, c, d, dv, float(scale), mix.wl, mix.wd,
         CAUSAL=causal, HAS_BASE=mix.on, PER_CHANNEL=mix.per_channel,
-        C_PAD=c_pad, D_PAD=d_pad, DV_PAD=dv_pad, PRECISION=precision(q.dtype), num_warps=NUM_WARPS[c_pad],
+        C_PAD=c_pad, D_PAD=d_pad, DV_PAD=dv_pad, PRECISION=precision(q.dtype), HALF=_half(q, g=None),
+        num_warps=NUM_WARPS[c_pad],
     )
     return out
 
@@ -179,7 +198,8 @@ def backward_into(q, k, v, g, base, mix: MixWeights, scale: float, block: int, c
         *q.stride(), *k.stride(), *v.stride(), *g.stride(),
         h, n, c, d, dv, float(scale), mix.wl, mix.wd, nb,
         CAUSAL=causal, HAS_BASE=mix.on, PER_CHANNEL=mix.per_channel, ACC=mix.on and dbase is None,
-        C_PAD=c_pad, D_PAD=d_pad, DV_PAD=dv_pad, PRECISION=precision(q.dtype), num_warps=NUM_WARPS[c_pad],
+        C_PAD=c_pad, D_PAD=d_pad, DV_PAD=dv_pad, PRECISION=precision(q.dtype), HALF=_half(q, g),
+        num_warps=NUM_WARPS[c_pad],
     )
     return dwl, dwd
 

@@ -214,13 +214,18 @@ if HAVE_TRITON:
     def block_probs(q, k, rmask, scale, CAUSAL: tl.constexpr, C_PAD: tl.constexpr, PRECISION: tl.constexpr):
         # Softmax probabilities inside one block of tokens, p [C_PAD, C_PAD] (rows past the block: 0).
         # q, k [C_PAD, D_PAD] float32 tiles of the block's rows (0 past it); rmask [C_PAD]: the rows in
-        # the block. The whole score tile is on chip: no running maximum. Every row in the block has its
-        # own key, so no row is empty.
+        # the block.
+        return block_probs_of(tl.dot(q, tl.trans(k), input_precision=PRECISION), rmask, scale, CAUSAL, C_PAD)
+
+    @triton.jit
+    def block_probs_of(qk, rmask, scale, CAUSAL: tl.constexpr, C_PAD: tl.constexpr):
+        # block_probs from the block's products q kᵀ [C_PAD, C_PAD] (float32). The whole score tile is on
+        # chip: no running maximum. Every row in the block has its own key, so no row is empty.
         offs = tl.arange(0, C_PAD)
         valid = rmask[:, None] & rmask[None, :]
         if CAUSAL:
             valid = valid & (offs[None, :] <= offs[:, None])
-        s = tl.where(valid, tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, float("-inf"))
+        s = tl.where(valid, qk * scale, float("-inf"))
         top = tl.where(rmask, tl.max(s, 1), 0.0)  # rows past the block: no finite score, kept NaN-free
         e = tl.where(valid, tl.exp(s - top[:, None]), 0.0)
         return e / tl.where(rmask, tl.sum(e, 1), 1.0)[:, None]
@@ -238,8 +243,13 @@ if HAVE_TRITON:
         # dv = pᵀ gd, ds = p ⊙ (gd vᵀ − δ), dq = scale·ds k, dk = scale·dsᵀ q, with δ_i = Σ_j p_ij (gd vᵀ)_ij,
         # which equals gd_i · (p v)_i: the output itself is not needed (one product fewer, one tile less
         # held in registers).
+        return block_softmax_grads_of(q, k, p, gd, tl.dot(gd, tl.trans(v), input_precision=PRECISION), scale,
+                                      PRECISION)
+
+    @triton.jit
+    def block_softmax_grads_of(q, k, p, gd, dp, scale, PRECISION: tl.constexpr):
+        # block_softmax_grads given dp = gd vᵀ [C_PAD, C_PAD] (float32).
         dv = tl.dot(tl.trans(p), gd, input_precision=PRECISION)  # [C_PAD, DV_PAD]
-        dp = tl.dot(gd, tl.trans(v), input_precision=PRECISION)  # [C_PAD, C_PAD]
         ds = p * (dp - tl.sum(p * dp, 1)[:, None]) * scale
         dq = tl.dot(ds, k, input_precision=PRECISION)  # [C_PAD, D_PAD]
         dk = tl.dot(tl.trans(ds), q, input_precision=PRECISION)
