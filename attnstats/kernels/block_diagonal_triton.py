@@ -143,7 +143,7 @@ if HAVE_TRITON:
                 tl.store(DWL + part, tl.sum(g * base, 0))
                 tl.store(DWD + part, tl.sum(g * tl.dot(p, v.to(tl.float32), input_precision=PRECISION), 0))
         if HALF and not PER_CHANNEL:  # g vᵀ as a product of the half tiles (as q kᵀ above), times w_D
-            dp = wd_s * tl.dot(g_in.to(v.dtype), tl.trans(v))  # [C_PAD, C_PAD]
+            dp = wd_s * tl.dot(g_in, tl.trans(v))  # [C_PAD, C_PAD]
         else:
             dp = tl.dot(gd, tl.trans(v.to(tl.float32)), input_precision=PRECISION)
         dq, dk, dv = block_softmax_grads_of(q.to(tl.float32), k.to(tl.float32), p, gd, dp, scale, PRECISION)
@@ -157,10 +157,10 @@ if HAVE_TRITON:
         tl.store(DVV + at, dv.to(DVV.dtype.element_ty), mask=vmask)
 
 
-def _half(q, g=None) -> bool:
-    """Whether the kernel multiplies the half-precision tiles themselves (q, k, v and the output gradient
-    ``g`` all bf16, or all fp16)."""
-    return q.dtype in (torch.bfloat16, torch.float16) and (g is None or g.dtype == q.dtype)
+def _half(q) -> bool:
+    """Whether the kernel multiplies the half-precision tiles themselves: q, k, v (one dtype) and the output
+    gradient (autograd gives it in the output's dtype, q's) bf16 or fp16."""
+    return q.dtype in (torch.bfloat16, torch.float16)
 
 
 def _config(q, v, block):
@@ -178,7 +178,7 @@ def forward_into(q, k, v, base, mix: MixWeights, scale: float, block: int, causa
         q, k, v, base, mix.wl_t, mix.wd_t, out, *q.stride(), *k.stride(), *v.stride(),
         h, n, c, d, dv, float(scale), mix.wl, mix.wd,
         CAUSAL=causal, HAS_BASE=mix.on, PER_CHANNEL=mix.per_channel,
-        C_PAD=c_pad, D_PAD=d_pad, DV_PAD=dv_pad, PRECISION=precision(q.dtype), HALF=_half(q, g=None),
+        C_PAD=c_pad, D_PAD=d_pad, DV_PAD=dv_pad, PRECISION=precision(q.dtype), HALF=_half(q),
         num_warps=NUM_WARPS[c_pad],
     )
     return out
@@ -198,7 +198,7 @@ def backward_into(q, k, v, g, base, mix: MixWeights, scale: float, block: int, c
         *q.stride(), *k.stride(), *v.stride(), *g.stride(),
         h, n, c, d, dv, float(scale), mix.wl, mix.wd, nb,
         CAUSAL=causal, HAS_BASE=mix.on, PER_CHANNEL=mix.per_channel, ACC=mix.on and dbase is None,
-        C_PAD=c_pad, D_PAD=d_pad, DV_PAD=dv_pad, PRECISION=precision(q.dtype), HALF=_half(q, g),
+        C_PAD=c_pad, D_PAD=d_pad, DV_PAD=dv_pad, PRECISION=precision(q.dtype), HALF=_half(q),
         num_warps=NUM_WARPS[c_pad],
     )
     return dwl, dwd

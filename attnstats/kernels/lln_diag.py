@@ -94,13 +94,14 @@ class LLNPlusDiagAttention(Kernel):
         if fused:
             wl, wd = self.weights()  # floats, or [H, d_v] each
             scale = self.diag._scale(q.shape[-1])
-            separate = None if lln_triton.fuses_diag(q, v, block, causal) else min(block, q.shape[-2])
+            blocks = min(block, q.shape[-2])  # the separate kernel's block (a short call is one block)
+            separate = None if lln_triton.fuses_diag(q, v, block, causal) else blocks
             out = self.lln._fused_output(q, k, v, causal, diag=(scale, wl, wd, separate))  # [B, H, N, d_v]
             if out is not None:
                 return out
             # causal keys spread too far for LLN's kernels (q, k, v are checked): its log-space path
             out_l = self.lln._output(q, k, v, causal, mask, checked=True)  # [B, H, N, d_v]
-            return block_diagonal_triton.block_diagonal(q, k, v, scale, min(block, q.shape[-2]), causal,
+            return block_diagonal_triton.block_diagonal(q, k, v, scale, blocks, causal,
                                                         base=out_l, wl=wl, wd=wd)  # [B, H, N, d_v]
         out_l = self.lln._output(q, k, v, causal, mask, checked=True)  # [B, H, N, d_v]; inputs checked above
         out_d = self.diag._output(q, k, v, causal, mask)  # [B, H, N, d_v]
