@@ -132,7 +132,7 @@ def moment_fields(mom) -> dict:
 # lognormal, seconds per head, dense vs streaming: N = 512: 0.38 vs 0.45; 1024: 0.53–1.02 vs
 # 0.51–0.53; 2048: 1.06–1.13 vs 0.64–0.70; 4096: 3.2 vs 1.2, with a peak of 1.5 GiB vs 0.2 GiB for
 # 4 heads (entropy and moments alone: 0.16 vs 0.08 s at 1024). The spectral gap then comes from
-# attnstats.spectral_gap_from_qk, whose method="auto" picks LAPACK on P or Arnoldi by its own rule;
+# attnstats.spectral_gap_from_qk, whose method="auto" picks LAPACK on P or a matrix-free solver by its own rule;
 # with the gap too, one head: N = 1536: 3.5 vs 2.0 s; 2048: 5.8 vs 1.6 s.
 STREAMING_FROM_TOKENS = 1024
 # On a GPU the streaming path (fused kernel, GPU sampler) is the faster one sooner: one causal call

@@ -83,9 +83,35 @@ SCRIPT = textwrap.dedent(
     p, _ = dense(q, k, torch.ones(n, n, dtype=torch.bool), d ** -0.5)
     worst = max(worst, rel(y, p @ x.double()))
     # ... and its transpose Pᵀ x, the product that certifies the gap (left eigenvectors)
-    sums = streaming_triton.attention_row_sums(q, k, st.lse, d ** -0.5)
+    sums = streaming_triton.attention_row_sums(q[None], k[None], st.lse[None], d ** -0.5)[0]
     yt = streaming_triton.attention_rmatmat(q, k, st.lse, x.float(), d ** -0.5, sums)
     worst = max(worst, rel(sums, torch.ones(n, dtype=torch.float64)), rel(yt, p.T @ x.double()))
+    # ... for several heads in one launch, on a listed subset of them in another order, with a block
+    # of 20 columns (the kernel's 32-column width)
+    q3 = torch.randn(3, n, d, generator=g) * 1.3
+    k3 = torch.randn(3, n, d, generator=g) * 1.3
+    x3 = torch.randn(2, n, 20, generator=g)
+    lse3 = streaming_stats(q3, k3, backend="triton").lse  # [3, n]
+    heads = torch.tensor([2, 0])
+    p3, _ = dense(q3, k3, torch.ones(n, n, dtype=torch.bool), d ** -0.5)  # [3, n, n]
+    sums3 = streaming_triton.attention_row_sums(q3, k3, lse3, d ** -0.5)
+    y3 = streaming_triton.attention_products(q3, k3, lse3, x3.float(), d ** -0.5, heads=heads)
+    yt3 = streaming_triton.attention_products(q3, k3, lse3, x3.float(), d ** -0.5, heads=heads, transpose=True, row_sums=sums3)
+    worst = max(worst, rel(y3, p3[heads] @ x3.double()), rel(yt3, p3[heads].transpose(1, 2) @ x3.double()))
+
+    # The batched spectral-gap solver on the fused products (all heads at once, then the unfinished
+    # ones listed, P and Pᵀ): certified at the float32 threshold, and within its own bound of dense.
+    import numpy as np
+    from attnstats.stats.spectral import spectral_gap_from_qk
+    q3 = torch.randn(2, 70, 16, generator=g) * 1.2
+    k3 = torch.randn(2, 70, 16, generator=g) * 1.2
+    r = spectral_gap_from_qk(q3, k3, method="krylov", backend="triton")
+    p3, _ = dense(q3, k3, torch.ones(70, 70, dtype=torch.bool), 0.25)
+    assert r.method == "krylov" and bool(r.certified.all()), r
+    for h in range(2):
+        ev = np.sort(np.abs(np.linalg.eigvals(p3[h].numpy())))[::-1]
+        err = abs(float(r.gap[h]) - (1 - ev[1]))
+        assert err <= 2 * float(r.error_bound[h]) + 1e-7 and err < 1e-4, (h, err, r.error_bound)
 
     # ln P at sampled entries (the log-normal fit's sample), GQA, strided q: against a float64 dense
     # log-softmax read at the same entries, and the PyTorch twin, whose float64 arithmetic it repeats.

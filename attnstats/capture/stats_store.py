@@ -4,7 +4,7 @@ For each captured call, :func:`capture_stats` runs the streaming statistics of
 :mod:`attnstats.stats.online` (online softmax over key blocks, never the N×N matrix) and keeps only
 per-matrix numbers ``[B, H]``: mean row entropy, entry moments of ``P`` and ``ln P``, the log-normal fit
 of sampled ``ln P`` values, and the spectral gap of self-attention: exact ``1 − max_{i≥1} P_ii`` with
-``P_ii = exp(scale·q_i·k_i − LSE_i)`` when causal, else the matrix-free Arnoldi solver of
+``P_ii = exp(scale·q_i·k_i − LSE_i)`` when causal, else the matrix-free solvers of
 :func:`attnstats.spectral_gap_from_qk` (matrix-vector products are attention with ``V = x``).
 Extra memory is ``O(N)`` per layer. :func:`attnstats.metrics.streaming_values` is the computation itself; ``rec.frame()``
 also uses it on the kept q, k of large ``store="qk"`` records (:func:`attnstats.metrics.uses_streaming`).

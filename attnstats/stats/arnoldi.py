@@ -20,14 +20,18 @@ __all__ = ["AttentionOperator", "arnoldi_gap", "certify_tol", "ARNOLDI_MIN_TOKEN
 
 
 class AttentionOperator:
-    """``x ↦ P x`` for ``P = softmax(scale · q kᵀ)`` of one head, never holding more than a tile of P.
+    """``x ↦ P x`` for the heads ``P_m = softmax(scale · q_m k_mᵀ)``, never holding more than a tile of ``P``.
 
     Args:
-        q: ``[N, d]`` queries, k: ``[N, d]`` keys (one head, padding already removed).
+        q: ``[M, N, d]`` queries of ``M`` heads, or ``[N, d]`` for one head; k: keys of the same shape
+            (padding already removed).
         scale: logit scale.
         tile_bytes: memory of one ``rows × N`` tile of ``P`` on the PyTorch path (default 64 MiB).
         backend: ``"auto"`` (the fused Triton product on CUDA when Triton imports), ``"torch"``
             (tiles of ``P``, float64 on the CPU, float32 on a GPU) or ``"triton"``.
+
+    The products take and give ``[A, N, c]`` for ``A`` of the heads (``heads``, default all), or
+    ``[N, c]`` when the operator was made from one head's ``[N, d]``.
     """
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, scale: float, tile_bytes: int = 64 * 1024**2, backend="auto"):
@@ -35,81 +39,106 @@ class AttentionOperator:
             raise ValueError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
         from . import online_triton as streaming_triton
 
+        self.one_head = q.dim() == 2
+        if self.one_head:
+            q, k = q[None], k[None]  # [1, N, d]
         if backend == "auto":
             fused = q.device.type == "cuda" and streaming_triton.available() and q.shape[-1] in (16, 32, 64, 128, 256)
             backend = "triton" if fused else "torch"
         self.backend = backend
         self.dtype = compute_dtype(q)
         self.scale = scale
-        self.n = q.shape[0]
+        self.heads, self.n = q.shape[0], q.shape[1]
         self.calls = 0
         if backend == "triton":
             # The fused product needs LSE up front: one streaming pass. q, k keep their dtype
             # (bf16 products are exact in the float32 accumulator).
-            rows, _, _ = streaming_row_accumulators(q[None, None], k[None, None], scale=scale, backend="triton")
-            self.q, self.k, self.lse = q, k, rows.lse.reshape(-1)  # [N, d], [N, d], [N]
+            rows, _, _ = streaming_row_accumulators(q[None], k[None], scale=scale, backend="triton")
+            self.q, self.k, self.lse = q, k, rows.lse[0]  # [M, N, d], [M, N, d], [M, N]
             self.dtype = torch.float32
-            self._row_sums = None  # [N] of exp(s − lse), for the transposed product (see rmatmat)
+            self._row_sums = None  # [M, N] of exp(s − lse), for the transposed product (see rmatmat)
         else:
-            self.q = q.to(self.dtype)  # [N, d]
-            self.k = k.to(self.dtype)  # [N, d]
+            self.q = q.to(self.dtype)  # [M, N, d]
+            self.k = k.to(self.dtype)  # [M, N, d]
             self.lse = None
-        self.kt = self.k.to(self.dtype).T.contiguous()  # [d, N]
+        self.kt = self.k.to(self.dtype).transpose(1, 2).contiguous()  # [M, d, N]
         itemsize = torch.finfo(self.dtype).bits // 8
         self.rows = max(1, min(self.n, tile_bytes // (itemsize * self.n)))
-        # When all of P fits in one tile, it is built once: a solve takes hundreds of products, and
-        # rebuilding P costs d times a product with it.
-        self.p = self._tile(0, self.n) if self.rows == self.n else None  # [N, N] or None
+        # When every head's P fits in one tile, each is built once: a solve takes hundreds of
+        # products, and rebuilding P costs d/c times a product with it.
+        whole = self.rows == self.n and backend == "torch"
+        self.p = self._tile(slice(None), 0, self.n) if whole and self.heads * self.n * self.n * itemsize <= tile_bytes else None
 
-    def _tile(self, i0: int, i1: int) -> torch.Tensor:
-        """Rows ``i0:i1`` of ``P`` in the compute dtype: ``[i1 − i0, N]``.
+    def _tile(self, h, i0: int, i1: int) -> torch.Tensor:
+        """Rows ``i0:i1`` of ``P`` of head(s) ``h`` in the compute dtype: ``[..., i1 − i0, N]``.
 
         A tile of the operator, kept apart from :func:`attnstats.stats.dense.softmax_attention`: it
         reads the transposed keys made once for the whole solve, and with ``lse`` known it needs no
         row maximum or sum.
         """
-        s = (self.q[i0:i1].to(self.dtype) @ self.kt) * self.scale  # [rows, N]
+        s = (self.q[h, i0:i1] @ self.kt[h]) * self.scale  # [..., rows, N]
         if self.lse is None:
-            return torch.softmax(s, dim=-1)  # [rows, N]
-        return torch.exp(s - self.lse[i0:i1, None])  # [rows, N]
+            return torch.softmax(s, dim=-1)  # [..., rows, N]
+        return torch.exp(s - self.lse[h, i0:i1, None])  # [..., rows, N]
 
-    def matmat(self, x: torch.Tensor) -> torch.Tensor:
-        """``P x`` for ``x: [N, c]`` (same device), as attention with ``V = x``."""
+    def _heads(self, x: torch.Tensor, heads):
+        """``x`` as ``[A, N, c]``, and ``(heads as a list, P of those heads or None)``."""
+        x = x[None] if self.one_head else x  # [A, N, c]
+        listed = list(range(self.heads)) if heads is None else [int(h) for h in heads]
+        if len(listed) != x.shape[0]:
+            raise ValueError(f"x: one slice per head, expected {len(listed)}, got {x.shape[0]}")
+        p = None if self.p is None else (self.p if heads is None else self.p[listed])  # [A, N, N]
+        if heads is not None and self.backend == "triton":
+            heads = torch.as_tensor(listed, device=self.q.device)  # [A]
+        return x, heads, listed, p
+
+    def matmat(self, x: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
+        """``P x`` for ``x: [A, N, c]`` (same device), as attention with ``V = x``: head ``heads[a]`` (int
+        ``[A]``, default all) multiplies ``x[a]``."""
         self.calls += 1
+        x, heads, listed, p = self._heads(x, heads)
         if self.backend == "triton":
-            from .online_triton import attention_matmat
+            from .online_triton import attention_products
 
-            cols = [attention_matmat(self.q, self.k, self.lse, x[:, i:i + 15].float(), self.scale)
-                    for i in range(0, x.shape[1], 15)]  # [N, ≤ 15] each
-            return torch.cat(cols, 1)  # [N, c]
-        x = x.to(self.dtype)  # [N, c]
-        if self.p is not None:
-            return self.p @ x  # [N, N] @ [N, c]
-        out = torch.empty(self.n, x.shape[1], dtype=self.dtype, device=x.device)  # [N, c]
-        for i0 in range(0, self.n, self.rows):
-            i1 = min(self.n, i0 + self.rows)
-            out[i0:i1] = self._tile(i0, i1) @ x  # [rows, N] @ [N, c]
-        return out
+            cols = [attention_products(self.q, self.k, self.lse, x[..., i:i + 31].float(), self.scale, heads=heads)
+                    for i in range(0, x.shape[-1], 31)]  # [A, N, ≤ 31] each
+            out = torch.cat(cols, -1)  # [A, N, c]
+        else:
+            x = x.to(self.dtype)  # [A, N, c]
+            if p is not None:
+                out = p @ x  # [A, N, N] @ [A, N, c]
+            else:
+                out = torch.empty_like(x)  # [A, N, c]
+                for a, h in enumerate(listed):
+                    for i0 in range(0, self.n, self.rows):
+                        i1 = min(self.n, i0 + self.rows)
+                        out[a, i0:i1] = self._tile(h, i0, i1) @ x[a]  # [rows, N] @ [N, c]
+        return out[0] if self.one_head else out
 
-    def rmatmat(self, x: torch.Tensor) -> torch.Tensor:
-        """``Pᵀ x`` for ``x: [N, c]``: the left eigenvectors that certify an eigenvalue need it."""
+    def rmatmat(self, x: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
+        """``Pᵀ x``, as :meth:`matmat`: the left eigenvectors that certify an eigenvalue need it."""
         self.calls += 1
+        x, heads, listed, p = self._heads(x, heads)
         if self.backend == "triton":
-            from .online_triton import attention_rmatmat, attention_row_sums
+            from .online_triton import attention_products, attention_row_sums
 
             if self._row_sums is None:  # once per operator: what matmat normalises each row by
-                self._row_sums = attention_row_sums(self.q, self.k, self.lse, self.scale)  # [N]
-            cols = [attention_rmatmat(self.q, self.k, self.lse, x[:, i:i + 16].float(), self.scale, self._row_sums)
-                    for i in range(0, x.shape[1], 16)]  # [N, ≤ 16] each
-            return torch.cat(cols, 1)  # [N, c]
-        x = x.to(self.dtype)  # [N, c]
-        if self.p is not None:
-            return self.p.T @ x  # [N, N] @ [N, c]
-        out = torch.zeros(self.n, x.shape[1], dtype=self.dtype, device=x.device)  # [N, c]
-        for i0 in range(0, self.n, self.rows):
-            i1 = min(self.n, i0 + self.rows)
-            out += self._tile(i0, i1).T @ x[i0:i1]  # [N, rows] @ [rows, c]
-        return out
+                self._row_sums = attention_row_sums(self.q, self.k, self.lse, self.scale)  # [M, N]
+            cols = [attention_products(self.q, self.k, self.lse, x[..., i:i + 32].float(), self.scale,
+                                       transpose=True, heads=heads, row_sums=self._row_sums)
+                    for i in range(0, x.shape[-1], 32)]  # [A, N, ≤ 32] each
+            out = torch.cat(cols, -1)  # [A, N, c]
+        else:
+            x = x.to(self.dtype)  # [A, N, c]
+            if p is not None:
+                out = p.transpose(1, 2) @ x  # [A, N, N] @ [A, N, c]
+            else:
+                out = torch.zeros_like(x)  # [A, N, c]
+                for a, h in enumerate(listed):
+                    for i0 in range(0, self.n, self.rows):
+                        i1 = min(self.n, i0 + self.rows)
+                        out[a] += self._tile(h, i0, i1).T @ x[a, i0:i1]  # [N, rows] @ [rows, c]
+        return out[0] if self.one_head else out
 
 
 _NEV = 3  # eigenvalues ARPACK is asked for (λ_2, its conjugate, one more); the largest modulus is |λ_2|

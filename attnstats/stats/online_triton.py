@@ -23,7 +23,7 @@ import os
 import torch
 
 
-__all__ = ["available", "row_accumulators", "raw_accumulators", "row_moments", "attention_matmat", "attention_rmatmat", "attention_row_sums", "sampled_log_probs"]
+__all__ = ["available", "row_accumulators", "raw_accumulators", "row_moments", "attention_products", "attention_matmat", "attention_rmatmat", "attention_row_sums", "sampled_log_probs"]
 
 _LN2 = math.log(2.0)
 _LOG2E = 1.0 / _LN2
@@ -202,22 +202,31 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _matmat_kernel(
-        Q, K, LSE2, X, OUT,
-        sq_n, sk_n, sx_n, so_n,
+        Q, K, LSE2, X, OUT, HEADS,
+        sq_h, sq_n, sk_h, sk_n, sl_h, sx_a, sx_n, so_a, so_n,
         N, qk_scale,
         D: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, F32: tl.constexpr,
         F32_PRECISION: tl.constexpr,
     ):
         # out_i = Σ_j 2^{y_ij − lse2_i} x_j over all keys: attention with V = x, the softmax
-        # normaliser known in advance, so no running maximum is needed. One head.
-        # Q:    [N, D] queries (fp16, bf16 or fp32), strides (sq_n, 1)
-        # K:    [N, D] keys, Q's dtype, strides (sk_n, 1)
-        # LSE2: [N] float32 row log-normalisers in base 2 (LSE_i·log2 e), stride 1
-        # X:    [N, R] float32 vectors, strides (sx_n, 1)
-        # OUT:  [N, R] float32, strides (so_n, 1): P·X
-        # N: tokens; qk_scale: scale·log2 e; D: head dim; R: columns of X (16)
-        # grid: (cdiv(N, BLOCK_M),)
+        # normaliser known in advance, so no running maximum is needed. Program (·, a) works on
+        # head HEADS[a], so that a solver can leave out the heads it has finished.
+        # Q:     [M, N, D] queries (fp16, bf16 or fp32), strides (sq_h, sq_n, 1)
+        # K:     [M, N, D] keys, Q's dtype, strides (sk_h, sk_n, 1)
+        # LSE2:  [M, N] float32 row log-normalisers in base 2 (LSE_i·log2 e), strides (sl_h, 1)
+        # X:     [A, N, R] float32 vectors of the A heads listed, strides (sx_a, sx_n, 1)
+        # OUT:   [A, N, R] float32, strides (so_a, so_n, 1): P·X
+        # HEADS: [A] int32, the head of each of X's slices
+        # N: tokens; qk_scale: scale·log2 e; D: head dim; R: columns of X (16 or 32)
+        # grid: (cdiv(N, BLOCK_M), A)
         pid = tl.program_id(0)
+        a = tl.program_id(1).to(tl.int64)
+        h = tl.load(HEADS + a).to(tl.int64)
+        Q += h * sq_h
+        K += h * sk_h
+        LSE2 += h * sl_h
+        X += a * sx_a
+        OUT += a * so_a
         offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
         offs_d = tl.arange(0, D)  # [D]
         offs_r = tl.arange(0, R)  # [R]
@@ -241,18 +250,23 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _rmatmat_kernel(
-        Q, K, LSE2, X, OUT,
-        sq_n, sk_n, sx_n, so_n,
+        Q, K, LSE2, X, OUT, HEADS,
+        sq_h, sq_n, sk_h, sk_n, sl_h, sx_a, sx_n, so_a, so_n,
         N, qk_scale,
         D: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, F32: tl.constexpr,
         F32_PRECISION: tl.constexpr,
     ):
         # out_j = Σ_i 2^{y_ij − lse2_i} x_i over all queries: Pᵀ x, the product of _matmat_kernel with
-        # the roles of queries and keys swapped. One head.
-        # Q, K: [N, D] (fp16, bf16 or fp32), strides (sq_n, 1), (sk_n, 1); LSE2: [N] float32, base 2
-        # X: [N, R] float32, strides (sx_n, 1); OUT: [N, R] float32, strides (so_n, 1)
-        # grid: (cdiv(N, BLOCK_M),): BLOCK_M keys per program, BLOCK_N queries per tile
+        # the roles of queries and keys swapped; arguments as there.
+        # grid: (cdiv(N, BLOCK_M), A): BLOCK_M keys per program, BLOCK_N queries per tile
         pid = tl.program_id(0)
+        a = tl.program_id(1).to(tl.int64)
+        h = tl.load(HEADS + a).to(tl.int64)
+        Q += h * sq_h
+        K += h * sk_h
+        LSE2 += h * sl_h
+        X += a * sx_a
+        OUT += a * so_a
         offs_j = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] keys
         offs_d = tl.arange(0, D)  # [D]
         offs_r = tl.arange(0, R)  # [R]
@@ -498,85 +512,93 @@ def row_accumulators(q, k, scale, mask, causal, config=None) -> tuple[torch.Tens
     return lse, ent, sp2, n.round().to(torch.int64), s_mean, s_m2
 
 
-def attention_matmat(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, x: torch.Tensor, scale: float) -> torch.Tensor:
-    """``P x`` for one head, ``P = softmax(scale · q kᵀ)``, fused: no tile of ``P`` leaves the chip.
+def attention_products(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, x: torch.Tensor, scale: float, *,
+                        transpose: bool = False, heads: torch.Tensor | None = None,
+                        row_sums: torch.Tensor | None = None) -> torch.Tensor:
+    """``P x`` (or ``Pᵀ x``) for several heads in one launch, ``P = softmax(scale · q kᵀ)``, fused: no
+    tile of ``P`` leaves the chip.
 
     Args:
-        q, k: ``[N, d]`` (bf16, fp16 or fp32; bf16/fp16 products are exact in the fp32 accumulator).
-        lse: ``[N]`` row log-normalisers ``LSE_i`` (nats), e.g. from :func:`row_accumulators`.
-        x: ``[N, c]`` float32 vectors, ``c ≤ 15``.
+        q, k: ``[M, N, d]`` (bf16, fp16 or fp32; bf16/fp16 products are exact in the fp32 accumulator).
+        lse: ``[M, N]`` row log-normalisers ``LSE_i`` (nats), e.g. from :func:`row_accumulators`.
+        x: ``[A, N, c]`` float32 vectors, one slice per head listed in ``heads``; ``c ≤ 31`` for
+            ``P x``, ``c ≤ 32`` for ``Pᵀ x``.
         scale: logit scale.
+        transpose: ``Pᵀ x`` instead of ``P x``.
+        heads: ``[A]`` indices into ``M`` (default: all heads, ``A = M``).
+        row_sums: ``[M, N]``, for ``Pᵀ x``: the sums of the rows of ``exp(s − lse)`` (float32 ``lse``
+            leaves them 1 only to ~1e-7·|lse|), from :func:`attention_row_sums`; with them ``x`` is
+            divided first, so that the product is that of the row-normalised ``P``.
 
     Returns:
-        ``[N, c]`` float32. A column of ones rides along and each row is divided by its sum, so the
-        result is row-normalised to float32 rounding even though ``lse`` is only float32.
+        ``[A, N, c]`` float32. For ``P x`` a column of ones rides along and each row is divided by
+        its sum, so the result is row-normalised to float32 rounding even though ``lse`` is float32.
     """
     if not _HAVE_TRITON:
         raise ImportError("the fused attention product needs Triton: pip install 'attnstats[triton]'")
-    n = q.shape[0]
-    c = x.shape[1]
-    if c > 15:
-        raise ValueError(f"x: at most 15 columns per call, got {c}")
-    r = 16
-    xp = torch.zeros(n, r, dtype=torch.float32, device=x.device)  # [N, 16]
-    xp[:, :c] = x
-    xp[:, c] = 1.0
-    out = torch.empty_like(xp)  # [N, 16]
-    _launch_product(_matmat_kernel, q, k, lse, xp, out, scale)
-    return out[:, :c] / out[:, c:c + 1]  # [N, c]
+    m, n, _ = q.shape
+    if heads is None:
+        heads = torch.arange(m, device=q.device)
+    a, c = x.shape[0], x.shape[2]
+    extra = 0 if transpose else 1  # the ones column of P x
+    if c + extra > 32:
+        raise ValueError(f"x: at most {32 - extra} columns per call, got {c}")
+    r = 16 if c + extra <= 16 else 32
+    xp = torch.zeros(a, n, r, dtype=torch.float32, device=x.device)  # [A, N, R]
+    if transpose:
+        xp[..., :c] = x if row_sums is None else x / row_sums[heads][..., None]
+        return _launch_product(_rmatmat_kernel, q, k, lse, xp, heads, scale)[..., :c]  # [A, N, c]
+    xp[..., :c] = x
+    xp[..., c] = 1.0
+    out = _launch_product(_matmat_kernel, q, k, lse, xp, heads, scale)  # [A, N, R]
+    return out[..., :c] / out[..., c:c + 1]  # [A, N, c]
 
 
-def _launch_product(kernel, q, k, lse, xp, out, scale) -> None:
-    """``out = P xp`` (:func:`_matmat_kernel`) or ``Pᵀ xp`` (:func:`_rmatmat_kernel`) with ``P = exp(s − lse)``;
-    ``xp, out: [N, R]`` float32."""
-    n, d = q.shape
+def _launch_product(kernel, q, k, lse, xp, heads, scale) -> torch.Tensor:
+    """``exp(s − lse) xp`` (:func:`_matmat_kernel`) or ``exp(s − lse)ᵀ xp`` (:func:`_rmatmat_kernel`)
+    for the heads ``heads [A]`` of ``q, k: [M, N, d]``, ``lse: [M, N]``; ``xp: [A, N, R]`` float32 → ``[A, N, R]``."""
+    a, n, r = xp.shape
+    d = q.shape[-1]
     interp = _interpreting()
     bm, bn = (16, 16) if interp else (64, 64)
     kwargs = {} if interp else {"num_warps": 4, "num_stages": 3}
-    q = q.contiguous()  # [N, d]
-    k = k.contiguous().to(q.dtype)  # [N, d]
-    lse2 = (lse.to(torch.float32) * _LOG2E).contiguous()  # [N]
-    with _on_device(q):
-        kernel[(triton.cdiv(n, bm),)](
-            q, k, lse2, xp, out, q.stride(0), k.stride(0), xp.stride(0), out.stride(0),
-            n, float(scale * _LOG2E), D=d, R=xp.shape[1], BLOCK_M=bm, BLOCK_N=bn, F32=q.dtype == torch.float32,
-            F32_PRECISION=_f32_precision(), **kwargs,
-        )
+    q = q.contiguous()  # [M, N, d]
+    k = k.contiguous().to(q.dtype)  # [M, N, d]
+    lse2 = (lse.to(torch.float32) * _LOG2E).contiguous()  # [M, N]
+    heads = heads.to(device=q.device, dtype=torch.int32).contiguous()  # [A]
+    out = torch.empty_like(xp)  # [A, N, R]
+    if a:
+        with _on_device(q):
+            kernel[(triton.cdiv(n, bm), a)](
+                q, k, lse2, xp, out, heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse2.stride(0),
+                xp.stride(0), xp.stride(1), out.stride(0), out.stride(1),
+                n, float(scale * _LOG2E), D=d, R=r, BLOCK_M=bm, BLOCK_N=bn, F32=q.dtype == torch.float32,
+                F32_PRECISION=_f32_precision(), **kwargs,
+            )
+    return out
 
 
 def attention_row_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float) -> torch.Tensor:
-    """``[N]`` float32 row sums of ``exp(scale·q kᵀ − lse)`` for one head: 1 up to the rounding of ``lse``."""
-    n = q.shape[0]
-    xp = torch.zeros(n, 16, dtype=torch.float32, device=q.device)  # [N, 16]
-    xp[:, 0] = 1.0
-    out = torch.empty_like(xp)  # [N, 16]
-    _launch_product(_matmat_kernel, q, k, lse, xp, out, scale)
-    return out[:, 0]  # [N]
+    """``[M, N]`` float32 row sums of ``exp(scale·q kᵀ − lse)`` for heads ``q, k: [M, N, d]``, ``lse: [M, N]``:
+    1 up to the rounding of ``lse``."""
+    m, n, _ = q.shape
+    xp = torch.zeros(m, n, 16, dtype=torch.float32, device=q.device)  # [M, N, 16]
+    xp[..., 0] = 1.0
+    heads = torch.arange(m, device=q.device)
+    return _launch_product(_matmat_kernel, q, k, lse, xp, heads, scale)[..., 0]  # [M, N]
+
+
+def attention_matmat(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``P x`` for one head: :func:`attention_products` with ``q, k: [N, d]``, ``lse: [N]``, ``x: [N, c]``."""
+    return attention_products(q[None], k[None], lse[None], x[None], scale)[0]
 
 
 def attention_rmatmat(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, x: torch.Tensor, scale: float,
                       row_sums: torch.Tensor | None = None) -> torch.Tensor:
-    """``Pᵀ x`` for one head, ``P = softmax(scale · q kᵀ)``, fused: no tile of ``P`` leaves the chip.
-
-    Args: as :func:`attention_matmat`, and ``row_sums``: ``[N]`` the sums of the rows of
-    ``exp(s − lse)`` (float32 ``lse`` leaves them 1 only to ~1e-7·|lse|), e.g. the ones-column of
-    :func:`attention_matmat`; with them, ``x`` is divided first so that the product is that of the
-    row-normalised ``P``. ``x``: ``[N, c]`` float32, ``c ≤ 16``.
-
-    Returns:
-        ``[N, c]`` float32.
-    """
-    if not _HAVE_TRITON:
-        raise ImportError("the fused attention product needs Triton: pip install 'attnstats[triton]'")
-    n = q.shape[0]
-    c = x.shape[1]
-    if c > 16:
-        raise ValueError(f"x: at most 16 columns per call, got {c}")
-    xp = torch.zeros(n, 16, dtype=torch.float32, device=x.device)  # [N, 16]
-    xp[:, :c] = x if row_sums is None else x / row_sums[:, None]
-    out = torch.empty_like(xp)  # [N, 16]
-    _launch_product(_rmatmat_kernel, q, k, lse, xp, out, scale)
-    return out[:, :c]  # [N, c]
+    """``Pᵀ x`` for one head: :func:`attention_products` with ``transpose=True``, one head's tensors and
+    its ``row_sums: [N]``."""
+    rs = None if row_sums is None else row_sums[None]
+    return attention_products(q[None], k[None], lse[None], x[None], scale, transpose=True, row_sums=rs)[0]
 
 
 def sampled_log_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, i: torch.Tensor | None,

@@ -12,8 +12,10 @@ same eigenvalues in exact arithmetic, but on peaked attention it is so ill-condi
 returns ``|λ_2|`` wrong by up to 0.02 (seen on 30×30 heads; the test suite keeps such cases).
 
 From ``q`` and ``k`` (:func:`spectral_gap_from_qk`): causal attention by the exact diagonal rule,
-short heads by LAPACK on ``P`` batched over heads, long ones by the certified Arnoldi solver of
-:mod:`attnstats.stats.arnoldi`. Linearised attention has an exact rule of its own, from its
+short heads by LAPACK on ``P`` batched over heads, long ones by a certified matrix-free solver: all
+heads of one length at once by the block Krylov–Schur solver of :mod:`attnstats.stats.krylov` where
+the fused product runs (a GPU), one head at a time by ARPACK (:mod:`attnstats.stats.arnoldi`) on the
+CPU, where it needs fewer operations. Linearised attention has an exact rule of its own, from its
 ``r × r`` matrix (:func:`attnstats.linear_spectral_gap`, beside the kernels that use it).
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from ..budget import check_dense_fits, get_memory_budget
 from ..masks import block_tokens, from_padding, no_token, valid_tokens
 from .arnoldi import ARNOLDI_MIN_TOKENS, AttentionOperator, arnoldi_gap, certify_tol
+from .krylov import krylov_bytes_per_head, krylov_gaps
 from .dense import prepare_probs, softmax_attention
 from .parallel import map_each
 from .online import prepare_qk, streaming_row_accumulators
@@ -246,7 +249,7 @@ def spectral_gap(p: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Ten
 
 
 # ----------------------------------------------------------------------------------------------
-# from q and k: the dispatcher over the exact rules, LAPACK and Arnoldi
+# from q and k: the dispatcher over the exact rules, LAPACK and the matrix-free solvers
 
 
 @dataclass(frozen=True)
@@ -258,18 +261,20 @@ class SpectralGap:
     Attributes:
         gap: ``1 − |λ_2|`` (float64), in ``[0, 1]``.
         lambda2: ``λ_2`` (complex128), the eigenvalue of second-largest modulus.
-        iterations: products ``P x`` the Arnoldi solve of ``λ_2`` asked for (int64; 0 for the
-            dense and exact rules).
+        iterations: products the solve of ``λ_2`` asked for (int64; 0 for the dense and exact
+            rules): ``P x`` for ARPACK, block products of all heads' ``b`` vectors for ``"krylov"``
+            (both the solve on ``P`` and the one on ``Pᵀ`` that certifies it).
         residual: ``‖A v − λ_2 v‖ / ‖v‖`` for the returned eigenvector ``v`` of the operator ``A``
             solved (``P`` with ``λ_1`` deflated); 0 for the dense and exact rules.
-        converged: True where ARPACK met its tolerance (always True for the dense and exact rules).
-        certified: True where the gap's accuracy is confirmed: an Arnoldi error bound of at most
+        converged: True where the iterative solver met its tolerance (always True for the dense and
+            exact rules).
+        certified: True where the gap's accuracy is confirmed: a matrix-free error bound of at most
             1e-6 (1e-3 when the products run in float32), LAPACK's ``λ_1`` within rounding of 1, or
             an exact rule.
-        error_bound: first-order bound ``κ(λ_2)·residual`` on the error of ``|λ_2|`` for Arnoldi
+        error_bound: first-order bound ``κ(λ_2)·residual`` on the error of ``|λ_2|`` for matrix-free
             results (``inf`` when the left eigenvector was not found); 0 otherwise.
-        method: ``"arnoldi"``, ``"dense"``, ``"arnoldi+dense"`` (heads solved either way) or
-            ``"causal-diagonal"``.
+        method: ``"arnoldi"``, ``"krylov"``, ``"dense"``, two of them joined by ``+`` (heads solved
+            either way) or ``"causal-diagonal"``.
     """
 
     gap: torch.Tensor
@@ -311,6 +316,12 @@ def _dense_gaps(heads: list[tuple[torch.Tensor, torch.Tensor]], scale: float):
     return gap, lam2, cert
 
 
+def _fused_product_runs(d: int) -> bool:
+    from . import online_triton
+
+    return online_triton.available() and d in (16, 32, 64, 128, 256)
+
+
 def _dense_fits(n: int) -> bool:
     return 16 * n * n <= get_memory_budget()
 
@@ -345,11 +356,15 @@ def spectral_gap_from_qk(
         causal: lower-triangular attention; the gap is then exact from the diagonal, ``O(N·d)`` memory.
         method: ``"auto"`` (causal: the exact diagonal rule; otherwise LAPACK on ``P`` for heads of
             up to :data:`DENSE_MAX_TOKENS` tokens, all heads of one length in one batched call, and
-            Arnoldi above, with a dense re-solve of any head whose Arnoldi result is not certified
-            when ``P`` fits the memory budget), ``"arnoldi"`` or ``"dense"`` (only within the budget).
+            above it ``"krylov"`` where the fused Triton product runs, ``"arnoldi"`` elsewhere, with a
+            dense re-solve of any head whose result is not certified when ``P`` fits the memory
+            budget), ``"arnoldi"`` (ARPACK, one head at a time), ``"krylov"`` (all heads of one length
+            at once, block Krylov–Schur, :mod:`attnstats.stats.krylov`) or ``"dense"`` (only within
+            the budget).
         tol: relative tolerance of the eigenvalue (default 1e-10 in float64 on the CPU, 1e-6 on a GPU).
-        max_iterations: ARPACK restarts at most (default ``10·N``).
-        ncv: Krylov subspace size (default ``min(N, 96)``; at least ``2·3 + 2``).
+        max_iterations: ARPACK restarts at most (default ``10·N``); for ``"krylov"``, restarts of
+            each solve at most (default 100).
+        ncv: ARPACK's Krylov subspace size (default ``min(N, 96)``; at least ``2·3 + 2``).
         seed: seed of the start vector.
         backend: product ``P x`` by ``"auto"``, ``"torch"`` or ``"triton"`` (see :class:`AttentionOperator`).
         padding_mask: deprecated, to be removed in the next release: ``[..., N]`` bool, True = real
@@ -366,10 +381,10 @@ def spectral_gap_from_qk(
         >>> bool(r.certified.all()), r.gap.shape
         (True, torch.Size([4]))
     """
-    if method not in ("auto", "arnoldi", "dense"):
-        raise ValueError(f"method: expected 'auto', 'arnoldi' or 'dense', got {method!r}")
-    if causal and method == "arnoldi":
-        raise ValueError("method: 'arnoldi' is for non-causal attention; causal attention uses the exact diagonal rule")
+    if method not in ("auto", "arnoldi", "krylov", "dense"):
+        raise ValueError(f"method: expected 'auto', 'arnoldi', 'krylov' or 'dense', got {method!r}")
+    if causal and method in ("arnoldi", "krylov"):
+        raise ValueError(f"method: {method!r} is for non-causal attention; causal attention uses the exact diagonal rule")
     if isinstance(q, torch.Tensor):
         q = q.detach()
     if isinstance(k, torch.Tensor):
@@ -408,15 +423,39 @@ def spectral_gap_from_qk(
     dense = [i for i, (qi, _) in enumerate(heads)
              if method == "dense" or qi.shape[0] < ARNOLDI_MIN_TOKENS
              or (method == "auto" and qi.shape[0] <= DENSE_MAX_TOKENS and _dense_fits(qi.shape[0]))]
+    iterative = sorted(set(range(m)) - set(dense))
+    if method == "auto":
+        fused = qb.device.type == "cuda" and backend != "torch" and _fused_product_runs(d)
+        method_of = "krylov" if fused else "arnoldi"
+    else:
+        method_of = method
+    solved = {}
+    if method_of == "krylov":
+        sizes = {}
+        for i in iterative:
+            sizes.setdefault(heads[i][0].shape[0], []).append(i)
+        for n, idx in sizes.items():
+            per_chunk = max(1, get_memory_budget() // krylov_bytes_per_head(n, compute_dtype(qb)))
+            for c0 in range(0, len(idx), per_chunk):
+                part = idx[c0:c0 + per_chunk]
+                q_ = torch.stack([heads[i][0] for i in part])  # [M, n, d]
+                k_ = torch.stack([heads[i][1] for i in part])  # [M, n, d]
+                op = AttentionOperator(q_, k_, scale, backend=backend)
+                kr = krylov_gaps(op, tol=tol, max_restarts=100 if max_iterations is None else max_iterations, seed=seed)
+                for a, i in enumerate(part):
+                    solved[i] = (complex(kr.lambda2[a]), int(kr.products[a]), float(kr.residual[a]),
+                                 bool(kr.converged[a]), float(kr.error_bound[a]), op.dtype)
+    else:
+        for i in iterative:
+            qi, ki = heads[i]
+            op = AttentionOperator(qi, ki, scale, backend=backend)
+            solved[i] = (*arnoldi_gap(op, tol, max_iterations, ncv, seed), op.dtype)
     redo = []
-    for i in sorted(set(range(m)) - set(dense)):
-        qi, ki = heads[i]
-        op = AttentionOperator(qi, ki, scale, backend=backend)
-        lam, it, r, c, eb = arnoldi_gap(op, tol, max_iterations, ncv, seed)
+    for i, (lam, it, r, c, eb, dtype) in sorted(solved.items()):
         lam2[i], iters[i], res[i], conv[i], bound[i] = lam, it, r, c, eb
         gap[i] = min(max(1.0 - abs(lam), 0.0), 1.0) if math.isfinite(abs(lam)) else math.nan
-        cert[i] = c and eb <= certify_tol(op.dtype)
-        if not cert[i] and method == "auto" and _dense_fits(qi.shape[0]):
+        cert[i] = c and eb <= certify_tol(dtype)
+        if not cert[i] and method == "auto" and _dense_fits(heads[i][0].shape[0]):
             redo.append(i)
     if dense or redo:
         todo = sorted(dense + redo)
@@ -429,11 +468,11 @@ def spectral_gap_from_qk(
         warnings.warn(
             f"spectral_gap_from_qk: {int((~cert).sum())} of {m} gaps are not certified, first at batch index {where}: "
             f"gap {gap[j].item():.6g}, converged {bool(conv[j])}, error bound {bound[j].item():.3g} "
-            f"(the eigenvalue is too ill-conditioned for Arnoldi); method='dense' solves P itself within the memory budget",
+            f"(the eigenvalue is too ill-conditioned for the matrix-free solver); method='dense' solves P itself within the memory budget",
             UncertifiedGapWarning,
             stacklevel=2,
         )
-    used = {"dense" if i in set(dense) | set(redo) else "arnoldi" for i in range(m)}
+    used = {"dense" if i in set(dense) | set(redo) else method_of for i in range(m)}
     return SpectralGap(
         gap=gap.reshape(batch),
         lambda2=lam2.reshape(batch),
@@ -442,7 +481,7 @@ def spectral_gap_from_qk(
         converged=conv.reshape(batch),
         certified=cert.reshape(batch),
         error_bound=bound.reshape(batch),
-        method=used.pop() if len(used) == 1 else "arnoldi+dense",
+        method="+".join(sorted(used, key=lambda u: u == "dense")),
     )
 
 

@@ -1,0 +1,391 @@
+"""λ₂ of many heads at once: a thick-restarted block Krylov–Schur solver over batched attention products.
+
+The per-head ARPACK solver (:mod:`attnstats.stats.arnoldi`) multiplies one vector at a time, and one
+head at a time. Here every product is one call for all unfinished heads of a layer, on a block of
+``b`` vectors per head: the fused Triton product (attention with ``V = x``) costs about the same for 1
+or 15 columns, since computing ``P`` tile by tile is the expensive part. On the CPU, ARPACK on one
+head at a time needs fewer operations (a tile of ``P`` is cached per head), and
+:func:`attnstats.spectral_gap_from_qk` keeps it there.
+
+For each head the solver keeps a block Krylov decomposition ``A V_j = V_j H_j + F_j E_jᵀ`` (``V_j``
+orthonormal, ``F_j`` the next ``b`` basis vectors) of ``A = (I − 1 1ᵀ/N) P``, which keeps ``λ_2 … λ_N``
+and sends ``λ_1 = 1`` to 0. When the basis is full, the real Schur form of ``H_j`` is reordered so that
+its eigenvalues of largest modulus lead, and the basis is cut to their invariant subspace (Stewart's
+Krylov–Schur restart; the cut keeps the decomposition exact, unlike a restart from Ritz vectors). A
+head is done when its ``nev`` Ritz values of largest modulus have residuals ``‖A x − θ x‖ ≤ tol·|θ|``.
+
+Certification is that of :func:`attnstats.stats.arnoldi.arnoldi_gap`: the same solve on ``Aᵀ`` gives
+the left eigenvector ``u``, and the error bound is ``κ(λ_2)·‖r‖ + |θ_left − θ_right|`` with
+``κ = ‖u‖‖x‖ / |uᵀx|`` and the residual ``r`` of the right Ritz pair recomputed by one more product.
+"""
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+import torch
+from threadpoolctl import threadpool_limits
+
+__all__ = ["krylov_gaps", "krylov_bytes_per_head", "KrylovResult", "KRYLOV_BLOCK"]
+
+# Columns per head in one product, and the basis of at most _BLOCKS·b vectors per head between
+# restarts. A restart keeps half, so each cycle adds _BLOCKS/2 block steps: the degree of the
+# polynomial filter, which convergence on a disc-shaped spectrum needs. Larger blocks need fewer
+# passes over q, k, but the restart's eigen-decomposition grows as (_BLOCKS·b)³ on the host. Of
+# (b, _BLOCKS) = (15, 24), (8, 24), (8, 16), (4, 32) timed on an H100 with 32 heads at N = 16k,
+# (8, 24) was fastest or within 10 % of it (benchmarks/RESULTS.md §3, "all heads at once").
+KRYLOV_BLOCK = 8
+_BLOCKS = 24
+_EPS23 = np.finfo(np.float64).eps ** (2 / 3)  # ARPACK's floor on the residual tolerance
+
+
+def krylov_bytes_per_head(n: int, dtype: torch.dtype, block: int = KRYLOV_BLOCK, blocks: int = _BLOCKS) -> int:
+    """Memory of one head's solve at ``n`` tokens: its basis (:func:`largest_eigs`), a copy of it while
+    orthogonalising, and its Ritz vectors, in the products' ``dtype`` (float64 on the CPU)."""
+    itemsize = torch.finfo(dtype).bits // 8
+    return 2 * n * (blocks * block + 2 * block + 2) * itemsize + 4 * n * 3 * itemsize
+
+
+@dataclass
+class KrylovResult:
+    """Per head (``[M]`` tensors, CPU): what :func:`krylov_gaps` found.
+
+    lambda2: complex λ₂; products: block products spent (both solves, and the residual check);
+    residual: ``‖A x − λ₂ x‖ / ‖x‖`` recomputed from the Ritz vector; converged: both solves met the
+    tolerance; error_bound: ``κ(λ₂)·residual + |θ_left − θ_right|`` (``inf`` when the left solve found
+    nothing next to λ₂); restarts: of the right solve.
+    """
+
+    lambda2: torch.Tensor
+    products: torch.Tensor
+    residual: torch.Tensor
+    converged: torch.Tensor
+    error_bound: torch.Tensor
+    restarts: torch.Tensor
+
+
+@dataclass
+class _Eigs:
+    vals: np.ndarray  # [M, nev] complex Ritz values, largest modulus first
+    vecs: torch.Tensor  # [M, N, nev] complex Ritz vectors (device)
+    residual: np.ndarray  # [M, nev] ‖A x − θ x‖ / ‖x‖ from the decomposition
+    converged: np.ndarray  # [M] bool
+    products: np.ndarray  # [M] int
+    restarts: np.ndarray  # [M] int
+    level: np.ndarray  # [M] largest ‖A x‖ over the orthonormal start block: A's size as seen at the start
+
+
+def _cholesky_qr(w: torch.Tensor):
+    """``w [A, N, b] = Q R`` by Cholesky of the Gram matrix (in float64), twice: a few batched
+    products, where a Householder QR of many tall blocks is a loop of small kernels on a GPU. A head
+    whose Gram matrix is not positive definite (a block of dependent vectors) gets Householder's QR."""
+    q, r = w, None
+    for _ in range(2):
+        gram = q.double().mT @ q.double()  # [A, b, b]
+        rr, info = torch.linalg.cholesky_ex(gram, upper=True)  # [A, b, b]
+        bad = info != 0
+        qn = torch.linalg.solve_triangular(rr.to(q.dtype), q, upper=True, left=False)  # [A, N, b] = q R⁻¹
+        if bool(bad.any()):  # Householder's Q is orthonormal whatever the rank; R carries the dependence
+            qh, rh = torch.linalg.qr(q[bad].double())
+            qn[bad], rr[bad] = qh.to(q.dtype), rh
+        q = qn
+        r = rr if r is None else rr @ r
+    return q, r.to(w.dtype)
+
+
+def _orthonormal(w: torch.Tensor, basis: torch.Tensor | None):
+    """``w [A, N, b]`` made orthonormal and orthogonal to ``basis [A, N, j]``: ``(Q, h, R)`` with
+    ``w = basis h + Q R``. Two Gram–Schmidt passes, a QR, and one more pass on ``Q``, so that a block
+    that ``A`` sent (nearly) into the basis still leaves an orthonormal ``Q`` (the dependent part is in
+    ``h``, its leftover rounding times a tiny ``R``)."""
+    if basis is None or basis.shape[-1] == 0:
+        q, r = _cholesky_qr(w)  # [A, N, b], [A, b, b]
+        return q, None, r
+    h = basis.mT @ w  # [A, j, b]
+    w = w - basis @ h
+    h2 = basis.mT @ w
+    w = w - basis @ h2
+    h = h + h2
+    q, r = _cholesky_qr(w)  # [A, N, b], [A, b, b]
+    c = basis.mT @ q  # [A, j, b]
+    q, r2 = _cholesky_qr(q - basis @ c)
+    return q, h + c @ r, r2 @ r
+
+
+def _keep(mods: np.ndarray, keep: int, most: int) -> int:
+    """How many of the sorted moduli to keep, near ``keep`` and at most ``most``, so that the cut falls
+    between two distinct moduli: a complex pair (or a tie) is kept or dropped whole."""
+    def distinct(k):
+        return mods[k - 1] - mods[k] > 1e-12 * mods[0]
+
+    for k in range(keep, most + 1):
+        if distinct(k):
+            return k
+    for k in range(keep - 1, 0, -1):
+        if distinct(k):
+            return k
+    return most
+
+
+def _ritz(h: np.ndarray, bres: np.ndarray, nev: int, keep: int, most: int, tol: float, floor: float):
+    """Ritz pairs of one head's ``H_j [j, j]`` and the subspace a restart keeps; ``bres [b, j]`` are the
+    decomposition's residual rows.
+
+    Returns ``(T_k, Z_k, vals, y, res, ok)``: an orthonormal basis ``Z_k [j, k]`` of the invariant
+    subspace of ``H_j`` that belongs to its ``≈ keep`` eigenvalues of largest modulus (``most`` at most,
+    so that a restarted basis has room to grow; a complex pair is kept whole) and ``T_k = Z_kᵀ H_j Z_k``;
+    the ``nev`` Ritz values of largest modulus, their unit coefficient vectors ``y [j, nev]`` in the
+    basis, their residual norms ``‖bres y‖``, and whether all are within ``tol·|θ|`` or the ``floor``
+    that the products' rounding leaves.
+
+    The subspace comes from the eigenvectors (numpy's ``eig`` releases the GIL, so heads run in
+    threads; scipy's Schur form does not), orthonormalised by a QR. Where the eigenvectors are too
+    ill-conditioned for that to be invariant to 1e-10 of ``‖H_j‖``, the reordered real Schur form
+    (Stewart's Krylov–Schur restart) is used instead.
+    """
+    w, v = np.linalg.eig(h)  # [j], [j, j]
+    order = np.argsort(-np.abs(w), kind="stable")
+    mods = np.abs(w[order])
+    y = v[:, order[:nev]]  # [j, nev]
+    y = y / np.linalg.norm(y, axis=0)
+    res = np.linalg.norm(bres @ y, axis=0)  # [nev]
+    vals = w[order[:nev]]
+    ok = bool(np.all(res <= np.maximum(tol * np.abs(vals), floor)))
+    k = _keep(mods, keep, most)
+    kept = order[:k]
+    # one real vector per real eigenvalue, the real and imaginary parts of one of each complex pair
+    parts = [v[:, i].real[:, None] if w[i].imag == 0 else np.stack([v[:, i].real, v[:, i].imag], 1)
+             for i in kept if w[i].imag >= 0]
+    z = np.linalg.qr(np.concatenate(parts, 1))[0]  # [j, k]
+    t = z.T @ h @ z  # [k, k]
+    if z.shape[1] != k or np.linalg.norm(h @ z - z @ t) > 1e-10 * np.linalg.norm(h):
+        t, z = _schur_kept(h, mods, k)
+    return t, z, vals, y, res, ok
+
+
+def _schur_kept(h: np.ndarray, mods: np.ndarray, k: int):
+    """``(T_k, Z_k)`` of the real Schur form of ``h`` reordered so that its ``k`` eigenvalues of largest
+    modulus (sorted ``mods``) lead."""
+    t, z = scipy.linalg.schur(h, output="real")  # [j, j] each
+    if k < len(mods):
+        select = _select(t, 0.5 * (mods[k - 1] + mods[k]))
+        t, z, _, _, k, _, _, info = scipy.linalg.lapack.dtrsen(select, t, z, job="N")
+        if info != 0:
+            raise np.linalg.LinAlgError(f"reordering the Schur form failed (dtrsen info {info})")
+    return t[:k, :k], z[:, :k]
+
+
+def _select(t: np.ndarray, threshold: float) -> np.ndarray:
+    """``select`` for LAPACK's ``trsen``: the diagonal positions of ``t`` whose eigenvalue modulus is above
+    ``threshold`` (both rows of a 2×2 block of a complex pair)."""
+    j = t.shape[0]
+    sel = np.zeros(j, dtype=np.int32)
+    i = 0
+    while i < j:
+        if i + 1 < j and t[i + 1, i] != 0.0:  # a 2×2 block of a complex pair: |λ|² is its determinant
+            a, b, c, d = t[i, i], t[i, i + 1], t[i + 1, i], t[i + 1, i + 1]
+            sel[i] = sel[i + 1] = math.sqrt(abs(a * d - b * c)) > threshold
+            i += 2
+        else:
+            sel[i] = abs(t[i, i]) > threshold
+            i += 1
+    return sel
+
+
+def largest_eigs(apply, x0: torch.Tensor, *, nev: int, blocks: int, tol: float, max_restarts: int,
+                 vanish: float = 0.0) -> _Eigs:
+    """The ``nev`` eigenvalues of largest modulus of ``M`` operators at once.
+
+    Args:
+        apply: ``(x [A, N, b], heads [A] int64) → A_h x`` for the listed heads.
+        x0: ``[M, N, b]`` start blocks (any full-rank block; made orthonormal here).
+        nev: eigenvalues wanted per head.
+        blocks: basis of ``blocks·b`` vectors per head before a restart.
+        tol: relative residual tolerance.
+        max_restarts: restarts at most; heads still unconverged then are reported so.
+        vanish: a head whose operator sends the start block to at most this norm is taken to be 0
+            (all its eigenvalues 0, converged): its Krylov space would be rounding noise.
+    """
+    m, n, b = x0.shape
+    dev, dt = x0.device, x0.dtype
+    basis = blocks * b
+    keep = max(2 * nev, basis // 2)
+    # A product in float32 is off by ~eps32 of ‖x‖ (each output entry a convex combination of x's
+    # entries, summed in float32): residuals below a few times that are rounding, not convergence.
+    floor = max(_EPS23, 8 * torch.finfo(dt).eps)
+    cols = basis + 2 * b + 2  # a head may keep a few more than `keep` (a pair is not split)
+    v = torch.zeros(m, n, cols, dtype=dt, device=dev)  # [M, N, C] bases, zero past each head's own
+    q, _, _ = _orthonormal(x0, None)
+    v[:, :, :b] = q
+    h = np.zeros((m, cols, cols))  # [M, C, C] the decompositions' H (float64, host)
+    j = np.zeros(m, dtype=np.int64)  # columns whose images are in the decomposition, per head
+    products = np.zeros(m, dtype=np.int64)
+    restarts = np.zeros(m, dtype=np.int64)
+    level = np.zeros(m)
+    vals = np.zeros((m, nev), dtype=complex)
+    vecs = torch.zeros(m, n, nev, dtype=torch.complex128 if dt == torch.float64 else torch.complex64, device=dev)
+    res = np.full((m, nev), np.inf)
+    converged = np.zeros(m, dtype=bool)
+    active = np.arange(m)
+    blk = np.arange(b)
+    pool = ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, m)) if m > 1 else None
+    try:
+        while active.size:
+            act = torch.as_tensor(active, device=dev)
+            while int(j[active].max()) + b <= basis:
+                at = torch.as_tensor(j[active][:, None] + blk, device=dev)  # [A, b] the newest block's columns
+                x = v[act[:, None], :, at].transpose(1, 2)  # [A, N, b]
+                w = apply(x, act).to(dt)  # [A, N, b]
+                first = products[active[0]] == 0
+                if first:
+                    level[active] = w.norm(dim=1).amax(-1).double().cpu().numpy()
+                products[active] += 1
+                if first and bool((level[active] <= vanish).any()):
+                    gone = level[active] <= vanish
+                    converged[active[gone]] = True
+                    vals[active[gone]], res[active[gone]] = 0.0, level[active[gone], None]
+                    live = ~gone
+                    active, w, at = active[live], w[torch.as_tensor(live, device=dev)], at[torch.as_tensor(live, device=dev)]
+                    act = torch.as_tensor(active, device=dev)
+                    if not active.size:
+                        break
+                top = int(j[active].max()) + b
+                qn, hc, r = _orthonormal(w, v[act, :, :top])  # [A, N, b], [A, top, b], [A, b, b]
+                v[act[:, None], :, at + b] = qn.transpose(1, 2)
+                hc, r = hc.double().cpu().numpy(), r.double().cpu().numpy()
+                for a, i in enumerate(active):
+                    ji = j[i]
+                    h[i, :ji + b, ji:ji + b] = hc[a, :ji + b]
+                    h[i, ji + b:ji + 2 * b, ji:ji + b] = r[a]
+                j[active] += b
+            if not active.size:
+                break
+
+            def one(i):
+                ji = j[i]
+                return _ritz(h[i, :ji, :ji], h[i, ji:ji + b, :ji], nev, keep, basis - b, tol, floor)
+
+            if pool and active.size > 1:
+                # one BLAS thread per head: a pool of multi-threaded LAPACK calls oversubscribes the
+                # cores (measured 10–20× slower on a 16-core host than these threads alone)
+                with threadpool_limits(limits=1, user_api="blas"):
+                    found = list(pool.map(one, active))
+            else:
+                found = [one(i) for i in active]
+            last = restarts[active] >= max_restarts
+            for (tk, zk, w_, y, r_, ok), i, stop in zip(found, active, last):
+                if ok or stop:
+                    ji = j[i]
+                    yt = torch.from_numpy(y).to(dev)  # [j, nev] complex128
+                    basis_i = v[i, :, :ji].double()  # [N, j]
+                    vecs[i] = torch.complex(basis_i @ yt.real, basis_i @ yt.imag).to(vecs.dtype)  # [N, nev]
+                    vals[i], res[i], converged[i] = w_, r_, ok
+                    continue
+                # Krylov–Schur restart: A (V Z_k) = (V Z_k) T_k + F (E_jᵀ Z_k), then grow from F again
+                ji, k = j[i], tk.shape[0]
+                zt = torch.from_numpy(zk).to(device=dev, dtype=dt)  # [j, k]
+                kept = v[i, :, :ji] @ zt  # [N, k]
+                nxt = v[i, :, ji:ji + b].clone()  # [N, b]
+                v[i].zero_()
+                v[i, :, :k], v[i, :, k:k + b] = kept, nxt
+                row = h[i, ji:ji + b, :ji] @ zk  # [b, k]
+                h[i] = 0.0
+                h[i, :k, :k], h[i, k:k + b, :k] = tk, row
+                j[i] = k
+                restarts[i] += 1
+            done = np.array([ok or stop for (*_, ok), stop in zip(found, last)])
+            active = active[~done]
+    finally:
+        if pool:
+            pool.shutdown()
+    return _Eigs(vals, vecs, res, converged, products, restarts, level)
+
+
+def krylov_gaps(op, *, tol: float, block: int = KRYLOV_BLOCK, blocks: int = _BLOCKS, nev: int = 3,
+                max_restarts: int = 100, seed: int = 0) -> KrylovResult:
+    """``λ₂`` of every head of ``op`` (:class:`attnstats.stats.arnoldi.AttentionOperator` of ``M`` heads of
+    ``N`` tokens), certified as :func:`attnstats.stats.arnoldi.arnoldi_gap` certifies one head.
+
+    Args:
+        op: the heads' products ``P x`` and ``Pᵀ x``.
+        tol: relative residual tolerance of the Ritz values.
+        block: vectors per head in one product (``b``).
+        blocks: basis of ``blocks·b`` vectors per head before a restart.
+        nev: Ritz values that must converge per head (the largest modulus among them is ``|λ₂|``;
+            asking for more than one keeps a neighbour of nearly the same modulus from passing for it).
+        max_restarts: restarts at most, per solve.
+        seed: seed of the start blocks.
+    """
+    m, n = op.heads, op.n
+    b = max(1, min(block, (n - 2) // (blocks + 2)))  # the basis (with its slack) must stay below N
+    dt = op.dtype
+    dev = op.q.device
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(m, n, b, generator=g, dtype=torch.float64)  # [M, N, b]
+    x0 = (x0 - x0.mean(1, keepdim=True)).to(device=dev, dtype=dt)
+
+    def right(x, heads):  # A x = P x − mean(P x)
+        y = op.matmat(x, heads)  # [A, N, b]
+        return y - y.mean(1, keepdim=True)
+
+    def left(x, heads):  # Aᵀ x = Pᵀ (x − mean x)
+        return op.rmatmat(x - x.mean(1, keepdim=True), heads)  # [A, N, b]
+
+    nev = min(nev, n - 2)
+    # Rank-one attention (identical queries or keys) makes A vanish up to rounding: a start block that
+    # A sends to the rounding level of a product (~sqrt(N)·eps relative) means λ_2 = 0, as in arnoldi_gap.
+    vanish = 64 * math.sqrt(n) * torch.finfo(dt).eps
+    r = largest_eigs(right, x0, nev=nev, blocks=blocks, tol=tol, max_restarts=max_restarts, vanish=vanish)
+    lam = r.vals[:, 0]  # [M] largest modulus first
+    vanishing = r.level <= vanish
+    todo = np.flatnonzero(~vanishing)
+    products = r.products.copy()
+    bound = np.where(vanishing, 100 * math.sqrt(n) * r.level, np.inf)
+    residual = np.where(vanishing, r.level, np.inf)
+    converged = r.converged | vanishing
+    lam = np.where(vanishing, 0j, lam)
+    if todo.size:
+        heads = torch.as_tensor(todo, device=dev)
+        x = r.vecs[heads, :, 0]  # [T, N] complex right Ritz vectors of λ₂
+        parts = torch.stack([x.real, x.imag], -1).to(dt)  # [T, N, 2]
+        ax = right(parts, heads).double()  # [T, N, 2]
+        ax = torch.complex(ax[..., 0], ax[..., 1])  # [T, N]
+        xd = x.to(torch.complex128)
+        lt = torch.as_tensor(lam[todo], device=dev)
+        res_t = ((ax - lt[:, None] * xd).norm(dim=1) / xd.norm(dim=1)).cpu().numpy()
+        products[todo] += 1
+        sub = _Subset(op, todo)
+        lf = largest_eigs(lambda xx, hh: left(xx, sub.heads(hh)), x0[heads], nev=nev, blocks=blocks, tol=tol,
+                          max_restarts=max_restarts)
+        products[todo] += lf.products
+        for a, i in enumerate(todo):
+            jn = int(np.argmin(np.abs(lf.vals[a] - lam[i])))
+            u = lf.vecs[a, :, jn].to(torch.complex128)  # [N] right eigenvector of Aᵀ: ū is A's left one
+            overlap = abs(complex((u * xd[a]).sum()))  # uᵀx, no conjugate (as arnoldi_gap)
+            if overlap > 0 and math.isfinite(res_t[a]):
+                kappa = float(u.norm() * xd[a].norm()) / overlap
+                bound[i] = kappa * res_t[a] + abs(lf.vals[a, jn] - lam[i])
+            residual[i] = res_t[a]
+            converged[i] = r.converged[i] and lf.converged[a]
+    return KrylovResult(
+        lambda2=torch.from_numpy(lam.astype(np.complex128)),
+        products=torch.from_numpy(products),
+        residual=torch.from_numpy(residual.astype(np.float64)),
+        converged=torch.from_numpy(converged),
+        error_bound=torch.from_numpy(bound.astype(np.float64)),
+        restarts=torch.from_numpy(r.restarts),
+    )
+
+
+class _Subset:
+    """Positions within a subset of heads mapped back to the operator's head indices."""
+
+    def __init__(self, op, todo: np.ndarray):
+        self.index = torch.as_tensor(todo, device=op.q.device)
+
+    def heads(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.index[positions]
