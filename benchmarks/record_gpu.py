@@ -302,6 +302,7 @@ def main():
     ap.add_argument("--out", default="results/record_gpu.json")
     ap.add_argument("--skip", nargs="*", default=[])
     ap.add_argument("--ns", nargs="*", type=int, default=[4096, 8192, 32768])
+    ap.add_argument("--encoder-ns", nargs="*", type=int, default=[4096, 16384], help="N of the encoder table (2 layers)")
     args = ap.parse_args()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "started": time.ctime()}
     dec = [(n, 4) for n in args.ns] + [(131072, 2)]
@@ -311,7 +312,7 @@ def main():
         ("streaming", lambda: part_streaming([1024, 4096, 16384, 32768])),
         ("overhead", lambda: part_overhead([4096, 32768])),
         ("decoder", lambda: part_decoder(dec)),
-        ("encoder", lambda: part_encoder([(4096, 2)])),
+        ("encoder", lambda: part_encoder([(n, 2) for n in args.encoder_ns])),
         ("corpus", lambda: part_corpus(4096)),
     ]
     print(json.dumps(run_parts(parts, set(args.skip), args.out, res), indent=1)[:2000])

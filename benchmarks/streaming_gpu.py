@@ -12,6 +12,8 @@ Parts (each can be skipped with --skip):
   speed   streaming statistics vs F.scaled_dot_product_attention forward on the same q, k, v (the
           baseline, timed in the same process) and vs materialising P in fp32; peak extra memory.
   eigen   matrix-free spectral gap vs the dense eigen-solver at N = 4096; time per head at N = 16k.
+  krylov  all heads of a layer at once (method="krylov", the default on a GPU): against dense float64
+          eigvals at N = 4096 and against ARPACK per head; seconds per head of 32 heads at N = 16k.
 Every timing is the median of triton.testing.do_bench (CUDA events).
 """
 from __future__ import annotations
@@ -250,12 +252,84 @@ def part_eigen(dev):
     return rows
 
 
+def part_krylov(dev, heads_16k, configs, check_ns):
+    from attnstats.stats.krylov import _BLOCKS, KRYLOV_BLOCK, krylov_gaps
+
+    rows = []
+    spectral_gap_from_qk(torch.randn(2, 256, 64, device=dev), torch.randn(2, 256, 64, device=dev), method="krylov")
+    spectral_gap_from_qk(torch.randn(2, 256, 64, device=dev).bfloat16(), torch.randn(2, 256, 64, device=dev).bfloat16(),
+                         method="krylov")
+    for dt in (torch.float32, torch.bfloat16) if 4096 in check_ns else ():
+        for sigma2 in (1.0, 4.0):
+            s = sigma2 ** 0.25
+            g = torch.Generator(device=dev).manual_seed(1)
+            q = (torch.randn(4, 4096, 64, device=dev, generator=g) * s).to(dt)
+            k = (torch.randn(4, 4096, 64, device=dev, generator=g) * s).to(dt)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            r = spectral_gap_from_qk(q, k, method="krylov")
+            t_k = (time.perf_counter() - t0) / 4
+            t0 = time.perf_counter()
+            ra = spectral_gap_from_qk(q, k, method="arnoldi")
+            t_a = (time.perf_counter() - t0) / 4
+            dense = []
+            for h in range(4):
+                p = torch.softmax((q[h].double() @ k[h].double().T) / 8.0, -1)
+                ev = torch.linalg.eigvals(p).abs().sort(descending=True).values
+                dense.append(1 - float(ev[1]))
+            diff = max(abs(float(r.gap[h]) - dense[h]) for h in range(4))
+            diff_a = max(abs(float(ra.gap[h]) - dense[h]) for h in range(4))
+            rows.append(dict(n=4096, heads=4, dtype=str(dt), sigma2=sigma2, method=r.method, gap=r.gap.tolist(), gap_dense=dense,
+                             max_abs_diff=diff, max_abs_diff_arnoldi=diff_a, products=r.iterations.tolist(),
+                             residual=r.residual.tolist(), converged=r.converged.tolist(), certified=r.certified.tolist(),
+                             error_bound=r.error_bound.tolist(), s_per_head=t_k, s_per_head_arnoldi=t_a,
+                             arnoldi_products=ra.iterations.tolist()))
+            print(f"krylov N=4096 {dt} sigma2={sigma2}: |gap - dense| {diff:.2e} (ARPACK {diff_a:.2e}); "
+                  f"{t_k:.3f} s/head (ARPACK {t_a:.3f}); products {r.iterations.tolist()}, certified "
+                  f"{r.certified.tolist()}, bound max {r.error_bound.max().item():.2e}", flush=True)
+    for dt in (torch.bfloat16, torch.float32):
+        for sigma2 in (1.0, 4.0):
+            s = sigma2 ** 0.25
+            g = torch.Generator(device=dev).manual_seed(2)
+            q = (torch.randn(heads_16k, 16384, 64, device=dev, generator=g) * s).to(dt)
+            k = (torch.randn(heads_16k, 16384, 64, device=dev, generator=g) * s).to(dt)
+            op = AttentionOperator(q, k, 64 ** -0.5)
+            x = torch.randn(heads_16k, 16384, KRYLOV_BLOCK, device=dev)
+            t_mv = bench(lambda: op.matmat(x)) / 1e3
+            t_rmv = bench(lambda: op.rmatmat(x)) / 1e3
+            for block, blocks in [(KRYLOV_BLOCK, _BLOCKS)] + (configs if dt == torch.bfloat16 else []):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                if (block, blocks) == (KRYLOV_BLOCK, _BLOCKS):
+                    r = spectral_gap_from_qk(q, k)  # what a user calls: the default method on a GPU
+                    products, how = r.iterations, r.method
+                else:
+                    r = krylov_gaps(AttentionOperator(q, k, 64 ** -0.5), tol=1e-6, block=block, blocks=blocks)
+                    products, how = r.products, f"krylov_gaps(block={block}, blocks={blocks})"
+                t = (time.perf_counter() - t0) / heads_16k
+                in_products = max(products.tolist()) * (t_mv + t_rmv) / 2
+                rows.append(dict(n=16384, heads=heads_16k, sigma2=sigma2, dtype=str(dt), how=how, block=block, blocks=blocks,
+                                 products=products.tolist(), residual=r.residual.tolist(), converged=r.converged.tolist(),
+                                 error_bound=r.error_bound.tolist(), s_per_head=t,
+                                 s_per_block_product_all_heads=t_mv, s_per_transposed_block_product_all_heads=t_rmv,
+                                 s_in_products_estimate=in_products))
+                print(f"krylov N=16384 heads={heads_16k} {dt} sigma2={sigma2} {how}: {t:.4f} s/head, products "
+                      f"{min(products.tolist())}-{max(products.tolist())}, converged {bool(r.converged.all())}, "
+                      f"bound max {r.error_bound.max().item():.2e}; one block product of all heads {t_mv * 1e3:.2f} ms, "
+                      f"transposed {t_rmv * 1e3:.2f} ms; the products of the slowest head ~{in_products:.2f} s of "
+                      f"{t * heads_16k:.2f} s", flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="results/streaming_gpu.json")
     ap.add_argument("--skip", nargs="*", default=[])
     ap.add_argument("--ns", nargs="*", type=int, default=[4096, 16384, 65536, 131072])
     ap.add_argument("--ds", nargs="*", type=int, default=[64, 128])
+    ap.add_argument("--heads-16k", type=int, default=32, help="heads of the krylov part at N = 16k")
+    ap.add_argument("--krylov-configs", nargs="*", default=[], help="block,blocks pairs tried at N = 16k (bf16) besides the default")
+    ap.add_argument("--krylov-ns", nargs="*", type=int, default=[4096], help="N of the krylov part's accuracy check (0: none)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     import triton
@@ -265,7 +339,8 @@ def main():
     print(env, flush=True)
     res = dict(env=env, command=" ".join(sys.argv))
     parts = [("check", lambda: part_check(dev)), ("configs", lambda: part_configs(dev)),
-             ("speed", lambda: part_speed(dev, args.ns, args.ds)), ("eigen", lambda: part_eigen(dev))]
+             ("speed", lambda: part_speed(dev, args.ns, args.ds)), ("eigen", lambda: part_eigen(dev)),
+             ("krylov", lambda: part_krylov(dev, args.heads_16k, [tuple(map(int, c.split(","))) for c in args.krylov_configs], args.krylov_ns))]
     run_parts(parts, args.skip, args.out, res)
 
 
