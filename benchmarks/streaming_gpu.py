@@ -12,6 +12,7 @@ Parts (each can be skipped with --skip):
   speed   streaming statistics vs F.scaled_dot_product_attention forward on the same q, k, v (the
           baseline, timed in the same process) and vs materialising P in fp32; peak extra memory.
   eigen   matrix-free spectral gap vs the dense eigen-solver at N = 4096; time per head at N = 16k.
+  tiles   tiles of the batched gap's product kernels (32 heads, N = 16k).
   krylov  all heads of a layer at once (method="krylov", the default on a GPU): against dense float64
           eigvals at N = 4096 and against ARPACK per head; seconds per head of 32 heads at N = 16k.
 Every timing is the median of triton.testing.do_bench (CUDA events).
@@ -252,6 +253,38 @@ def part_eigen(dev):
     return rows
 
 
+def part_product_tiles(dev, heads, tiles):
+    """The product kernels of the batched gap (P X and Pᵀ X, 9 columns: a block of 8 and the ones),
+    32 heads at N = 16k, per tile (BLOCK_M, BLOCK_N, warps, stages); outputs against the default tile's."""
+    rows = []
+    for dt in (torch.bfloat16, torch.float32):
+        g = torch.Generator(device=dev).manual_seed(3)
+        q = torch.randn(heads, 16384, 64, device=dev, generator=g).to(dt)
+        k = torch.randn(heads, 16384, 64, device=dev, generator=g).to(dt)
+        op = AttentionOperator(q, k, 64 ** -0.5)
+        sums = streaming_triton.attention_row_sums(q, k, op.lse, 64 ** -0.5)
+        x = torch.randn(heads, 16384, 8, device=dev, generator=g)
+        ref = {}
+        for tile in [None] + tiles:
+            for transpose in (False, True):
+                def call():
+                    return streaming_triton.attention_products(q, k, op.lse, x, 64 ** -0.5, transpose=transpose,
+                                                               row_sums=sums if transpose else None, config=tile)
+                try:
+                    out = call()
+                    ms = bench(call)
+                except Exception as err:  # a tile over the shared memory: reported, not fatal
+                    print(f"tile {tile} {dt} transpose={transpose}: {type(err).__name__}: {str(err)[:120]}", flush=True)
+                    continue
+                if tile is None:
+                    ref[transpose] = out
+                diff = float((out - ref[transpose]).abs().max() / ref[transpose].abs().max())
+                rows.append(dict(dtype=str(dt), tile=tile, transpose=transpose, ms=ms, rel_diff_to_default=diff))
+                print(f"tile {tile} {dt} transpose={transpose}: {ms:.2f} ms for {heads} heads, rel. diff to the default "
+                      f"tile {diff:.1e}", flush=True)
+    return rows
+
+
 def part_krylov(dev, heads_16k, configs, check_ns):
     from attnstats.stats.krylov import _BLOCKS, KRYLOV_BLOCK, krylov_gaps
 
@@ -329,6 +362,8 @@ def main():
     ap.add_argument("--ds", nargs="*", type=int, default=[64, 128])
     ap.add_argument("--heads-16k", type=int, default=32, help="heads of the krylov part at N = 16k")
     ap.add_argument("--krylov-configs", nargs="*", default=[], help="block,blocks pairs tried at N = 16k (bf16) besides the default")
+    ap.add_argument("--product-tiles", nargs="*", default=["128,64,8,3", "128,64,4,3", "64,128,4,3", "128,128,8,3", "64,64,4,4", "64,32,4,3"],
+                    help="BLOCK_M,BLOCK_N,warps,stages tiles of the gap's product kernels")
     ap.add_argument("--krylov-ns", nargs="*", type=int, default=[4096], help="N of the krylov part's accuracy check (0: none)")
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -340,6 +375,7 @@ def main():
     res = dict(env=env, command=" ".join(sys.argv))
     parts = [("check", lambda: part_check(dev)), ("configs", lambda: part_configs(dev)),
              ("speed", lambda: part_speed(dev, args.ns, args.ds)), ("eigen", lambda: part_eigen(dev)),
+             ("tiles", lambda: part_product_tiles(dev, args.heads_16k, [tuple(map(int, t.split(","))) for t in args.product_tiles])),
              ("krylov", lambda: part_krylov(dev, args.heads_16k, [tuple(map(int, c.split(","))) for c in args.krylov_configs], args.krylov_ns))]
     run_parts(parts, args.skip, args.out, res)
 

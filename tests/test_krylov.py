@@ -81,7 +81,7 @@ def test_operator_of_several_heads_multiplies_the_listed_ones():
 def test_cholesky_qr_keeps_a_dependent_block_orthonormal():
     g = torch.Generator().manual_seed(2)
     w = torch.randn(3, 50, 6, dtype=torch.float64, generator=g)
-    w[1, :, 3] = w[1, :, 0] + w[1, :, 1]  # rank 5: the Gram matrix is singular, Householder takes over
+    w[1, :, 3] = w[1, :, 0] + w[1, :, 1]  # rank 5: the Gram matrix is singular; the shifted first pass factors it
     q, r = krylov._cholesky_qr(w)
     eye = torch.eye(6, dtype=torch.float64).expand(3, 6, 6)
     assert torch.allclose(q.mT @ q, eye, atol=1e-12)

@@ -82,14 +82,19 @@ class AttentionOperator:
         return torch.exp(s - self.lse[h, i0:i1, None])  # [..., rows, N]
 
     def _heads(self, x: torch.Tensor, heads):
-        """``x`` as ``[A, N, c]``, and ``(heads as a list, P of those heads or None)``."""
+        """``x`` as ``[A, N, c]``, and ``(heads, heads as a list, P of those heads or None)``: the fused
+        product takes ``heads`` as a tensor on the device (given so, nothing waits for a copy), the
+        PyTorch tiles a list."""
         x = x[None] if self.one_head else x  # [A, N, c]
+        count = self.heads if heads is None else len(heads)
+        if count != x.shape[0]:
+            raise ValueError(f"x: one slice per head, expected {count}, got {x.shape[0]}")
+        if self.backend == "triton":
+            if heads is not None and not (isinstance(heads, torch.Tensor) and heads.device == self.q.device):
+                heads = torch.as_tensor([int(h) for h in heads], device=self.q.device)  # [A]
+            return x, heads, None, None
         listed = list(range(self.heads)) if heads is None else [int(h) for h in heads]
-        if len(listed) != x.shape[0]:
-            raise ValueError(f"x: one slice per head, expected {len(listed)}, got {x.shape[0]}")
         p = None if self.p is None else (self.p if heads is None else self.p[listed])  # [A, N, N]
-        if heads is not None and self.backend == "triton":
-            heads = torch.as_tensor(listed, device=self.q.device)  # [A]
         return x, heads, listed, p
 
     def matmat(self, x: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,10 +9,11 @@ head at a time needs fewer operations (a tile of ``P`` is cached per head), and
 
 For each head the solver keeps a block Krylov decomposition ``A V_j = V_j H_j + F_j E_jᵀ`` (``V_j``
 orthonormal, ``F_j`` the next ``b`` basis vectors) of ``A = (I − 1 1ᵀ/N) P``, which keeps ``λ_2 … λ_N``
-and sends ``λ_1 = 1`` to 0. When the basis is full, the real Schur form of ``H_j`` is reordered so that
-its eigenvalues of largest modulus lead, and the basis is cut to their invariant subspace (Stewart's
-Krylov–Schur restart; the cut keeps the decomposition exact, unlike a restart from Ritz vectors). A
-head is done when its ``nev`` Ritz values of largest modulus have residuals ``‖A x − θ x‖ ≤ tol·|θ|``.
+and sends ``λ_1 = 1`` to 0. When the basis is full it is cut to the invariant subspace of ``H_j`` that
+belongs to its eigenvalues of largest modulus (Stewart's Krylov–Schur restart: the cut keeps the
+decomposition exact, where a restart from a few Ritz vectors starts over). A head is done when its
+``nev`` Ritz values of largest modulus have residuals ``‖A x − θ x‖ ≤ tol·|θ|`` (or at the rounding of
+a product), and then leaves the launches.
 
 Certification is that of :func:`attnstats.stats.arnoldi.arnoldi_gap`: the same solve on ``Aᵀ`` gives
 the left eigenvector ``u``, and the error bound is ``κ(λ_2)·‖r‖ + |θ_left − θ_right|`` with
@@ -47,7 +48,8 @@ def krylov_bytes_per_head(n: int, dtype: torch.dtype, block: int = KRYLOV_BLOCK,
     """Memory of one head's solve at ``n`` tokens: its basis (:func:`largest_eigs`), a copy of it while
     orthogonalising, and its Ritz vectors, in the products' ``dtype`` (float64 on the CPU)."""
     itemsize = torch.finfo(dtype).bits // 8
-    return 2 * n * (blocks * block + 2 * block + 2) * itemsize + 4 * n * 3 * itemsize
+    # two solves per head (A and Aᵀ) in one batch
+    return 2 * (2 * n * (blocks * block + 2 * block + 2) * itemsize + 4 * n * 3 * itemsize)
 
 
 @dataclass
@@ -57,7 +59,7 @@ class KrylovResult:
     lambda2: complex λ₂; products: block products spent (both solves, and the residual check);
     residual: ``‖A x − λ₂ x‖ / ‖x‖`` recomputed from the Ritz vector; converged: both solves met the
     tolerance; error_bound: ``κ(λ₂)·residual + |θ_left − θ_right|`` (``inf`` when the left solve found
-    nothing next to λ₂); restarts: of the right solve.
+    nothing next to λ₂); restarts: of the solve on ``A``.
     """
 
     lambda2: torch.Tensor
@@ -80,19 +82,25 @@ class _Eigs:
 
 
 def _cholesky_qr(w: torch.Tensor):
-    """``w [A, N, b] = Q R`` by Cholesky of the Gram matrix (in float64), twice: a few batched
-    products, where a Householder QR of many tall blocks is a loop of small kernels on a GPU. A head
-    whose Gram matrix is not positive definite (a block of dependent vectors) gets Householder's QR."""
+    """``w [A, N, b] = Q R`` by Cholesky factors of the Gram matrix (in float64), three passes: batched
+    products only, where a Householder QR of many tall blocks is a loop of small kernels on a GPU, and
+    nothing that makes the host wait. The first pass factors ``wᵀw + s·I`` with the shift ``s`` of
+    Fukaya et al.'s shifted CholeskyQR3 (``11(Nb + b(b+1))·eps·trace``), positive definite whatever the
+    rank of ``w``; the two plain passes that follow make ``Q`` orthonormal to rounding. The absolute
+    1e-30 keeps an all-zero block at zero instead of 0/0."""
+    n, b = w.shape[-2:]
+    eye = torch.eye(b, dtype=torch.float64, device=w.device)
+    eps = torch.finfo(torch.float64).eps
     q, r = w, None
-    for _ in range(2):
+    for i in range(3):
         gram = q.double().mT @ q.double()  # [A, b, b]
-        rr, info = torch.linalg.cholesky_ex(gram, upper=True)  # [A, b, b]
-        bad = info != 0
-        qn = torch.linalg.solve_triangular(rr.to(q.dtype), q, upper=True, left=False)  # [A, N, b] = q R⁻¹
-        if bool(bad.any()):  # Householder's Q is orthonormal whatever the rank; R carries the dependence
-            qh, rh = torch.linalg.qr(q[bad].double())
-            qn[bad], rr[bad] = qh.to(q.dtype), rh
-        q = qn
+        shift = 1e-30
+        if i == 0:
+            shift = 11 * (n * b + b * (b + 1)) * eps * torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1)[:, None, None] + 1e-30
+        rr = torch.linalg.cholesky_ex(gram + shift * eye, upper=True)[0]  # [A, b, b]
+        # R⁻¹ of the small factor, then one batched product: the batched triangular solve with the tall
+        # block took 0.3 s of host time in a 2.1 s solve (benchmarks/results/profile_gap_run2.txt)
+        q = q @ torch.linalg.inv_ex(rr)[0].to(q.dtype)  # [A, N, b] = q R⁻¹
         r = rr if r is None else rr @ r
     return q, r.to(w.dtype)
 
@@ -201,7 +209,8 @@ def largest_eigs(apply, x0: torch.Tensor, *, nev: int, blocks: int, tol: float, 
     """The ``nev`` eigenvalues of largest modulus of ``M`` operators at once.
 
     Args:
-        apply: ``(x [A, N, b], heads [A] int64) → A_h x`` for the listed heads.
+        apply: ``(x [A, N, b], rows, rows_on_device) → A_row x`` for the listed problems (``rows``: numpy
+            int64 ``[A]``, and the same on ``x``'s device).
         x0: ``[M, N, b]`` start blocks (any full-rank block; made orthonormal here).
         nev: eigenvalues wanted per head.
         blocks: basis of ``blocks·b`` vectors per head before a restart.
@@ -221,83 +230,110 @@ def largest_eigs(apply, x0: torch.Tensor, *, nev: int, blocks: int, tol: float, 
     v = torch.zeros(m, n, cols, dtype=dt, device=dev)  # [M, N, C] bases, zero past each head's own
     q, _, _ = _orthonormal(x0, None)
     v[:, :, :b] = q
-    h = np.zeros((m, cols, cols))  # [M, C, C] the decompositions' H (float64, host)
+    # The decompositions' H stay on the device, so that a block step waits for nothing: the host
+    # sees them once per restart round.
+    h = torch.zeros(m, cols, cols, dtype=torch.float64, device=dev)  # [M, C, C]
     j = np.zeros(m, dtype=np.int64)  # columns whose images are in the decomposition, per head
+    jt = torch.zeros(m, dtype=torch.int64, device=dev)  # the same on the device
     products = np.zeros(m, dtype=np.int64)
     restarts = np.zeros(m, dtype=np.int64)
     level = np.zeros(m)
     vals = np.zeros((m, nev), dtype=complex)
-    vecs = torch.zeros(m, n, nev, dtype=torch.complex128 if dt == torch.float64 else torch.complex64, device=dev)
+    cdt = torch.complex128 if dt == torch.float64 else torch.complex64
+    vecs = torch.zeros(m, n, nev, dtype=cdt, device=dev)
     res = np.full((m, nev), np.inf)
     converged = np.zeros(m, dtype=bool)
     active = np.arange(m)
-    blk = np.arange(b)
+    blk = torch.arange(b, device=dev)
     pool = ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, m)) if m > 1 else None
     try:
         while active.size:
-            act = torch.as_tensor(active, device=dev)
+            act = torch.as_tensor(active, device=dev)  # [A]
             while int(j[active].max()) + b <= basis:
-                at = torch.as_tensor(j[active][:, None] + blk, device=dev)  # [A, b] the newest block's columns
+                at = jt[act][:, None] + blk  # [A, b] the newest block's columns
                 x = v[act[:, None], :, at].transpose(1, 2)  # [A, N, b]
-                w = apply(x, act).to(dt)  # [A, N, b]
-                first = products[active[0]] == 0
-                if first:
-                    level[active] = w.norm(dim=1).amax(-1).double().cpu().numpy()
+                w = apply(x, active, act).to(dt)  # [A, N, b]
                 products[active] += 1
-                if first and bool((level[active] <= vanish).any()):
+                if products[active[0]] == 1:  # the first product: how large is A at all?
+                    level[active] = w.norm(dim=1).amax(-1).double().cpu().numpy()
                     gone = level[active] <= vanish
-                    converged[active[gone]] = True
-                    vals[active[gone]], res[active[gone]] = 0.0, level[active[gone], None]
-                    live = ~gone
-                    active, w, at = active[live], w[torch.as_tensor(live, device=dev)], at[torch.as_tensor(live, device=dev)]
-                    act = torch.as_tensor(active, device=dev)
-                    if not active.size:
-                        break
+                    if gone.any():
+                        converged[active[gone]] = True
+                        vals[active[gone]], res[active[gone]] = 0.0, level[active[gone], None]
+                        live = torch.as_tensor(~gone, device=dev)
+                        active, act, w, at = active[~gone], act[live], w[live], at[live]
+                        if not active.size:
+                            break
                 top = int(j[active].max()) + b
                 qn, hc, r = _orthonormal(w, v[act, :, :top])  # [A, N, b], [A, top, b], [A, b, b]
                 v[act[:, None], :, at + b] = qn.transpose(1, 2)
-                hc, r = hc.double().cpu().numpy(), r.double().cpu().numpy()
-                for a, i in enumerate(active):
-                    ji = j[i]
-                    h[i, :ji + b, ji:ji + b] = hc[a, :ji + b]
-                    h[i, ji + b:ji + 2 * b, ji:ji + b] = r[a]
+                # column block j..j+b of each head's H: the projections (rows past a head's own basis
+                # are zero, as its basis columns there are) and R below them
+                rows = torch.arange(top, device=dev)
+                h[act[:, None, None], rows[None, :, None], at[:, None, :]] = hc.double()
+                h[act[:, None, None], (at + b)[:, :, None], at[:, None, :]] = r.double()
                 j[active] += b
+                jt[act] += b
             if not active.size:
                 break
+            hh = h[act].cpu().numpy()  # [A, C, C]
 
-            def one(i):
-                ji = j[i]
-                return _ritz(h[i, :ji, :ji], h[i, ji:ji + b, :ji], nev, keep, basis - b, tol, floor)
+            def one(a):
+                ji = j[active[a]]
+                return _ritz(hh[a, :ji, :ji], hh[a, ji:ji + b, :ji], nev, keep, basis - b, tol, floor)
 
             if pool and active.size > 1:
                 # one BLAS thread per head: a pool of multi-threaded LAPACK calls oversubscribes the
-                # cores (measured 10–20× slower on a 16-core host than these threads alone)
+                # cores (RESULTS §3: 2.4–7.5× slower on a 16-core host)
                 with threadpool_limits(limits=1, user_api="blas"):
-                    found = list(pool.map(one, active))
+                    found = list(pool.map(one, range(active.size)))
             else:
-                found = [one(i) for i in active]
-            last = restarts[active] >= max_restarts
-            for (tk, zk, w_, y, r_, ok), i, stop in zip(found, active, last):
-                if ok or stop:
-                    ji = j[i]
-                    yt = torch.from_numpy(y).to(dev)  # [j, nev] complex128
-                    basis_i = v[i, :, :ji].double()  # [N, j]
-                    vecs[i] = torch.complex(basis_i @ yt.real, basis_i @ yt.imag).to(vecs.dtype)  # [N, nev]
-                    vals[i], res[i], converged[i] = w_, r_, ok
-                    continue
-                # Krylov–Schur restart: A (V Z_k) = (V Z_k) T_k + F (E_jᵀ Z_k), then grow from F again
-                ji, k = j[i], tk.shape[0]
-                zt = torch.from_numpy(zk).to(device=dev, dtype=dt)  # [j, k]
-                kept = v[i, :, :ji] @ zt  # [N, k]
-                nxt = v[i, :, ji:ji + b].clone()  # [N, b]
-                v[i].zero_()
-                v[i, :, :k], v[i, :, k:k + b] = kept, nxt
-                row = h[i, ji:ji + b, :ji] @ zk  # [b, k]
-                h[i] = 0.0
-                h[i, :k, :k], h[i, k:k + b, :k] = tk, row
-                j[i] = k
-                restarts[i] += 1
-            done = np.array([ok or stop for (*_, ok), stop in zip(found, last)])
+                found = [one(a) for a in range(active.size)]
+            stop = restarts[active] >= max_restarts
+            done = np.array([f[5] for f in found]) | stop
+            jmax = int(j[active].max())
+            if done.any():  # Ritz vectors of the finished heads, in one product
+                fin = np.flatnonzero(done)
+                y = np.zeros((fin.size, jmax, nev), dtype=complex)
+                for c, a in enumerate(fin):
+                    tk, zk, w_, y_, r_, ok = found[a]
+                    y[c, :y_.shape[0]] = y_
+                    vals[active[a]], res[active[a]], converged[active[a]] = w_, r_, ok
+                yt = torch.from_numpy(y).to(dev)  # [F, j, nev] complex128
+                basis_f = v[act[torch.as_tensor(fin, device=dev)], :, :jmax].double()  # [F, N, j]
+                vecs[active[fin]] = torch.complex(basis_f @ yt.real, basis_f @ yt.imag).to(cdt)  # [F, N, nev]
+            more = np.flatnonzero(~done)
+            if more.size:
+                # Krylov–Schur restart of the others, in one batch: A (V Z_k) = (V Z_k) T_k + F (E_jᵀ Z_k),
+                # then grow from F again. Padded with zeros to the largest j and k of the batch.
+                ks = np.array([found[a][0].shape[0] for a in more])
+                kmax = int(ks.max())
+                z = np.zeros((more.size, jmax, kmax))
+                t = np.zeros((more.size, kmax, kmax))
+                row = np.zeros((more.size, b, kmax))
+                for c, a in enumerate(more):
+                    tk, zk = found[a][0], found[a][1]
+                    ji, k = j[active[a]], tk.shape[0]
+                    z[c, :ji, :k], t[c, :k, :k] = zk, tk
+                    row[c, :, :k] = hh[a, ji:ji + b, :ji] @ zk
+                rest = act[torch.as_tensor(more, device=dev)]  # [R]
+                zt = torch.from_numpy(z).to(device=dev, dtype=dt)  # [R, j, k]
+                jr = torch.as_tensor(j[active[more]], device=dev)
+                kr = torch.as_tensor(ks, device=dev)
+                nxt = v[rest[:, None], :, jr[:, None] + blk]  # [R, b, N] the next block F
+                vn = torch.zeros(more.size, n, cols, dtype=dt, device=dev)  # [R, N, C]
+                vn[:, :, :kmax] = v[rest, :, :jmax] @ zt
+                pos = torch.arange(more.size, device=dev)
+                vn[pos[:, None], :, kr[:, None] + blk] = nxt
+                v[rest] = vn
+                hn = torch.zeros(more.size, cols, cols, dtype=torch.float64, device=dev)  # [R, C, C]
+                hn[:, :kmax, :kmax] = torch.from_numpy(t).to(dev)
+                hn[pos[:, None, None], (kr[:, None] + blk)[:, :, None], torch.arange(kmax, device=dev)[None, None, :]] = \
+                    torch.from_numpy(row).to(dev)
+                h[rest] = hn
+                j[active[more]] = ks
+                jt[rest] = kr
+                restarts[active[more]] += 1
             active = active[~done]
     finally:
         if pool:
@@ -308,7 +344,8 @@ def largest_eigs(apply, x0: torch.Tensor, *, nev: int, blocks: int, tol: float, 
 def krylov_gaps(op, *, tol: float, block: int = KRYLOV_BLOCK, blocks: int = _BLOCKS, nev: int = 3,
                 max_restarts: int = 100, seed: int = 0) -> KrylovResult:
     """``λ₂`` of every head of ``op`` (:class:`attnstats.stats.arnoldi.AttentionOperator` of ``M`` heads of
-    ``N`` tokens), certified as :func:`attnstats.stats.arnoldi.arnoldi_gap` certifies one head.
+    ``N`` tokens), certified as :func:`attnstats.stats.arnoldi.arnoldi_gap` certifies one head; the solves
+    on ``A`` and on ``Aᵀ`` run together, as one batch of ``2M``.
 
     Args:
         op: the heads' products ``P x`` and ``Pᵀ x``.
@@ -324,9 +361,9 @@ def krylov_gaps(op, *, tol: float, block: int = KRYLOV_BLOCK, blocks: int = _BLO
     b = max(1, min(block, (n - 2) // (blocks + 2)))  # the basis (with its slack) must stay below N
     dt = op.dtype
     dev = op.q.device
-    g = torch.Generator().manual_seed(seed)
-    x0 = torch.randn(m, n, b, generator=g, dtype=torch.float64)  # [M, N, b]
-    x0 = (x0 - x0.mean(1, keepdim=True)).to(device=dev, dtype=dt)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    x0 = torch.randn(m, n, b, generator=g, dtype=dt, device=dev)  # [M, N, b], drawn where it is used
+    x0 = x0 - x0.mean(1, keepdim=True)
 
     def right(x, heads):  # A x = P x − mean(P x)
         y = op.matmat(x, heads)  # [A, N, b]
@@ -335,22 +372,45 @@ def krylov_gaps(op, *, tol: float, block: int = KRYLOV_BLOCK, blocks: int = _BLO
     def left(x, heads):  # Aᵀ x = Pᵀ (x − mean x)
         return op.rmatmat(x - x.mean(1, keepdim=True), heads)  # [A, N, b]
 
+    split = {}  # per set of unfinished problems: which rows are A's, which Aᵀ's, on the device
+
+    def both(x, rows: np.ndarray, rows_dev: torch.Tensor):
+        # The solves on A and on Aᵀ run as one batch of 2M problems (rows < M: A of head `row`; the
+        # others Aᵀ of head `row − M`): one orthogonalisation, one host round of restarts and one
+        # pass of the loop per block step for both, where two solves one after the other take two.
+        key = rows.tobytes()
+        if key not in split:
+            on_a = torch.as_tensor(rows < m, device=dev)
+            ia, it = on_a.nonzero()[:, 0], (~on_a).nonzero()[:, 0]
+            split.clear()  # only the current set is ever asked for again
+            split[key] = (ia, it, rows_dev[ia], rows_dev[it] - m, int((rows < m).sum()))
+        ia, it, ha, ht, na = split[key]
+        if na == len(rows):
+            return right(x, ha)
+        if na == 0:
+            return left(x, ht)
+        out = torch.empty_like(x)  # [A, N, b]
+        out[ia] = right(x[ia], ha).to(x.dtype)
+        out[it] = left(x[it], ht).to(x.dtype)
+        return out
+
     nev = min(nev, n - 2)
     # Rank-one attention (identical queries or keys) makes A vanish up to rounding: a start block that
     # A sends to the rounding level of a product (~sqrt(N)·eps relative) means λ_2 = 0, as in arnoldi_gap.
     vanish = 64 * math.sqrt(n) * torch.finfo(dt).eps
-    r = largest_eigs(right, x0, nev=nev, blocks=blocks, tol=tol, max_restarts=max_restarts, vanish=vanish)
-    lam = r.vals[:, 0]  # [M] largest modulus first
-    vanishing = r.level <= vanish
+    e = largest_eigs(both, torch.cat([x0, x0]), nev=nev, blocks=blocks, tol=tol, max_restarts=max_restarts,
+                     vanish=vanish)
+    level = e.level[:m]
+    vanishing = level <= vanish
     todo = np.flatnonzero(~vanishing)
-    products = r.products.copy()
-    bound = np.where(vanishing, 100 * math.sqrt(n) * r.level, np.inf)
-    residual = np.where(vanishing, r.level, np.inf)
-    converged = r.converged | vanishing
-    lam = np.where(vanishing, 0j, lam)
+    products = e.products[:m] + e.products[m:]
+    bound = np.where(vanishing, 100 * math.sqrt(n) * level, np.inf)
+    residual = np.where(vanishing, level, np.inf)
+    converged = e.converged[:m] | vanishing
+    lam = np.where(vanishing, 0j, e.vals[:m, 0])  # [M] largest modulus first
     if todo.size:
         heads = torch.as_tensor(todo, device=dev)
-        x = r.vecs[heads, :, 0]  # [T, N] complex right Ritz vectors of λ₂
+        x = e.vecs[heads, :, 0]  # [T, N] complex right Ritz vectors of λ₂
         parts = torch.stack([x.real, x.imag], -1).to(dt)  # [T, N, 2]
         ax = right(parts, heads).double()  # [T, N, 2]
         ax = torch.complex(ax[..., 0], ax[..., 1])  # [T, N]
@@ -358,34 +418,20 @@ def krylov_gaps(op, *, tol: float, block: int = KRYLOV_BLOCK, blocks: int = _BLO
         lt = torch.as_tensor(lam[todo], device=dev)
         res_t = ((ax - lt[:, None] * xd).norm(dim=1) / xd.norm(dim=1)).cpu().numpy()
         products[todo] += 1
-        sub = _Subset(op, todo)
-        lf = largest_eigs(lambda xx, hh: left(xx, sub.heads(hh)), x0[heads], nev=nev, blocks=blocks, tol=tol,
-                          max_restarts=max_restarts)
-        products[todo] += lf.products
         for a, i in enumerate(todo):
-            jn = int(np.argmin(np.abs(lf.vals[a] - lam[i])))
-            u = lf.vecs[a, :, jn].to(torch.complex128)  # [N] right eigenvector of Aᵀ: ū is A's left one
+            jn = int(np.argmin(np.abs(e.vals[m + i] - lam[i])))
+            u = e.vecs[m + i, :, jn].to(torch.complex128)  # [N] right eigenvector of Aᵀ: ū is A's left one
             overlap = abs(complex((u * xd[a]).sum()))  # uᵀx, no conjugate (as arnoldi_gap)
             if overlap > 0 and math.isfinite(res_t[a]):
                 kappa = float(u.norm() * xd[a].norm()) / overlap
-                bound[i] = kappa * res_t[a] + abs(lf.vals[a, jn] - lam[i])
+                bound[i] = kappa * res_t[a] + abs(e.vals[m + i, jn] - lam[i])
             residual[i] = res_t[a]
-            converged[i] = r.converged[i] and lf.converged[a]
+            converged[i] = e.converged[i] and e.converged[m + i]
     return KrylovResult(
         lambda2=torch.from_numpy(lam.astype(np.complex128)),
         products=torch.from_numpy(products),
         residual=torch.from_numpy(residual.astype(np.float64)),
         converged=torch.from_numpy(converged),
         error_bound=torch.from_numpy(bound.astype(np.float64)),
-        restarts=torch.from_numpy(r.restarts),
+        restarts=torch.from_numpy(e.restarts[:m]),
     )
-
-
-class _Subset:
-    """Positions within a subset of heads mapped back to the operator's head indices."""
-
-    def __init__(self, op, todo: np.ndarray):
-        self.index = torch.as_tensor(todo, device=op.q.device)
-
-    def heads(self, positions: torch.Tensor) -> torch.Tensor:
-        return self.index[positions]

@@ -514,7 +514,7 @@ def row_accumulators(q, k, scale, mask, causal, config=None) -> tuple[torch.Tens
 
 def attention_products(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, x: torch.Tensor, scale: float, *,
                         transpose: bool = False, heads: torch.Tensor | None = None,
-                        row_sums: torch.Tensor | None = None) -> torch.Tensor:
+                        row_sums: torch.Tensor | None = None, config=None) -> torch.Tensor:
     """``P x`` (or ``Pᵀ x``) for several heads in one launch, ``P = softmax(scale · q kᵀ)``, fused: no
     tile of ``P`` leaves the chip.
 
@@ -529,6 +529,7 @@ def attention_products(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, x: t
         row_sums: ``[M, N]``, for ``Pᵀ x``: the sums of the rows of ``exp(s − lse)`` (float32 ``lse``
             leaves them 1 only to ~1e-7·|lse|), from :func:`attention_row_sums`; with them ``x`` is
             divided first, so that the product is that of the row-normalised ``P``.
+        config: ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` instead of the default tile.
 
     Returns:
         ``[A, N, c]`` float32. For ``P x`` a column of ones rides along and each row is divided by
@@ -547,21 +548,21 @@ def attention_products(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, x: t
     xp = torch.zeros(a, n, r, dtype=torch.float32, device=x.device)  # [A, N, R]
     if transpose:
         xp[..., :c] = x if row_sums is None else x / row_sums[heads][..., None]
-        return _launch_product(_rmatmat_kernel, q, k, lse, xp, heads, scale)[..., :c]  # [A, N, c]
+        return _launch_product(_rmatmat_kernel, q, k, lse, xp, heads, scale, config)[..., :c]  # [A, N, c]
     xp[..., :c] = x
     xp[..., c] = 1.0
-    out = _launch_product(_matmat_kernel, q, k, lse, xp, heads, scale)  # [A, N, R]
+    out = _launch_product(_matmat_kernel, q, k, lse, xp, heads, scale, config)  # [A, N, R]
     return out[..., :c] / out[..., c:c + 1]  # [A, N, c]
 
 
-def _launch_product(kernel, q, k, lse, xp, heads, scale) -> torch.Tensor:
+def _launch_product(kernel, q, k, lse, xp, heads, scale, config=None) -> torch.Tensor:
     """``exp(s − lse) xp`` (:func:`_matmat_kernel`) or ``exp(s − lse)ᵀ xp`` (:func:`_rmatmat_kernel`)
     for the heads ``heads [A]`` of ``q, k: [M, N, d]``, ``lse: [M, N]``; ``xp: [A, N, R]`` float32 → ``[A, N, R]``."""
     a, n, r = xp.shape
     d = q.shape[-1]
     interp = _interpreting()
-    bm, bn = (16, 16) if interp else (64, 64)
-    kwargs = {} if interp else {"num_warps": 4, "num_stages": 3}
+    bm, bn, warps, stages = config or ((16, 16, 1, 1) if interp else (64, 64, 4, 3))
+    kwargs = {} if interp else {"num_warps": warps, "num_stages": stages}
     q = q.contiguous()  # [M, N, d]
     k = k.contiguous().to(q.dtype)  # [M, N, d]
     lse2 = (lse.to(torch.float32) * _LOG2E).contiguous()  # [M, N]
