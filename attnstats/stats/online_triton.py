@@ -201,6 +201,13 @@ if _HAVE_TRITON:
 
 
     @triton.jit
+    def _listed_head(Q, K, LSE2, X, OUT, HEADS, sq_h, sk_h, sl_h, sx_a, so_a):
+        # The pointers of program (·, a) of a product kernel: head HEADS[a] of Q, K, LSE2, slice a of X, OUT.
+        a = tl.program_id(1).to(tl.int64)
+        h = tl.load(HEADS + a).to(tl.int64)
+        return Q + h * sq_h, K + h * sk_h, LSE2 + h * sl_h, X + a * sx_a, OUT + a * so_a
+
+    @triton.jit
     def _matmat_kernel(
         Q, K, LSE2, X, OUT, HEADS,
         sq_h, sq_n, sk_h, sk_n, sl_h, sx_a, sx_n, so_a, so_n,
@@ -220,13 +227,7 @@ if _HAVE_TRITON:
         # N: tokens; qk_scale: scale·log2 e; D: head dim; R: columns of X (16 or 32)
         # grid: (cdiv(N, BLOCK_M), A)
         pid = tl.program_id(0)
-        a = tl.program_id(1).to(tl.int64)
-        h = tl.load(HEADS + a).to(tl.int64)
-        Q += h * sq_h
-        K += h * sk_h
-        LSE2 += h * sl_h
-        X += a * sx_a
-        OUT += a * so_a
+        Q, K, LSE2, X, OUT = _listed_head(Q, K, LSE2, X, OUT, HEADS, sq_h, sk_h, sl_h, sx_a, so_a)
         offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
         offs_d = tl.arange(0, D)  # [D]
         offs_r = tl.arange(0, R)  # [R]
@@ -260,13 +261,7 @@ if _HAVE_TRITON:
         # the roles of queries and keys swapped; arguments as there.
         # grid: (cdiv(N, BLOCK_M), A): BLOCK_M keys per program, BLOCK_N queries per tile
         pid = tl.program_id(0)
-        a = tl.program_id(1).to(tl.int64)
-        h = tl.load(HEADS + a).to(tl.int64)
-        Q += h * sq_h
-        K += h * sk_h
-        LSE2 += h * sl_h
-        X += a * sx_a
-        OUT += a * so_a
+        Q, K, LSE2, X, OUT = _listed_head(Q, K, LSE2, X, OUT, HEADS, sq_h, sk_h, sl_h, sx_a, so_a)
         offs_j = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] keys
         offs_d = tl.arange(0, D)  # [D]
         offs_r = tl.arange(0, R)  # [R]
