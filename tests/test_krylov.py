@@ -104,6 +104,16 @@ def test_schur_restart_keeps_an_invariant_subspace_when_eigenvectors_are_defecti
     assert np.allclose(np.sort(np.abs(np.linalg.eigvals(t))), [0.5, 0.9, 0.9], atol=1e-6)  # a Jordan pair: ~sqrt(eps)
 
 
+def test_heads_too_short_for_a_basis_are_solved_densely():
+    # 12 tokens cannot hold a basis of 24 blocks: such heads go to LAPACK, as ARPACK's short heads do
+    q, k = gaussian_qk((2,), 12, 8, 1.3, 1.3, seed=17)
+    r = spectral_gap_from_qk(q, k, method="krylov")
+    p = softmax_attention(q, k).numpy()
+    assert r.method == "dense" and bool(r.certified.all())
+    for h in range(2):
+        assert abs(float(r.gap[h]) - (1 - abs(dense_lambda2(p[h])))) < 1e-12  # both LAPACK on float64 P equal up to rounding; λ₂ of these heads is well-conditioned
+
+
 def test_krylov_is_for_non_causal_attention():
     q, k = gaussian_qk((1,), 20, 4, seed=16)
     with pytest.raises(ValueError, match="method: 'krylov' is for non-causal"):

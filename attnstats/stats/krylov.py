@@ -31,7 +31,7 @@ import scipy.linalg
 import torch
 from threadpoolctl import threadpool_limits
 
-__all__ = ["krylov_gaps", "krylov_bytes_per_head", "KrylovResult", "KRYLOV_BLOCK"]
+__all__ = ["krylov_gaps", "krylov_bytes_per_head", "KrylovResult", "KRYLOV_BLOCK", "KRYLOV_MIN_TOKENS"]
 
 # Columns per head in one product, and the basis of at most _BLOCKS·b vectors per head between
 # restarts. A restart keeps half, so each cycle adds _BLOCKS/2 block steps: the degree of the
@@ -41,6 +41,7 @@ __all__ = ["krylov_gaps", "krylov_bytes_per_head", "KrylovResult", "KRYLOV_BLOCK
 # (8, 24) was fastest or within 10 % of it (benchmarks/RESULTS.md §3, "all heads at once").
 KRYLOV_BLOCK = 8
 _BLOCKS = 24
+KRYLOV_MIN_TOKENS = _BLOCKS + 4  # fewer tokens leave no room for a basis of _BLOCKS blocks of one vector (and its slack)
 _EPS23 = np.finfo(np.float64).eps ** (2 / 3)  # ARPACK's floor on the residual tolerance
 
 

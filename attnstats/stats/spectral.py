@@ -30,7 +30,7 @@ import torch
 from ..budget import check_dense_fits, get_memory_budget
 from ..masks import block_tokens, from_padding, no_token, valid_tokens
 from .arnoldi import ARNOLDI_MIN_TOKENS, AttentionOperator, arnoldi_gap, certify_tol
-from .krylov import krylov_bytes_per_head, krylov_gaps
+from .krylov import KRYLOV_MIN_TOKENS, krylov_bytes_per_head, krylov_gaps
 from .dense import prepare_probs, softmax_attention
 from .parallel import map_each
 from .online import prepare_qk, streaming_row_accumulators
@@ -371,8 +371,8 @@ def spectral_gap_from_qk(
             token; pass ``mask=padding_mask[..., None, :]`` (the same key padding) instead.
 
     Returns:
-        :class:`SpectralGap` with fields of the batch shape. Heads under 9 tokens are always solved
-        densely (ARPACK needs more). An uncertified head raises an
+        :class:`SpectralGap` with fields of the batch shape. Heads under 9 tokens (28 for
+        ``"krylov"``) are always solved densely (the iterative solvers need more). An uncertified head raises an
         :class:`attnstats.UncertifiedGapWarning`.
 
     Example:
@@ -420,15 +420,16 @@ def spectral_gap_from_qk(
     bound = torch.zeros(m, dtype=torch.float64)
     conv = torch.ones(m, dtype=torch.bool)
     cert = torch.ones(m, dtype=torch.bool)
-    dense = [i for i, (qi, _) in enumerate(heads)
-             if method == "dense" or qi.shape[0] < ARNOLDI_MIN_TOKENS
-             or (method == "auto" and qi.shape[0] <= DENSE_MAX_TOKENS and _dense_fits(qi.shape[0]))]
-    iterative = sorted(set(range(m)) - set(dense))
     if method == "auto":
         fused = qb.device.type == "cuda" and backend != "torch" and _fused_product_runs(d)
         method_of = "krylov" if fused else "arnoldi"
     else:
         method_of = method
+    fewest = KRYLOV_MIN_TOKENS if method_of == "krylov" else ARNOLDI_MIN_TOKENS
+    dense = [i for i, (qi, _) in enumerate(heads)
+             if method == "dense" or qi.shape[0] < fewest
+             or (method == "auto" and qi.shape[0] <= DENSE_MAX_TOKENS and _dense_fits(qi.shape[0]))]
+    iterative = sorted(set(range(m)) - set(dense))
     solved = {}
     if method_of == "krylov":
         sizes = {}
