@@ -56,6 +56,23 @@ def test_krylov_method_agrees_with_arpack_over_lengths_and_gqa():
             assert abs(float(rk.gap[b, h]) - (1 - abs(dense_lambda2(p)))) < 1e-8
 
 
+def test_small_blocks_where_problems_reach_a_restart_with_different_sizes():
+    # One vector per block and a basis of 6: the A and Aᵀ problems (and the heads) keep different
+    # numbers of columns at a cut, so one reaches its restart with fewer than the batch's longest.
+    q, k = gaussian_qk((2,), 100, 16, 1.0, 1.0, seed=0)
+    p = softmax_attention(q, k, scale=0.25).numpy()
+    # blocks = 6 raised an IndexError at the first restart: it must return (it converges too slowly
+    # to finish in 20 restarts, and says so)
+    r = krylov.krylov_gaps(AttentionOperator(q, k, 0.25), tol=1e-10, block=1, blocks=6, max_restarts=20)
+    assert r.lambda2.shape == (2,) and not bool(r.converged.all())
+    r = krylov.krylov_gaps(AttentionOperator(q, k, 0.25), tol=1e-10, block=1, blocks=8, max_restarts=400)
+    assert bool(r.converged.all())
+    for h in range(2):  # float64, residual ≤ 1e-10·|λ₂|, as in the test above
+        assert abs(abs(complex(r.lambda2[h])) - abs(dense_lambda2(p[h]))) < 1e-8
+    with pytest.raises(ValueError, match="blocks, block: a basis of at least 2 blocks"):
+        krylov.krylov_gaps(AttentionOperator(q, k, 0.25), tol=1e-10, blocks=1)
+
+
 def test_rank_one_attention_has_gap_one():
     # Identical keys: every row of P is uniform, P = 1 1ᵀ/N, and λ₂ = 0 exactly.
     q, k = gaussian_qk((2,), 120, 8, seed=14)

@@ -128,6 +128,13 @@ def _orthonormal(w: torch.Tensor, basis: torch.Tensor | None):
 def _keep(mods: np.ndarray, keep: int, most: int) -> int:
     """How many of the sorted moduli to keep, near ``keep`` and at most ``most``, so that the cut falls
     between two distinct moduli: a complex pair (or a tie) is kept or dropped whole."""
+    # A problem may reach its restart with fewer columns than the longest one of the batch (it kept
+    # a few less at the last cut), so `most` and `keep` can exceed what it has.
+    most = min(most, len(mods) - 1)
+    if most < 1:
+        return len(mods)
+    keep = min(max(keep, 1), most)
+
     def distinct(k):
         return mods[k - 1] - mods[k] > 1e-12 * mods[0]
 
@@ -358,6 +365,8 @@ def krylov_gaps(op, *, tol: float, block: int = KRYLOV_BLOCK, blocks: int = _BLO
         max_restarts: restarts at most, per solve.
         seed: seed of the start blocks.
     """
+    if blocks < 2 or block < 1:
+        raise ValueError(f"blocks, block: a basis of at least 2 blocks of at least 1 vector is needed, got blocks={blocks}, block={block}")
     m, n = op.heads, op.n
     b = max(1, min(block, (n - 2) // (blocks + 2)))  # the basis (with its slack) must stay below N
     dt = op.dtype
