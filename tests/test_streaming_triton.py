@@ -79,12 +79,13 @@ SCRIPT = textwrap.dedent(
     k = torch.randn(n, d, generator=g) * 1.3
     x = torch.randn(n, 3, generator=g)
     st = streaming_stats(q, k, backend="triton")
-    y = streaming_triton.attention_matmat(q, k, st.lse, x.float(), d ** -0.5)
+    y = streaming_triton.attention_products(q[None], k[None], st.lse[None], x.float()[None], d ** -0.5)[0]
     p, _ = dense(q, k, torch.ones(n, n, dtype=torch.bool), d ** -0.5)
     worst = max(worst, rel(y, p @ x.double()))
     # ... and its transpose Pᵀ x, the product that certifies the gap (left eigenvectors)
     sums = streaming_triton.attention_row_sums(q[None], k[None], st.lse[None], d ** -0.5)[0]
-    yt = streaming_triton.attention_rmatmat(q, k, st.lse, x.float(), d ** -0.5, sums)
+    yt = streaming_triton.attention_products(q[None], k[None], st.lse[None], x.float()[None], d ** -0.5,
+                                             transpose=True, row_sums=sums[None])[0]
     worst = max(worst, rel(sums, torch.ones(n, dtype=torch.float64)), rel(yt, p.T @ x.double()))
     # ... for several heads in one launch, on a listed subset of them in another order, with a block
     # of 20 columns (the kernel's 32-column width)

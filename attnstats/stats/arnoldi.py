@@ -16,7 +16,7 @@ import torch
 from .online import streaming_row_accumulators
 from ..validation import compute_dtype
 
-__all__ = ["AttentionOperator", "arnoldi_gap", "certify_tol", "ARNOLDI_MIN_TOKENS"]
+__all__ = ["AttentionOperator", "arnoldi_gap", "certify_tol", "first_order_bound", "fused_products_run", "ARNOLDI_MIN_TOKENS"]
 
 
 class AttentionOperator:
@@ -37,14 +37,11 @@ class AttentionOperator:
     def __init__(self, q: torch.Tensor, k: torch.Tensor, scale: float, tile_bytes: int = 64 * 1024**2, backend="auto"):
         if backend not in ("auto", "torch", "triton"):
             raise ValueError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
-        from . import online_triton as streaming_triton
-
         self.one_head = q.dim() == 2
         if self.one_head:
             q, k = q[None], k[None]  # [1, N, d]
         if backend == "auto":
-            fused = q.device.type == "cuda" and streaming_triton.available() and q.shape[-1] in (16, 32, 64, 128, 256)
-            backend = "triton" if fused else "torch"
+            backend = "triton" if fused_products_run(q) else "torch"
         self.backend = backend
         self.dtype = compute_dtype(q)
         self.scale = scale
@@ -57,29 +54,26 @@ class AttentionOperator:
             self.q, self.k, self.lse = q, k, rows.lse[0]  # [M, N, d], [M, N, d], [M, N]
             self.dtype = torch.float32
             self._row_sums = None  # [M, N] of exp(s − lse), for the transposed product (see rmatmat)
-        else:
-            self.q = q.to(self.dtype)  # [M, N, d]
-            self.k = k.to(self.dtype)  # [M, N, d]
-            self.lse = None
-        self.kt = self.k.to(self.dtype).transpose(1, 2).contiguous()  # [M, d, N]
+            self.p = None
+            return
+        self.q = q.to(self.dtype)  # [M, N, d]
+        self.k = k.to(self.dtype)  # [M, N, d]
+        self.kt = self.k.transpose(1, 2).contiguous()  # [M, d, N]
         itemsize = torch.finfo(self.dtype).bits // 8
         self.rows = max(1, min(self.n, tile_bytes // (itemsize * self.n)))
         # When every head's P fits in one tile, each is built once: a solve takes hundreds of
         # products, and rebuilding P costs d/c times a product with it.
-        whole = self.rows == self.n and backend == "torch"
-        self.p = self._tile(slice(None), 0, self.n) if whole and self.heads * self.n * self.n * itemsize <= tile_bytes else None
+        whole = self.rows == self.n and self.heads * self.n * self.n * itemsize <= tile_bytes
+        self.p = self._tile(slice(None), 0, self.n) if whole else None  # [M, N, N] or None
 
     def _tile(self, h, i0: int, i1: int) -> torch.Tensor:
-        """Rows ``i0:i1`` of ``P`` of head(s) ``h`` in the compute dtype: ``[..., i1 − i0, N]``.
+        """Rows ``i0:i1`` of ``P`` of head(s) ``h`` in the compute dtype (PyTorch path): ``[..., i1 − i0, N]``.
 
         A tile of the operator, kept apart from :func:`attnstats.stats.dense.softmax_attention`: it
-        reads the transposed keys made once for the whole solve, and with ``lse`` known it needs no
-        row maximum or sum.
+        reads the transposed keys made once for the whole solve.
         """
         s = (self.q[h, i0:i1] @ self.kt[h]) * self.scale  # [..., rows, N]
-        if self.lse is None:
-            return torch.softmax(s, dim=-1)  # [..., rows, N]
-        return torch.exp(s - self.lse[h, i0:i1, None])  # [..., rows, N]
+        return torch.softmax(s, dim=-1)  # [..., rows, N]
 
     def _heads(self, x: torch.Tensor, heads):
         """``x`` as ``[A, N, c]``, and ``(heads, heads as a list, P of those heads or None)``: the fused
@@ -144,6 +138,25 @@ class AttentionOperator:
                         i1 = min(self.n, i0 + self.rows)
                         out[a] += self._tile(h, i0, i1).T @ x[a, i0:i1]  # [N, rows] @ [rows, c]
         return out[0] if self.one_head else out
+
+
+def fused_products_run(q: torch.Tensor) -> bool:
+    """True where the fused Triton products serve heads like ``q [..., N, d]``: a CUDA tensor, Triton
+    importable, and a head dim the kernels take."""
+    from . import online_triton
+
+    return q.device.type == "cuda" and online_triton.available() and q.shape[-1] in (16, 32, 64, 128, 256)
+
+
+def first_order_bound(u: np.ndarray, v: np.ndarray, residual: float, lam_left: complex, lam: complex) -> float:
+    """``κ(λ)·residual + |θ_left − θ_right|``, the error bound of a certified eigenvalue, with
+    ``κ = ‖u‖‖v‖ / |uᵀv|`` (``v`` the right eigenvector of ``A``, ``u`` the right eigenvector of ``Aᵀ``
+    next to ``λ``, so that ``ū`` is ``A``'s left one: ``uᵀv`` without a conjugate); ``inf`` when
+    ``uᵀv = 0``. The two solves must agree on ``λ`` as well: their distance is part of the error."""
+    overlap = abs(np.dot(u, v))
+    if overlap == 0:
+        return math.inf
+    return float(np.linalg.norm(u) * np.linalg.norm(v) / overlap * residual + abs(lam_left - lam))
 
 
 _NEV = 3  # eigenvalues ARPACK is asked for (λ_2, its conjugate, one more); the largest modulus is |λ_2|
@@ -222,10 +235,5 @@ def arnoldi_gap(op: AttentionOperator, tol: float, max_iterations: int | None, n
     bound = math.inf
     if len(lvals):
         j = int(np.argmin(np.abs(lvals - lam)))
-        u = lvecs[:, j]  # [N], the right eigenvector of Aᵀ next to λ_2
-        overlap = abs(np.dot(u, v))  # uᵀv: u is a right eigenvector of Aᵀ, i.e. ū a left one of A
-        if overlap > 0:
-            kappa = np.linalg.norm(u) * np.linalg.norm(v) / overlap
-            # the two runs must agree on λ as well: their distance is part of the error
-            bound = float(kappa * residual + abs(lvals[j] - lam))
+        bound = first_order_bound(lvecs[:, j], v, residual, lvals[j], lam)  # u: the eigenvector of Aᵀ next to λ_2
     return lam, iterations, residual, converged, bound

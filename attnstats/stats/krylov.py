@@ -31,6 +31,8 @@ import scipy.linalg
 import torch
 from threadpoolctl import threadpool_limits
 
+from .arnoldi import first_order_bound
+
 __all__ = ["krylov_gaps", "krylov_bytes_per_head", "KrylovResult", "KRYLOV_BLOCK", "KRYLOV_MIN_TOKENS"]
 
 # Columns per head in one product, and the basis of at most _BLOCKS·b vectors per head between
@@ -75,7 +77,6 @@ class KrylovResult:
 class _Eigs:
     vals: np.ndarray  # [M, nev] complex Ritz values, largest modulus first
     vecs: torch.Tensor  # [M, N, nev] complex Ritz vectors (device)
-    residual: np.ndarray  # [M, nev] ‖A x − θ x‖ / ‖x‖ from the decomposition
     converged: np.ndarray  # [M] bool
     products: np.ndarray  # [M] int
     restarts: np.ndarray  # [M] int
@@ -249,7 +250,6 @@ def largest_eigs(apply, x0: torch.Tensor, *, nev: int, blocks: int, tol: float, 
     vals = np.zeros((m, nev), dtype=complex)
     cdt = torch.complex128 if dt == torch.float64 else torch.complex64
     vecs = torch.zeros(m, n, nev, dtype=cdt, device=dev)
-    res = np.full((m, nev), np.inf)
     converged = np.zeros(m, dtype=bool)
     active = np.arange(m)
     blk = torch.arange(b, device=dev)
@@ -267,7 +267,7 @@ def largest_eigs(apply, x0: torch.Tensor, *, nev: int, blocks: int, tol: float, 
                     gone = level[active] <= vanish
                     if gone.any():
                         converged[active[gone]] = True
-                        vals[active[gone]], res[active[gone]] = 0.0, level[active[gone], None]
+                        vals[active[gone]] = 0.0
                         live = torch.as_tensor(~gone, device=dev)
                         active, act, w, at = active[~gone], act[live], w[live], at[live]
                         if not active.size:
@@ -304,9 +304,9 @@ def largest_eigs(apply, x0: torch.Tensor, *, nev: int, blocks: int, tol: float, 
                 fin = np.flatnonzero(done)
                 y = np.zeros((fin.size, jmax, nev), dtype=complex)
                 for c, a in enumerate(fin):
-                    tk, zk, w_, y_, r_, ok = found[a]
+                    tk, zk, w_, y_, _, ok = found[a]
                     y[c, :y_.shape[0]] = y_
-                    vals[active[a]], res[active[a]], converged[active[a]] = w_, r_, ok
+                    vals[active[a]], converged[active[a]] = w_, ok
                 yt = torch.from_numpy(y).to(dev)  # [F, j, nev] complex128
                 basis_f = v[act[torch.as_tensor(fin, device=dev)], :, :jmax].double()  # [F, N, j]
                 vecs[active[fin]] = torch.complex(basis_f @ yt.real, basis_f @ yt.imag).to(cdt)  # [F, N, nev]
@@ -346,7 +346,7 @@ def largest_eigs(apply, x0: torch.Tensor, *, nev: int, blocks: int, tol: float, 
     finally:
         if pool:
             pool.shutdown()
-    return _Eigs(vals, vecs, res, converged, products, restarts, level)
+    return _Eigs(vals, vecs, converged, products, restarts, level)
 
 
 def krylov_gaps(op, *, tol: float, block: int = KRYLOV_BLOCK, blocks: int = _BLOCKS, nev: int = 3,
@@ -428,13 +428,12 @@ def krylov_gaps(op, *, tol: float, block: int = KRYLOV_BLOCK, blocks: int = _BLO
         lt = torch.as_tensor(lam[todo], device=dev)
         res_t = ((ax - lt[:, None] * xd).norm(dim=1) / xd.norm(dim=1)).cpu().numpy()
         products[todo] += 1
+        xs = xd.cpu().numpy()  # [T, N]
         for a, i in enumerate(todo):
             jn = int(np.argmin(np.abs(e.vals[m + i] - lam[i])))
-            u = e.vecs[m + i, :, jn].to(torch.complex128)  # [N] right eigenvector of Aᵀ: ū is A's left one
-            overlap = abs(complex((u * xd[a]).sum()))  # uᵀx, no conjugate (as arnoldi_gap)
-            if overlap > 0 and math.isfinite(res_t[a]):
-                kappa = float(u.norm() * xd[a].norm()) / overlap
-                bound[i] = kappa * res_t[a] + abs(e.vals[m + i, jn] - lam[i])
+            if math.isfinite(res_t[a]):
+                u = e.vecs[m + i, :, jn].to(torch.complex128).cpu().numpy()  # [N] eigenvector of Aᵀ next to λ₂
+                bound[i] = first_order_bound(u, xs[a], res_t[a], e.vals[m + i, jn], lam[i])
             residual[i] = res_t[a]
             converged[i] = e.converged[i] and e.converged[m + i]
     return KrylovResult(

@@ -23,7 +23,7 @@ import os
 import torch
 
 
-__all__ = ["available", "row_accumulators", "raw_accumulators", "row_moments", "attention_products", "attention_matmat", "attention_rmatmat", "attention_row_sums", "sampled_log_probs"]
+__all__ = ["available", "row_accumulators", "raw_accumulators", "row_moments", "attention_products", "attention_row_sums", "sampled_log_probs"]
 
 _LN2 = math.log(2.0)
 _LOG2E = 1.0 / _LN2
@@ -582,19 +582,6 @@ def attention_row_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scal
     xp[..., 0] = 1.0
     heads = torch.arange(m, device=q.device)
     return _launch_product(_matmat_kernel, q, k, lse, xp, heads, scale)[..., 0]  # [M, N]
-
-
-def attention_matmat(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, x: torch.Tensor, scale: float) -> torch.Tensor:
-    """``P x`` for one head: :func:`attention_products` with ``q, k: [N, d]``, ``lse: [N]``, ``x: [N, c]``."""
-    return attention_products(q[None], k[None], lse[None], x[None], scale)[0]
-
-
-def attention_rmatmat(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, x: torch.Tensor, scale: float,
-                      row_sums: torch.Tensor | None = None) -> torch.Tensor:
-    """``Pᵀ x`` for one head: :func:`attention_products` with ``transpose=True``, one head's tensors and
-    its ``row_sums: [N]``."""
-    rs = None if row_sums is None else row_sums[None]
-    return attention_products(q[None], k[None], lse[None], x[None], scale, transpose=True, row_sums=rs)[0]
 
 
 def sampled_log_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, i: torch.Tensor | None,

@@ -29,7 +29,7 @@ import torch
 
 from ..budget import check_dense_fits, get_memory_budget
 from ..masks import block_tokens, from_padding, no_token, valid_tokens
-from .arnoldi import ARNOLDI_MIN_TOKENS, AttentionOperator, arnoldi_gap, certify_tol
+from .arnoldi import ARNOLDI_MIN_TOKENS, AttentionOperator, arnoldi_gap, certify_tol, fused_products_run
 from .krylov import KRYLOV_MIN_TOKENS, krylov_bytes_per_head, krylov_gaps
 from .dense import prepare_probs, softmax_attention
 from .parallel import map_each
@@ -316,12 +316,6 @@ def _dense_gaps(heads: list[tuple[torch.Tensor, torch.Tensor]], scale: float):
     return gap, lam2, cert
 
 
-def _fused_product_runs(d: int) -> bool:
-    from . import online_triton
-
-    return online_triton.available() and d in (16, 32, 64, 128, 256)
-
-
 def _dense_fits(n: int) -> bool:
     return 16 * n * n <= get_memory_budget()
 
@@ -421,8 +415,7 @@ def spectral_gap_from_qk(
     conv = torch.ones(m, dtype=torch.bool)
     cert = torch.ones(m, dtype=torch.bool)
     if method == "auto":
-        fused = qb.device.type == "cuda" and backend != "torch" and _fused_product_runs(d)
-        method_of = "krylov" if fused else "arnoldi"
+        method_of = "krylov" if backend != "torch" and fused_products_run(qb) else "arnoldi"
     else:
         method_of = method
     fewest = KRYLOV_MIN_TOKENS if method_of == "krylov" else ARNOLDI_MIN_TOKENS
