@@ -159,6 +159,24 @@ SCRIPT = textwrap.dedent(
     merge = max(rel(got[i], getattr(ref, f)) for i, f in enumerate(("mean", "var", "log_mean", "log_var")))
     assert torch.equal(got[4].round().long(), ref.count), "merge counts"
     print("MERGE", merge)
+    # Per-head Σx and Σx² (the temperature's σ on a GPU) against torch's float64 sums of the same values:
+    # float64 sums in another order of ~1e3 terms, so within ~1e-13 of the sum of |terms|; a strided
+    # (transposed) input and a length over one program's rows.
+    x = torch.randn(2, 40, 3, 24, generator=g).to(torch.float16).transpose(1, 2)  # [2, 3, 40, 24], strided
+    got = streaming_triton.head_sums(x)
+    ref1 = torch.sum(x, (-2, -1), dtype=torch.float64)
+    ref2 = torch.sum(x.double() ** 2, (-2, -1))
+    size1 = torch.sum(x.double().abs(), (-2, -1))
+    hsums = max(float(((got[..., 0] - ref1).abs() / size1).max()), float(((got[..., 1] - ref2).abs() / ref2).max()))
+    print("HEADSUMS", hsums)
+    # The causal gap's diagonal ln P_ii through the sampler's kernel, against float64 q_i·k_i (GQA k)
+    q = torch.randn(1, 4, 21, 16, generator=g)
+    k = torch.randn(1, 2, 21, 16, generator=g)
+    lse = torch.randn(1, 4, 21, generator=g).float()
+    kx = k.repeat_interleave(2, dim=1)
+    ref = (q.double() * kx.double()).sum(-1) * 0.3 - lse.double()
+    got = streaming_triton.sampled_log_probs(q, k, lse, *(torch.arange(21).expand(4, 21),) * 2, 0.3).reshape(1, 4, 21)
+    print("DIAG", float((got - ref).abs().max() / ref.abs().max()))
     print("WORST", worst)
     """
 )
@@ -178,3 +196,6 @@ def test_triton_kernels_under_interpreter():
     assert worst < 1e-5, worst
     merge = float(res.stdout.split("MERGE")[-1].split()[0])
     assert merge < 1e-12, merge  # float64 sums in another order
+    assert float(res.stdout.split("HEADSUMS")[-1].split()[0]) < 1e-13
+    # float64 dot products of float32 values (exact products, 16 terms): float64 rounding only
+    assert float(res.stdout.split("DIAG")[-1].split()[0]) < 1e-14

@@ -155,10 +155,17 @@ def head_sigmas(q: torch.Tensor, k: torch.Tensor, mask, is_causal: bool):
 
 def _std(x: torch.Tensor) -> torch.Tensor:
     """``[B, H]`` unbiased std of ``x: [B, H, N, d]`` over ``N·d``, accumulated in float64 without a
-    float64 copy of ``x`` (at N = 32k, 32 heads of 64, that copy alone would be 0.5 GiB per tensor)."""
+    float64 copy of ``x`` on a GPU (at N = 32k, 32 heads of 64, that copy alone would be 0.5 GiB per
+    tensor, and torch's float64 reductions of a half tensor make one: 2 ms per layer on an H100)."""
+    from ..stats import online_triton
+
     n = x.shape[-2] * x.shape[-1]
-    mean = torch.sum(x, (-2, -1), dtype=torch.float64) / n  # [B, H]
-    sq = torch.linalg.vector_norm(x, 2, (-2, -1), dtype=torch.float64) ** 2  # [B, H] Σ x²
+    if x.is_cuda and online_triton.available():  # one pass; torch's float64 reductions cast x first
+        s1, s2 = online_triton.head_sums(x).unbind(-1)  # [B, H] each: Σ x, Σ x²
+        mean, sq = s1 / n, s2
+    else:
+        mean = torch.sum(x, (-2, -1), dtype=torch.float64) / n  # [B, H]
+        sq = torch.linalg.vector_norm(x, 2, (-2, -1), dtype=torch.float64) ** 2  # [B, H] Σ x²
     # Σ(x − mean)² = Σx² − n·mean², in float64: exact enough unless |mean| ≫ std by ~1e7
     return torch.sqrt((sq - n * mean * mean).clamp_min(0.0) / (n - 1))
 

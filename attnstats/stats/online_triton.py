@@ -23,7 +23,8 @@ import os
 import torch
 
 
-__all__ = ["available", "row_accumulators", "raw_accumulators", "row_moments", "attention_products", "attention_row_sums", "sampled_log_probs"]
+__all__ = ["available", "row_accumulators", "raw_accumulators", "row_moments", "attention_products", "attention_row_sums",
+           "sampled_log_probs", "head_sums"]
 
 _LN2 = math.log(2.0)
 _LOG2E = 1.0 / _LN2
@@ -403,6 +404,52 @@ if _HAVE_TRITON:
         tl.store(OUT + 2 * M + m, log_mean)
         tl.store(OUT + 3 * M + m, (tl.sum(acc_wl, 0) + tl.sum(acc_bl, 0)) / count)
         tl.store(OUT + 4 * M + m, count)
+
+
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _head_sums_kernel(X, OUT, H, N, CHUNKS, sx_b, sx_h, sx_n, sx_d,
+                          D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
+        # Partial Σx and Σx² of rows [c·ROWS, (c+1)·ROWS) of matrix t = b·H + h of X [B, H, N, D] (any
+        # float dtype and strides), accumulated in float64; OUT [B·H, CHUNKS, 2] float64.
+        t = tl.program_id(0)
+        c = tl.program_id(1)
+        base = X + (t // H).to(tl.int64) * sx_b + (t % H).to(tl.int64) * sx_h
+        dd = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+        s1 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float64)
+        s2 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float64)
+        for r0 in range(c * ROWS, c * ROWS + ROWS, BLOCK_N):
+            rows = r0 + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+            ok = (rows[:, None] < N) & (dd[None, :] < D)
+            x = tl.load(base + rows[:, None].to(tl.int64) * sx_n + dd[None, :] * sx_d, mask=ok, other=0.0)
+            x = x.to(tl.float64)  # [BLOCK_N, BLOCK_D]
+            s1 += x
+            s2 += x * x
+        out = OUT + (t.to(tl.int64) * CHUNKS + c) * 2
+        tl.store(out, tl.sum(tl.sum(s1, 1), 0))
+        tl.store(out + 1, tl.sum(tl.sum(s2, 1), 0))
+
+
+def head_sums(x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, 2]`` float64: ``Σx`` and ``Σx²`` over the tokens and channels of each head of
+    ``x: [B, H, N, d]`` (any float dtype and strides), in one launch that reads ``x`` once.
+
+    The sums are accumulated in float64 from the input's own values (no float64 copy of ``x``), as
+    ``torch.sum(x, dtype=torch.float64)`` computes them, in another order.
+    """
+    if not _HAVE_TRITON:
+        raise ImportError("the fused head sums need Triton: pip install 'attnstats[triton]'")
+    B, H, N, d = x.shape
+    interp = _interpreting()
+    block_n, rows = (16, 32) if interp else (32, 1024)
+    chunks = max(triton.cdiv(N, rows), 1)
+    out = torch.zeros(B * H, chunks, 2, dtype=torch.float64, device=x.device)  # [B·H, chunks, 2]
+    if B * H and N:
+        with _on_device(x):
+            _head_sums_kernel[(B * H, chunks)](x, out, H, N, chunks, *x.stride(), D=d,
+                                               BLOCK_D=triton.next_power_of_2(d), BLOCK_N=block_n, ROWS=rows)
+    return out.sum(1).reshape(B, H, 2)
 
 
 def row_moments(count, sum_p2, lse, s_mean, s_m2) -> torch.Tensor:
