@@ -87,6 +87,25 @@ def test_ragged_nan_padding_and_counts():
         _check(by_count, i, v)
 
 
+def test_trusted_table_matches_scipy():
+    # record(store="stats") fits its own sampler's table without the host checks (no syncs), on the
+    # full width of a table wider than its longest row and with rows that admit no fit: the same
+    # numbers as scipy for the others, NaN for those.
+    from attnstats.stats.lognormal import _fit_batched
+
+    rows, padded = _ragged(np.random.default_rng(3))
+    rows = rows + [np.array([2.0, 2.0, 2.0]), np.array([1.0, 4.0])]
+    padded = np.vstack([np.pad(padded, ((0, 0), (0, 7)), constant_values=np.nan),
+                        np.full((2, padded.shape[1] + 7), np.nan)])
+    padded[-2, :3], padded[-1, :2] = rows[-2], rows[-1]
+    fit, bad = _fit_batched(torch.tensor(padded), torch.tensor([r.size for r in rows]), trusted=True)
+    assert bad.tolist() == [False] * (len(rows) - 2) + [True, True]
+    for i, v in enumerate(rows[:-2]):
+        _check(fit, i, v)
+    for name in FIELDS:
+        assert torch.isnan(getattr(fit, name)[-2:]).all()
+
+
 def test_no_fit_rows_are_nan_with_one_warning():
     x = torch.tensor([[1.0, 2.0, 4.0, 5.0], [2.0, 2.0, 2.0, 2.0], [1.0, 3.0, math.nan, math.nan], [0.5, 1.0, 3.0, 9.0]])
     with pytest.warns(RuntimeWarning, match=r"2 rows .*\(rows 1, 2\)") as record:

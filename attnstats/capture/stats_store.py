@@ -105,26 +105,31 @@ def finish_pending(records) -> None:
             and not r.stats.pending.done]
     if not todo:
         return
+    # Everything is queued before anything is read: the fit's launches overlap the forward's kernels,
+    # and the finiteness flags are read with its results.
     flags = [(r, f) for r in todo for f in r.stats.pending.finite]
-    if flags:
-        dev = flags[0][1].device
-        ok = torch.stack([f.to(dev) for _, f in flags])
-        if not bool(ok.all()):
-            bad = flags[int((~ok).nonzero()[0, 0])][0]
-            for r in todo:
-                r.stats.pending.done = True
-            raise ValueError(f"record(store='stats'): layer {bad.name!r}: q or k holds NaN or Inf; its statistics "
-                             "would be NaN")
+    ok = torch.stack([f.to(flags[0][1].device) for _, f in flags]) if flags else None
     fitted = [r for r in todo if r.stats.pending.tables]
+    fit = None
     if fitted:
         tables = [t for r in fitted for t in r.stats.pending.tables]
         dev = tables[0].device
         width = max(t.shape[1] for t in tables)
         table = torch.cat([torch.nn.functional.pad(t.to(dev), (0, width - t.shape[1]), value=math.nan) for t in tables])
         counts = torch.cat([c.to(dev) for r in fitted for c in r.stats.pending.counts])
-        fit, bad = _fit_batched(table, counts)  # [Σ B·H] per field
-        fields = {name: value.cpu() for name, value in lognormal_fields(fit).items()}
-        bad = bad.cpu()
+        # a NaN in q or k gives a fit of NaN scores, discarded below with the error
+        fit, bad = _fit_batched(table, counts, trusted=True)  # [Σ B·H] per field
+    if ok is not None and not bool(ok.all()):
+        culprit = flags[int((~ok).nonzero()[0, 0])][0]
+        for r in todo:
+            r.stats.pending.done = True
+        raise ValueError(f"record(store='stats'): layer {culprit.name!r}: q or k holds NaN or Inf; its statistics "
+                         "would be NaN")
+    if fit is not None:
+        names = list(lognormal_fields(fit))
+        host = torch.stack([v.to(torch.float64) for v in lognormal_fields(fit).values()] + [bad.to(torch.float64)]).cpu()
+        fields = dict(zip(names, host[:-1]))  # one transfer for every field
+        bad = host[-1].bool()
         row = 0
         for r in fitted:
             bsz, heads = r.stats.pending.shape

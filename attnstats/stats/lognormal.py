@@ -261,8 +261,14 @@ def fit_log_values_batched(values: torch.Tensor, counts: torch.Tensor | None = N
     return fit
 
 
-def _fit_batched(values: torch.Tensor, counts: torch.Tensor | None) -> tuple[LogNormalFit, torch.Tensor]:
-    """The fit of :func:`fit_log_values_batched` and the bool ``[M]`` of rows that admit none."""
+def _fit_batched(values: torch.Tensor, counts: torch.Tensor | None, trusted: bool = False) -> tuple[LogNormalFit, torch.Tensor]:
+    """The fit of :func:`fit_log_values_batched` and the bool ``[M]`` of rows that admit none.
+
+    ``trusted``: the values and counts come from attnstats' own sampler (finite values, counts within
+    the width), so the checks that read them on the host are skipped and nothing waits for the device
+    before the KS p-values, the last step: queued behind a forward pass, the fit's launches then
+    overlap the forward's kernels instead of idling the device between syncs.
+    """
     if not isinstance(values, torch.Tensor) or values.dim() != 2 or not values.is_floating_point():
         raise TypeError(f"values: expected a 2-d float tensor [M, n], got {getattr(values, 'shape', type(values))}")
     if values.shape[1] == 0:  # reductions need a column: one of padding
@@ -278,19 +284,23 @@ def _fit_batched(values: torch.Tensor, counts: torch.Tensor | None) -> tuple[Log
         if not isinstance(counts, torch.Tensor) or counts.shape != (m,) or counts.is_floating_point():
             raise TypeError(f"counts: expected an int tensor of shape [{m}], got {getattr(counts, 'shape', counts)}")
         cnt = counts.to(dev, torch.int64)
-        if bool(((cnt < 0) | (cnt > width)).any()):
+        if not trusted and bool(((cnt < 0) | (cnt > width)).any()):
             i = int(((cnt < 0) | (cnt > width)).nonzero()[0, 0])
             raise ValueError(f"counts: expected values in [0, {width}], got {int(cnt[i])} at row {i}")
         valid = col < cnt[:, None]
-    bad_value = valid & ~torch.isfinite(x)
-    if bool(bad_value.any()):
-        i, j = (int(t) for t in bad_value.nonzero()[0])
-        raise ValueError(f"values: expected finite values, found {float(x[i, j])} at row {i}, column {j}")
+    if not trusted:
+        bad_value = valid & ~torch.isfinite(x)
+        if bool(bad_value.any()):
+            i, j = (int(t) for t in bad_value.nonzero()[0])
+            raise ValueError(f"values: expected finite values, found {float(x[i, j])} at row {i}, column {j}")
     x = torch.where(valid, x, math.nan)
     # NaN sorts last, so each row's values lead its sorted row, as scipy's sort(v) of the row alone.
-    # Past the longest row there is only padding: the rest works on the first max(count) columns.
-    width = max(1, int(cnt.max()))
-    y = torch.sort(x, dim=1).values[:, :width].contiguous()  # [M, width]
+    # Past the longest row there is only padding: the rest works on the first max(count) columns
+    # (reading that width is a sync: a trusted table is already as wide as its longest row).
+    y = torch.sort(x, dim=1).values  # [M, width]
+    if not trusted:
+        width = max(1, int(cnt.max()))
+        y = y[:, :width].contiguous()  # [M, width]
     col = col[:width]
     svalid = col < cnt[:, None]  # [M, width]
     inf = torch.tensor(math.inf, dtype=torch.float64, device=dev)
@@ -335,9 +345,12 @@ def _fit_batched(values: torch.Tensor, counts: torch.Tensor | None) -> tuple[Log
 
     # kstest's default (method="auto") for the two-sided one-sample test is exact: kstwo.sf(D, n),
     # here evaluated for all rows at once on the values' device (attnstats.stats.kolmogorov).
-    pvalue = torch.full((m,), math.nan, dtype=torch.float64, device=dev)
-    if bool(ok.any()):
-        pvalue[ok] = kolmogorov_sf(ks[ok], cnt[ok])
+    if trusted:  # NaN statistics give NaN p-values: no row selection, so no sync before this point
+        pvalue = kolmogorov_sf(torch.where(ok, ks, math.nan), cnt.clamp(min=1))
+    else:
+        pvalue = torch.full((m,), math.nan, dtype=torch.float64, device=dev)
+        if bool(ok.any()):
+            pvalue[ok] = kolmogorov_sf(ks[ok], cnt[ok])
 
     nan = torch.tensor(math.nan, dtype=torch.float64, device=dev)
 
