@@ -8,6 +8,8 @@ the ``store="stats"`` block (host time by function, sorted by own time) and a ``
 of its GPU kernels.
 
     cd benchmarks && PYTHONPATH=.. python profile_record.py --ns 4096 8192 > $OUT/profile_record.txt
+
+(`--stacks` adds the GPU time of each block grouped by the source line that launched it.)
 """
 import argparse
 import cProfile
@@ -40,6 +42,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ns", nargs="*", type=int, default=[4096, 8192])
     ap.add_argument("--top", type=int, default=35)
+    ap.add_argument("--stacks", action="store_true",
+                    help="also: GPU time of the plain forward's and the block's torch ops, grouped by the "
+                         "attnstats line that called them")
     args = ap.parse_args()
     warnings.simplefilter("ignore")  # nothing captured under layers=[]: said once per block
     model = llama(4)
@@ -74,6 +79,36 @@ def main():
         print(f"--- N={n}: GPU kernels of 5 store='stats' blocks\n"
               + tp.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=70),
               flush=True)
+        if args.stacks:
+            for name in ("plain", "record(store='stats')"):
+                print(f"--- N={n}: GPU ms per {name} block by the attnstats line that launched it\n"
+                      + by_line(runs[name]), flush=True)
+
+
+def by_line(fn, repeat=5):
+    """GPU time per call of ``fn``, summed by the innermost attnstats (else model) source line of each op."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
+                                with_stack=True, record_shapes=True,
+                                experimental_config=torch._C._profiler._ExperimentalConfig(verbose=True)) as tp:
+        for _ in range(repeat):
+            fn()
+        torch.cuda.synchronize()
+    shapes = tp.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=30,
+                                                               max_name_column_width=30, max_shapes_column_width=90)
+    totals = {}
+    for ev in tp.events():
+        gpu = ev.self_device_time_total
+        if gpu <= 0 or ev.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        if not ev.stack:  # launched outside a torch op (Triton): by kernel name
+            totals["launch " + ev.name] = totals.get("launch " + ev.name, 0.0) + gpu / 1e3 / repeat
+            continue
+        frames = [f for f in ev.stack if "attnstats/" in f] or [f for f in ev.stack if "modeling_" in f] or ev.stack[:1]
+        key = frames[0]
+        totals[key] = totals.get(key, 0.0) + gpu / 1e3 / repeat
+    rows = sorted(totals.items(), key=lambda kv: -kv[1])
+    return ("\n".join(f"{ms:9.3f} ms  {line}" for line, ms in rows[:40]) + f"\n{sum(totals.values()):9.3f} ms  in all\n"
+            + shapes)
 
 
 if __name__ == "__main__":

@@ -270,7 +270,21 @@ def part_check():
     mu_gap = float((fit.mu - cpu_fit.mu).abs().max())
     print(f"check: GPU ranks == CPU ranks: {same_ranks}; GPU fit vs scipy on the same values, worst relative "
           f"error per field: {worst}; GPU vs CPU (float64 scores) mu: {mu_gap:.2e}", flush=True)
-    return {"same_ranks": same_ranks, "worst_rel_err_vs_scipy": worst, "gpu_vs_cpu_mu_abs": mu_gap}
+    # The temperature's σ and the causal gap's diagonal, GPU kernels against the CPU's float64 torch.
+    from attnstats.capture import head_sigmas
+    from attnstats.metrics import _diagonal_log_probs
+
+    q, k, _ = qkv(32, 8, 4096)
+    kx = k.repeat_interleave(4, dim=1)
+    lse = streaming_stats(q, kx, causal=True).lse
+    sig = max(float(((a.cpu() - b) / b).abs().max())
+              for a, b in zip(head_sigmas(q, kx, None, True), head_sigmas(q.cpu(), kx.cpu(), None, True)))
+    diag = _diagonal_log_probs(q, kx, 0.125, lse).cpu()
+    diag_ref = _diagonal_log_probs(q.cpu(), kx.cpu(), 0.125, lse.cpu())
+    diag_err = float((diag - diag_ref).abs().max() / diag_ref.abs().max())
+    print(f"check: head σ GPU vs CPU worst relative {sig:.2e}; causal gap diagonal ln P_ii {diag_err:.2e}", flush=True)
+    return {"same_ranks": same_ranks, "worst_rel_err_vs_scipy": worst, "gpu_vs_cpu_mu_abs": mu_gap,
+            "head_sigma_rel": sig, "diagonal_rel": diag_err}
 
 
 def part_lognormal(ns):
