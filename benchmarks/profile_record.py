@@ -42,6 +42,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ns", nargs="*", type=int, default=[4096, 8192])
     ap.add_argument("--top", type=int, default=35)
+    ap.add_argument("--syncs", action="store_true",
+                    help="also: every place a store='stats' block waits for the device (torch's sync debug mode)")
     ap.add_argument("--stacks", action="store_true",
                     help="also: GPU time of the plain forward's and the block's torch ops, grouped by the "
                          "attnstats line that called them")
@@ -79,10 +81,31 @@ def main():
         print(f"--- N={n}: GPU kernels of 5 store='stats' blocks\n"
               + tp.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=70),
               flush=True)
+        if args.syncs:
+            print(f"--- N={n}: host-device syncs of one store='stats' block\n" + syncs(stats), flush=True)
         if args.stacks:
             for name in ("plain", "record(store='stats')"):
                 print(f"--- N={n}: GPU ms per {name} block by the attnstats line that launched it\n"
                       + by_line(runs[name]), flush=True)
+
+
+def syncs(fn):
+    """The attnstats lines at which one call of ``fn`` waits for the device, with their counts."""
+    seen = {}
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" not in str(w.message):
+            continue
+        key = f"{w.filename}:{w.lineno}"
+        seen[key] = seen.get(key, 0) + 1
+    return "\n".join(f"{c:4d}  {k}" for k, c in sorted(seen.items(), key=lambda kv: -kv[1])) or "none"
 
 
 def by_line(fn, repeat=5):

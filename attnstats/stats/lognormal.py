@@ -303,7 +303,6 @@ def _fit_batched(values: torch.Tensor, counts: torch.Tensor | None, trusted: boo
         y = y[:, :width].contiguous()  # [M, width]
     col = col[:width]
     svalid = col < cnt[:, None]  # [M, width]
-    inf = torch.tensor(math.inf, dtype=torch.float64, device=dev)
     lo = y[:, 0]
     hi = y.gather(1, (cnt - 1).clamp(min=0)[:, None])[:, 0]
     bad = (cnt < 3) | ~(hi > lo)  # NaN (no value) compares False
@@ -328,8 +327,8 @@ def _fit_batched(values: torch.Tensor, counts: torch.Tensor | None, trusted: boo
     i1 = torch.arange(1, width + 1, device=dev, dtype=torch.float64)
     safe_sigma = torch.where(sigma > 0, sigma, 1.0)
     cdf = torch.special.ndtr((y - mu[:, None]) / safe_sigma[:, None])
-    dplus = torch.where(svalid, i1 / nf[:, None] - cdf, -inf).amax(1)
-    dminus = torch.where(svalid, cdf - (i1 - 1) / nf[:, None], -inf).amax(1)
+    dplus = torch.where(svalid, i1 / nf[:, None] - cdf, -math.inf).amax(1)
+    dminus = torch.where(svalid, cdf - (i1 - 1) / nf[:, None], -math.inf).amax(1)
     ks = torch.maximum(dplus, dminus)
 
     # Anderson–Darling A² as scipy.stats.anderson(dist="norm"): standardised by the ddof=1 std, and
@@ -352,10 +351,8 @@ def _fit_batched(values: torch.Tensor, counts: torch.Tensor | None, trusted: boo
         if bool(ok.any()):
             pvalue[ok] = kolmogorov_sf(ks[ok], cnt[ok])
 
-    nan = torch.tensor(math.nan, dtype=torch.float64, device=dev)
-
-    def keep(t):
-        return torch.where(ok, t, nan)
+    def keep(t):  # a Python scalar, not a device tensor built from the host (that copy waits for the device)
+        return torch.where(ok, t, math.nan)
 
     fit = LogNormalFit(
         mu=keep(mu), sigma=keep(sigma), ks_statistic=keep(ks), ks_pvalue=pvalue, ad_statistic=keep(ad),
