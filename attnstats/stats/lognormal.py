@@ -14,6 +14,7 @@ import torch
 from scipy import stats as sps
 
 from ..masks import broadcast_mask
+from . import lognormal_triton
 from .kolmogorov import kolmogorov_sf
 from .sampling import check_sampling, sample_ranks
 from ..budget import get_memory_budget
@@ -308,7 +309,42 @@ def _fit_batched(values: torch.Tensor, counts: torch.Tensor | None, trusted: boo
     bad = (cnt < 3) | ~(hi > lo)  # NaN (no value) compares False
     ok = ~bad
     nf = cnt.to(torch.float64).clamp(min=1)
+    if y.is_cuda and lognormal_triton.available():  # the same sums in three launches (module docstring)
+        mu, m2, m3, m4, ks, ad = lognormal_triton.sorted_row_sums(y, cnt)
+    else:
+        mu, m2, m3, m4, ks, ad = _sorted_row_sums(y, cnt, svalid, nf)
+    sigma = m2.sqrt()
+    # scipy's skew/kurtosis give NaN where m2 is zero to rounding relative to the mean
+    flat = m2 <= (torch.finfo(torch.float64).eps * mu) ** 2
+    skew = torch.where(flat, math.nan, m3 / m2**1.5)
+    kurt = torch.where(flat, math.nan, m4 / m2**2 - 3.0)
 
+    # kstest's default (method="auto") for the two-sided one-sample test is exact: kstwo.sf(D, n),
+    # here evaluated for all rows at once on the values' device (attnstats.stats.kolmogorov).
+    if trusted:  # NaN statistics give NaN p-values: no row selection, so no sync before this point
+        pvalue = kolmogorov_sf(torch.where(ok, ks, math.nan), cnt.clamp(min=1))
+    else:
+        pvalue = torch.full((m,), math.nan, dtype=torch.float64, device=dev)
+        if bool(ok.any()):
+            pvalue[ok] = kolmogorov_sf(ks[ok], cnt[ok])
+
+    def keep(t):  # a Python scalar, not a device tensor built from the host (that copy waits for the device)
+        return torch.where(ok, t, math.nan)
+
+    fit = LogNormalFit(
+        mu=keep(mu), sigma=keep(sigma), ks_statistic=keep(ks), ks_pvalue=pvalue, ad_statistic=keep(ad),
+        skew=keep(skew), excess_kurtosis=keep(kurt), n=cnt,
+    )
+    return fit, bad
+
+
+def _sorted_row_sums(y, cnt, svalid, nf):
+    """The PyTorch form of :func:`attnstats.stats.lognormal_triton.sorted_row_sums` (same returns),
+    given also the ``[M, W]`` mask of valid samples and the float counts: the reference of the
+    kernels, and the CPU's path."""
+    width = y.shape[1]
+    dev = y.device
+    col = torch.arange(width, device=dev)
     # Central moments about the mean, as scipy's skew/kurtosis (_moment) and numpy's std (ddof=0).
     z0 = torch.where(svalid, y, 0.0)
     mu = z0.sum(1) / nf
@@ -318,10 +354,6 @@ def _fit_batched(values: torch.Tensor, counts: torch.Tensor | None, trusted: boo
     m3 = (d2 * d).sum(1) / nf
     m4 = (d2 * d2).sum(1) / nf
     sigma = m2.sqrt()
-    # scipy's skew/kurtosis give NaN where m2 is zero to rounding relative to the mean
-    flat = m2 <= (torch.finfo(torch.float64).eps * mu) ** 2
-    skew = torch.where(flat, math.nan, m3 / m2**1.5)
-    kurt = torch.where(flat, math.nan, m4 / m2**2 - 3.0)
 
     # Kolmogorov–Smirnov D = max(D+, D-) on the sorted row (scipy's _compute_d), against N(mu, sigma²).
     i1 = torch.arange(1, width + 1, device=dev, dtype=torch.float64)
@@ -342,20 +374,4 @@ def _fit_batched(values: torch.Tensor, counts: torch.Tensor | None, trusted: boo
     terms = torch.where(svalid, (2 * i1 - 1) / nf[:, None] * (logcdf + logsf), 0.0)
     ad = -nf - terms.sum(1)
 
-    # kstest's default (method="auto") for the two-sided one-sample test is exact: kstwo.sf(D, n),
-    # here evaluated for all rows at once on the values' device (attnstats.stats.kolmogorov).
-    if trusted:  # NaN statistics give NaN p-values: no row selection, so no sync before this point
-        pvalue = kolmogorov_sf(torch.where(ok, ks, math.nan), cnt.clamp(min=1))
-    else:
-        pvalue = torch.full((m,), math.nan, dtype=torch.float64, device=dev)
-        if bool(ok.any()):
-            pvalue[ok] = kolmogorov_sf(ks[ok], cnt[ok])
-
-    def keep(t):  # a Python scalar, not a device tensor built from the host (that copy waits for the device)
-        return torch.where(ok, t, math.nan)
-
-    fit = LogNormalFit(
-        mu=keep(mu), sigma=keep(sigma), ks_statistic=keep(ks), ks_pvalue=pvalue, ad_statistic=keep(ad),
-        skew=keep(skew), excess_kurtosis=keep(kurt), n=cnt,
-    )
-    return fit, bad
+    return mu, m2, m3, m4, ks, ad
