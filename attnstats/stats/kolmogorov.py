@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from scipy import stats as sps
 
+from . import kolmogorov_triton
+
 __all__ = ["durbin_cdf", "kolmogorov_sf", "smirnov_sf"]
 
 # Terms per chunk of the one-sided sum: bounds the temporaries (float64) to a few tens of MiB.
@@ -53,6 +55,9 @@ def smirnov_sf(n, d):
     for size in torch.unique(nt).tolist():
         idx = (nt == size).nonzero()[:, 0]
         rows = max(1, _CHUNK_TERMS // (int(size) + 1))
+        if dt.is_cuda and kolmogorov_triton.available():  # one launch, the terms never in memory
+            out[idx] = kolmogorov_triton.smirnov_sf_one_n(int(size), dt[idx])
+            continue
         for i0 in range(0, idx.numel(), rows):
             part = idx[i0 : i0 + rows]
             out[part] = _smirnov_one_n(int(size), dt[part])
@@ -60,6 +65,8 @@ def smirnov_sf(n, d):
 
 
 def _smirnov_one_n(n: int, d: torch.Tensor) -> torch.Tensor:
+    """S_n(d) for one n in PyTorch tables [T, n + 1]: the CPU's path and the reference of
+    :func:`attnstats.stats.kolmogorov_triton.smirnov_sf_one_n`."""
     dt = d[:, None]  # [T, 1]
     jmax = torch.floor(n * (1.0 - dt))  # [T, 1] last term of each sum
     j = torch.arange(n + 1, dtype=torch.float64, device=d.device)  # [J] (terms past jmax are masked)
