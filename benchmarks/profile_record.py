@@ -44,6 +44,8 @@ def main():
     ap.add_argument("--top", type=int, default=35)
     ap.add_argument("--syncs", action="store_true",
                     help="also: every place a store='stats' block waits for the device (torch's sync debug mode)")
+    ap.add_argument("--gaps", action="store_true",
+                    help="also: the idle stretches of the GPU within one store='stats' block, with the kernels around them")
     ap.add_argument("--stacks", action="store_true",
                     help="also: GPU time of the plain forward's and the block's torch ops, grouped by the "
                          "attnstats line that called them")
@@ -81,12 +83,43 @@ def main():
         print(f"--- N={n}: GPU kernels of 5 store='stats' blocks\n"
               + tp.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=70),
               flush=True)
+        if args.gaps:
+            print(f"--- N={n}: GPU idle within one store='stats' block\n" + gaps(stats), flush=True)
         if args.syncs:
             print(f"--- N={n}: host-device syncs of one store='stats' block\n" + syncs(stats), flush=True)
         if args.stacks:
             for name in ("plain", "record(store='stats')"):
                 print(f"--- N={n}: GPU ms per {name} block by the attnstats line that launched it\n"
                       + by_line(runs[name]), flush=True)
+
+
+def gaps(fn, min_us=50.0):
+    """Idle stretches of the device during one call of ``fn`` (from its first kernel to the end of the
+    call, measured on the host), longer than ``min_us``, with the kernels before and after each."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as tp:
+        fn()
+        torch.cuda.synchronize()
+    kernels = sorted((ev for ev in tp.events() if ev.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda ev: ev.time_range.start)
+    cpu = [ev for ev in tp.events() if ev.device_type == torch.autograd.DeviceType.CPU]
+    first_cpu = min(ev.time_range.start for ev in cpu)
+    lines, idle, busy_end = [], 0.0, kernels[0].time_range.start if kernels else 0.0
+    lines.append(f"host start to first kernel: {(busy_end - first_cpu) / 1e3:.3f} ms")
+    prev = None
+    for ev in kernels:
+        gap = ev.time_range.start - busy_end
+        if gap > min_us and prev is not None:
+            idle += gap
+            lines.append(f"{gap / 1e3:7.3f} ms idle after {prev.name[:50]!r} before {ev.name[:50]!r}")
+        if ev.time_range.end > busy_end:
+            busy_end, prev = ev.time_range.end, ev
+    last_cpu = max(ev.time_range.end for ev in cpu)
+    lines.append(f"{idle / 1e3:.3f} ms idle in gaps over {min_us:.0f} us; last kernel to host end "
+                 f"{(last_cpu - busy_end) / 1e3:.3f} ms")
+    return "\n".join(lines)
 
 
 def syncs(fn):

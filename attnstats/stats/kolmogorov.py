@@ -50,10 +50,11 @@ def smirnov_sf(n, d):
     """
     as_numpy = not isinstance(d, torch.Tensor)
     dt = torch.as_tensor(d, dtype=torch.float64).reshape(-1)
-    nt = torch.as_tensor(n, device=dt.device).reshape(-1).to(torch.int64)
+    # the sizes are grouped on the host (they usually are there already): no sync per group
+    n_host = np.asarray(n.cpu() if isinstance(n, torch.Tensor) else n).reshape(-1).astype(np.int64)
     out = torch.empty_like(dt)
-    for size in torch.unique(nt).tolist():
-        idx = (nt == size).nonzero()[:, 0]
+    for size in np.unique(n_host).tolist():
+        idx = torch.from_numpy(np.nonzero(n_host == size)[0]).to(dt.device)
         rows = max(1, _CHUNK_TERMS // (int(size) + 1))
         if dt.is_cuda and kolmogorov_triton.available():  # one launch, the terms never in memory
             out[idx] = kolmogorov_triton.smirnov_sf_one_n(int(size), dt[idx])
@@ -153,36 +154,46 @@ def kolmogorov_sf(d, n):
     """
     as_numpy = not isinstance(d, torch.Tensor)
     dt = torch.as_tensor(d, dtype=torch.float64)
-    nt = torch.as_tensor(n, device=dt.device)
-    if nt.numel() and nt.is_floating_point():
-        if not bool((nt == torch.floor(nt)).all()):
-            raise ValueError("n: expected integer sample sizes")
-    nt = nt.to(torch.int64)
-    if nt.numel() and int(nt.min()) < 1:
-        raise ValueError(f"n: expected sample sizes >= 1, got {int(nt.min())}")
-    dt, nt = torch.broadcast_tensors(dt, nt)
-    shape = dt.shape
-    flat_d, flat_n = dt.reshape(-1), nt.reshape(-1)
-    nf = flat_n.to(torch.float64)
-    out = torch.full_like(flat_d, math.nan)
+    dev = dt.device
+    # The regimes are chosen on the host from one copy of (d, n), a few numbers per test: masks on the
+    # device would each wait for it (a row of short launches and syncs at the end of a fit).
+    n_host = np.asarray(n.cpu() if isinstance(n, torch.Tensor) else n)
+    if n_host.size and np.issubdtype(n_host.dtype, np.floating) and not np.all(n_host == np.floor(n_host)):
+        raise ValueError("n: expected integer sample sizes")
+    n_host = n_host.astype(np.int64)
+    if n_host.size and int(n_host.min()) < 1:
+        raise ValueError(f"n: expected sample sizes >= 1, got {int(n_host.min())}")
+    shape = np.broadcast_shapes(tuple(dt.shape), n_host.shape)
+    d_dev = dt.broadcast_to(shape).reshape(-1)
+    flat_d = d_dev.detach().cpu().numpy()
+    flat_n = np.broadcast_to(n_host, shape).reshape(-1)
+    nf = flat_n.astype(np.float64)
     t = nf * flat_d
     nx2 = t * flat_d
-    inner = (t > 1.0) & (t < nf - 1)  # scipy's closed forms hold at the ends
-    big = flat_n > 140
-    # scipy's exact branches that are 2·S_n(d): d ≥ 1/2; n > 140 with 2.2 ≤ n·d² < 370; n ≤ 140 with n·d² > 4
-    smirnov = inner & ((flat_d >= 0.5) | (big & (nx2 >= 2.2) & (nx2 < 370.0)) | (~big & (nx2 > 4.0)))
-    zero = inner & (flat_d < 0.5) & big & (nx2 >= 370.0)
-    # scipy's Durbin and Pomeranz branches: the same CDF, by Durbin's formula for all tests at once
-    durbin = inner & ~smirnov & (flat_d < 0.5) & (
-        (~big & (nx2 <= 4.0)) | (big & (nx2 < 2.2) & (flat_n <= 100000) & (nf * flat_d ** 1.5 <= 1.4)))
-    rest = ~(smirnov | zero | durbin) & ~torch.isnan(flat_d)
-    if bool(smirnov.any()):
-        out[smirnov] = (2.0 * smirnov_sf(flat_n[smirnov], flat_d[smirnov])).clamp(0.0, 1.0)
-    if bool(durbin.any()):
-        out[durbin] = (1.0 - durbin_cdf(flat_n[durbin], flat_d[durbin])).clamp(0.0, 1.0)
-    out[zero] = 0.0
-    if bool(rest.any()):
-        dr, nr = flat_d[rest].cpu().numpy(), flat_n[rest].cpu().numpy()
-        out[rest] = torch.from_numpy(np.asarray(sps.kstwo.sf(dr, nr), dtype=np.float64)).to(out.device)
+    with np.errstate(invalid="ignore"):  # NaN statistics fall in no regime
+        inner = (t > 1.0) & (t < nf - 1)  # scipy's closed forms hold at the ends
+        big = flat_n > 140
+        # scipy's exact branches that are 2·S_n(d): d ≥ 1/2; n > 140 with 2.2 ≤ n·d² < 370; n ≤ 140 with n·d² > 4
+        smirnov = inner & ((flat_d >= 0.5) | (big & (nx2 >= 2.2) & (nx2 < 370.0)) | (~big & (nx2 > 4.0)))
+        zero = inner & (flat_d < 0.5) & big & (nx2 >= 370.0)
+        # scipy's Durbin and Pomeranz branches: the same CDF, by Durbin's formula for all tests at once
+        durbin = inner & ~smirnov & (flat_d < 0.5) & (
+            (~big & (nx2 <= 4.0)) | (big & (nx2 < 2.2) & (flat_n <= 100000) & (nf * flat_d ** 1.5 <= 1.4)))
+    rest = ~(smirnov | zero | durbin) & ~np.isnan(flat_d)
+    out = torch.full((flat_d.size,), math.nan, dtype=torch.float64, device=dev)
+
+    def on_device(mask):
+        return torch.from_numpy(np.nonzero(mask)[0]).to(dev)
+
+    if smirnov.any():
+        idx = on_device(smirnov)
+        out[idx] = (2.0 * smirnov_sf(flat_n[smirnov], d_dev[idx])).clamp(0.0, 1.0)
+    if durbin.any():
+        idx = on_device(durbin)
+        out[idx] = (1.0 - durbin_cdf(torch.from_numpy(flat_n[durbin]).to(dev), d_dev[idx])).clamp(0.0, 1.0)
+    if zero.any():
+        out[on_device(zero)] = 0.0
+    if rest.any():
+        out[on_device(rest)] = torch.from_numpy(np.asarray(sps.kstwo.sf(flat_d[rest], flat_n[rest]), dtype=np.float64)).to(dev)
     out = out.reshape(shape)
     return out.numpy() if as_numpy else out
