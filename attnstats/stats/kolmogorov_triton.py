@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .online_triton import _HAVE_TRITON, _interpreting, _on_device, available
+from .online_triton import _HAVE_TRITON, _interpreting, _launch, _on_device, available
 
 __all__ = ["available", "smirnov_sf_one_n"]
 
@@ -66,7 +66,7 @@ def smirnov_sf_one_n(n: int, d: torch.Tensor) -> torch.Tensor:
     part = torch.empty(t, chunks, 2, dtype=torch.float64, device=d.device)  # [T, C, 2]
     if t:
         with _on_device(d):
-            _smirnov_kernel[(t, chunks)](d, log_binom, part, n, chunks, CHUNK=chunk, BLOCK=block)
+            _launch(_smirnov_kernel, (t, chunks), d, log_binom, part, n, chunks, CHUNK=chunk, BLOCK=block)
     top = part[:, :, 0].amax(1)  # [T]
     safe = torch.where(torch.isinf(top), 0.0, top)
     total = safe + torch.log((part[:, :, 1] * torch.exp(part[:, :, 0] - safe[:, None])).sum(1)) + torch.log(d)

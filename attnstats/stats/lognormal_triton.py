@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .online_triton import _HAVE_TRITON, _interpreting, _on_device, available
+from .online_triton import _HAVE_TRITON, _interpreting, _launch, _on_device, available
 
 __all__ = ["available", "sorted_row_sums"]
 
@@ -150,17 +150,17 @@ def sorted_row_sums(y: torch.Tensor, cnt: torch.Tensor):
     dev = y.device
     with _on_device(y):
         part = torch.empty(m, chunks, dtype=torch.float64, device=dev)  # [M, C]
-        _sum_kernel[grid](y, cnt, part, width, chunks, CHUNK=chunk, BLOCK=block)
+        _launch(_sum_kernel, grid, y, cnt, part, width, chunks, CHUNK=chunk, BLOCK=block)
         mu = part.sum(1) / nf  # [M]
         part3 = torch.empty(m, chunks, 3, dtype=torch.float64, device=dev)  # [M, C, 3]
-        _central_kernel[grid](y, cnt, mu, part3, width, chunks, CHUNK=chunk, BLOCK=block)
+        _launch(_central_kernel, grid, y, cnt, mu, part3, width, chunks, CHUNK=chunk, BLOCK=block)
         m2, m3, m4 = (part3.sum(1) / nf[:, None]).unbind(1)  # [M] each
         sigma = m2.sqrt()
         sigma = torch.where(sigma > 0, sigma, 1.0)
         s1 = (m2 * nf / (nf - 1).clamp(min=1)).sqrt()
         s1 = torch.where(s1 > 0, s1, 1.0)
         tests = torch.empty(m, chunks, 3, dtype=torch.float64, device=dev)  # [M, C, 3]
-        _tests_kernel[grid](y, cnt, mu, sigma, s1, tests, width, chunks, CHUNK=chunk, BLOCK=block)
+        _launch(_tests_kernel, grid, y, cnt, mu, sigma, s1, tests, width, chunks, CHUNK=chunk, BLOCK=block)
     ks = torch.maximum(tests[:, :, 0].amax(1), tests[:, :, 1].amax(1))
     ad = -nf - tests[:, :, 2].sum(1)
     return mu, m2, m3, m4, ks, ad

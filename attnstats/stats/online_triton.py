@@ -42,6 +42,15 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _launch(kernel, grid, *args, **meta) -> None:
+    """``kernel[grid](*args, **meta)`` through :func:`attnstats.kernels.triton_common.launch`: a compiled
+    kernel is launched directly, not re-bound in Python (~50 µs of host time a launch on an H100 host,
+    which short calls and every layer of ``record(..., store="stats")`` pay several times)."""
+    from ..kernels.triton_common import launch  # here: the kernels package imports the statistics
+
+    launch(kernel, grid, *args, **meta)
+
+
 def available() -> bool:
     """True when the fused kernel can run here: Triton imports, and a GPU or the interpreter."""
     return _HAVE_TRITON and (torch.cuda.is_available() or _interpreting())
@@ -447,7 +456,7 @@ def head_sums(x: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(B * H, chunks, 2, dtype=torch.float64, device=x.device)  # [B·H, chunks, 2]
     if B * H and N:
         with _on_device(x):
-            _head_sums_kernel[(B * H, chunks)](x, out, H, N, chunks, *x.stride(), D=d,
+            _launch(_head_sums_kernel, (B * H, chunks), x, out, H, N, chunks, *x.stride(), D=d,
                                                BLOCK_D=triton.next_power_of_2(d), BLOCK_N=block_n, ROWS=rows)
     return out.sum(1).reshape(B, H, 2)
 
@@ -466,7 +475,7 @@ def row_moments(count, sum_p2, lse, s_mean, s_m2) -> torch.Tensor:
     if m:
         block = 64 if _interpreting() else 1024
         with _on_device(lse):
-            _row_moments_kernel[(m,)](*fields, out, nq, m, BLOCK=block)
+            _launch(_row_moments_kernel, (m,), *fields, out, nq, m, BLOCK=block)
     return out.reshape(5, *batch)
 
 
@@ -532,7 +541,8 @@ def raw_accumulators(q, k, scale, mask, causal, config=None) -> torch.Tensor:
     grid = (triton.cdiv(Nq, bm), B * Hq)
     kwargs = {} if interp else {"num_warps": warps, "num_stages": stages}
     with _on_device(q):
-        _streaming_kernel[grid](
+        _launch(
+            _streaming_kernel, grid,
             q, k, km, out,
             *q.stride(), *k.stride(), skm_b, skm_h, out.stride(0), out.stride(1),
             Hq, Nq, Nk, Hq // Hk, float(scale * _LOG2E), _LN2,
@@ -612,7 +622,8 @@ def _launch_product(kernel, q, k, lse, xp, heads, scale, config=None) -> torch.T
     out = torch.empty_like(xp)  # [A, N, R]
     if a:
         with _on_device(q):
-            kernel[(triton.cdiv(n, bm), a)](
+            _launch(
+                kernel, (triton.cdiv(n, bm), a),
                 q, k, lse2, xp, out, heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse2.stride(0),
                 xp.stride(0), xp.stride(1), out.stride(0), out.stride(1),
                 n, float(scale * _LOG2E), D=d, R=r, BLOCK_M=bm, BLOCK_N=bn, F32=q.dtype == torch.float32,
@@ -670,7 +681,8 @@ def sampled_log_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, i: to
     kwargs = {} if interp else {"num_warps": 4}
     if s:
         with _on_device(q):
-            _sampled_kernel[grid](
+            _launch(
+                _sampled_kernel, grid,
                 q, k, lse, i, j, out,
                 *q.stride(), *k.stride(), *lse.stride(), i.stride(0), out.stride(0),
                 Hq, Hq // k.shape[1], s, count, k.shape[2], base, first, float(scale),

@@ -17,6 +17,8 @@ generator state and no host round trip.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = ["check_sampling", "hash32", "seed_base", "matrix_keys", "sample_ranks"]
@@ -49,6 +51,7 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+@functools.lru_cache(maxsize=256)  # a pure function of an int; ~20 small torch calls on the host each time
 def seed_base(seed: int) -> int:
     """The 32-bit key of a seed (any size, folded to 64 bits), from which each matrix's keys derive."""
     s = int(seed) & ((1 << 64) - 1)
