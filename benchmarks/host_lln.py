@@ -20,7 +20,7 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attnstats.kernels import get_kernel, lln_triton  # noqa: E402
-from attnstats.kernels import triton_common  # noqa: E402
+from attnstats import triton_launch  # noqa: E402
 from attnstats.kernels.triton_common import pad, precision  # noqa: E402
 from profile_lln import inputs, step  # noqa: E402
 
@@ -49,13 +49,13 @@ class _Twice(torch.autograd.Function):
 
 
 def _fast(on, fn):
-    # fn with attnstats' direct kernel launches on or off (triton_common.FAST_LAUNCH)
+    # fn with attnstats' direct kernel launches on or off (triton_launch.FAST_LAUNCH)
     def run():
-        triton_common.FAST_LAUNCH = on
+        triton_launch.FAST_LAUNCH = on
         try:
             fn()
         finally:
-            triton_common.FAST_LAUNCH = True
+            triton_launch.FAST_LAUNCH = True
     return run
 
 

@@ -297,11 +297,12 @@ def test_32_bit_offset_rule_counts_whole_storages_and_buffers():
 
 
 def test_direct_launch_key_and_argument_order():
-    """What `triton_common.launch` keys a compiled kernel on, and the argument list it hands it (checked
+    """What `triton_launch.launch` keys a compiled kernel on, and the argument list it hands it (checked
     here without a GPU: the direct launches themselves run in benchmarks/lln_gpu.py's agreement part)."""
-    from attnstats.kernels import lln_triton, triton_common
+    from attnstats import triton_launch
+    from attnstats.kernels import lln_triton
 
-    key = triton_common._arg_key
+    key = triton_launch._arg_key
     x = torch.zeros(64, dtype=torch.float32)
     # Triton specialises on a tensor's dtype and 16-byte alignment and on an integer's value (== 1, % 16,
     # width): each must change the key; a float's value must not (it is always typed fp32)
@@ -316,6 +317,6 @@ def test_direct_launch_key_and_argument_order():
     n_args = sum(not p.is_constexpr for p in params)
     meta = {p.name: p.name for p in params if p.is_constexpr}
     # the launcher takes every parameter in the kernel's order: the positional ones, then the constexprs
-    assert triton_common._tail(kernel, (0,) * n_args, meta) == tuple(p.name for p in params[n_args:])
+    assert triton_launch._tail(kernel, (0,) * n_args, meta) == tuple(p.name for p in params[n_args:])
     assert all(p.is_constexpr for p in params[n_args:])
-    assert triton_common._tail(kernel, (0,) * n_args, {}) is None  # a constexpr missing: Triton's own launch
+    assert triton_launch._tail(kernel, (0,) * n_args, {}) is None  # a constexpr missing: Triton's own launch

@@ -27,7 +27,8 @@ LAYERS = (
     ("metrics", ("attnstats.metrics",)),
     ("kernels", ("attnstats.kernels",)),
     ("stats", ("attnstats.stats",)),
-    ("base", ("attnstats.masks", "attnstats.validation", "attnstats.budget", "attnstats.theory")),
+    ("base", ("attnstats.masks", "attnstats.validation", "attnstats.budget", "attnstats.theory",
+              "attnstats.triton_launch")),
 )
 # ``attnstats/__init__.py`` gathers the public names: it may import every layer except app.
 TOP = "attnstats"

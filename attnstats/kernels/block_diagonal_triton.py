@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from .triton_common import DTYPES, HAVE_TRITON, MixWeights, launch, launched_on_device, offsets_fit, pad, precision
+from ..triton_launch import launch
+from .triton_common import DTYPES, HAVE_TRITON, MixWeights, launched_on_device, offsets_fit, pad, precision
 
 __all__ = ["MAX_BLOCK", "applies", "block_diagonal", "forward_into", "backward_into"]
 

@@ -29,7 +29,7 @@ forward + backward whose arithmetic takes a fraction of a millisecond (benchmark
    into running sums in place, and one program per chunk forms its output from the states before it
    and its ``[C, C]`` tile; the backward mirrors this with running sums from the end.
 
-Every kernel is launched through :func:`attnstats.kernels.triton_common.launch`, which hands an
+Every kernel is launched through :func:`attnstats.triton_launch.launch`, which hands an
 already compiled kernel its arguments directly (a third of Triton's own launch cost on the host).
 
 Partial sums go to per-(head, split) buffers summed by the next kernel, in a fixed order: the results
@@ -48,8 +48,8 @@ import torch
 __all__ = ["MAX_HEAD_DIM", "available", "applies", "fuses_diag", "moments", "lln_noncausal", "lln_causal"]
 
 from . import block_diagonal_triton
-from .triton_common import (DTYPES, HAVE_TRITON, MixWeights, interpreting, launch, launched_on_device, offsets_fit,
-                            on_device, pad, precision)
+from ..triton_launch import interpreting, launch
+from .triton_common import DTYPES, HAVE_TRITON, MixWeights, launched_on_device, offsets_fit, on_device, pad, precision
 
 if HAVE_TRITON:
     import triton

@@ -22,6 +22,7 @@ import os
 
 import torch
 
+from ..triton_launch import launch as _launch  # compiled kernels launched directly: ~50 µs less host time each
 
 __all__ = ["available", "row_accumulators", "raw_accumulators", "row_moments", "attention_products", "attention_row_sums",
            "sampled_log_probs", "head_sums"]
@@ -40,15 +41,6 @@ except Exception:  # pragma: no cover - depends on the environment
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _launch(kernel, grid, *args, **meta) -> None:
-    """``kernel[grid](*args, **meta)`` through :func:`attnstats.kernels.triton_common.launch`: a compiled
-    kernel is launched directly, not re-bound in Python (~50 µs of host time a launch on an H100 host,
-    which short calls and every layer of ``record(..., store="stats")`` pay several times)."""
-    from ..kernels.triton_common import launch  # here: the kernels package imports the statistics
-
-    launch(kernel, grid, *args, **meta)
 
 
 def available() -> bool:
