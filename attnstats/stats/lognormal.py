@@ -209,12 +209,17 @@ def fits_per_matrix(values, batch) -> LogNormalFit:
     return _fits_with_warnings(padded, counts, batch)
 
 
-def _fits_with_warnings(table: torch.Tensor, counts, batch) -> LogNormalFit:
-    """The batched fit of ``table: [M, W]`` (see :func:`_fit_batched`) in the batch shape, with a warning per
-    matrix that admits no fit."""
+def _fits_with_warnings(table: torch.Tensor, counts, batch, trusted: bool = False) -> LogNormalFit:
+    """The batched fit of ``table: [M, W]`` (see :func:`_fit_batched`, also for ``trusted``) in the batch
+    shape, on the CPU, with a warning per matrix that admits no fit."""
     import warnings
 
-    fit, bad = _fit_batched(table, counts)
+    fit, bad = _fit_batched(table, counts, trusted=trusted)
+    names = [f for f in LogNormalFit.__dataclass_fields__ if f != "n"]
+    host = torch.stack([getattr(fit, name) for name in names] + [fit.n.to(torch.float64), bad.to(torch.float64)])
+    host = host.cpu()  # one transfer for every field
+    fit = LogNormalFit(**{name: host[i] for i, name in enumerate(names)}, n=fit.n.cpu())
+    bad = host[-1].bool()
     for i in bad.nonzero().reshape(-1).tolist():
         c = int(fit.n[i])
         where = tuple(int(x) for x in torch.unravel_index(torch.tensor(i), tuple(batch))) if len(batch) else ()
@@ -224,9 +229,8 @@ def _fits_with_warnings(table: torch.Tensor, counts, batch) -> LogNormalFit:
             RuntimeWarning,
             stacklevel=4,
         )
-    names = [f for f in LogNormalFit.__dataclass_fields__ if f != "n"]
-    fields = {name: getattr(fit, name).cpu().reshape(batch) for name in names}
-    return LogNormalFit(**fields, n=fit.n.cpu().reshape(batch))
+    fields = {name: getattr(fit, name).reshape(batch) for name in names}
+    return LogNormalFit(**fields, n=fit.n.reshape(batch))
 
 
 def fit_log_values_batched(values: torch.Tensor, counts: torch.Tensor | None = None) -> LogNormalFit:
