@@ -172,6 +172,32 @@ def test_store_stats_equals_dense(recorded, streaming):
     np.testing.assert_allclose(streamed.to_numpy(), dense.to_numpy(), rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("streaming", [False, True], ids=["dense", "streaming"])
+def test_store_stats_with_grouped_key_heads_equals_dense(causal, streaming):
+    # Without a mask, store="stats" keeps grouped key heads grouped (each read for its query heads, no
+    # copy); store="qk" repeats them, and its frame() is the dense side. Same tolerance as above.
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 4, 12, D, generator=g) * 1.5
+    k = torch.randn(2, 2, 12, D, generator=g)
+    v = torch.randn(2, 2, 12, D, generator=g)
+
+    class GQA(nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+
+    with attnstats.record(GQA()) as rec:
+        GQA()(q, k, v)
+    assert rec.records[0].k.shape[1] == 4
+    with stats_run(streaming), attnstats.record(GQA(), store="stats") as rs:
+        GQA()(q, k, v)
+    dense = rec.frame(batch="each").set_index(["layer", "head", "batch", "metric"]).value.sort_index()
+    streamed = rs.frame(batch="each").set_index(["layer", "head", "batch", "metric"]).value.sort_index()
+    assert list(streamed.index) == list(dense.index)
+    assert "spectral_gap" in set(dense.index.get_level_values("metric"))
+    np.testing.assert_allclose(streamed.to_numpy(), dense.to_numpy(), rtol=1e-6, atol=1e-9)
+
+
 def test_alongside_kernels_side_by_side(recorded):
     causal, q, k, rec0 = recorded
     model = Stack(causal)

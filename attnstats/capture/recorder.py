@@ -142,13 +142,15 @@ def _selector(layers):
 def head_sigmas(q: torch.Tensor, k: torch.Tensor, mask, is_causal: bool):
     """Standard deviations ``(sigma_q, sigma_k)``, each ``[B, H]`` float64, of the valid q and k entries.
 
-    ``q: [B, H, Nq, d]``, ``k: [B, H, Nk, d]``; valid tokens as :func:`attnstats.capture.record.valid_tokens`
+    ``q: [B, H, Nq, d]``, ``k: [B, H, Nk, d]`` (without a mask also ``[B, H/g, Nk, d]``, grouped key heads,
+    whose σ is then repeated to their query heads); valid tokens as :func:`attnstats.capture.record.valid_tokens`
     (pad tokens left out). Unbiased (``torch.std``) convention. The temperature of docs/theory.md §1 is
     ``1/(sigma_q·sigma_k)``.
     """
     b = max(q.shape[0], k.shape[0])
     if mask is None:  # every token valid (causal rows all have a key): no mask to weigh by
-        return _std(q).expand(b, q.shape[1]), _std(k).expand(b, k.shape[1])
+        sigma_k = _std(k).repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped key heads: one per query head
+        return _std(q).expand(b, q.shape[1]), sigma_k.expand(b, q.shape[1])
     qv, kv = valid_tokens(mask, is_causal, (b, q.shape[1], q.shape[2], k.shape[2]), q.device)
     return _masked_std(q.expand(b, *q.shape[1:]), qv), _masked_std(k.expand(b, *k.shape[1:]), kv)
 
@@ -582,13 +584,19 @@ class Recorder:
         with torch.no_grad():
             q4 = to_4d(q.detach(), "query")
             k4 = to_4d(k.detach(), "key")
-            if k4.shape[1] != q4.shape[1]:
+            nq, nk, d = q4.shape[2], k4.shape[2], q4.shape[3]
+            mask, mbias, causal = normalize_mask(attn_mask, is_causal, nq, nk)
+            # Grouped key heads stay grouped where nothing needs them repeated: the statistics of an
+            # unmasked call read each key head for its group (no copy of K per layer); elsewhere they
+            # are repeated to one per query head.
+            grouped = self.store == "stats" and mask is None and k4.shape[1] != q4.shape[1]
+            if k4.shape[1] != q4.shape[1] and not grouped:
                 if k4.shape[1] == 1 and not enable_gqa:
                     k4 = k4.expand(k4.shape[0], q4.shape[1], *k4.shape[2:])
                 else:
                     k4 = expand_kv_heads(k4, q4.shape[1])
-            nq, nk, d = q4.shape[2], k4.shape[2], q4.shape[3]
-            mask, mbias, causal = normalize_mask(attn_mask, is_causal, nq, nk)
+            elif q4.shape[1] % k4.shape[1]:
+                raise ValueError(f"key: {k4.shape[1]} key/value heads do not divide the {q4.shape[1]} query heads")
             if bias is not None:
                 bias = bias.detach().to(torch.float32)
                 mbias = bias if mbias is None else mbias + bias

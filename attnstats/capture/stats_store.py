@@ -24,7 +24,7 @@ import dataclasses
 import torch
 
 from ..metrics import gives_every_metric, is_short, record_metrics, streaming_values, warn_no_gap
-from .record import AttentionRecord
+from .record import AttentionRecord, expand_kv_heads
 
 __all__ = ["CapturedStats", "capture_stats", "finish_pending"]
 
@@ -55,7 +55,8 @@ class CapturedStats:
 
 
 def capture_stats(recorder, q, k, mask, causal, scale, bias, softcap, name, max_samples=100_000, seed=0, sinks=None):
-    """Statistics of one call: ``q: [B, H, Nq, d]``, ``k: [B, H, Nk, d]``, canonical mask, and
+    """Statistics of one call: ``q: [B, H, Nq, d]``, ``k: [B, H, Nk, d]`` (or grouped key heads ``[B, H/g,
+    Nk, d]`` without a mask), canonical mask, and
     attention-sink logits broadcastable to ``[B, H, Nq]`` or None (the sink counts as one more key).
 
     A short call (:func:`attnstats.metrics.is_short`) gets the dense statistics of its whole batch at
@@ -67,6 +68,8 @@ def capture_stats(recorder, q, k, mask, causal, scale, bias, softcap, name, max_
     rec = AttentionRecord(name=name, layer=0, q=q, k=k, mask=mask, is_causal=causal, scale=scale, bias=bias,
                           softcap=softcap, sinks=sinks)
     if is_short(rec):
+        if k.shape[1] != q.shape[1]:  # the dense statistics take one key head per query head
+            rec = dataclasses.replace(rec, k=expand_kv_heads(k, q.shape[1]))
         if "spectral_gap" in groups and not gives_every_metric(mask, q.shape[2], k.shape[2]):
             groups.remove("spectral_gap")  # as the streaming path: the gap of a general mask is left out
             warn_no_gap(name)
