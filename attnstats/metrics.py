@@ -48,7 +48,7 @@ import torch
 from .budget import get_memory_budget
 from .masks import is_key_padding, no_valid_entry
 from .stats.dense import entry_moments, row_entropy
-from .stats.lognormal import fits_per_matrix, lognormal_fit
+from .stats.lognormal import _fit_batched, fits_per_matrix, lognormal_fit
 from .stats.sampling import check_sampling, sample_ranks
 from .stats.online import moments_from_rows, streaming_row_accumulators
 from .stats.qk import log_prob_table, streaming_lognormal_fit, streaming_stats, streaming_stats_unchecked
@@ -405,7 +405,7 @@ def streaming_values(q, k, mask, causal, scale, groups, name, max_samples=100_00
 
         defer: leave every host sync for later (``record(..., store="stats")`` during the forward):
             the values stay on the device, the finiteness of q, k is not read, and the log-normal
-            sample is drawn but not fitted.
+            sample is drawn and fitted but its KS p-values are left for later.
 
     Returns:
         metric name -> float64 CPU tensor ``[B, H]``, equal to what the dense statistics give on the
@@ -452,10 +452,9 @@ def streaming_values(q, k, mask, causal, scale, groups, name, max_samples=100_00
             vals["spectral_gap"] = _qk_spectral_gap(qb, kb, scale, causal, lse)  # of the key block renormalised
         elif "spectral_gap" in groups and bi == 0:
             warn_no_gap(name)
-        if "lognormal" in groups and defer:  # drawn now, fitted with every other layer's after the forward
+        if "lognormal" in groups and defer:  # drawn and fitted now; the p-values of every layer's fits after the forward
             table, counts = log_prob_table(qb, kb, scale, m, causal, log_lse, max_samples, seed, bi * h, check_values=False)
-            pending.tables.append(table)
-            pending.counts.append(counts)
+            pending.fits.append(_fit_batched(table, counts, trusted=True, pvalues=False))
         elif "lognormal" in groups:
             # matrix (bi, h) of the whole batch: the dense fit draws its sample from the same generator
             fit = streaming_lognormal_fit(
@@ -476,15 +475,14 @@ class PendingStats:
     Attributes:
         shape: ``(B, H)`` of the call.
         finite: 0-d bool device tensors, False where q or k held a NaN or Inf.
-        tables, counts: the log-normal samples, per batch element: ``[H, W]`` float64 values (NaN
-            past ``counts``) and ``[H]`` int64 counts, on the device.
+        fits: the log-normal fits of the samples, per batch element: ``(LogNormalFit, bad)`` with
+            ``[H]`` fields on the device, their KS p-values not yet computed.
         done: set once the pending part has been read.
     """
 
     shape: tuple
     finite: list = dataclasses.field(default_factory=list)
-    tables: list = dataclasses.field(default_factory=list)
-    counts: list = dataclasses.field(default_factory=list)
+    fits: list = dataclasses.field(default_factory=list)
     done: bool = False
 
 

@@ -91,37 +91,39 @@ def finish_pending(records) -> None:
     """Finish what the forward pass left pending in ``store="stats"`` records, for all of them at once.
 
     During the forward nothing waits for the device: here the finiteness flags of every long call
-    are read together (one sync), and the log-normal samples of every layer are fitted in one batched
-    fit (:func:`attnstats.stats.lognormal.fit_log_values_batched`'s computation) and written into
-    each record's values. Records already finished are skipped.
+    are read together, with the KS p-values of every layer's log-normal fits (made during the forward,
+    :func:`attnstats.stats.lognormal.fit_log_values_batched`'s computation), computed at once; the fits
+    are written into each record's values. Records already finished are skipped.
 
     Raises:
         ValueError: naming the first layer whose q or k held a NaN or Inf (its statistics would be NaN).
     """
-    import math
     import warnings
 
     from ..metrics import lognormal_fields
-    from ..stats.lognormal import _fit_batched
+    from ..stats.lognormal import LogNormalFit, ks_pvalues
 
     todo = [r for r in records if r.stats is not None and getattr(r.stats, "pending", None) is not None
             and not r.stats.pending.done]
     if not todo:
         return
-    # Everything is queued before anything is read: the fit's launches overlap the forward's kernels,
-    # and the finiteness flags are read with its results.
+    # The fits were made during the forward; their KS p-values, the only step that reads the device, are
+    # computed here for all layers at once, and the finiteness flags read with them.
     flags = [(r, f) for r in todo for f in r.stats.pending.finite]
     ok = torch.stack([f.to(flags[0][1].device) for _, f in flags]) if flags else None
-    fitted = [r for r in todo if r.stats.pending.tables]
+    fitted = [r for r in todo if r.stats.pending.fits]
     fit = None
     if fitted:
-        tables = [t for r in fitted for t in r.stats.pending.tables]
-        dev = tables[0].device
-        width = max(t.shape[1] for t in tables)
-        table = torch.cat([torch.nn.functional.pad(t.to(dev), (0, width - t.shape[1]), value=math.nan) for t in tables])
-        counts = torch.cat([c.to(dev) for r in fitted for c in r.stats.pending.counts])
-        # a NaN in q or k gives a fit of NaN scores, discarded below with the error
-        fit, bad = _fit_batched(table, counts, trusted=True)  # [Σ B·H] per field
+        parts = [f for r in fitted for f in r.stats.pending.fits]
+        dev = parts[0][0].mu.device
+
+        def cat(name):
+            return torch.cat([getattr(f, name).to(dev) for f, _ in parts])
+
+        bad = torch.cat([b.to(dev) for _, b in parts])  # [Σ B·H]
+        # a NaN in q or k gives fits of NaN scores, discarded below with the error
+        fit = LogNormalFit(**{name: cat(name) for name in LogNormalFit.__dataclass_fields__ if name != "ks_pvalue"},
+                           ks_pvalue=ks_pvalues(cat("ks_statistic"), cat("n"), bad))
     if ok is not None and not bool(ok.all()):
         culprit = flags[int((~ok).nonzero()[0, 0])][0]
         for r in todo:
@@ -149,4 +151,4 @@ def finish_pending(records) -> None:
             row += bsz * heads
     for r in todo:
         r.stats.pending.done = True
-        r.stats.pending.tables, r.stats.pending.counts, r.stats.pending.finite = [], [], []
+        r.stats.pending.fits, r.stats.pending.finite = [], []

@@ -266,13 +266,16 @@ def fit_log_values_batched(values: torch.Tensor, counts: torch.Tensor | None = N
     return fit
 
 
-def _fit_batched(values: torch.Tensor, counts: torch.Tensor | None, trusted: bool = False) -> tuple[LogNormalFit, torch.Tensor]:
+def _fit_batched(values: torch.Tensor, counts: torch.Tensor | None, trusted: bool = False,
+                 pvalues: bool = True) -> tuple[LogNormalFit, torch.Tensor]:
     """The fit of :func:`fit_log_values_batched` and the bool ``[M]`` of rows that admit none.
 
     ``trusted``: the values and counts come from attnstats' own sampler (finite values, counts within
     the width), so the checks that read them on the host are skipped and nothing waits for the device
     before the KS p-values, the last step: queued behind a forward pass, the fit's launches then
-    overlap the forward's kernels instead of idling the device between syncs.
+    overlap the forward's kernels instead of idling the device between syncs. ``pvalues=False`` leaves
+    that step out too (``ks_pvalue`` NaN): nothing at all waits, and the caller computes the p-values
+    of many fits at once with :func:`ks_pvalues`.
     """
     if not isinstance(values, torch.Tensor) or values.dim() != 2 or not values.is_floating_point():
         raise TypeError(f"values: expected a 2-d float tensor [M, n], got {getattr(values, 'shape', type(values))}")
@@ -325,8 +328,10 @@ def _fit_batched(values: torch.Tensor, counts: torch.Tensor | None, trusted: boo
 
     # kstest's default (method="auto") for the two-sided one-sample test is exact: kstwo.sf(D, n),
     # here evaluated for all rows at once on the values' device (attnstats.stats.kolmogorov).
-    if trusted:  # NaN statistics give NaN p-values: no row selection, so no sync before this point
-        pvalue = kolmogorov_sf(torch.where(ok, ks, math.nan), cnt.clamp(min=1))
+    if not pvalues:
+        pvalue = torch.full((m,), math.nan, dtype=torch.float64, device=dev)
+    elif trusted:
+        pvalue = ks_pvalues(ks, cnt, bad)
     else:
         pvalue = torch.full((m,), math.nan, dtype=torch.float64, device=dev)
         if bool(ok.any()):
@@ -340,6 +345,13 @@ def _fit_batched(values: torch.Tensor, counts: torch.Tensor | None, trusted: boo
         skew=keep(skew), excess_kurtosis=keep(kurt), n=cnt,
     )
     return fit, bad
+
+
+def ks_pvalues(ks: torch.Tensor, n: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """``kstwo.sf(ks, n)`` of fits ``[M]`` (float64 statistics, int counts), NaN where ``bad``: the rows
+    are not selected on the host, so nothing waits for the device before
+    :func:`attnstats.stats.kolmogorov.kolmogorov_sf` itself."""
+    return kolmogorov_sf(torch.where(bad, math.nan, ks), n.clamp(min=1))
 
 
 def _sorted_row_sums(y, cnt, svalid, nf):
