@@ -7,18 +7,13 @@ tiles, with several programs per head, so the tile masks and the partial sums ar
 checked on the GPU (benchmarks/lln_gpu.py, part `agreement`): the interpreter has no bf16 arithmetic.
 """
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_interpreted
 
 pytest.importorskip("triton")
-
-ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(
     """
@@ -219,11 +214,7 @@ SCRIPT = textwrap.dedent(
     "benchmarks/lln_gpu.py",
 )
 def test_fused_lln_kernels_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    got = json.loads(res.stdout.split("RESULT")[-1])
+    got = json.loads(run_interpreted(SCRIPT, timeout=600).split("RESULT")[-1])
     w = got["worst"]
     # float32 features and sums of at most a few hundred terms, against float64: rounding of a few 1e-7
     # per step; 1e-5 leaves room for the exp of |αq| up to ~5 (relative error ~ 5·6e-8) and the sums.

@@ -1,16 +1,11 @@
 """The Smirnov tail's Triton kernel against its PyTorch reference and scipy, on the CPU under
-TRITON_INTERPRET=1 (a fresh interpreter with the variable set, as tests/test_streaming_triton.py)."""
-import os
-import subprocess
-import sys
+TRITON_INTERPRET=1 (in a fresh interpreter: helpers.run_interpreted)."""
 import textwrap
-from pathlib import Path
 
 import pytest
+from helpers import printed_numbers, run_interpreted
 
 pytest.importorskip("triton")
-
-ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(
     """
@@ -38,14 +33,10 @@ SCRIPT = textwrap.dedent(
 
 
 def test_smirnov_kernel_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    out = dict(line.split() for line in res.stdout.split("\n") if line.strip())
+    out = printed_numbers(run_interpreted(SCRIPT))
     # the same float64 terms, log-sum-exp'd in another order: a few ulp of the sum's log (|ln S| ≤ ~400
     # here, so ~1e-13 relative on S)
-    assert float(out["REF"]) < 1e-12, out
+    assert out["REF"] < 1e-12, out
     # scipy sums the same series without logs; ln n! from lgamma costs ~1e-11 relative at n = 1000 (the
     # bound of kolmogorov.smirnov_sf)
-    assert float(out["SCIPY"]) < 1e-10, out
+    assert out["SCIPY"] < 1e-10, out

@@ -4,17 +4,12 @@ Triton reads TRITON_INTERPRET when a kernel is decorated, so the check runs in a
 with the variable set (as tests/test_streaming_triton.py). The GPU path of the whole fit is checked
 against scipy on the same samples by benchmarks/record_gpu.py (part ``check``).
 """
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from helpers import printed_numbers, run_interpreted
 
 pytest.importorskip("triton")
-
-ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(
     """
@@ -47,16 +42,12 @@ SCRIPT = textwrap.dedent(
 
 
 def test_sorted_row_sums_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    out = dict(line.split() for line in res.stdout.split("\n") if line.strip())
+    out = printed_numbers(run_interpreted(SCRIPT))
     # float64 sums of ≤ 150 terms in another order: a few hundred ulp at most relative to the result
     # (the 4th moment of the Cauchy row is dominated by two terms, so no cancellation either)
-    assert float(out["MOMENTS"]) < 1e-13, out
+    assert out["MOMENTS"] < 1e-13, out
     # Φ as 0.5·(1 + erf) against torch's 0.5·erfc: both within an ulp or two of 1 in absolute terms
-    assert float(out["KS"]) < 1e-15, out
+    assert out["KS"] < 1e-15, out
     # A² per sample: each term's ln Φ agrees to 5e-14 relative (1 − erf below x = 2, where erfc ≥ 4.7e-3)
     # times a weight ≤ 2, plus float64 rounding of the sum
-    assert float(out["AD"]) < 2e-13, out
+    assert out["AD"] < 2e-13, out

@@ -5,17 +5,12 @@ first imported, so the check runs in a fresh interpreter with the variable set. 
 the interpreter runs each program in Python. bf16 is checked on the GPU only
 (benchmarks/streaming_gpu.py): the interpreter has no bf16 arithmetic.
 """
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from helpers import run_interpreted
 
 pytest.importorskip("triton")
-
-ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(
     """
@@ -188,14 +183,12 @@ SCRIPT = textwrap.dedent(
     "is checked on the GPU by benchmarks/streaming_gpu.py",
 )
 def test_triton_kernels_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    worst = float(res.stdout.split("WORST")[-1])
+    stdout = run_interpreted(SCRIPT)
+    worst = float(stdout.split("WORST")[-1])
     # float32 accumulation of a few dozen terms: far under 1e-5 relative.
     assert worst < 1e-5, worst
-    merge = float(res.stdout.split("MERGE")[-1].split()[0])
+    merge = float(stdout.split("MERGE")[-1].split()[0])
     assert merge < 1e-12, merge  # float64 sums in another order
-    assert float(res.stdout.split("HEADSUMS")[-1].split()[0]) < 1e-13
+    assert float(stdout.split("HEADSUMS")[-1].split()[0]) < 1e-13
     # float64 dot products of float32 values (exact products, 16 terms): float64 rounding only
-    assert float(res.stdout.split("DIAG")[-1].split()[0]) < 1e-14
+    assert float(stdout.split("DIAG")[-1].split()[0]) < 1e-14
