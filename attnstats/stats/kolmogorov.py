@@ -194,6 +194,7 @@ def kolmogorov_sf(d, n):
     if zero.any():
         out[on_device(zero)] = 0.0
     if rest.any():
-        out[on_device(rest)] = torch.from_numpy(np.asarray(sps.kstwo.sf(flat_d[rest], flat_n[rest]), dtype=np.float64)).to(dev)
+        values = np.asarray(sps.kstwo.sf(flat_d[rest], flat_n[rest]), dtype=np.float64)
+        out[on_device(rest)] = torch.from_numpy(values).to(dev)
     out = out.reshape(shape)
     return out.numpy() if as_numpy else out
