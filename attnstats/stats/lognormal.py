@@ -270,8 +270,8 @@ def _fit_batched(values: torch.Tensor, counts: torch.Tensor | None, trusted: boo
                  pvalues: bool = True) -> tuple[LogNormalFit, torch.Tensor]:
     """The fit of :func:`fit_log_values_batched` and the bool ``[M]`` of rows that admit none.
 
-    ``trusted``: the values and counts come from attnstats' own sampler (finite values, counts within
-    the width), so the checks that read them on the host are skipped and nothing waits for the device
+    ``trusted``: the values and counts come from attnstats' own sampler (finite values, NaN past the
+    counts, counts within the width), so the checks that read them on the host are skipped and nothing waits for the device
     before the KS p-values, the last step: queued behind a forward pass, the fit's launches then
     overlap the forward's kernels instead of idling the device between syncs. ``pvalues=False`` leaves
     that step out too (``ks_pvalue`` NaN): nothing at all waits, and the caller computes the p-values
@@ -295,13 +295,14 @@ def _fit_batched(values: torch.Tensor, counts: torch.Tensor | None, trusted: boo
         if not trusted and bool(((cnt < 0) | (cnt > width)).any()):
             i = int(((cnt < 0) | (cnt > width)).nonzero()[0, 0])
             raise ValueError(f"counts: expected values in [0, {width}], got {int(cnt[i])} at row {i}")
-        valid = col < cnt[:, None]
+        valid = None if trusted else col < cnt[:, None]
     if not trusted:
         bad_value = valid & ~torch.isfinite(x)
         if bool(bad_value.any()):
             i, j = (int(t) for t in bad_value.nonzero()[0])
             raise ValueError(f"values: expected finite values, found {float(x[i, j])} at row {i}, column {j}")
-    x = torch.where(valid, x, math.nan)
+    if not trusted:  # a trusted table holds NaN past its counts already
+        x = torch.where(valid, x, math.nan)
     # NaN sorts last, so each row's values lead its sorted row, as scipy's sort(v) of the row alone.
     # Past the longest row there is only padding: the rest works on the first max(count) columns
     # (reading that width is a sync: a trusted table is already as wide as its longest row).
@@ -309,17 +310,15 @@ def _fit_batched(values: torch.Tensor, counts: torch.Tensor | None, trusted: boo
     if not trusted:
         width = max(1, int(cnt.max()))
         y = y[:, :width].contiguous()  # [M, width]
-    col = col[:width]
-    svalid = col < cnt[:, None]  # [M, width]
     lo = y[:, 0]
     hi = y.gather(1, (cnt - 1).clamp(min=0)[:, None])[:, 0]
     bad = (cnt < 3) | ~(hi > lo)  # NaN (no value) compares False
     ok = ~bad
     nf = cnt.to(torch.float64).clamp(min=1)
-    if y.is_cuda and lognormal_triton.available():  # the same sums in three launches (module docstring)
+    if y.is_cuda and lognormal_triton.available():  # the same sums in four launches (module docstring)
         mu, m2, m3, m4, ks, ad = lognormal_triton.sorted_row_sums(y, cnt)
     else:
-        mu, m2, m3, m4, ks, ad = _sorted_row_sums(y, cnt, svalid, nf)
+        mu, m2, m3, m4, ks, ad = _sorted_row_sums(y, cnt, col[:width] < cnt[:, None], nf)
     sigma = m2.sqrt()
     # scipy's skew/kurtosis give NaN where m2 is zero to rounding relative to the mean
     flat = m2 <= (torch.finfo(torch.float64).eps * mu) ** 2

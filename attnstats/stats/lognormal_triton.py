@@ -1,4 +1,4 @@
-"""Triton kernels for the batched log-normal fit: the sums over each sorted row in three launches.
+"""Triton kernels for the batched log-normal fit: the sums over each sorted row in four launches.
 
 :func:`attnstats.stats.lognormal.fit_log_values_batched` fits every row of a ``[M, W]`` table of
 ``ln P`` samples at once. After the sort, its PyTorch form makes some 25 float64 passes over the
@@ -74,12 +74,20 @@ if _HAVE_TRITON:
         tl.store(OUT + r * CHUNKS + c, tl.sum(acc, 0))
 
     @triton.jit
-    def _central_kernel(Y, CNT, MU, OUT, W, CHUNKS, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-        # OUT[r, c, :] = Σ d², Σ d³, Σ d⁴ with d = y − MU[r]
+    def _row_sum(PART, r, CHUNKS, STRIDE: tl.constexpr, FIELD: tl.constexpr, BLOCK_C: tl.constexpr):
+        # Σ over the chunks of row r of a partial table [M, CHUNKS, STRIDE], field FIELD: every kernel
+        # sums a row's partials in this one order, so all of them see the same mean and moments
+        cc = tl.arange(0, BLOCK_C)
+        return tl.sum(tl.load(PART + (r * CHUNKS + cc) * STRIDE + FIELD, mask=cc < CHUNKS, other=0.0), 0)
+
+    @triton.jit
+    def _central_kernel(Y, CNT, PART1, OUT, W, CHUNKS, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
+        # OUT[r, c, :] = Σ d², Σ d³, Σ d⁴ with d = y − mean; the mean from the partial sums PART1 [M, CHUNKS]
         r = tl.program_id(0)
         c = tl.program_id(1)
         n = tl.load(CNT + r)
-        mu = tl.load(MU + r)
+        mu = _row_sum(PART1, r, CHUNKS, 1, 0, BLOCK_C) / tl.maximum(n, 1).to(tl.float64)
         a2 = tl.zeros([BLOCK], dtype=tl.float64)
         a3 = tl.zeros([BLOCK], dtype=tl.float64)
         a4 = tl.zeros([BLOCK], dtype=tl.float64)
@@ -97,16 +105,21 @@ if _HAVE_TRITON:
         tl.store(out + 2, tl.sum(a4, 0))
 
     @triton.jit
-    def _tests_kernel(Y, CNT, MU, SIGMA, S1, OUT, W, CHUNKS, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-        # OUT[r, c, :] = max (j+1)/n − Φ(z_j), max Φ(z_j) − j/n (z = d/SIGMA), and the Anderson–Darling sum
-        # Σ (2j+1)/n·ln Φ(w_j) + (2n−2j−1)/n·ln Φ(−w_j) (w = d/S1), over the valid samples j of chunk c
+    def _tests_kernel(Y, CNT, PART1, PART3, OUT, W, CHUNKS, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
+        # OUT[r, c, :] = max (j+1)/n − Φ(z_j), max Φ(z_j) − j/n (z = d/σ, σ the n-std), and the
+        # Anderson–Darling sum Σ (2j+1)/n·ln Φ(w_j) + (2n−2j−1)/n·ln Φ(−w_j) (w = d/s, s the (n−1)-std),
+        # over the valid samples j of chunk c; mean and spread from the partials PART1, PART3
         r = tl.program_id(0)
         c = tl.program_id(1)
         n = tl.load(CNT + r)
         nf = tl.maximum(n, 1).to(tl.float64)
-        mu = tl.load(MU + r)
-        sigma = tl.load(SIGMA + r)
-        s1 = tl.load(S1 + r)
+        mu = _row_sum(PART1, r, CHUNKS, 1, 0, BLOCK_C) / nf
+        m2 = _row_sum(PART3, r, CHUNKS, 3, 0, BLOCK_C) / nf
+        sigma = tl.sqrt(m2)
+        sigma = tl.where(sigma > 0.0, sigma, 1.0)
+        s1 = tl.sqrt(m2 * nf / tl.maximum(nf - 1.0, 1.0))
+        s1 = tl.where(s1 > 0.0, s1, 1.0)
         dplus = tl.full([BLOCK], float("-inf"), dtype=tl.float64)
         dminus = tl.full([BLOCK], float("-inf"), dtype=tl.float64)
         ad = tl.zeros([BLOCK], dtype=tl.float64)
@@ -127,10 +140,27 @@ if _HAVE_TRITON:
         tl.store(out + 1, tl.max(dminus, 0))
         tl.store(out + 2, tl.sum(ad, 0))
 
+    @triton.jit
+    def _finish_kernel(CNT, PART1, PART3, TESTS, OUT, M, CHUNKS, BLOCK_C: tl.constexpr):
+        # OUT[:, r] = mean, m2, m3, m4, KS D, A² of row r from the three partial tables
+        r = tl.program_id(0)
+        nf = tl.maximum(tl.load(CNT + r), 1).to(tl.float64)
+        cc = tl.arange(0, BLOCK_C)
+        tests = TESTS + (r * CHUNKS + cc) * 3
+        dplus = tl.max(tl.load(tests, mask=cc < CHUNKS, other=float("-inf")), 0)
+        dminus = tl.max(tl.load(tests + 1, mask=cc < CHUNKS, other=float("-inf")), 0)
+        tl.store(OUT + r, _row_sum(PART1, r, CHUNKS, 1, 0, BLOCK_C) / nf)
+        tl.store(OUT + M + r, _row_sum(PART3, r, CHUNKS, 3, 0, BLOCK_C) / nf)
+        tl.store(OUT + 2 * M + r, _row_sum(PART3, r, CHUNKS, 3, 1, BLOCK_C) / nf)
+        tl.store(OUT + 3 * M + r, _row_sum(PART3, r, CHUNKS, 3, 2, BLOCK_C) / nf)
+        tl.store(OUT + 4 * M + r, tl.maximum(dplus, dminus))
+        tl.store(OUT + 5 * M + r, -nf - _row_sum(TESTS, r, CHUNKS, 3, 2, BLOCK_C))
+
 
 def sorted_row_sums(y: torch.Tensor, cnt: torch.Tensor):
     """The fit's sums over sorted rows ``y: [M, W]`` float64 (row ``r`` valid in its first ``cnt[r]``
-    entries, ``cnt: [M]`` int64), on y's device in three launches and no host sync.
+    entries, ``cnt: [M]`` int64), on y's device in four launches (the three passes and one that
+    combines their partial sums) and no host sync.
 
     Returns:
         ``(mu, m2, m3, m4, ks, ad)``, each ``[M]`` float64: the mean, the central moments (``Σ dᵏ/n``),
@@ -146,21 +176,17 @@ def sorted_row_sums(y: torch.Tensor, cnt: torch.Tensor):
     chunk, block = (32, 16) if _interpreting() else (4096, 256)
     chunks = max(1, triton.cdiv(width, chunk))
     grid = (m, chunks)
-    nf = cnt.to(torch.float64).clamp(min=1)
-    dev = y.device
-    with _on_device(y):
-        part = torch.empty(m, chunks, dtype=torch.float64, device=dev)  # [M, C]
-        _launch(_sum_kernel, grid, y, cnt, part, width, chunks, CHUNK=chunk, BLOCK=block)
-        mu = part.sum(1) / nf  # [M]
-        part3 = torch.empty(m, chunks, 3, dtype=torch.float64, device=dev)  # [M, C, 3]
-        _launch(_central_kernel, grid, y, cnt, mu, part3, width, chunks, CHUNK=chunk, BLOCK=block)
-        m2, m3, m4 = (part3.sum(1) / nf[:, None]).unbind(1)  # [M] each
-        sigma = m2.sqrt()
-        sigma = torch.where(sigma > 0, sigma, 1.0)
-        s1 = (m2 * nf / (nf - 1).clamp(min=1)).sqrt()
-        s1 = torch.where(s1 > 0, s1, 1.0)
-        tests = torch.empty(m, chunks, 3, dtype=torch.float64, device=dev)  # [M, C, 3]
-        _launch(_tests_kernel, grid, y, cnt, mu, sigma, s1, tests, width, chunks, CHUNK=chunk, BLOCK=block)
-    ks = torch.maximum(tests[:, :, 0].amax(1), tests[:, :, 1].amax(1))
-    ad = -nf - tests[:, :, 2].sum(1)
-    return mu, m2, m3, m4, ks, ad
+    meta = {"CHUNK": chunk, "BLOCK": block}
+    block_c = triton.next_power_of_2(chunks)
+    buf = torch.empty(7 * m * chunks + 6 * m, dtype=torch.float64, device=y.device)  # every partial, one allocation
+    part1 = buf[: m * chunks]  # [M, C] Σ y
+    part3 = buf[m * chunks : 4 * m * chunks]  # [M, C, 3] Σ d², Σ d³, Σ d⁴
+    tests = buf[4 * m * chunks : 7 * m * chunks]  # [M, C, 3] D⁺, D⁻, A² sum
+    out = buf[7 * m * chunks :]  # [6, M]
+    if m:
+        with _on_device(y):
+            _launch(_sum_kernel, grid, y, cnt, part1, width, chunks, **meta)
+            _launch(_central_kernel, grid, y, cnt, part1, part3, width, chunks, **meta, BLOCK_C=block_c)
+            _launch(_tests_kernel, grid, y, cnt, part1, part3, tests, width, chunks, **meta, BLOCK_C=block_c)
+            _launch(_finish_kernel, (m,), cnt, part1, part3, tests, out, m, chunks, BLOCK_C=block_c)
+    return tuple(out.reshape(6, m).unbind(0))
