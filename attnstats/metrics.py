@@ -52,7 +52,7 @@ from .stats.lognormal import _fit_batched, fits_per_matrix, lognormal_fit
 from .stats.sampling import check_sampling, sample_ranks
 from .stats.online import moments_from_rows, streaming_row_accumulators
 from .stats.qk import log_prob_table, streaming_lognormal_fit, streaming_stats, streaming_stats_unchecked
-from .stats.spectral import causal_spectral_gap, spectral_gap, spectral_gap_from_qk
+from .stats.spectral import causal_spectral_gap, diagonal_log_probs, spectral_gap, spectral_gap_from_qk
 from .validation import compute_dtype, first_index, row_sum_tolerance
 
 __all__ = [
@@ -350,23 +350,8 @@ def _value_moments(v: torch.Tensor) -> list:
 def _qk_spectral_gap(q, k, scale, causal, lse):
     """Spectral gap of one self-attention ``[1, H, N, d]`` without the matrix."""
     if causal:  # lower-triangular: the eigenvalues are the diagonal P_ii = exp(s_ii - LSE_i)
-        return causal_spectral_gap(torch.exp(_diagonal_log_probs(q, k, scale, lse)))
+        return causal_spectral_gap(torch.exp(diagonal_log_probs(q, k, scale, lse)))
     return spectral_gap_from_qk(q, k, scale=scale, causal=False).gap
-
-
-def _diagonal_log_probs(q, k, scale, lse) -> torch.Tensor:
-    """``ln P_ii = scale·q_i·k_i − LSE_i`` of ``q: [1, H, N, d]``, ``k: [1, H or H/g, N, d]``,
-    ``lse: [1, H, N]``: ``[1, H, N]`` float64, the dot products in float64 (exact for half inputs).
-    The PyTorch expression is the reference; on a GPU it copies q and k to float64 (1.5 ms per
-    layer at 32k tokens, 32 heads, on an H100)."""
-    from .stats import online_triton
-
-    if q.is_cuda and online_triton.available():  # the sampler's kernel at entries (i, i): no float64 copies
-        _, h, n, _ = q.shape
-        idx = torch.arange(n, device=q.device).expand(h, n)  # [H, N], one row shared by every head
-        return online_triton.sampled_log_probs(q, k, lse, idx, idx, scale).reshape(1, h, n)
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped key heads, one per query head
-    return (q.double() * k.double()).sum(-1) * scale - lse.double()
 
 
 def gives_every_metric(mask, nq: int, nk: int) -> bool:

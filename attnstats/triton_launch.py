@@ -5,6 +5,7 @@ Shared by the attention kernels (:mod:`attnstats.kernels`) and the statistics' k
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -20,7 +21,16 @@ except Exception:  # pragma: no cover - depends on the environment
 
 
 def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``, read when a kernel is
+    decorated): on CPU tensors, how the tests check the kernels without a GPU."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def on_device(x: torch.Tensor):
+    """The CUDA device of ``x`` as the current one while a kernel is launched: Triton launches on the
+    current device, and a tensor on another GPU (a model split over GPUs) would be read from the wrong
+    one. A no-op for CPU tensors (the interpreter)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 # Launching. Triton's own launch (``kernel[grid](...)``) binds and specialises every argument in Python on

@@ -273,15 +273,15 @@ def part_check():
           f"error per field: {worst}; GPU vs CPU (float64 scores) mu: {mu_gap:.2e}", flush=True)
     # The temperature's σ and the causal gap's diagonal, GPU kernels against the CPU's float64 torch.
     from attnstats.capture import head_sigmas
-    from attnstats.metrics import _diagonal_log_probs
+    from attnstats.stats.spectral import diagonal_log_probs
 
     q, k, _ = qkv(32, 8, 4096)
     kx = k.repeat_interleave(4, dim=1)
     lse = streaming_stats(q, kx, causal=True).lse
     sig = max(float(((a.cpu() - b) / b).abs().max())
               for a, b in zip(head_sigmas(q, kx, None, True), head_sigmas(q.cpu(), kx.cpu(), None, True)))
-    diag = _diagonal_log_probs(q, kx, 0.125, lse).cpu()
-    diag_ref = _diagonal_log_probs(q.cpu(), kx.cpu(), 0.125, lse.cpu())
+    diag = diagonal_log_probs(q, kx, 0.125, lse).cpu()
+    diag_ref = diagonal_log_probs(q.cpu(), kx.cpu(), 0.125, lse.cpu())
     diag_err = float((diag - diag_ref).abs().max() / diag_ref.abs().max())
     print(f"check: head σ GPU vs CPU worst relative {sig:.2e}; causal gap diagonal ln P_ii {diag_err:.2e}", flush=True)
     # store="stats" reads the 8 grouped key heads for their query heads; store="qk" + frame() repeats them

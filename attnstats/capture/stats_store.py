@@ -101,7 +101,7 @@ def finish_pending(records) -> None:
     import warnings
 
     from ..metrics import lognormal_fields
-    from ..stats.lognormal import LogNormalFit, ks_pvalues
+    from ..stats.lognormal import LogNormalFit, fit_to_host, ks_pvalues
 
     todo = [r for r in records if r.stats is not None and getattr(r.stats, "pending", None) is not None
             and not r.stats.pending.done]
@@ -131,10 +131,8 @@ def finish_pending(records) -> None:
         raise ValueError(f"record(store='stats'): layer {culprit.name!r}: q or k holds NaN or Inf; its statistics "
                          "would be NaN")
     if fit is not None:
-        names = list(lognormal_fields(fit))
-        host = torch.stack([v.to(torch.float64) for v in lognormal_fields(fit).values()] + [bad.to(torch.float64)]).cpu()
-        fields = dict(zip(names, host[:-1]))  # one transfer for every field
-        bad = host[-1].bool()
+        fit, bad = fit_to_host(fit, bad)
+        fields = lognormal_fields(fit)
         row = 0
         for r in fitted:
             bsz, heads = r.stats.pending.shape

@@ -48,8 +48,8 @@ import torch
 __all__ = ["MAX_HEAD_DIM", "available", "applies", "fuses_diag", "moments", "lln_noncausal", "lln_causal"]
 
 from . import block_diagonal_triton
-from ..triton_launch import interpreting, launch
-from .triton_common import DTYPES, HAVE_TRITON, MixWeights, launched_on_device, offsets_fit, on_device, pad, precision
+from ..triton_launch import interpreting, launch, on_device
+from .triton_common import DTYPES, HAVE_TRITON, MixWeights, launched_on_device, offsets_fit, pad, precision
 
 if HAVE_TRITON:
     import triton

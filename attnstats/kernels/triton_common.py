@@ -9,12 +9,11 @@ them on machines without a GPU.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
 
-from ..triton_launch import interpreting
+from ..triton_launch import interpreting, on_device
 
 try:  # Triton is an optional extra: without it the kernels are simply unavailable
     import triton
@@ -57,11 +56,6 @@ def offsets_fit(*xs: torch.Tensor, buffers: int = 0) -> bool:
     tensor is addressed from its storage) and ``buffers`` (the largest buffer a kernel allocates)."""
     return buffers <= MAX_OFFSET and all(
         x.untyped_storage().nbytes() // x.element_size() <= MAX_OFFSET for x in xs)
-
-
-def on_device(x: torch.Tensor):
-    """Launch on ``x``'s GPU (Triton launches on the current device); nothing for CPU tensors."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def launched_on_device(fn):

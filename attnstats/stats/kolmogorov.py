@@ -55,10 +55,10 @@ def smirnov_sf(n, d):
     out = torch.empty_like(dt)
     for size in np.unique(n_host).tolist():
         idx = torch.from_numpy(np.nonzero(n_host == size)[0]).to(dt.device)
-        rows = max(1, _CHUNK_TERMS // (int(size) + 1))
         if dt.is_cuda and kolmogorov_triton.available():  # one launch, the terms never in memory
             out[idx] = kolmogorov_triton.smirnov_sf_one_n(int(size), dt[idx])
             continue
+        rows = max(1, _CHUNK_TERMS // (int(size) + 1))
         for i0 in range(0, idx.numel(), rows):
             part = idx[i0 : i0 + rows]
             out[part] = _smirnov_one_n(int(size), dt[part])

@@ -14,7 +14,8 @@ import math
 
 import torch
 
-from .online_triton import _HAVE_TRITON, _interpreting, _launch, _on_device, available
+from ..triton_launch import interpreting, launch, on_device
+from .online_triton import _HAVE_TRITON, available
 
 __all__ = ["available", "smirnov_sf_one_n"]
 
@@ -61,12 +62,12 @@ def smirnov_sf_one_n(n: int, d: torch.Tensor) -> torch.Tensor:
     t = d.shape[0]
     j = torch.arange(n + 1, dtype=torch.float64, device=d.device)
     log_binom = (math.lgamma(n + 1) - torch.lgamma(j + 1) - torch.lgamma(n - j + 1)).contiguous()  # [n + 1]
-    chunk, block = (32, 16) if _interpreting() else (4096, 256)
+    chunk, block = (32, 16) if interpreting() else (4096, 256)
     chunks = max(1, triton.cdiv(n + 1, chunk))
     part = torch.empty(t, chunks, 2, dtype=torch.float64, device=d.device)  # [T, C, 2]
     if t:
-        with _on_device(d):
-            _launch(_smirnov_kernel, (t, chunks), d, log_binom, part, n, chunks, CHUNK=chunk, BLOCK=block)
+        with on_device(d):
+            launch(_smirnov_kernel, (t, chunks), d, log_binom, part, n, chunks, CHUNK=chunk, BLOCK=block)
     top = part[:, :, 0].amax(1)  # [T]
     safe = torch.where(torch.isinf(top), 0.0, top)
     total = safe + torch.log((part[:, :, 1] * torch.exp(part[:, :, 0] - safe[:, None])).sum(1)) + torch.log(d)

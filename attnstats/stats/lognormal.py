@@ -214,12 +214,7 @@ def _fits_with_warnings(table: torch.Tensor, counts, batch, trusted: bool = Fals
     shape, on the CPU, with a warning per matrix that admits no fit."""
     import warnings
 
-    fit, bad = _fit_batched(table, counts, trusted=trusted)
-    names = [f for f in LogNormalFit.__dataclass_fields__ if f != "n"]
-    host = torch.stack([getattr(fit, name) for name in names] + [fit.n.to(torch.float64), bad.to(torch.float64)])
-    host = host.cpu()  # one transfer for every field
-    fit = LogNormalFit(**{name: host[i] for i, name in enumerate(names)}, n=fit.n.cpu())
-    bad = host[-1].bool()
+    fit, bad = fit_to_host(*_fit_batched(table, counts, trusted=trusted))
     for i in bad.nonzero().reshape(-1).tolist():
         c = int(fit.n[i])
         where = tuple(int(x) for x in torch.unravel_index(torch.tensor(i), tuple(batch))) if len(batch) else ()
@@ -229,8 +224,16 @@ def _fits_with_warnings(table: torch.Tensor, counts, batch, trusted: bool = Fals
             RuntimeWarning,
             stacklevel=4,
         )
-    fields = {name: getattr(fit, name).reshape(batch) for name in names}
-    return LogNormalFit(**fields, n=fit.n.reshape(batch))
+    return LogNormalFit(**{name: getattr(fit, name).reshape(batch) for name in LogNormalFit.__dataclass_fields__})
+
+
+def fit_to_host(fit: LogNormalFit, bad: torch.Tensor) -> tuple[LogNormalFit, torch.Tensor]:
+    """``(fit, bad)`` of :func:`_fit_batched` on the CPU in one transfer (a field at a time, each copy
+    would wait for the device again)."""
+    names = [f for f in LogNormalFit.__dataclass_fields__ if f != "n"]
+    host = torch.stack([getattr(fit, name).to(torch.float64) for name in names]
+                       + [fit.n.to(torch.float64), bad.to(torch.float64)]).cpu()  # counts < 2^53: exact
+    return LogNormalFit(**{name: host[i] for i, name in enumerate(names)}, n=host[-2].to(torch.int64)), host[-1].bool()
 
 
 def fit_log_values_batched(values: torch.Tensor, counts: torch.Tensor | None = None) -> LogNormalFit:
@@ -313,7 +316,6 @@ def _fit_batched(values: torch.Tensor, counts: torch.Tensor | None, trusted: boo
     lo = y[:, 0]
     hi = y.gather(1, (cnt - 1).clamp(min=0)[:, None])[:, 0]
     bad = (cnt < 3) | ~(hi > lo)  # NaN (no value) compares False
-    ok = ~bad
     nf = cnt.to(torch.float64).clamp(min=1)
     if y.is_cuda and lognormal_triton.available():  # the same sums in four launches (module docstring)
         mu, m2, m3, m4, ks, ad = lognormal_triton.sorted_row_sums(y, cnt)
@@ -327,17 +329,10 @@ def _fit_batched(values: torch.Tensor, counts: torch.Tensor | None, trusted: boo
 
     # kstest's default (method="auto") for the two-sided one-sample test is exact: kstwo.sf(D, n),
     # here evaluated for all rows at once on the values' device (attnstats.stats.kolmogorov).
-    if not pvalues:
-        pvalue = torch.full((m,), math.nan, dtype=torch.float64, device=dev)
-    elif trusted:
-        pvalue = ks_pvalues(ks, cnt, bad)
-    else:
-        pvalue = torch.full((m,), math.nan, dtype=torch.float64, device=dev)
-        if bool(ok.any()):
-            pvalue[ok] = kolmogorov_sf(ks[ok], cnt[ok])
+    pvalue = ks_pvalues(ks, cnt, bad) if pvalues else torch.full((m,), math.nan, dtype=torch.float64, device=dev)
 
     def keep(t):  # a Python scalar, not a device tensor built from the host (that copy waits for the device)
-        return torch.where(ok, t, math.nan)
+        return torch.where(bad, math.nan, t)
 
     fit = LogNormalFit(
         mu=keep(mu), sigma=keep(sigma), ks_statistic=keep(ks), ks_pvalue=pvalue, ad_statistic=keep(ad),

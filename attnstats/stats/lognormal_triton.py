@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from .online_triton import _HAVE_TRITON, _interpreting, _launch, _on_device, available
+from ..triton_launch import interpreting, launch, on_device
+from .online_triton import _HAVE_TRITON, available
 
 __all__ = ["available", "sorted_row_sums"]
 
@@ -173,7 +174,7 @@ def sorted_row_sums(y: torch.Tensor, cnt: torch.Tensor):
     m, width = y.shape
     y = y.contiguous()
     cnt = cnt.to(torch.int64).contiguous()
-    chunk, block = (32, 16) if _interpreting() else (4096, 256)
+    chunk, block = (32, 16) if interpreting() else (4096, 256)
     chunks = max(1, triton.cdiv(width, chunk))
     grid = (m, chunks)
     meta = {"CHUNK": chunk, "BLOCK": block}
@@ -184,9 +185,9 @@ def sorted_row_sums(y: torch.Tensor, cnt: torch.Tensor):
     tests = buf[4 * m * chunks : 7 * m * chunks]  # [M, C, 3] D⁺, D⁻, A² sum
     out = buf[7 * m * chunks :]  # [6, M]
     if m:
-        with _on_device(y):
-            _launch(_sum_kernel, grid, y, cnt, part1, width, chunks, **meta)
-            _launch(_central_kernel, grid, y, cnt, part1, part3, width, chunks, **meta, BLOCK_C=block_c)
-            _launch(_tests_kernel, grid, y, cnt, part1, part3, tests, width, chunks, **meta, BLOCK_C=block_c)
-            _launch(_finish_kernel, (m,), cnt, part1, part3, tests, out, m, chunks, BLOCK_C=block_c)
+        with on_device(y):
+            launch(_sum_kernel, grid, y, cnt, part1, width, chunks, **meta)
+            launch(_central_kernel, grid, y, cnt, part1, part3, width, chunks, **meta, BLOCK_C=block_c)
+            launch(_tests_kernel, grid, y, cnt, part1, part3, tests, width, chunks, **meta, BLOCK_C=block_c)
+            launch(_finish_kernel, (m,), cnt, part1, part3, tests, out, m, chunks, BLOCK_C=block_c)
     return tuple(out.reshape(6, m).unbind(0))

@@ -18,11 +18,10 @@ check it on machines without a GPU.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-from ..triton_launch import launch as _launch  # compiled kernels launched directly: ~50 µs less host time each
+from ..triton_launch import interpreting, launch, on_device
 
 __all__ = ["available", "row_accumulators", "raw_accumulators", "row_moments", "attention_products", "attention_row_sums",
            "sampled_log_probs", "head_sums"]
@@ -39,13 +38,9 @@ except Exception:  # pragma: no cover - depends on the environment
     _HAVE_TRITON = False
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def available() -> bool:
     """True when the fused kernel can run here: Triton imports, and a GPU or the interpreter."""
-    return _HAVE_TRITON and (torch.cuda.is_available() or _interpreting())
+    return _HAVE_TRITON and (torch.cuda.is_available() or interpreting())
 
 
 if _HAVE_TRITON:
@@ -442,13 +437,13 @@ def head_sums(x: torch.Tensor) -> torch.Tensor:
     if not _HAVE_TRITON:
         raise ImportError("the fused head sums need Triton: pip install 'attnstats[triton]'")
     B, H, N, d = x.shape
-    interp = _interpreting()
+    interp = interpreting()
     block_n, rows = (16, 32) if interp else (32, 1024)
     chunks = max(triton.cdiv(N, rows), 1)
     out = torch.zeros(B * H, chunks, 2, dtype=torch.float64, device=x.device)  # [B·H, chunks, 2]
     if B * H and N:
-        with _on_device(x):
-            _launch(_head_sums_kernel, (B * H, chunks), x, out, H, N, chunks, *x.stride(), D=d,
+        with on_device(x):
+            launch(_head_sums_kernel, (B * H, chunks), x, out, H, N, chunks, *x.stride(), D=d,
                     BLOCK_D=triton.next_power_of_2(d), BLOCK_N=block_n, ROWS=rows)
     return out.sum(1).reshape(B, H, 2)
 
@@ -465,25 +460,16 @@ def row_moments(count, sum_p2, lse, s_mean, s_m2) -> torch.Tensor:
     m = fields[0].shape[0]
     out = torch.empty(5, m, dtype=torch.float64, device=lse.device)  # [5, M]
     if m:
-        block = 64 if _interpreting() else 1024
-        with _on_device(lse):
-            _launch(_row_moments_kernel, (m,), *fields, out, nq, m, BLOCK=block)
+        block = 64 if interpreting() else 1024
+        with on_device(lse):
+            launch(_row_moments_kernel, (m,), *fields, out, nq, m, BLOCK=block)
     return out.reshape(5, *batch)
-
-
-def _on_device(t: torch.Tensor):
-    """The CUDA device of ``t`` as the current one while a kernel is launched: Triton launches on the
-    current device, and a tensor on another GPU (a model split over GPUs) would be read from the wrong
-    one. A no-op for CPU tensors (the interpreter)."""
-    import contextlib
-
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _f32_precision() -> str:
     # float32 operands: three TF32 products (hi·hi + hi·lo + lo·hi) on the tensor cores give about
     # float32 accuracy, unlike one TF32 product (~1e-3); the interpreter computes in plain float32.
-    return "ieee" if _interpreting() else "tf32x3"
+    return "ieee" if interpreting() else "tf32x3"
 
 
 def _config(d: int, dtype: torch.dtype, interpreting: bool, causal: bool = False):
@@ -521,7 +507,7 @@ def raw_accumulators(q, k, scale, mask, causal, config=None) -> torch.Tensor:
         q, k = q.to(wide), k.to(wide)
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         q, k = q.float(), k.float()
-    interp = _interpreting()
+    interp = interpreting()
     bm, bn, warps, stages = config or _config(d, q.dtype, interp, bool(causal))
     out = torch.empty(6, B * Hq, Nq, dtype=torch.float32, device=q.device)  # [6, B·Hq, Nq]
     if mask is not None:
@@ -532,8 +518,8 @@ def raw_accumulators(q, k, scale, mask, causal, config=None) -> torch.Tensor:
         skm_b = skm_h = 0
     grid = (triton.cdiv(Nq, bm), B * Hq)
     kwargs = {} if interp else {"num_warps": warps, "num_stages": stages}
-    with _on_device(q):
-        _launch(
+    with on_device(q):
+        launch(
             _streaming_kernel, grid,
             q, k, km, out,
             *q.stride(), *k.stride(), skm_b, skm_h, out.stride(0), out.stride(1),
@@ -604,7 +590,7 @@ def _launch_product(kernel, q, k, lse, xp, heads, scale, config=None) -> torch.T
     for the heads ``heads [A]`` of ``q, k: [M, N, d]``, ``lse: [M, N]``; ``xp: [A, N, R]`` float32 → ``[A, N, R]``."""
     a, n, r = xp.shape
     d = q.shape[-1]
-    interp = _interpreting()
+    interp = interpreting()
     bm, bn, warps, stages = config or ((16, 16, 1, 1) if interp else (64, 64, 4, 3))
     kwargs = {} if interp else {"num_warps": warps, "num_stages": stages}
     q = q.contiguous()  # [M, N, d]
@@ -613,8 +599,8 @@ def _launch_product(kernel, q, k, lse, xp, heads, scale, config=None) -> torch.T
     heads = heads.to(device=q.device, dtype=torch.int32).contiguous()  # [A]
     out = torch.empty_like(xp)  # [A, N, R]
     if a:
-        with _on_device(q):
-            _launch(
+        with on_device(q):
+            launch(
                 kernel, (triton.cdiv(n, bm), a),
                 q, k, lse2, xp, out, heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse2.stride(0),
                 xp.stride(0), xp.stride(1), out.stride(0), out.stride(1),
@@ -667,13 +653,13 @@ def sampled_log_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, i: to
         count, causal, base, first = 0, False, 0, 0
         i, j = i.contiguous(), j.contiguous()
     out = torch.empty(m, s, dtype=torch.float64, device=q.device)  # [M, S]
-    interp = _interpreting()
+    interp = interpreting()
     block_s = 16 if interp else 64
     grid = (m, triton.cdiv(s, block_s))
     kwargs = {} if interp else {"num_warps": 4}
     if s:
-        with _on_device(q):
-            _launch(
+        with on_device(q):
+            launch(
                 _sampled_kernel, grid,
                 q, k, lse, i, j, out,
                 *q.stride(), *k.stride(), *lse.stride(), i.stride(0), out.stride(0),

@@ -31,6 +31,7 @@ from ..budget import check_dense_fits, get_memory_budget
 from ..masks import block_tokens, from_padding, no_token, valid_tokens
 from .arnoldi import ARNOLDI_MIN_TOKENS, AttentionOperator, arnoldi_gap, certify_tol, fused_products_run
 from .krylov import KRYLOV_MIN_TOKENS, krylov_bytes_per_head, krylov_gaps
+from . import online_triton
 from .dense import prepare_probs, softmax_attention
 from .parallel import map_each
 from .online import prepare_qk, streaming_row_accumulators
@@ -46,12 +47,30 @@ __all__ = [
     "perron_tolerance",
     "UncertifiedGapWarning",
     "causal_spectral_gap",
+    "diagonal_log_probs",
     "is_lower_triangular",
 ]
 
 
 class UncertifiedGapWarning(RuntimeWarning):
     """A spectral gap whose accuracy the solver could not confirm; the value is reported anyway."""
+
+
+def diagonal_log_probs(q: torch.Tensor, k: torch.Tensor, scale: float, lse: torch.Tensor) -> torch.Tensor:
+    """``ln P_ii = scale·q_i·k_i − LSE_i``, the diagonal of self-attention in logs: ``[B, H, N]`` float64
+    for ``q: [B, H, N, d]``, ``k: [B, H/g, N, d]`` (grouped key heads allowed), ``lse: [B, H, N]``.
+
+    The dot products are float64 (exact for half inputs). On a GPU they go through the sampler's kernel
+    at entries ``(i, i)``; the PyTorch expression, its reference, copies q and k to float64 (1.5 ms per
+    layer at 32k tokens, 32 heads, on an H100).
+    """
+    b, h, n, _ = q.shape
+    if q.is_cuda and online_triton.available():
+        idx = torch.arange(n, device=q.device).expand(b * h, n)  # [B·H, N], one row for every matrix
+        return online_triton.sampled_log_probs(q, k, lse, idx, idx, scale).reshape(b, h, n)
+    if k.shape[1] != h:
+        k = k.repeat_interleave(h // k.shape[1], dim=1)
+    return (q.double() * k.double()).sum(-1) * scale - lse.double()
 
 
 def causal_spectral_gap(diagonal: torch.Tensor) -> torch.Tensor:
@@ -509,11 +528,7 @@ def _causal_gap(qb, kb, scale, valid, batch, method):
     B, Hq, N, d = qb.shape
     mask = None if valid is None else from_padding(valid)  # [B, Hq, 1, N]
     rows, _, _ = streaming_row_accumulators(qb, kb, scale=scale, mask=mask, causal=True)
-    g = Hq // kb.shape[1]
-    k_rep = kb.repeat_interleave(g, dim=1) if g > 1 else kb
-    dt = torch.float64
-    diag_logit = (qb.to(dt) * k_rep.to(dt)).sum(-1) * scale  # [B, Hq, N]
-    log_diag = diag_logit - rows.lse.to(dt)
+    log_diag = diagonal_log_probs(qb, kb, scale, rows.lse)  # [B, Hq, N]
     # Eigenvalues of the valid block are the diagonal at real tokens; the first real token's is λ_1 = 1.
     keep = torch.ones(B, Hq, N, dtype=torch.bool, device=qb.device) if valid is None else valid.clone()
     first = keep.to(torch.int8).argmax(-1)
