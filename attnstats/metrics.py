@@ -48,7 +48,8 @@ import torch
 from .budget import get_memory_budget
 from .masks import is_key_padding, no_valid_entry
 from .stats.dense import entry_moments, row_entropy
-from .stats.lognormal import _fit_batched, fits_per_matrix, lognormal_fit
+from .cuda_graphs import GraphCache
+from .stats.lognormal import LogNormalFit, _fit_batched, fits_per_matrix, lognormal_fit
 from .stats.sampling import check_sampling, sample_ranks
 from .stats.online import moments_from_rows, streaming_row_accumulators
 from .stats.qk import log_prob_table, streaming_lognormal_fit, streaming_stats, streaming_stats_unchecked
@@ -416,11 +417,18 @@ def streaming_values(q, k, mask, causal, scale, groups, name, max_samples=100_00
             idx = torch.nonzero(m[0, 0, 0], as_tuple=False)[:, 0]
             qb, kb, m = qb[:, :, idx], kb[:, :, idx], None
             sb = None if sb is None else sb[:, :, idx]
-        if sb is None and defer and m is None:  # the finiteness flag is read once, after the forward
-            st, finite = streaming_stats_unchecked(qb, kb, scale=scale, causal=causal)
+        if sb is None and defer and m is None:  # nothing read on the host: a CUDA graph once the shape repeats
+            vals, finite, fit = _deferred_element(qb, kb, scale, causal, groups, max_samples, seed, bi * h)
             pending.finite.append(finite)
-            entropy, moments, lse, log_lse = st.entropy, st.entry_moments, st.lse, st.lse
-        elif sb is None:
+            if fit is not None:
+                pending.fits.append(fit)
+            if "spectral_gap" in groups and qb.shape[2] != kb.shape[2] and bi == 0:
+                warn_no_gap(name)
+            elif "spectral_gap" in groups and not causal:  # the matrix-free solvers read the device
+                vals["spectral_gap"] = _qk_spectral_gap(qb, kb, scale, causal, None).to(q.device, torch.float64).reshape(1, h)
+            per_batch.append(vals)
+            continue
+        if sb is None:
             st = streaming_stats(qb, kb, scale=scale, mask=m, causal=causal)
             entropy, moments, lse, log_lse = st.entropy, st.entry_moments, st.lse, st.lse
         else:
@@ -437,10 +445,7 @@ def streaming_values(q, k, mask, causal, scale, groups, name, max_samples=100_00
             vals["spectral_gap"] = _qk_spectral_gap(qb, kb, scale, causal, lse)  # of the key block renormalised
         elif "spectral_gap" in groups and bi == 0:
             warn_no_gap(name)
-        if "lognormal" in groups and defer:  # drawn and fitted now; the p-values of every layer's fits after the forward
-            table, counts = log_prob_table(qb, kb, scale, m, causal, log_lse, max_samples, seed, bi * h, check_values=False)
-            pending.fits.append(_fit_batched(table, counts, trusted=True, pvalues=False))
-        elif "lognormal" in groups:
+        if "lognormal" in groups:
             # matrix (bi, h) of the whole batch: the dense fit draws its sample from the same generator
             fit = streaming_lognormal_fit(
                 qb, kb, scale=scale, mask=m, causal=causal, lse=log_lse, max_samples=max_samples, seed=seed,
@@ -451,6 +456,55 @@ def streaming_values(q, k, mask, causal, scale, groups, name, max_samples=100_00
         per_batch.append({key: v.detach().to(where, torch.float64).reshape(1, h) for key, v in vals.items()})
     values = {key: torch.cat([pb[key] for pb in per_batch]) for key in per_batch[0]} if per_batch else {}
     return (values, pending) if defer else values
+
+
+# The per-call statistics of record(..., store="stats") as CUDA graphs: one per shape, replayed from the
+# second call of that shape on (attnstats.cuda_graphs); a model's layers share their shape.
+_GRAPHS = GraphCache()
+
+
+def _deferred_element(qb, kb, scale, causal, groups, max_samples, seed, first):
+    """The statistics of one batch element ``qb: [1, H, Nq, d]``, ``kb: [1, Hk, Nk, d]`` (no mask, no
+    sink) with nothing read on the host: ``(values {name: [1, H] float64 on the device}, finiteness flag
+    (0-d bool), (LogNormalFit, bad) of the sample without its KS p-values, or None)``. The spectral gap
+    is computed only when causal and square; a non-causal one is left to the caller (its solvers read
+    the device). On a GPU the device work runs as
+    one CUDA graph replay (:class:`attnstats.cuda_graphs.GraphCache`): one packed float64 tensor
+    ``[names…, finite, fit fields…, n, bad]``, each part ``H`` long (finite: 1)."""
+    h = qb.shape[1]
+    names = [n for g in ("entropy", "moments") if g in groups for n in METRIC_NAMES[g]]
+    if "spectral_gap" in groups and causal and qb.shape[2] == kb.shape[2]:
+        names.append("spectral_gap")
+    lognormal = "lognormal" in groups
+    fields = [f for f in LogNormalFit.__dataclass_fields__ if f not in ("ks_pvalue", "n")]
+
+    def packed(q, k):
+        st, finite = streaming_stats_unchecked(q, k, scale=scale, causal=causal)
+        vals = {}
+        if "entropy" in names:
+            vals["entropy"] = torch.nanmean(st.entropy, -1)  # rows with no valid key are NaN
+        if "p_mean" in names:
+            vals.update(moment_fields(st.entry_moments))
+        if "spectral_gap" in names:  # of the key block renormalised
+            vals["spectral_gap"] = _qk_spectral_gap(q, k, scale, causal, st.lse)
+        parts = [vals[n].to(torch.float64).reshape(h) for n in names] + [finite.to(torch.float64).reshape(1)]
+        if lognormal:  # drawn and fitted now; the p-values of every layer's fits after the forward
+            table, counts = log_prob_table(q, k, scale, None, causal, st.lse, max_samples, seed, first, check_values=False)
+            fit, bad = _fit_batched(table, counts, trusted=True, pvalues=False)
+            parts += [getattr(fit, f).to(torch.float64) for f in fields] + [fit.n.to(torch.float64), bad.to(torch.float64)]
+        return (torch.cat(parts),)
+
+    key = ("store_stats", scale, causal, tuple(names), lognormal, max_samples, seed, first)
+    (flat,) = _GRAPHS(key, packed, qb, kb)
+    cut = len(names) * h
+    vals = {n: flat[i * h : (i + 1) * h].reshape(1, h) for i, n in enumerate(names)}
+    finite = flat[cut] == 1.0
+    if not lognormal:
+        return vals, finite, None
+    rest = flat[cut + 1 :].reshape(len(fields) + 2, h)
+    nan = torch.full((h,), float("nan"), dtype=torch.float64, device=flat.device)
+    fit = LogNormalFit(**dict(zip(fields, rest)), ks_pvalue=nan, n=rest[-2].to(torch.int64))
+    return vals, finite, (fit, rest[-1] == 1.0)
 
 
 @dataclasses.dataclass

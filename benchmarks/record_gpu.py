@@ -5,7 +5,8 @@ head dim 64, SDPA, bf16) is run on one sequence of N tokens, causal, with ``torc
 
 - ``plain``: the forward alone, the baseline of every ratio;
 - ``stats[groups]``: the same forward under ``attnstats.record(model, store="stats", metrics=groups)``,
-  for the default metrics and for subsets (to see what each group costs).
+  for the default metrics and for subsets (to see what each group costs); ``default, eager`` with
+  ``attnstats.cuda_graphs.ENABLED = False`` (each layer's statistics launched one by one, no graph replay).
 
 The parts ``lognormal`` and ``streaming`` time the pieces on one layer's q, k: the GPU log-normal fit
 (sample + fit of all heads of a layer) and ``streaming_stats`` against SDPA on the same q, k, v.
@@ -30,6 +31,8 @@ import torch
 import torch.nn.functional as F
 
 import attnstats
+import attnstats.metrics
+from attnstats import cuda_graphs
 from attnstats.metrics import METRICS
 from attnstats.stats.qk import streaming_lognormal_fit, streaming_stats
 from harness import bench, run_parts, timed_shards
@@ -111,8 +114,9 @@ def timed(fn, target_ms):
     return sorted(times)[1] * 1e3
 
 
-def timed_forward(model, ids, metrics=None):
+def timed_forward(model, ids, metrics=None, graphs=True):
     def run():
+        cuda_graphs.ENABLED = graphs
         with torch.no_grad():
             if metrics is None:
                 model(input_ids=ids)
@@ -131,7 +135,9 @@ def model_table(make, ns, groups, label, target_ms=300):
         row = {"n": n, "layers": layers, "plain_ms": plain}
         print(f"{label} N={n} layers={layers}: plain {plain:.1f} ms", flush=True)
         for name, metrics in groups:
-            t = timed(timed_forward(model, ids, metrics), target_ms)
+            eager = name.endswith(", eager")  # each layer's statistics launched one by one, no CUDA graph
+            t = timed(timed_forward(model, ids, metrics, graphs=not eager), target_ms)
+            cuda_graphs.ENABLED = True
             row[name + "_ms"] = t
             row[name + "_ratio"] = t / plain
             print(f"  {name:40s} {t:9.1f} ms  {t / plain:6.2f}×", flush=True)
@@ -143,6 +149,7 @@ def model_table(make, ns, groups, label, target_ms=300):
 
 DECODER_GROUPS = [
     ("default", METRICS),
+    ("default, eager", METRICS),
     ("entropy+moments", ("entropy", "moments")),
     ("entropy+moments+gap", ("entropy", "moments", "spectral_gap")),
     ("entropy+moments+lognormal", ("entropy", "moments", "lognormal")),
@@ -296,7 +303,29 @@ def part_check():
     grouped = float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12))) if list(frames[0].index) == list(frames[1].index) else float("nan")
     print(f"check: store='stats' (grouped key heads) vs store='qk' frame() (repeated), 2 layers, N = 4096: "
           f"worst relative difference {grouped:.2e} over {a.size} values", flush=True)
-    return {"same_ranks": same_ranks, "worst_rel_err_vs_scipy": worst, "gpu_vs_cpu_mu_abs": mu_gap,
+    # each layer's statistics replayed as a CUDA graph (from a shape's second call on) against eager launches
+    runs = []
+    for graphs in (False, True, True, True):
+        cuda_graphs.ENABLED = graphs
+        with torch.no_grad(), attnstats.record(model, store="stats") as rec:
+            model(input_ids=ids)
+        runs.append(rec.frame(batch="each").set_index(["layer", "head", "batch", "metric"]).value.sort_index())
+    cuda_graphs.ENABLED = True
+    replayed = len(attnstats.metrics._GRAPHS)
+    same = all(r.index.equals(runs[0].index) and np.array_equal(r.to_numpy(), runs[0].to_numpy(), equal_nan=True)
+               for r in runs[1:])
+    print(f"check: store='stats' with CUDA graphs (3 blocks, {replayed} graph(s) captured) identical to eager "
+          f"launches: {same}", flush=True)
+
+    def syncs(x):  # not capturable: reads the device
+        return (x * float(x.sum()),)
+
+    x = torch.ones(4, device=DEV)
+    cache = cuda_graphs.GraphCache()
+    fell_back = all(torch.equal(cache("sync", syncs, x)[0], x * 4) for _ in range(3)) and len(cache) == 0
+    print(f"check: a function that reads the device falls back to eager launches: {fell_back}", flush=True)
+    return {"same_ranks": same_ranks, "graphs_identical_to_eager": same, "graphs_captured": replayed,
+            "uncapturable_falls_back": fell_back, "worst_rel_err_vs_scipy": worst, "gpu_vs_cpu_mu_abs": mu_gap,
             "head_sigma_rel": sig, "diagonal_rel": diag_err, "grouped_vs_repeated_rel": grouped}
 
 

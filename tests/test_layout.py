@@ -28,7 +28,7 @@ LAYERS = (
     ("kernels", ("attnstats.kernels",)),
     ("stats", ("attnstats.stats",)),
     ("base", ("attnstats.masks", "attnstats.validation", "attnstats.budget", "attnstats.theory",
-              "attnstats.triton_launch")),
+              "attnstats.triton_launch", "attnstats.cuda_graphs")),
 )
 # ``attnstats/__init__.py`` gathers the public names: it may import every layer except app.
 TOP = "attnstats"

@@ -1,0 +1,102 @@
+"""Replaying a function's device work as a CUDA graph, so that a repeated call costs one launch of host time.
+
+At a few thousand tokens the statistics of one attention call are some twenty kernels whose host side
+(Python, argument checks, launches) takes longer than the kernels themselves on many GPU hosts
+(benchmarks/RESULTS.md §6). A :class:`GraphCache` runs such a function eagerly the first time it sees
+a key, captures its kernels into a CUDA graph the second time, and from then on copies the inputs into
+the graph's own buffers and replays it. The numbers are the eager call's, bit for bit: the same kernels
+run on the same values (checked on the GPU by ``benchmarks/record_gpu.py``'s ``check`` part).
+
+The function must be pure device work given its key: no host sync, no result read on the host, no
+decision taken from a tensor's values. A capture that fails (an operation that syncs, or one CUDA
+graphs do not support) is abandoned and its key runs eagerly from then on. On the CPU, and with
+:data:`ENABLED` off, every call is eager.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+
+import torch
+
+__all__ = ["ENABLED", "GraphCache"]
+
+ENABLED = True  # False: every call eager (for comparisons and debugging)
+
+
+class _Entry:
+    __slots__ = ("graph", "inputs", "outputs", "seen")
+
+    def __init__(self):
+        self.graph = None  # the captured graph; None before capture, False where capture failed
+        self.inputs = self.outputs = ()
+        self.seen = 0
+
+
+class GraphCache:
+    """``cache(key, fn, *inputs)`` returns ``fn(*inputs)``: a tuple of fresh tensors.
+
+    ``key`` (hashable) must name everything ``fn`` depends on besides the inputs' values: the inputs'
+    shapes, strides, dtypes and devices are added to it. Up to ``size`` graphs are kept (least recently
+    used dropped first); each holds copies of its inputs and its intermediate buffers on the device.
+    """
+
+    def __init__(self, size: int = 8):
+        self.size = int(size)
+        self._entries: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return sum(1 for e in self._entries.values() if e.graph)
+
+    def __call__(self, key, fn, *inputs: torch.Tensor) -> tuple:
+        if not (ENABLED and inputs and all(t.is_cuda for t in inputs)):
+            return tuple(fn(*inputs))
+        full = (key, tuple((t.shape, t.stride(), t.dtype, t.device) for t in inputs))
+        with self._lock:
+            entry = self._entries.get(full)
+            if entry is None:
+                entry = self._entries[full] = _Entry()
+                while len(self._entries) > self.size:
+                    self._entries.popitem(last=False)
+            self._entries.move_to_end(full)
+            entry.seen += 1
+            if entry.graph is False or entry.seen == 1:  # seen once: eager (one-off shapes are not captured)
+                return tuple(fn(*inputs))
+            if entry.graph is None:
+                self._capture(entry, fn, inputs)
+                if entry.graph is False:
+                    return tuple(fn(*inputs))
+            for static, t in zip(entry.inputs, inputs):
+                static.copy_(t)
+            entry.graph.replay()
+            return tuple(o.clone() for o in entry.outputs)  # the next replay overwrites the graph's own
+
+    @staticmethod
+    def _capture(entry: _Entry, fn, inputs) -> None:
+        device = inputs[0].device
+        with torch.cuda.device(device):
+            # the graph's inputs keep the callers' strides (empty_like preserves a dense layout)
+            static = tuple(torch.empty_like(t).copy_(t) for t in inputs)
+            graph = torch.cuda.CUDAGraph()
+            here = torch.cuda.current_stream(device)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(here)  # the copies above, and whatever produced the inputs
+            try:
+                with torch.cuda.stream(side):
+                    # thread-local: other threads' CUDA calls (a data loader's) go on undisturbed
+                    graph.capture_begin(capture_error_mode="thread_local")
+                    try:
+                        outputs = tuple(fn(*static))
+                    finally:
+                        graph.capture_end()
+            except Exception:  # not capturable: this key runs eagerly from now on
+                entry.graph = False
+                here.wait_stream(side)
+                return
+            here.wait_stream(side)
+            entry.graph, entry.inputs, entry.outputs = graph, static, outputs
