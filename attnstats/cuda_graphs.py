@@ -19,7 +19,7 @@ import threading
 
 import torch
 
-__all__ = ["ENABLED", "GraphCache"]
+__all__ = ["ENABLED", "GraphCache", "SHARED"]
 
 ENABLED = True  # False: every call eager (for comparisons and debugging)
 
@@ -38,11 +38,14 @@ class GraphCache:
 
     ``key`` (hashable) must name everything ``fn`` depends on besides the inputs' values: the inputs'
     shapes, strides, dtypes and devices are added to it. Up to ``size`` graphs are kept (least recently
-    used dropped first); each holds copies of its inputs and its intermediate buffers on the device.
+    used dropped first); each holds copies of its inputs and its intermediate buffers on the device, so
+    calls whose inputs take more than ``max_input_bytes`` run eagerly: there the kernels outlast the
+    host's launches anyway, and a graph would hold a copy of large inputs.
     """
 
-    def __init__(self, size: int = 8):
+    def __init__(self, size: int = 8, max_input_bytes: int = 128 << 20):
         self.size = int(size)
+        self.max_input_bytes = int(max_input_bytes)
         self._entries: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()
 
@@ -54,7 +57,8 @@ class GraphCache:
         return sum(1 for e in self._entries.values() if e.graph)
 
     def __call__(self, key, fn, *inputs: torch.Tensor) -> tuple:
-        if not (ENABLED and inputs and all(t.is_cuda for t in inputs)):
+        if not (ENABLED and inputs and all(t.is_cuda for t in inputs)) or \
+                sum(t.numel() * t.element_size() for t in inputs) > self.max_input_bytes:
             return tuple(fn(*inputs))
         full = (key, tuple((t.shape, t.stride(), t.dtype, t.device) for t in inputs))
         with self._lock:
@@ -100,3 +104,8 @@ class GraphCache:
                 return
             here.wait_stream(side)
             entry.graph, entry.inputs, entry.outputs = graph, static, outputs
+
+
+# The one cache of attnstats' own graphs (record(..., store="stats"): each layer's statistics and its q, k
+# standard deviations), keyed by the function's name and options: a model's layers share their shapes.
+SHARED = GraphCache(size=16)

@@ -48,7 +48,7 @@ import torch
 from .budget import get_memory_budget
 from .masks import is_key_padding, no_valid_entry
 from .stats.dense import entry_moments, row_entropy
-from .cuda_graphs import GraphCache
+from . import cuda_graphs
 from .stats.lognormal import LogNormalFit, _fit_batched, fits_per_matrix, lognormal_fit
 from .stats.sampling import check_sampling, sample_ranks
 from .stats.online import moments_from_rows, streaming_row_accumulators
@@ -458,18 +458,13 @@ def streaming_values(q, k, mask, causal, scale, groups, name, max_samples=100_00
     return (values, pending) if defer else values
 
 
-# The per-call statistics of record(..., store="stats") as CUDA graphs: one per shape, replayed from the
-# second call of that shape on (attnstats.cuda_graphs); a model's layers share their shape.
-_GRAPHS = GraphCache()
-
-
 def _deferred_element(qb, kb, scale, causal, groups, max_samples, seed, first):
     """The statistics of one batch element ``qb: [1, H, Nq, d]``, ``kb: [1, Hk, Nk, d]`` (no mask, no
     sink) with nothing read on the host: ``(values {name: [1, H] float64 on the device}, finiteness flag
     (0-d bool), (LogNormalFit, bad) of the sample without its KS p-values, or None)``. The spectral gap
     is computed only when causal and square; a non-causal one is left to the caller (its solvers read
     the device). On a GPU the device work runs as
-    one CUDA graph replay (:class:`attnstats.cuda_graphs.GraphCache`): one packed float64 tensor
+    one CUDA graph replay (:data:`attnstats.cuda_graphs.SHARED`): one packed float64 tensor
     ``[names…, finite, fit fields…, n, bad]``, each part ``H`` long (finite: 1)."""
     h = qb.shape[1]
     names = [n for g in ("entropy", "moments") if g in groups for n in METRIC_NAMES[g]]
@@ -495,7 +490,7 @@ def _deferred_element(qb, kb, scale, causal, groups, max_samples, seed, first):
         return (torch.cat(parts),)
 
     key = ("store_stats", scale, causal, tuple(names), lognormal, max_samples, seed, first)
-    (flat,) = _GRAPHS(key, packed, qb, kb)
+    (flat,) = cuda_graphs.SHARED(key, packed, qb, kb)  # one replay per layer once the shape repeats
     cut = len(names) * h
     vals = {n: flat[i * h : (i + 1) * h].reshape(1, h) for i, n in enumerate(names)}
     finite = flat[cut] == 1.0

@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 import attnstats
-import attnstats.metrics
 from attnstats import cuda_graphs
 from attnstats.metrics import METRICS
 from attnstats.stats.qk import streaming_lognormal_fit, streaming_stats
@@ -311,7 +310,7 @@ def part_check():
             model(input_ids=ids)
         runs.append(rec.frame(batch="each").set_index(["layer", "head", "batch", "metric"]).value.sort_index())
     cuda_graphs.ENABLED = True
-    replayed = len(attnstats.metrics._GRAPHS)
+    replayed = len(cuda_graphs.SHARED)
     same = all(r.index.equals(runs[0].index) and np.array_equal(r.to_numpy(), runs[0].to_numpy(), equal_nan=True)
                for r in runs[1:])
     print(f"check: store='stats' with CUDA graphs (3 blocks, {replayed} graph(s) captured) identical to eager "

@@ -65,6 +65,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .. import cuda_graphs
 from .record import AttentionRecord, expand_kv_heads, normalize_mask, to_4d, valid_tokens
 from .threads import compiling, enter_thread, leave_thread
 
@@ -149,8 +150,11 @@ def head_sigmas(q: torch.Tensor, k: torch.Tensor, mask, is_causal: bool):
     """
     b = max(q.shape[0], k.shape[0])
     if mask is None:  # every token valid (causal rows all have a key): no mask to weigh by
-        sigma_k = _std(k).repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped key heads: one per query head
-        return _std(q).expand(b, q.shape[1]), sigma_k.expand(b, q.shape[1])
+        def both(q, k):
+            return _std(q), _std(k).repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # one per query head
+
+        sigma_q, sigma_k = cuda_graphs.SHARED(("head_sigmas",), both, q, k)  # on a GPU: one replay per layer
+        return sigma_q.expand(b, q.shape[1]), sigma_k.expand(b, q.shape[1])
     qv, kv = valid_tokens(mask, is_causal, (b, q.shape[1], q.shape[2], k.shape[2]), q.device)
     return _masked_std(q.expand(b, *q.shape[1:]), qv), _masked_std(k.expand(b, *k.shape[1:]), kv)
 
