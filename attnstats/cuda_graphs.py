@@ -37,7 +37,7 @@ class GraphCache:
     """``cache(key, fn, *inputs)`` returns ``fn(*inputs)``: a tuple of fresh tensors.
 
     ``key`` (hashable) must name everything ``fn`` depends on besides the inputs' values: the inputs'
-    shapes, strides, dtypes and devices are added to it. Up to ``size`` graphs are kept (least recently
+    shapes, strides, dtypes and devices, and the current stream, are added to it. Up to ``size`` graphs are kept (least recently
     used dropped first); each holds copies of its inputs and its intermediate buffers on the device, so
     calls whose inputs take more than ``max_input_bytes`` run eagerly: there the kernels outlast the
     host's launches anyway, and a graph would hold a copy of large inputs.
@@ -60,7 +60,9 @@ class GraphCache:
         if not (ENABLED and inputs and all(t.is_cuda for t in inputs)) or \
                 sum(t.numel() * t.element_size() for t in inputs) > self.max_input_bytes:
             return tuple(fn(*inputs))
-        full = (key, tuple((t.shape, t.stride(), t.dtype, t.device) for t in inputs))
+        # per stream: a graph's buffers are reused by each replay, which only the stream's order protects
+        stream = torch.cuda.current_stream(inputs[0].device).cuda_stream
+        full = (key, stream, tuple((t.shape, t.stride(), t.dtype, t.device) for t in inputs))
         with self._lock:
             entry = self._entries.get(full)
             if entry is None:
