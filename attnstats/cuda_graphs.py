@@ -38,20 +38,24 @@ class GraphCache:
 
     ``key`` (hashable) must name everything ``fn`` depends on besides the inputs' values: the inputs'
     shapes, strides, dtypes and devices, and the current stream, are added to it. Up to ``size`` graphs are kept (least recently
-    used dropped first); each holds copies of its inputs and its intermediate buffers on the device, so
-    calls whose inputs take more than ``max_input_bytes`` run eagerly: there the kernels outlast the
-    host's launches anyway, and a graph would hold a copy of large inputs.
+    used dropped first); each holds copies of its inputs on the device, and the graphs of one stream share
+    one memory pool for their intermediate buffers (as large as the largest graph's). Calls whose inputs
+    take more than ``max_input_bytes`` run eagerly: there the kernels outlast the host's launches anyway,
+    and a graph would hold a copy of large inputs. :meth:`clear` gives all of it back.
     """
 
     def __init__(self, size: int = 8, max_input_bytes: int = 128 << 20):
         self.size = int(size)
         self.max_input_bytes = int(max_input_bytes)
         self._entries: collections.OrderedDict = collections.OrderedDict()
+        self._pools: dict = {}  # (device, stream) -> the memory pool its graphs share
         self._lock = threading.Lock()
 
     def clear(self) -> None:
+        """Drop every graph (their memory returns to torch's caching allocator)."""
         with self._lock:
             self._entries.clear()
+            self._pools.clear()
 
     def __len__(self) -> int:
         return sum(1 for e in self._entries.values() if e.graph)
@@ -74,7 +78,14 @@ class GraphCache:
             if entry.graph is False or entry.seen == 1:  # seen once: eager (one-off shapes are not captured)
                 return tuple(fn(*inputs))
             if entry.graph is None:
-                self._capture(entry, fn, inputs)
+                # One pool per stream for all its graphs: they never run at once (one stream), and none
+                # reads another's output (each replay's outputs are copied out at once), so each may reuse
+                # the others' scratch memory whatever the order of replays: the pool holds the largest
+                # graph's working memory, not the sum of all.
+                where = (inputs[0].device, stream)
+                if where not in self._pools:  # the pool, and the one side stream its captures run on
+                    self._pools[where] = (torch.cuda.graph_pool_handle(), torch.cuda.Stream(inputs[0].device))
+                self._capture(entry, fn, inputs, *self._pools[where])
                 if entry.graph is False:
                     return tuple(fn(*inputs))
             for static, t in zip(entry.inputs, inputs):
@@ -83,19 +94,18 @@ class GraphCache:
             return tuple(o.clone() for o in entry.outputs)  # the next replay overwrites the graph's own
 
     @staticmethod
-    def _capture(entry: _Entry, fn, inputs) -> None:
+    def _capture(entry: _Entry, fn, inputs, pool, side) -> None:
         device = inputs[0].device
         with torch.cuda.device(device):
             # the graph's inputs keep the callers' strides (empty_like preserves a dense layout)
             static = tuple(torch.empty_like(t).copy_(t) for t in inputs)
             graph = torch.cuda.CUDAGraph()
             here = torch.cuda.current_stream(device)
-            side = torch.cuda.Stream(device)
             side.wait_stream(here)  # the copies above, and whatever produced the inputs
             try:
                 with torch.cuda.stream(side):
                     # thread-local: other threads' CUDA calls (a data loader's) go on undisturbed
-                    graph.capture_begin(capture_error_mode="thread_local")
+                    graph.capture_begin(pool=pool, capture_error_mode="thread_local")
                     try:
                         outputs = tuple(fn(*static))
                     finally:

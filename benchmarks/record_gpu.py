@@ -27,6 +27,7 @@ import time
 import warnings
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -304,17 +305,26 @@ def part_check():
           f"worst relative difference {grouped:.2e} over {a.size} values", flush=True)
     # each layer's statistics replayed as a CUDA graph (from a shape's second call on) against eager launches
     runs = []
+    pair = torch.randint(0, 30000, (2, 2048), device=DEV, generator=torch.Generator(DEV).manual_seed(2))
     for graphs in (False, True, True, True):
         cuda_graphs.ENABLED = graphs
-        with torch.no_grad(), attnstats.record(model, store="stats") as rec:
-            model(input_ids=ids)
-        runs.append(rec.frame(batch="each").set_index(["layer", "head", "batch", "metric"]).value.sort_index())
+        frames = []
+        for x in (ids, pair):  # one sequence; two, whose samples are drawn from different matrix keys
+            with torch.no_grad(), attnstats.record(model, store="stats") as rec:
+                model(input_ids=x)
+            frames.append(rec.frame(batch="each").set_index(["layer", "head", "batch", "metric"]).value.sort_index())
+        runs.append(pd.concat(frames, keys=["one", "two"]))
     cuda_graphs.ENABLED = True
     replayed = len(cuda_graphs.SHARED)
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_reserved()
+    cuda_graphs.SHARED.clear()
+    torch.cuda.empty_cache()
+    held_mib = (held - torch.cuda.memory_reserved()) / 2**20  # what the graphs' pools and buffers kept
     same = all(r.index.equals(runs[0].index) and np.array_equal(r.to_numpy(), runs[0].to_numpy(), equal_nan=True)
                for r in runs[1:])
-    print(f"check: store='stats' with CUDA graphs (3 blocks, {replayed} graph(s) captured) identical to eager "
-          f"launches: {same}", flush=True)
+    print(f"check: store='stats' with CUDA graphs (3 blocks of 1 × 4096 and of 2 × 2048 tokens, {replayed} graph(s) captured, holding "
+          f"{held_mib:.0f} MiB) identical to eager launches: {same}", flush=True)
 
     def syncs(x):  # not capturable: reads the device
         return (x * float(x.sum()),)
@@ -324,6 +334,7 @@ def part_check():
     fell_back = all(torch.equal(cache("sync", syncs, x)[0], x * 4) for _ in range(3)) and len(cache) == 0
     print(f"check: a function that reads the device falls back to eager launches: {fell_back}", flush=True)
     return {"same_ranks": same_ranks, "graphs_identical_to_eager": same, "graphs_captured": replayed,
+            "graphs_held_mib": held_mib,
             "uncapturable_falls_back": fell_back, "worst_rel_err_vs_scipy": worst, "gpu_vs_cpu_mu_abs": mu_gap,
             "head_sigma_rel": sig, "diagonal_rel": diag_err, "grouped_vs_repeated_rel": grouped}
 
