@@ -61,6 +61,10 @@ class GraphCache:
         return sum(1 for e in self._entries.values() if e.graph)
 
     def __call__(self, key, fn, *inputs: torch.Tensor) -> tuple:
+        with torch.no_grad():  # a graph replays no autograd history: nothing here is differentiated
+            return self._call(key, fn, inputs)
+
+    def _call(self, key, fn, inputs) -> tuple:
         if not (ENABLED and inputs and all(t.is_cuda for t in inputs)) or \
                 sum(t.numel() * t.element_size() for t in inputs) > self.max_input_bytes:
             return tuple(fn(*inputs))
@@ -97,8 +101,12 @@ class GraphCache:
     def _capture(entry: _Entry, fn, inputs, pool, side) -> None:
         device = inputs[0].device
         with torch.cuda.device(device):
-            # the graph's inputs keep the callers' strides (empty_like preserves a dense layout)
-            static = tuple(torch.empty_like(t).copy_(t) for t in inputs)
+            # the graph's inputs keep the callers' strides (empty_like preserves a dense layout); made as
+            # normal tensors, so that a graph captured under torch.inference_mode() takes inputs outside it
+            with torch.inference_mode(False):
+                static = tuple(torch.empty_like(t) for t in inputs)
+            for s, t in zip(static, inputs):
+                s.copy_(t)
             graph = torch.cuda.CUDAGraph()
             here = torch.cuda.current_stream(device)
             side.wait_stream(here)  # the copies above, and whatever produced the inputs

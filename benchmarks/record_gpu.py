@@ -315,6 +315,14 @@ def part_check():
             frames.append(rec.frame(batch="each").set_index(["layer", "head", "batch", "metric"]).value.sort_index())
         runs.append(pd.concat(frames, keys=["one", "two"]))
     cuda_graphs.ENABLED = True
+    # a graph captured under inference mode, replayed outside it (and the other way round)
+    modes = []
+    for mode in (torch.inference_mode, torch.inference_mode, torch.no_grad, torch.inference_mode):
+        with mode(), attnstats.record(model, store="stats") as rec:
+            model(input_ids=pair[:, :1024])
+        modes.append(rec.frame(batch="each").value.to_numpy())
+    modes_ok = all(np.array_equal(m, modes[0], equal_nan=True) for m in modes[1:])
+    print(f"check: graphs captured under torch.inference_mode() and replayed under no_grad: {modes_ok}", flush=True)
     replayed = len(cuda_graphs.SHARED)
     torch.cuda.synchronize()
     held = torch.cuda.memory_reserved()
@@ -334,7 +342,7 @@ def part_check():
     fell_back = all(torch.equal(cache("sync", syncs, x)[0], x * 4) for _ in range(3)) and len(cache) == 0
     print(f"check: a function that reads the device falls back to eager launches: {fell_back}", flush=True)
     return {"same_ranks": same_ranks, "graphs_identical_to_eager": same, "graphs_captured": replayed,
-            "graphs_held_mib": held_mib,
+            "graphs_held_mib": held_mib, "graphs_across_inference_mode": modes_ok,
             "uncapturable_falls_back": fell_back, "worst_rel_err_vs_scipy": worst, "gpu_vs_cpu_mu_abs": mu_gap,
             "head_sigma_rel": sig, "diagonal_rel": diag_err, "grouped_vs_repeated_rel": grouped}
 
