@@ -189,7 +189,16 @@ def lognormal_fit(
         keep = x > 0 if valid is None else valid & (x > 0)
         logs = torch.where(keep, x.log(), math.nan).to(torch.float64)  # [i1 - i0, r1 - r0, N]
         table[i0:i1, r0 * n : r1 * n] = logs.reshape(i1 - i0, -1)
-    return _fits_with_warnings(table, None, batch)
+    if m is None:
+        return _fits_with_warnings(table, None, batch)
+    # Padded matrices: each row's values moved to its front (order kept), so that the fit works on
+    # rows of about their own length rather than all of N² (a padded batch of sentences fills ~40 %).
+    valid = ~torch.isnan(table)  # [M, N²]
+    counts = valid.sum(1)  # [M]
+    width = max(1, int(counts.max()))
+    packed = torch.full((count, width), math.nan, dtype=torch.float64, device=p.device)  # [M, max count]
+    packed[torch.arange(width, device=p.device) < counts[:, None]] = table[valid]  # row-major: each row's prefix
+    return _fits_with_warnings(packed, counts, batch, trusted=True)  # finite logs, NaN past the counts
 
 
 def fits_per_matrix(values, batch) -> LogNormalFit:
@@ -273,12 +282,14 @@ def _fit_batched(values: torch.Tensor, counts: torch.Tensor | None, trusted: boo
                  pvalues: bool = True) -> tuple[LogNormalFit, torch.Tensor]:
     """The fit of :func:`fit_log_values_batched` and the bool ``[M]`` of rows that admit none.
 
-    ``trusted``: the values and counts come from attnstats' own sampler (finite values, NaN past the
-    counts, counts within the width), so the checks that read them on the host are skipped and nothing waits for the device
-    before the KS p-values, the last step: queued behind a forward pass, the fit's launches then
+    ``trusted``: the values and counts come from attnstats itself (the sampler's table, or
+    :func:`lognormal_fit`'s: finite values, NaN past the counts, counts within the width), so the checks
+    that read them on the host are skipped and nothing waits for the device before the KS p-values, the
+    last step: queued behind a forward pass, the fit's launches then
     overlap the forward's kernels instead of idling the device between syncs. ``pvalues=False`` leaves
     that step out too (``ks_pvalue`` NaN): nothing at all waits, and the caller computes the p-values
-    of many fits at once with :func:`ks_pvalues`.
+    of many fits at once with :func:`ks_pvalues`. On the CPU, rows given with counts are fitted in groups
+    of similar counts (:func:`_bucketed_row_sums`).
     """
     if not isinstance(values, torch.Tensor) or values.dim() != 2 or not values.is_floating_point():
         raise TypeError(f"values: expected a 2-d float tensor [M, n], got {getattr(values, 'shape', type(values))}")
@@ -306,22 +317,13 @@ def _fit_batched(values: torch.Tensor, counts: torch.Tensor | None, trusted: boo
             raise ValueError(f"values: expected finite values, found {float(x[i, j])} at row {i}, column {j}")
     if not trusted:  # a trusted table holds NaN past its counts already
         x = torch.where(valid, x, math.nan)
-    # NaN sorts last, so each row's values lead its sorted row, as scipy's sort(v) of the row alone.
-    # Past the longest row there is only padding: the rest works on the first max(count) columns
-    # (reading that width is a sync: a trusted table is already as wide as its longest row).
-    y = torch.sort(x, dim=1).values  # [M, width]
-    if not trusted:
-        width = max(1, int(cnt.max()))
-        y = y[:, :width].contiguous()  # [M, width]
-    lo = y[:, 0]
-    hi = y.gather(1, (cnt - 1).clamp(min=0)[:, None])[:, 0]
-    bad = (cnt < 3) | ~(hi > lo)  # NaN (no value) compares False
-    nf = cnt.to(torch.float64).clamp(min=1)
-    if y.is_cuda and lognormal_triton.available():  # the same sums in four launches (module docstring)
-        mu, m2, m3, m4, ks, ad = lognormal_triton.sorted_row_sums(y, cnt)
+    if counts is not None and not x.is_cuda:
+        mu, m2, m3, m4, ks, ad, lo, hi = _bucketed_row_sums(x, cnt)
     else:
-        mu, m2, m3, m4, ks, ad = _sorted_row_sums(y, cnt, col[:width] < cnt[:, None], nf)
+        mu, m2, m3, m4, ks, ad, lo, hi = _row_sums(x, cnt, trusted)
+    bad = (cnt < 3) | ~(hi > lo)  # NaN (no value) compares False
     sigma = m2.sqrt()
+
     # scipy's skew/kurtosis give NaN where m2 is zero to rounding relative to the mean
     flat = m2 <= (torch.finfo(torch.float64).eps * mu) ** 2
     skew = torch.where(flat, math.nan, m3 / m2**1.5)
@@ -339,6 +341,45 @@ def _fit_batched(values: torch.Tensor, counts: torch.Tensor | None, trusted: boo
         skew=keep(skew), excess_kurtosis=keep(kurt), n=cnt,
     )
     return fit, bad
+
+
+def _row_sums(x, cnt, trusted):
+    """``(mu, m2, m3, m4, ks, ad, lo, hi)`` ``[M]`` of the rows of ``x: [M, W]`` (NaN past each row's
+    ``cnt`` values, wherever they sit): sorted, then summed by :func:`_sorted_row_sums` or its kernels."""
+    # NaN sorts last, so each row's values lead its sorted row, as scipy's sort(v) of the row alone.
+    # Past the longest row there is only padding: the rest works on the first max(count) columns
+    # (reading that width is a sync: a trusted table is already as wide as its longest row).
+    y = torch.sort(x, dim=1).values  # [M, W]
+    width = y.shape[1]
+    if not trusted:
+        width = max(1, int(cnt.max()))
+        y = y[:, :width].contiguous()  # [M, width]
+    lo = y[:, 0]
+    hi = y.gather(1, (cnt - 1).clamp(min=0)[:, None])[:, 0]
+    if y.is_cuda and lognormal_triton.available():  # the same sums in four launches (module docstring)
+        return (*lognormal_triton.sorted_row_sums(y, cnt), lo, hi)
+    nf = cnt.to(torch.float64).clamp(min=1)
+    col = torch.arange(width, device=y.device)
+    return (*_sorted_row_sums(y, cnt, col < cnt[:, None], nf), lo, hi)
+
+
+# Rows whose counts lie within this factor of each other are fitted together, padded to the longest.
+_BUCKET_RATIO = 1.25
+
+
+def _bucketed_row_sums(x, cnt):
+    """:func:`_row_sums` of rows that hold their values first (``x[i, :cnt[i]]``, NaN after), in groups
+    of similar counts, each sorted and summed at its own width: a padded batch of short sequences, whose
+    counts range over a factor of ten or more, is not sorted and summed at its longest row's width."""
+    m = x.shape[0]
+    out = torch.full((8, m), math.nan, dtype=torch.float64, device=x.device)  # mu, m2, m3, m4, ks, ad, lo, hi
+    # bucket b holds counts in (r^(b-1), r^b]: the widest row of a bucket is at most r times its narrowest
+    bucket = torch.ceil(torch.log(cnt.clamp(min=1).to(torch.float64)) / math.log(_BUCKET_RATIO)).to(torch.int64)
+    for b in torch.unique(bucket).tolist():
+        rows = (bucket == b).nonzero()[:, 0]  # [R]
+        width = max(1, int(cnt[rows].max()))
+        out[:, rows] = torch.stack(_row_sums(x[rows, :width], cnt[rows], trusted=True))
+    return out.unbind(0)
 
 
 def ks_pvalues(ks: torch.Tensor, n: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
