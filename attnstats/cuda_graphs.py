@@ -64,12 +64,24 @@ class GraphCache:
         with torch.no_grad():  # a graph replays no autograd history: nothing here is differentiated
             return self._call(key, fn, inputs)
 
+    def _applies(self, inputs) -> bool:
+        return (ENABLED and bool(inputs) and all(t.is_cuda for t in inputs)
+                and sum(t.numel() * t.element_size() for t in inputs) <= self.max_input_bytes)
+
+    @staticmethod
+    def _stream(device):
+        return torch.cuda.current_stream(device).cuda_stream
+
+    @staticmethod
+    def _new_pool(device) -> tuple:
+        """A memory pool for the graphs of one stream, and the side stream their captures run on."""
+        return torch.cuda.graph_pool_handle(), torch.cuda.Stream(device)
+
     def _call(self, key, fn, inputs) -> tuple:
-        if not (ENABLED and inputs and all(t.is_cuda for t in inputs)) or \
-                sum(t.numel() * t.element_size() for t in inputs) > self.max_input_bytes:
+        if not self._applies(inputs):
             return tuple(fn(*inputs))
         # per stream: a graph's buffers are reused by each replay, which only the stream's order protects
-        stream = torch.cuda.current_stream(inputs[0].device).cuda_stream
+        stream = self._stream(inputs[0].device)
         full = (key, stream, tuple((t.shape, t.stride(), t.dtype, t.device) for t in inputs))
         with self._lock:
             entry = self._entries.get(full)
@@ -87,8 +99,8 @@ class GraphCache:
                 # the others' scratch memory whatever the order of replays: the pool holds the largest
                 # graph's working memory, not the sum of all.
                 where = (inputs[0].device, stream)
-                if where not in self._pools:  # the pool, and the one side stream its captures run on
-                    self._pools[where] = (torch.cuda.graph_pool_handle(), torch.cuda.Stream(inputs[0].device))
+                if where not in self._pools:
+                    self._pools[where] = self._new_pool(inputs[0].device)
                 self._capture(entry, fn, inputs, *self._pools[where])
                 if entry.graph is False:
                     return tuple(fn(*inputs))
