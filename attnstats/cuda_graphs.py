@@ -34,7 +34,8 @@ class _Entry:
 
 
 class GraphCache:
-    """``cache(key, fn, *inputs)`` returns ``fn(*inputs)``: a tuple of fresh tensors.
+    """``cache(key, fn, *inputs)`` returns ``fn(*inputs)``: a tuple of fresh tensors (and of constants:
+    an output that is not a tensor is returned as the captured call gave it).
 
     ``key`` (hashable) must name everything ``fn`` depends on besides the inputs' values: the inputs'
     shapes, strides, dtypes and devices, and the current stream, are added to it. Up to ``size`` graphs are kept (least recently
@@ -107,7 +108,8 @@ class GraphCache:
             for static, t in zip(entry.inputs, inputs):
                 static.copy_(t)
             entry.graph.replay()
-            return tuple(o.clone() for o in entry.outputs)  # the next replay overwrites the graph's own
+            # the next replay overwrites the graph's own outputs
+            return tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in entry.outputs)
 
     @staticmethod
     def _capture(entry: _Entry, fn, inputs, pool, side) -> None:

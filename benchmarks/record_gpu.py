@@ -334,6 +334,19 @@ def part_check():
     print(f"check: store='stats' with CUDA graphs (3 blocks of 1 × 4096 and of 2 × 2048 tokens, {replayed} graph(s) captured, holding "
           f"{held_mib:.0f} MiB) identical to eager launches: {same}", flush=True)
 
+    # streaming_stats itself: replayed from its second call of a shape on, against eager launches
+    q, k, _ = qkv(32, 8, 4096)
+    st_runs = []
+    for graphs in (False, True, True, True):
+        cuda_graphs.ENABLED = graphs
+        st = streaming_stats(q, k, causal=True)
+        m = st.entry_moments
+        st_runs.append([st.entropy, st.lse, st.sum_p2, st.row_count, m.mean, m.var, m.log_mean, m.log_var,
+                        m.count, m.zero_count])
+    cuda_graphs.ENABLED = True
+    st_same = all(all(torch.equal(a, b) for a, b in zip(r, st_runs[0])) for r in st_runs[1:])
+    print(f"check: streaming_stats replayed as a CUDA graph identical to eager launches: {st_same}", flush=True)
+
     def syncs(x):  # not capturable: reads the device
         return (x * float(x.sum()),)
 
@@ -342,7 +355,7 @@ def part_check():
     fell_back = all(torch.equal(cache("sync", syncs, x)[0], x * 4) for _ in range(3)) and len(cache) == 0
     print(f"check: a function that reads the device falls back to eager launches: {fell_back}", flush=True)
     return {"same_ranks": same_ranks, "graphs_identical_to_eager": same, "graphs_captured": replayed,
-            "graphs_held_mib": held_mib, "graphs_across_inference_mode": modes_ok,
+            "graphs_held_mib": held_mib, "streaming_stats_graph_identical": st_same, "graphs_across_inference_mode": modes_ok,
             "uncapturable_falls_back": fell_back, "worst_rel_err_vs_scipy": worst, "gpu_vs_cpu_mu_abs": mu_gap,
             "head_sigma_rel": sig, "diagonal_rel": diag_err, "grouped_vs_repeated_rel": grouped}
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import cuda_graphs
 from ..masks import causal_mask, is_key_padding, no_valid_entry
 from .dense import EntryMoments
 from . import online_triton
@@ -70,14 +71,41 @@ def streaming_stats(q, k, *, scale=None, mask=None, causal=False, backend="auto"
         >>> st.entropy.shape, st.entry_moments.log_var.shape
         (torch.Size([2, 4, 1024]), torch.Size([2, 4]))
     """
-    st, finite = streaming_stats_unchecked(q, k, scale=scale, mask=mask, causal=causal, backend=backend,
-                                           block_size=block_size)
+    if (mask is None and block_size is None and isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
+            and q.is_cuda and k.is_cuda):
+        st, finite = _replayed(q, k, scale, causal, backend)
+    else:
+        st, finite = streaming_stats_unchecked(q, k, scale=scale, mask=mask, causal=causal, backend=backend,
+                                               block_size=block_size)
     # Checks that need the device are read last, so that all the work is queued before one sync.
     _raise_if_not_finite(q, k, finite)
     rows = st.row_count
     if mask is not None and bool((rows.reshape(-1, rows.shape[-1]).sum(-1) == 0).any()):
         raise no_valid_entry((rows.sum(-1) == 0).nonzero()[0].tolist())
     return st
+
+
+def _replayed(q, k, scale, causal, backend):
+    """:func:`streaming_stats_unchecked` without a mask on a GPU, replayed as one CUDA graph from the second
+    call of a shape on (:data:`attnstats.cuda_graphs.SHARED`): at a few thousand tokens the pass's launches
+    and their Python take the host longer than the kernels take the GPU. The outputs come packed in three
+    tensors (rows, row counts, moments and the finiteness flag) to be copied out of the graph."""
+    def packed(q, k):
+        st, finite = streaming_stats_unchecked(q, k, scale=scale, causal=causal, backend=backend)
+        m = st.entry_moments
+        rows = torch.stack([st.entropy, st.lse, st.sum_p2])  # [3, ..., Nq]
+        per_matrix = torch.stack([m.mean, m.var, m.log_mean, m.log_var, m.count.to(m.mean.dtype),
+                                  m.zero_count.to(m.mean.dtype), finite.to(m.mean.dtype).expand_as(m.mean)])
+        return rows, st.row_count, per_matrix, st.backend
+
+    rows, count, per_matrix, used = cuda_graphs.SHARED(("streaming_stats", scale, causal, backend), packed, q, k)
+    entropy, lse, sum_p2 = rows.unbind(0)
+    mean, var, log_mean, log_var, n, zeros, finite = per_matrix.unbind(0)
+    moments = EntryMoments(mean=mean, var=var, log_mean=log_mean, log_var=log_var, count=n.to(torch.int64),
+                           zero_count=zeros.to(torch.int64))
+    flag = finite.reshape(-1)[0] == 1.0 if finite.numel() else torch.ones((), dtype=torch.bool, device=q.device)
+    return StreamingStats(entropy=entropy, lse=lse, sum_p2=sum_p2, row_count=count, entry_moments=moments,
+                          backend=used), flag
 
 
 def streaming_stats_unchecked(q, k, *, scale=None, mask=None, causal=False, backend="auto", block_size=None):
