@@ -38,11 +38,12 @@ class GraphCache:
     an output that is not a tensor is returned as the captured call gave it).
 
     ``key`` (hashable) must name everything ``fn`` depends on besides the inputs' values: the inputs'
-    shapes, strides, dtypes and devices, and the current stream, are added to it. Up to ``size`` graphs are kept (least recently
-    used dropped first); each holds copies of its inputs on the device, and the graphs of one stream share
-    one memory pool for their intermediate buffers (as large as the largest graph's). Calls whose inputs
-    take more than ``max_input_bytes`` run eagerly: there the kernels outlast the host's launches anyway,
-    and a graph would hold a copy of large inputs. :meth:`clear` gives all of it back.
+    shapes, strides, dtypes and devices, and the current stream, are added to it. Up to ``size`` graphs
+    are kept (least recently used dropped first); each holds copies of its inputs on the device, and the
+    graphs of one stream share one memory pool for their intermediate buffers (as large as the largest
+    graph's). Calls whose inputs take more than ``max_input_bytes`` run eagerly: there the kernels
+    outlast the host's launches anyway, and a graph would hold a copy of large inputs. :meth:`clear`
+    gives all of it back.
     """
 
     def __init__(self, size: int = 8, max_input_bytes: int = 128 << 20):
@@ -141,5 +142,6 @@ class GraphCache:
 
 
 # The one cache of attnstats' own graphs (record(..., store="stats"): each layer's statistics and its q, k
-# standard deviations), keyed by the function's name and options: a model's layers share their shapes.
+# standard deviations; streaming_stats without a mask), keyed by the function's name and options: a
+# model's layers share their shapes.
 SHARED = GraphCache(size=16)

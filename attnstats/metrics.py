@@ -45,10 +45,10 @@ import warnings
 
 import torch
 
+from . import cuda_graphs
 from .budget import get_memory_budget
 from .masks import is_key_padding, no_valid_entry
 from .stats.dense import entry_moments, row_entropy
-from . import cuda_graphs
 from .stats.lognormal import LogNormalFit, _fit_batched, fits_per_matrix, lognormal_fit
 from .stats.sampling import check_sampling, sample_ranks
 from .stats.online import moments_from_rows, streaming_row_accumulators
@@ -463,9 +463,9 @@ def _deferred_element(qb, kb, scale, causal, groups, max_samples, seed, first):
     sink) with nothing read on the host: ``(values {name: [1, H] float64 on the device}, finiteness flag
     (0-d bool), (LogNormalFit, bad) of the sample without its KS p-values, or None)``. The spectral gap
     is computed only when causal and square; a non-causal one is left to the caller (its solvers read
-    the device). On a GPU the device work runs as
-    one CUDA graph replay (:data:`attnstats.cuda_graphs.SHARED`): one packed float64 tensor
-    ``[names…, finite, fit fields…, n, bad]``, each part ``H`` long (finite: 1)."""
+    the device). On a GPU the device work runs as one CUDA graph replay
+    (:data:`attnstats.cuda_graphs.SHARED`) giving one packed float64 tensor ``[names…, finite, fit
+    fields…, n, bad]``, each part ``H`` long (finite: 1)."""
     h = qb.shape[1]
     names = [n for g in ("entropy", "moments") if g in groups for n in METRIC_NAMES[g]]
     if "spectral_gap" in groups and causal and qb.shape[2] == kb.shape[2]:

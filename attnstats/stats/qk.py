@@ -63,7 +63,9 @@ def streaming_stats(q, k, *, scale=None, mask=None, causal=False, backend="auto"
         block_size: tile edge of the PyTorch path (default: tiles of about 32 MiB).
 
     Returns:
-        :class:`StreamingStats`; memory ``O(N·d + block²)``, time ``O(N²·d)``.
+        :class:`StreamingStats`; memory ``O(N·d + block²)``, time ``O(N²·d)``. On a GPU without a mask,
+        the second and later calls of one shape replay the pass as a CUDA graph (the same numbers;
+        :mod:`attnstats.cuda_graphs`).
 
     Example:
         >>> q, k = torch.randn(2, 4, 1024, 64), torch.randn(2, 4, 1024, 64)
