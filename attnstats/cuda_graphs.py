@@ -93,8 +93,12 @@ class GraphCache:
                     self._entries.popitem(last=False)
             self._entries.move_to_end(full)
             entry.seen += 1
-            if entry.graph is False or entry.seen == 1:  # seen once: eager (one-off shapes are not captured)
-                return tuple(fn(*inputs))
+            eager = entry.graph is False or entry.seen == 1  # seen once: eager (one-off shapes are not captured)
+        if eager:  # outside the lock: other threads' calls go on meanwhile
+            return tuple(fn(*inputs))
+        # Capture, and each replay from copying the inputs in to copying the outputs out, under the lock:
+        # two threads on one stream share the graph's buffers.
+        with self._lock:
             if entry.graph is None:
                 # One pool per stream for all its graphs: they never run at once (one stream), and none
                 # reads another's output (each replay's outputs are copied out at once), so each may reuse
@@ -104,13 +108,13 @@ class GraphCache:
                 if where not in self._pools:
                     self._pools[where] = self._new_pool(inputs[0].device)
                 self._capture(entry, fn, inputs, *self._pools[where])
-                if entry.graph is False:
-                    return tuple(fn(*inputs))
-            for static, t in zip(entry.inputs, inputs):
-                static.copy_(t)
-            entry.graph.replay()
-            # the next replay overwrites the graph's own outputs
-            return tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in entry.outputs)
+            if entry.graph is not False:
+                for static, t in zip(entry.inputs, inputs):
+                    static.copy_(t)
+                entry.graph.replay()
+                # the next replay overwrites the graph's own outputs
+                return tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in entry.outputs)
+        return tuple(fn(*inputs))  # not capturable (here or in another thread meanwhile): eager
 
     @staticmethod
     def _capture(entry: _Entry, fn, inputs, pool, side) -> None:
