@@ -390,7 +390,12 @@ def main():
     ap.add_argument("--skip", nargs="*", default=[])
     ap.add_argument("--ns", nargs="*", type=int, default=[4096, 8192, 32768])
     ap.add_argument("--encoder-ns", nargs="*", type=int, default=[4096, 16384], help="N of the encoder table (2 layers)")
+    ap.add_argument("--no-graphs", action="store_true",
+                    help="attnstats.cuda_graphs.ENABLED = False (each call's kernels launched one by one) in the parts "
+                         "other than check and decoder, which time both themselves")
     args = ap.parse_args()
+    if args.no_graphs:
+        cuda_graphs.ENABLED = False
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "started": time.ctime()}
     dec = [(n, 4) for n in args.ns] + [(131072, 2)]
     parts = [
