@@ -38,10 +38,10 @@ class GraphCache:
     an output that is not a tensor is returned as the captured call gave it).
 
     ``key`` (hashable) must name everything ``fn`` depends on besides the inputs' values: the inputs'
-    shapes, strides, dtypes and devices, and the current stream, are added to it. Up to ``size`` graphs
-    are kept (least recently used dropped first); each holds copies of its inputs on the device, and the
-    graphs of one stream share one memory pool for their intermediate buffers (as large as the largest
-    graph's). Calls whose inputs take more than ``max_input_bytes`` run eagerly: there the kernels
+    shapes, strides, dtypes and devices, the current stream and CUDA autocast's state are added to it.
+    Up to ``size`` graphs are kept (least recently used dropped first); each holds copies of its inputs
+    on the device, and the graphs of one stream share one memory pool for their intermediate buffers (as
+    large as the largest graph's). Calls whose inputs take more than ``max_input_bytes`` run eagerly: there the kernels
     outlast the host's launches anyway, and a graph would hold a copy of large inputs. :meth:`clear`
     gives all of it back.
     """
@@ -84,7 +84,9 @@ class GraphCache:
             return tuple(fn(*inputs))
         # per stream: a graph's buffers are reused by each replay, which only the stream's order protects
         stream = self._stream(inputs[0].device)
-        full = (key, stream, tuple((t.shape, t.stride(), t.dtype, t.device) for t in inputs))
+        # autocast picks the kernels of matrix products: a graph captured under it is another graph
+        autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        full = (key, stream, autocast, tuple((t.shape, t.stride(), t.dtype, t.device) for t in inputs))
         with self._lock:
             entry = self._entries.get(full)
             if entry is None:
