@@ -79,3 +79,23 @@ def test_durbin_regimes_match_scipy(n):
     np.testing.assert_allclose(kolmogorov_sf(d, n), sps.kstwo.sf(d, n), rtol=RTOL, atol=ATOL)
     cdf = durbin_cdf(torch.full((d.size,), n), torch.as_tensor(d))
     np.testing.assert_allclose(cdf.numpy(), sps.kstwo.cdf(d, n), rtol=RTOL, atol=ATOL)
+
+
+# The Pelz–Good series sums at most ⌈16z/π⌉ ≤ 8 terms per K_i (z = √n·d < √2.2) of size ≲ 10, in another
+# order than scipy's Horner scheme and with exp(−π²m²/(8z²)) computed directly where scipy takes powers:
+# the CDF differs by a few ulp of those terms, and the p-value 1 − CDF is ≥ 0.02 when n·d² < 2.2, so its
+# relative error stays below ~1e-13, far below RTOL.
+@pytest.mark.parametrize("n", [141, 150, 1000, 4096, 100001, 10**6])
+def test_pelz_good_regime_matches_scipy(n):
+    """scipy's Pelz–Good branch (n > 140, n·d² < 2.2, outside Durbin's: n·d^1.5 > 1.4 or n > 100000),
+    batched: the p-value and the CDF against scipy, one test at a time; also where z is so small that the
+    series is 0 (t = n·d just above 1 at large n)."""
+    from attnstats.stats.kolmogorov import pelz_good_cdf
+
+    lo = (1.41 / n) ** (2 / 3) if n <= 100000 else 1.001 / n
+    d = np.linspace(lo, math.sqrt(2.19 / n), 40)
+    d = d[(n * d > 1.0) & (d < 0.5)]
+    assert d.size
+    np.testing.assert_allclose(kolmogorov_sf(d, n), sps.kstwo.sf(d, n), rtol=RTOL, atol=ATOL)
+    cdf = pelz_good_cdf(torch.full((d.size,), n), torch.as_tensor(d))
+    np.testing.assert_allclose(cdf.numpy(), sps.kstwo.cdf(d, n), rtol=RTOL, atol=1e-15)
