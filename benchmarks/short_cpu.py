@@ -7,7 +7,9 @@ forward timed in the same run:
 - plain forward (``torch.no_grad``), the baseline;
 - ``record(model)`` around it: capture only;
 - ``record(model)`` + ``rec.frame()``: every default metric from the kept q, k;
-- ``record(model, store="stats")`` + ``rec.frame()``: every default metric during the forward.
+- ``record(model, store="stats")`` + ``rec.frame()``: every default metric during the forward;
+- one piece of the statistics: the KS p-values of the batch's log-normal fits, attnstats' batched
+  ``kolmogorov_sf`` against scipy's ``kstwo.sf``.
 
 Usage: ``python benchmarks/short_cpu.py [--repeat 7] [--batch 16] [--tokens 64] [--out results/short_cpu.json]``.
 """
@@ -61,6 +63,22 @@ def main():
         base = med if base is None else base
         res["rows"][name] = {"median_s": med, "min_s": lo, "max_s": hi, "ratio": med / base}
         print(f"{name:34s} {med * 1e3:9.1f} ms  (min {lo * 1e3:.1f}, max {hi * 1e3:.1f})  {med / base:6.2f}×", flush=True)
+    # One piece: the KS p-values of the batch's log-normal fits (every layer and head), attnstats' batched
+    # kstwo.sf against scipy's, which evaluates one test at a time.
+    from scipy import stats as sps
+
+    from attnstats.stats.kolmogorov import kolmogorov_sf
+
+    with torch.no_grad(), attnstats.record(model) as rec:
+        model(**batch)
+    fits = [attnstats.lognormal_fit(r.probs(dtype=torch.float64), r.stats_mask()) for r in rec.records]
+    d = torch.cat([f.ks_statistic.reshape(-1) for f in fits])  # [layers · B · H]
+    n = torch.cat([f.n.reshape(-1) for f in fits])
+    for name, fn in [("KS p-values, attnstats", lambda: kolmogorov_sf(d, n)),
+                     ("KS p-values, scipy kstwo.sf", lambda: sps.kstwo.sf(d.numpy(), n.numpy()))]:
+        med, lo, hi = median_s(fn, args.repeat)
+        res["rows"][name] = {"median_s": med, "min_s": lo, "max_s": hi, "tests": int(d.numel())}
+        print(f"{name:34s} {med * 1e3:9.1f} ms  (min {lo * 1e3:.1f}, max {hi * 1e3:.1f})  {d.numel()} tests", flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=1))
