@@ -22,7 +22,7 @@ Where scipy uses Durbin's matrix formula (Marsaglia, Tsang & Wang 2003) or Pomer
 the powers taken by repeated squaring of the batch of matrices (all entries are ≥ 0: no cancellation).
 Pomeranz's recursion in scipy costs about 3 ms per test in Python, and it is where short sequences land:
 a causal head of 16 tokens has 136 entries. The rest of ``n > 140`` with ``n·d² < 2.2`` is scipy's
-Pelz–Good series, here for all those tests at once (:func:`pelz_good_cdf`; in scipy ~0.1 ms per test in
+Pelz–Good series, here for all those tests at once (:func:`pelz_good_cdf`; in scipy ~0.05 ms per test in
 Python, half the heads of a padded batch of sentences). The closed forms at ``n·d ≤ 1`` and
 ``n·d ≥ n − 1`` go to scipy itself.
 """
