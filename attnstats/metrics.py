@@ -476,9 +476,9 @@ def _deferred_element(qb, kb, scale, causal, groups, max_samples, seed, first):
     def packed(q, k):
         st, finite = streaming_stats_unchecked(q, k, scale=scale, causal=causal)
         vals = {}
-        if "entropy" in names:
+        if "entropy" in groups:
             vals["entropy"] = torch.nanmean(st.entropy, -1)  # rows with no valid key are NaN
-        if "p_mean" in names:
+        if "moments" in groups:
             vals.update(moment_fields(st.entry_moments))
         if "spectral_gap" in names:  # of the key block renormalised
             vals["spectral_gap"] = _qk_spectral_gap(q, k, scale, causal, st.lse)

@@ -14,7 +14,6 @@ pytest.importorskip("triton")
 SCRIPT = textwrap.dedent(
     """
     import math, numpy as np, torch
-    from scipy import special
     from attnstats.stats import lognormal_triton
     from attnstats.stats.lognormal import _sorted_row_sums
 

@@ -310,12 +310,11 @@ def _fit_batched(values: torch.Tensor, counts: torch.Tensor | None, trusted: boo
             i = int(((cnt < 0) | (cnt > width)).nonzero()[0, 0])
             raise ValueError(f"counts: expected values in [0, {width}], got {int(cnt[i])} at row {i}")
         valid = None if trusted else col < cnt[:, None]
-    if not trusted:
+    if not trusted:  # a trusted table is finite up to its counts and NaN past them already
         bad_value = valid & ~torch.isfinite(x)
         if bool(bad_value.any()):
             i, j = (int(t) for t in bad_value.nonzero()[0])
             raise ValueError(f"values: expected finite values, found {float(x[i, j])} at row {i}, column {j}")
-    if not trusted:  # a trusted table holds NaN past its counts already
         x = torch.where(valid, x, math.nan)
     if counts is not None and not x.is_cuda:
         mu, m2, m3, m4, ks, ad, lo, hi = _bucketed_row_sums(x, cnt)

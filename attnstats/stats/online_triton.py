@@ -280,24 +280,9 @@ if _HAVE_TRITON:
 
 
     @triton.jit
-    def _mul32(x, a: tl.constexpr):
-        # (x·a) mod 2³² in int64 without overflow, as attnstats.stats.sampling._mul32
-        lo = (x & 0xFFFF) * a
-        hi = ((x >> 16) * (a & 0xFFFF)) & 0xFFFF
-        return (lo + (hi << 16)) & 0xFFFFFFFF
-
-    @triton.jit
     def _hash32(x):
-        # lowbias32 on int64 holding [0, 2³²), as attnstats.stats.sampling.hash32
-        x = x ^ (x >> 16)
-        x = _mul32(x, 0x7FEB352D)
-        x = x ^ (x >> 15)
-        x = _mul32(x, 0x846CA68B)
-        return x ^ (x >> 16)
-
-    @triton.jit
-    def _hash32u(x):
-        # lowbias32 on uint32, whose products wrap mod 2³²: the same values as _hash32, without int64
+        # lowbias32 (attnstats.stats.sampling.hash32) on uint32, whose products wrap mod 2³² as the
+        # reference's masked int64 ones do: no int64 arithmetic
         x = x ^ (x >> 16)
         x = (x * 0x7FEB352D).to(tl.uint32)
         x = x ^ (x >> 15)
@@ -333,12 +318,12 @@ if _HAVE_TRITON:
             start = (run * COUNT) // RUNS
             length = ((run + 1) * COUNT) // RUNS - start
             index = FIRST + t.to(tl.int64)
-            ka = _hash32(BASE ^ (index & 0xFFFFFFFF))  # the matrix's two keys, once per program
-            kb = _hash32((ka + 0x7F4A7C15 + (index >> 32)) & 0xFFFFFFFF)
-            # the per-draw hashes in uint32, whose products wrap as the reference's masked int64 ones
+            # the matrix's two keys (once per program), then the draw's; sums wrap mod 2³² in uint32
+            ka = _hash32((BASE ^ (index & 0xFFFFFFFF)).to(tl.uint32))
+            kb = _hash32((ka + (index >> 32).to(tl.uint32) + 0x7F4A7C15).to(tl.uint32))
             r32 = offs.to(tl.uint32)
-            hi = (_hash32u(_hash32u(r32 ^ ka.to(tl.uint32)) + 0x165667B1) >> 11).to(tl.int64)  # 21 bits
-            lo = _hash32u(r32 ^ kb.to(tl.uint32)).to(tl.int64)  # 32 bits
+            hi = (_hash32((_hash32(r32 ^ ka) + 0x165667B1).to(tl.uint32)) >> 11).to(tl.int64)  # 21 bits
+            lo = _hash32(r32 ^ kb).to(tl.int64)  # 32 bits
             u = ((hi << 32) | lo).to(tl.float64) * 1.1102230246251565e-16  # 2^-53
             rank = start + tl.minimum((u * length.to(tl.float64)).to(tl.int64), length - 1)
             if CAUSAL:
