@@ -148,6 +148,20 @@ def test_probs_and_mask_equal_the_eager_attention(runs, name, side):
         assert bool((r.probs()[~r.full_mask()] == 0).all())  # masked entries, and rows of no valid key, are 0
 
 
+@pytest.mark.parametrize("name", ["xlnet", "deberta-v2"])
+def test_attention_mask_passed_by_position_masks_the_pad_queries_too(runs, name):
+    # XLNet lets pad tokens attend themselves: only the model call's attention_mask says they are pads,
+    # and forward(input_ids, attention_mask) may get it by position
+    run = runs[name, "right"]
+    inputs = run["inputs"]
+    with torch.no_grad(), attnstats.record(run["model"]) as rec:
+        run["model"](inputs["input_ids"], inputs["attention_mask"])
+    assert len(rec.records) == len(run["rec"].records) == 2
+    for by_position, by_keyword in zip(rec.records, run["rec"].records):
+        assert torch.equal(by_position.stats_mask().expand(B, 4, N, N), by_keyword.stats_mask().expand(B, 4, N, N))
+        assert not bool(by_position.stats_mask().expand(B, 4, N, N)[1, :, N - PAD:].any())  # the pad rows
+
+
 @pytest.mark.parametrize("name, side", [("bloom", "left"), ("deberta-v2", "right"), ("gpt_neo", "right"), ("xlnet", "right")])
 def test_statistics_from_p_equal_numpy_on_the_eager_attention(runs, name, side):
     """frame() of a P-only record: entropy, moments and spectral gap from P; no temperature rows."""

@@ -164,8 +164,11 @@ def _wrapper(fn, impl: str):
                 out = fn(module, query, key, value, attention_mask, *args, **kwargs)
             finally:
                 origins.remove(origin)
+        # the call's arguments by name; only the keyword ones can be score arguments when no positional
+        # argument follows the first five (transformers passes the rest by keyword), and binding the
+        # signature costs more than the rest of the wrapper
         call = {}
-        if signature is not None:
+        if signature is not None and args:
             try:
                 call = dict(signature.bind_partial(module, query, key, value, attention_mask, *args, **kwargs).arguments)
             except TypeError:

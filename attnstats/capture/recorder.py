@@ -92,11 +92,12 @@ class FunctionCall:
     captured: bool = False
 
 
-def _check_not_compiled(model: nn.Module) -> None:
-    """Refuse compiled modules: their graphs never call the hooks and functions the backends read."""
+def _check_not_compiled(named: list) -> None:
+    """Refuse compiled modules among ``named`` (the model's ``named_modules``, the model first): their graphs
+    never call the hooks and functions the backends read."""
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing can be compiled
     optimized = getattr(eval_frame, "OptimizedModule", None)
-    for name, module in model.named_modules(remove_duplicate=False):
+    for name, module in named:
         wrapped = optimized is not None and isinstance(module, optimized)
         if not wrapped and getattr(module, "_compiled_call_impl", None) is None:
             continue
@@ -255,7 +256,14 @@ class Recorder:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        _check_not_compiled(model)
+        # one walk of the model for everything the constructor and the first block need (a walk of a large
+        # model costs as much as a short forward's hooks)
+        named = list(model.named_modules(remove_duplicate=False))
+        _check_not_compiled(named)
+        self._names: dict[int, str] = {}
+        for name, m in named:
+            self._names.setdefault(id(m), name)  # a module reachable by several paths: its first, as named_modules
+        self._walked: list[nn.Module] | None = [m for _, m in named]  # the first block's model.modules()
         if store not in STORES:
             raise ValueError(f"store: expected one of {STORES}, got {store!r}")
         if capture is not None and not callable(capture):
@@ -273,7 +281,7 @@ class Recorder:
         self._select = _selector(layers)
         self._capture_fn = capture
         self._modules_filter = modules
-        self.backends = self._choose_backends(backend, capture)
+        self.backends = self._choose_backends(backend, capture, self._walked)
         from .alongside import resolve_kernels
 
         self.kernels = resolve_kernels(alongside)
@@ -281,7 +289,6 @@ class Recorder:
             raise ValueError(
                 "alongside: kernels run on the captured q, k, which store='stats' does not keep; use store='qk'"
             )
-        self._names = {id(m): name for name, m in model.named_modules()}
         self.modules: list[nn.Module] = []  # while the block is open: the model's modules, each once
         self.hook_free: set[int] = set()  # while the block is open: ids of the modules that must carry no hook
         self._module_end: list = []  # on_module_end's functions
@@ -299,12 +306,12 @@ class Recorder:
         self._thread_list: list | None = None
 
     # ----- backends -----------------------------------------------------------------------------
-    def _choose_backends(self, backend, capture) -> tuple[str, ...]:
+    def _choose_backends(self, backend, capture, modules) -> tuple[str, ...]:
         if backend == "auto":
             chosen = ["sdpa"]
-            if _is_transformers_model(self.model):
+            if any(type(m).__module__.startswith("transformers.") for m in modules):
                 chosen.append("hf")
-            if any(isinstance(m, nn.MultiheadAttention) for m in self.model.modules()):
+            if any(isinstance(m, nn.MultiheadAttention) for m in modules):
                 chosen.append("mha")
             # a capture function describes the hand-written attention itself: softmax would record it again
             chosen.append("module" if capture is not None else "softmax")
@@ -330,15 +337,17 @@ class Recorder:
         self._owner = threading.get_ident()
         from .mha import hook_free_modules
 
-        # one walk of the model for every backend (a large model has thousands of modules)
-        self.modules = list(dict.fromkeys(self.model.modules()))
+        # one walk of the model for every backend (a large model has thousands of modules); the first
+        # block reuses the constructor's
+        walked, self._walked = self._walked, None
+        self.modules = list(dict.fromkeys(walked if walked is not None else self.model.modules()))
         self.hook_free = hook_free_modules(self.modules)  # a hook there would turn the encoder fast path off
         # the modules that carry the module stack's hooks (the others cannot run attention, or must stay hook-free)
         self._hooked = [m for m in self.modules if id(m) not in self.hook_free and not _attention_free_leaf(m)]
         self._module_end: list = []
         stack = contextlib.ExitStack()
         try:
-            self._install_module_stack(stack)
+            self._install_module_starts(stack)
             from .mha import install_fast_path_guards
 
             # also without the mha backend: a capture mode would turn the MHA / encoder fast paths off
@@ -360,8 +369,7 @@ class Recorder:
                 from .sdpa import install_sdpa
 
                 install_sdpa(self, stack)
-            if self._module_end:
-                self._install_module_end(stack)
+            self._install_module_ends(stack)
         except BaseException:
             stack.close()
             raise
@@ -406,7 +414,10 @@ class Recorder:
         )
 
     # ----- naming --------------------------------------------------------------------------------
-    def _install_module_stack(self, stack: contextlib.ExitStack) -> None:
+    # The module stack: a pre-hook on each module of self._hooked pushes its path, registered before every
+    # backend's hooks; one forward hook pops it and then calls on_module_end's functions, registered after
+    # every backend's hooks (so that those run with the module still on the stack, and before on_module_end's).
+    def _install_module_starts(self, stack: contextlib.ExitStack) -> None:
         def pre(module, args):
             if compiling() or not self.is_recording():  # dynamo tracing, or another thread's forward
                 return
@@ -417,6 +428,14 @@ class Recorder:
             self._calls_in_forward[name] = 0
             if id(module) in self._owned:
                 self._owned_depth += 1
+
+        handles = []
+        stack.callback(_remove_all, handles)  # one exit callback for all: a model has hundreds of modules
+        for module in self._hooked:
+            handles.append(module.register_forward_pre_hook(pre))
+
+    def _install_module_ends(self, stack: contextlib.ExitStack) -> None:
+        ended = self._module_end
 
         def post(module, args, output):
             if compiling() or not self.is_recording():
@@ -430,27 +449,13 @@ class Recorder:
             while self._stack:
                 if self._stack.pop() == name:
                     break
-
-        handles = []
-        stack.callback(_remove_all, handles)  # one exit callback for all: a model has hundreds of modules
-        for module in self._hooked:
-            handles.append(module.register_forward_pre_hook(pre))
-            handles.append(module.register_forward_hook(post, always_call=True))
-
-    def _install_module_end(self, stack: contextlib.ExitStack) -> None:
-        # registered after every backend's hooks, so that on_module_end's functions run after them
-        def ended(module, args, output):
-            if compiling() or not self.is_recording():
-                return
-            name = self._names.get(id(module))
-            if name is not None:
-                for fn in self._module_end:
-                    fn(name)
+            for fn in ended:
+                fn(name)
 
         handles = []
         stack.callback(_remove_all, handles)
         for module in self._hooked:
-            handles.append(module.register_forward_hook(ended, always_call=True))
+            handles.append(module.register_forward_hook(post, always_call=True))
 
     def _call_name(self, name: str) -> str:
         """``name``, suffixed ``#j`` for the j-th extra attention call in one forward of the same module."""
@@ -724,5 +729,3 @@ record.__doc__ = Recorder.__doc__
 record.__signature__ = inspect.signature(Recorder).replace(return_annotation="Recorder")
 
 
-def _is_transformers_model(model: nn.Module) -> bool:
-    return any(type(m).__module__.startswith("transformers.") for m in model.modules())

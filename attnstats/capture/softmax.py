@@ -59,6 +59,7 @@ a P-only record holds ``B·H·Nq·Nk`` float32 numbers (the model built the same
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import warnings
 import weakref
@@ -143,18 +144,20 @@ class SoftmaxMode(CaptureMode):
         self.input_padding: torch.Tensor | None = None  # bool [B, N], True = pad, of the running model forward
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        # Every torch call of the forward passes here: the common case (no product, softmax or SDPA,
+        # no score tensor alive) does nothing but the call, and asks dynamo nothing (it is traced as is).
         kwargs = kwargs or {}
-        if compiling():
-            return func(*args, **kwargs)
         out = func(*args, **kwargs)
         if func is _SDPA:
-            if self.sdpa:
+            if self.sdpa and not compiling():
                 self._capture(args, kwargs)
         elif func in _PRODUCTS:
-            self._product(func, args, kwargs, out)
+            if not compiling():
+                self._product(func, args, kwargs, out)
         elif func in _SOFTMAX:
-            self._softmax(args, kwargs, out)
-        elif self._scores:
+            if not compiling():
+                self._softmax(args, kwargs, out)
+        elif self._scores and not compiling():
             self._follow(args, kwargs, out)
         return out
 
@@ -315,14 +318,36 @@ def _common_module(a: str, b: str) -> str:
     return ".".join(common)
 
 
+@functools.lru_cache(maxsize=256)
+def _mask_position(forward) -> int | None:
+    """Index of ``attention_mask`` among the positional arguments of the method function ``forward``
+    (``self`` not counted), or None when it cannot be passed by position or the signature is unreadable."""
+    try:
+        params = list(inspect.signature(forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    for i, prm in enumerate(params):
+        if prm.kind not in (prm.POSITIONAL_ONLY, prm.POSITIONAL_OR_KEYWORD):
+            return None
+        if prm.name == "attention_mask":
+            return i
+    return None
+
+
 def _input_padding(model: nn.Module, args, kwargs) -> torch.Tensor | None:
     """The model call's 2-D ``attention_mask`` (1 = token, 0 = padding) as bool ``[B, N]``, True = pad; else None."""
     mask = kwargs.get("attention_mask")
     if mask is None and args:
-        try:
-            mask = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments.get("attention_mask")
-        except (TypeError, ValueError):
-            mask = None
+        forward = model.forward
+        function = getattr(forward, "__func__", None)
+        if function is not None and getattr(forward, "__self__", None) is model:  # the class's method: cached
+            i = _mask_position(function)
+            mask = args[i] if i is not None and i < len(args) else None
+        else:  # an instance-level forward: read its own signature
+            try:
+                mask = inspect.signature(forward).bind_partial(*args, **kwargs).arguments.get("attention_mask")
+            except (TypeError, ValueError):
+                mask = None
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         return None
     if not bool(((mask == 0) | (mask == 1)).all()):
