@@ -48,13 +48,13 @@ import torch
 from . import cuda_graphs
 from .budget import get_memory_budget
 from .masks import is_key_padding, no_valid_entry
-from .stats.dense import entry_moments, row_entropy
-from .stats.lognormal import LogNormalFit, _fit_batched, fits_per_matrix, lognormal_fit
+from .stats.dense import entropy_of_blocks, moments_of_blocks, prepare_probs, row_entropy
+from .stats.lognormal import LogNormalFit, _fit_batched, fit_of_blocks, fits_per_matrix
 from .stats.sampling import check_sampling, sample_ranks
 from .stats.online import moments_from_rows, streaming_row_accumulators
 from .stats.qk import log_prob_table, streaming_lognormal_fit, streaming_stats, streaming_stats_unchecked
-from .stats.spectral import causal_spectral_gap, diagonal_log_probs, spectral_gap, spectral_gap_from_qk
-from .validation import compute_dtype, first_index, row_sum_tolerance
+from .stats.spectral import causal_spectral_gap, diagonal_log_probs, gap_of_probs, spectral_gap, spectral_gap_from_qk
+from .validation import checked_blocks, compute_dtype, first_index, row_sum_tolerance
 
 __all__ = [
     "METRIC_NAMES", "METRICS", "check_metrics", "record_metrics", "streaming_values", "uses_streaming", "is_short",
@@ -231,24 +231,45 @@ def record_metrics(rec, metrics=METRICS, *, kernel=None, max_samples: int = 100_
         if needs_p and sinks is not None:
             out.update(_sink_dense_values(p, mask, metrics, max_samples, seed, rec.name))
         elif needs_p:
-            p, mask = _square(p, mask)
-            if "entropy" in metrics:
-                out["entropy"] = torch.nanmean(row_entropy(p, mask), -1)  # rows with no valid entry are NaN
-            if "spectral_gap" in metrics and nq == nk:
-                if kernel is not None and getattr(kernel, "name", "softmax") != "softmax":
-                    out["spectral_gap"] = kernel_gap(rec, kernel)
-                else:
-                    out["spectral_gap"] = spectral_gap(p, mask)
-            if "moments" in metrics:
-                out.update(moment_fields(entry_moments(p, mask)))
-            if "lognormal" in metrics:
-                out.update(lognormal_fields(lognormal_fit(p, mask, max_samples=max_samples, seed=seed)))
+            out.update(_dense_values(p, mask, metrics, max_samples, seed, rec, kernel))
     if "temperature" in metrics and kernel is None and rec.sigma_q is not None and rec.sigma_k is not None:
         out["sigma_q"] = rec.sigma_q
         out["sigma_k"] = rec.sigma_k
         out["temperature"] = 1.0 / (rec.sigma_q * rec.sigma_k)
     order = [n for g in metrics for n in METRIC_NAMES[g]]
     return {n: out[n].detach().to("cpu", torch.float64).reshape(b, h) for n in order if n in out}
+
+
+def _dense_values(p, mask, metrics, max_samples, seed, rec, kernel) -> dict:
+    """The dense statistics of ``p: [B, H, Nq, Nk]`` with the record's stats ``mask``: ``p`` is checked and
+    renormalised once (:func:`attnstats.stats.dense.prepare_probs`) and every statistic reads that, where
+    the public functions would each check it again (four passes of checks on a short batch cost about
+    half its forward on a CPU). The same numbers as :func:`row_entropy`, :func:`spectral_gap`,
+    :func:`entry_moments` and :func:`lognormal_fit` of ``p`` (tested)."""
+    b, h, nq, nk = p.shape
+    if nq != nk:
+        p, mask = _square(p, mask)
+    n = p.shape[-1]
+    if "lognormal" in metrics:
+        check_sampling(max_samples, seed)
+    x, m = prepare_probs(p, mask)  # [B, H, N, N] in the compute dtype; m expanded or None
+    flat = x.view(-1, n, n)
+    flat_mask = None if m is None else m.reshape(-1, n, n)
+    out = {}
+    if "entropy" in metrics:  # rows with no valid entry are NaN
+        rows = entropy_of_blocks(checked_blocks(flat, flat_mask), (b, h), n, x.dtype, x.device)
+        out["entropy"] = torch.nanmean(rows, -1)
+    if "spectral_gap" in metrics and nq == nk:
+        if kernel is not None and getattr(kernel, "name", "softmax") != "softmax":
+            out["spectral_gap"] = kernel_gap(rec, kernel)
+        else:
+            out["spectral_gap"] = gap_of_probs(x, m, p.dtype)
+    if "moments" in metrics:
+        out.update(moment_fields(moments_of_blocks(checked_blocks(flat, flat_mask), (b, h), n, x.dtype, x.device)))
+    if "lognormal" in metrics:
+        fit = fit_of_blocks(lambda: checked_blocks(flat, flat_mask), (b, h), n, flat_mask, max_samples, seed, x.device)
+        out.update(lognormal_fields(fit))
+    return out
 
 
 def _sink_logits(sinks, shape, name) -> torch.Tensor:

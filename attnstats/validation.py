@@ -19,6 +19,7 @@ __all__ = [
     "check_finite",
     "check_square",
     "probability_blocks",
+    "checked_blocks",
     "row_sum_tolerance",
     "no_valid_entry",
 ]
@@ -208,3 +209,19 @@ def probability_blocks(p: torch.Tensor, mask: torch.Tensor | None = None, name: 
             # exactly row-stochastic in the compute dtype: statistics then never see the input's rounding
             x.div_(torch.where(has_row, sums, torch.ones_like(sums)))
             yield i0, i1, r0, r1, x, valid
+
+
+def checked_blocks(x: torch.Tensor, mask: torch.Tensor | None):
+    """The blocks of :func:`probability_blocks` for probabilities it has already checked: no check again.
+
+    ``x: [M, N, N]`` in the compute dtype, masked entries 0 and valid rows summing to 1, and ``mask``
+    None or bool expanded to ``x.shape``: what :func:`attnstats.stats.dense.prepare_probs` returns,
+    flattened. Several statistics of one matrix then pay for one validation, not one each. Whole
+    matrices at a time, each block a fresh copy (callers may modify theirs), of about the size of
+    :func:`probability_blocks`' blocks.
+    """
+    count, n = x.shape[0], x.shape[-1]
+    per_block = max(1, _BLOCK_BYTES // (n * n * x.element_size()))
+    for i0 in range(0, count, per_block):
+        i1 = min(count, i0 + per_block)
+        yield i0, i1, 0, n, x[i0:i1].clone(), None if mask is None else mask[i0:i1]

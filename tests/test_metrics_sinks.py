@@ -237,6 +237,25 @@ def test_p_only_record_gets_the_dense_statistics_of_p(causal):
 
 
 @needs_p
+def test_p_only_record_samples_the_entries_lognormal_fit_samples():
+    # max_samples below the valid entries of every matrix (144 and 64): both fits draw the entries of
+    # sample_ranks for each matrix's flat index, so they fit the same values with the same float64 sums
+    q, k = qk(5)
+    pad = padding()
+    s = (q.double() @ k.double().transpose(-1, -2) * SCALE).masked_fill(~pad, -math.inf)
+    p = torch.softmax(s, -1).float()
+    rec = p_only(p, pad, False)
+    got = metrics.record_metrics(rec, ("lognormal",), max_samples=40, seed=3)
+    valid = rec.stats_mask()  # the key padding, and pad tokens as queries
+    want = metrics.lognormal_fields(attnstats.lognormal_fit(p, valid, max_samples=40, seed=3))
+    assert set(got) == set(want)
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name].numpy(), value.numpy(), rtol=REL, atol=ABS, err_msg=name)
+    unsampled = metrics.lognormal_fields(attnstats.lognormal_fit(p, valid, seed=3))
+    assert not np.allclose(got["lognormal_mu"].numpy(), unsampled["lognormal_mu"].numpy(), rtol=1e-6)
+
+
+@needs_p
 @needs_sinks
 def test_p_only_record_with_sinks():
     rec, q, k, sinks = sink_record(causal=True, kind="per_row")

@@ -21,7 +21,8 @@ from ..budget import check_dense_fits
 from ..masks import broadcast_mask, full_mask
 from ..validation import check_finite, check_qk, check_square, check_tensor, compute_dtype, probability_blocks
 
-__all__ = ["EntryMoments", "row_entropy", "entry_moments", "prepare_probs", "softmax_attention"]
+__all__ = ["EntryMoments", "row_entropy", "entry_moments", "prepare_probs", "softmax_attention", "entropy_of_blocks",
+           "moments_of_blocks"]
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None, mask: torch.Tensor | None = None,
@@ -111,10 +112,16 @@ def row_entropy(p: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tens
         Rows are read a block at a time: extra memory is a few blocks of about 16 MiB, not ``N²``.
     """
     p, m, batch, n = _checked(p, mask)
-    h = torch.empty((*batch, n), dtype=compute_dtype(p), device=p.device)
+    return entropy_of_blocks(probability_blocks(p, m), batch, n, compute_dtype(p), p.device)
+
+
+def entropy_of_blocks(blocks, batch, n: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """:func:`row_entropy` ``[*batch, N]`` of checked probabilities given as blocks of rows (the protocol of
+    :func:`attnstats.validation.probability_blocks`: ``(i0, i1, r0, r1, x, valid)``)."""
+    h = torch.empty((*batch, n), dtype=dtype, device=device)
     flat = h.view(-1, n)
-    for i0, i1, r0, r1, x, valid in probability_blocks(p, m):
-        hb = -torch.special.xlogy(x, x).sum(-1)
+    for i0, i1, r0, r1, x, valid in blocks:
+        hb = -torch.special.xlogy(x, x).sum(-1)  # [i1 - i0, r1 - r0]
         if valid is not None:
             hb = hb.masked_fill(~valid.any(-1), float("nan"))
         flat[i0:i1, r0:r1] = hb
@@ -168,10 +175,15 @@ def entry_moments(p: torch.Tensor, mask: torch.Tensor | None = None) -> EntryMom
         about 16 MiB and ``O(N)`` per matrix, not copies of ``p``.
     """
     p, m, batch, n = _checked(p, mask)
-    cd = compute_dtype(p)
+    return moments_of_blocks(probability_blocks(p, m), batch, n, compute_dtype(p), p.device)
+
+
+def moments_of_blocks(blocks, batch, n: int, cd: torch.dtype, device) -> EntryMoments:
+    """:func:`entry_moments` of checked probabilities given as blocks of rows (see :func:`entropy_of_blocks`);
+    the blocks' ``x`` are overwritten."""
     rows = math.prod(batch) if batch else 1
-    acc = torch.zeros((6, rows, n), dtype=cd, device=p.device)  # n, mean, M2 of P; then of ln P
-    for i0, i1, r0, r1, x, valid in probability_blocks(p, m):
+    acc = torch.zeros((6, rows, n), dtype=cd, device=device)  # n, mean, M2 of P; then of ln P
+    for i0, i1, r0, r1, x, valid in blocks:
         cnt = torch.full(x.shape[:-1], n, dtype=cd, device=x.device) if valid is None else valid.sum(-1).to(cd)
         mean = x.sum(-1) / cnt.clamp_min(1)
         dev = x - mean[..., None]
@@ -197,7 +209,7 @@ def entry_moments(p: torch.Tensor, mask: torch.Tensor | None = None) -> EntryMom
             f"entry_moments: {int(zeros.sum())} valid entries of p are exactly 0 (log = -inf); "
             "they are left out of log_mean and log_var and counted in zero_count",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     return EntryMoments(
         mean=mean.reshape(batch),

@@ -27,6 +27,8 @@ __all__ = [
     "fit_log_values_batched",
     "fits_per_matrix",
     "log_entries",
+    "entries_of_blocks",
+    "fit_of_blocks",
 ]
 
 
@@ -135,15 +137,22 @@ def log_entries(
     n = check_square(p, "p")
     batch = tuple(p.shape[:-2])
     m = broadcast_mask(mask, p.shape)
-    count = math.prod(batch)
-    if m is None:
+    flat_mask = None if m is None else (m if batch else m[None])
+    return entries_of_blocks(probability_blocks(p, m), math.prod(batch), n, flat_mask, max_samples, seed)
+
+
+def entries_of_blocks(blocks, count: int, n: int, mask, max_samples: int, seed: int) -> list[torch.Tensor]:
+    """:func:`log_entries` of ``count`` checked matrices given as blocks of rows (the protocol of
+    :func:`attnstats.validation.probability_blocks`); ``mask``: their bool mask ``[*batch, N, N]`` (a
+    broadcast view is fine) or None."""
+    if mask is None:
         counts = torch.full((count,), n * n, dtype=torch.int64)
     else:
-        counts = _mask_counts(m if batch else m[None], n)
+        counts = _mask_counts(mask, n)
     ranks = [None if int(c) <= max_samples else sample_ranks(int(c), max_samples, seed, i) for i, c in enumerate(counts)]
     seen = [0] * count  # valid entries of each matrix in the blocks read so far
     parts: list[list[torch.Tensor]] = [[] for _ in range(count)]
-    for i0, i1, r0, r1, x, valid in probability_blocks(p, m):
+    for i0, i1, r0, r1, x, valid in blocks:
         vals = x.reshape(-1) if valid is None else torch.masked_select(x, valid)  # row-major, matrix after matrix
         sizes = ([x.shape[1] * n] * x.shape[0]) if valid is None else valid.sum((-2, -1)).tolist()
         for i, v in zip(range(i0, i1), torch.split(vals, sizes)):
@@ -177,27 +186,35 @@ def lognormal_fit(
     check_tensor(p, "p")
     n = check_square(p, "p")
     batch = tuple(p.shape[:-2])
+    m = broadcast_mask(mask, p.shape)
+    flat_mask = None if m is None else (m if batch else m[None])
+    return fit_of_blocks(lambda: probability_blocks(p, m), batch, n, flat_mask, max_samples, seed, p.device)
+
+
+def fit_of_blocks(blocks, batch, n: int, mask, max_samples: int, seed: int, device) -> LogNormalFit:
+    """:func:`lognormal_fit` of checked matrices of batch shape ``batch``; ``blocks()`` iterates over their
+    rows in blocks (the protocol of :func:`attnstats.validation.probability_blocks`), ``mask`` is their
+    bool mask ``[*batch, N, N]`` (a broadcast view is fine) or None."""
     count = math.prod(batch)
     if n * n > max_samples or count * n * n * 8 > get_memory_budget():
-        return fits_per_matrix(log_entries(p, mask, max_samples, seed), batch)
+        return fits_per_matrix(entries_of_blocks(blocks(), count, n, mask, max_samples, seed), batch)
     # Every valid entry of every matrix is used (no sample is drawn): ln P of the whole batch as one
     # [M, N²] table, NaN where an entry is masked or 0, fitted at once. The same values as
     # log_entries gives, in another order, which the fit (sorted values, sums) does not see.
-    m = broadcast_mask(mask, p.shape)
-    table = torch.empty((count, n * n), dtype=torch.float64, device=p.device)
-    for i0, i1, r0, r1, x, valid in probability_blocks(p, m):
+    table = torch.empty((count, n * n), dtype=torch.float64, device=device)
+    for i0, i1, r0, r1, x, valid in blocks():
         keep = x > 0 if valid is None else valid & (x > 0)
         logs = torch.where(keep, x.log(), math.nan).to(torch.float64)  # [i1 - i0, r1 - r0, N]
         table[i0:i1, r0 * n : r1 * n] = logs.reshape(i1 - i0, -1)
-    if m is None:
+    if mask is None:
         return _fits_with_warnings(table, None, batch)
     # Padded matrices: each row's values moved to its front (order kept), so that the fit works on
     # rows of about their own length rather than all of N² (a padded batch of sentences fills ~40 %).
     valid = ~torch.isnan(table)  # [M, N²]
     counts = valid.sum(1)  # [M]
     width = max(1, int(counts.max()))
-    packed = torch.full((count, width), math.nan, dtype=torch.float64, device=p.device)  # [M, max count]
-    packed[torch.arange(width, device=p.device) < counts[:, None]] = table[valid]  # row-major: each row's prefix
+    packed = torch.full((count, width), math.nan, dtype=torch.float64, device=device)  # [M, max count]
+    packed[torch.arange(width, device=device) < counts[:, None]] = table[valid]  # row-major: each row's prefix
     return _fits_with_warnings(packed, counts, batch, trusted=True)  # finite logs, NaN past the counts
 
 

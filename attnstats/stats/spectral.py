@@ -40,6 +40,7 @@ from ..validation import compute_dtype, row_sum_tolerance
 __all__ = [
     "spectral_gap",
     "spectral_gap_from_qk",
+    "gap_of_probs",
     "SpectralGap",
     "DENSE_MAX_TOKENS",
     "eigenvalues",
@@ -229,12 +230,19 @@ def spectral_gap(p: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Ten
     if isinstance(p, torch.Tensor):
         check_dense_fits(p.shape, 8, "the float64 copy of p that spectral_gap solves")
     x, m = prepare_probs(p, mask)
+    return gap_of_probs(x, m, p.dtype)
+
+
+def gap_of_probs(x: torch.Tensor, m: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`spectral_gap` of probabilities that :func:`attnstats.stats.dense.prepare_probs` returned,
+    ``x: [..., N, N]`` and ``m`` (None or expanded to ``x.shape``); ``dtype``: the dtype they came in,
+    whose rounding bounds how much probability a row may put outside the valid block."""
     batch = x.shape[:-2]
     flat = x.reshape(-1, *x.shape[-2:])
     if m is None or flat.shape[0] == 0:
         return stochastic_gap(flat).to(x.dtype).reshape(batch)
     mflat = m.reshape(-1, *m.shape[-2:])
-    tol = row_sum_tolerance(p.dtype, p.shape[-1])
+    tol = row_sum_tolerance(dtype, x.shape[-1])
     keep = valid_tokens(mflat, False, mflat.shape)  # [M, N]: the causal rule is in x itself, not in m
     sizes = keep.sum(-1)  # [M]
     if bool((sizes == 0).any()):
