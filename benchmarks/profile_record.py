@@ -9,7 +9,8 @@ of its GPU kernels.
 
     cd benchmarks && PYTHONPATH=.. python profile_record.py --ns 4096 8192 > $OUT/profile_record.txt
 
-(`--stacks` adds the GPU time of each block grouped by the source line that launched it.)
+(`--empty` adds a cProfile of the ``record(layers=[])`` blocks; `--stacks` adds the GPU time of each block
+grouped by the source line that launched it.)
 """
 import argparse
 import cProfile
@@ -46,6 +47,8 @@ def main():
                     help="also: every place a store='stats' block waits for the device (torch's sync debug mode)")
     ap.add_argument("--gaps", action="store_true",
                     help="also: the idle stretches of the GPU within one store='stats' block, with the kernels around them")
+    ap.add_argument("--empty", action="store_true",
+                    help="also: a cProfile of the record(layers=[]) blocks (the hooks and mode alone)")
     ap.add_argument("--stacks", action="store_true",
                     help="also: GPU time of the plain forward's and the block's torch ops, grouped by the "
                          "attnstats line that called them")
@@ -63,6 +66,16 @@ def main():
                 "record(store='stats')": timed_forward(model, ids, METRICS)}
         for name, fn in runs.items():
             print(f"N={n} {name:24s} CUDA events {bench(fn):8.2f} ms   host {host_ms(fn):8.2f} ms", flush=True)
+        if args.empty:
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(10):
+                no_layer()
+            torch.cuda.synchronize()
+            prof.disable()
+            out = io.StringIO()
+            pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.top)
+            print(f"--- N={n}: cProfile of 10 record(layers=[]) blocks (host), by own time\n{out.getvalue()}", flush=True)
         stats = runs["record(store='stats')"]
         prof = cProfile.Profile()
         prof.enable()
