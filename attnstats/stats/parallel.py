@@ -1,12 +1,16 @@
 """Row-wise numpy work spread over the CPU threads torch uses.
 
-numpy's stacked LAPACK calls (``eigvals``) run one matrix after another on a single core, and
-release the GIL while they do. Short-length statistics are many small independent
-problems (1,152 heads of 64 tokens for a batch of 16 sentences through a 6-layer, 12-head model), so
-sharing the stacks (and chunks of large ones) out over ``torch.get_num_threads()`` threads divides
-their wall time by up to the number of cores while giving the same numbers: each matrix is computed
-exactly as before, by the same routine, only on another thread. (Measured on 2 cores, the gap of the
-6 × 192 heads of a 16 × 64-token MiniLM batch: 326 → 273 ms.)
+numpy's stacked LAPACK calls (``eigvals``) run one matrix after another, and its sorts one row after
+another, each on a single core, and release the GIL while they do. Short-length statistics are many
+small independent problems (1,152 heads of 64 tokens for a batch of 16 sentences through a 6-layer,
+12-head model), so sharing the stacks (and chunks of large ones) out over ``torch.get_num_threads()``
+threads divides their wall time by up to the number of cores while giving the same numbers: each matrix
+or row is computed exactly as before, by the same routine, only on another thread.
+
+While the threads run, numpy's BLAS is held to one thread of its own (threadpoolctl): LAPACK's blocked
+routines would otherwise start BLAS threads inside every call, more threads than cores, which then spin
+between calls. Measured on 2 cores, the dense gaps of one MiniLM layer's 192 heads of 128 tokens: 1.2 s
+with BLAS threads inside the pool's, 0.37 s without (0.82 s on one thread).
 """
 from __future__ import annotations
 
@@ -15,11 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 __all__ = ["map_each"]
 
 _pool: ThreadPoolExecutor | None = None
+_blas: ThreadpoolController | None = None  # the BLAS libraries loaded with numpy and torch, found once
 _pool_size = 0
 _lock = threading.Lock()
 
@@ -64,7 +69,10 @@ def map_each(fn, arrays: list[np.ndarray], cost=lambda a: a.size) -> list[np.nda
     # One BLAS thread per piece: numpy's OpenBLAS would start its own threads inside each LAPACK call
     # (its blocked Hessenberg reduction), two per core on top of ours, and they spin between calls;
     # the 192 heads of 128 tokens of one MiniLM layer took 1.2 s that way against 0.37 s (2 cores).
-    with threadpool_limits(limits=1, user_api="blas"):
+    global _blas
+    if _blas is None:
+        _blas = ThreadpoolController()  # finding the libraries costs ~0.6 ms; limiting them then ~10 µs
+    with _blas.limit(limits=1, user_api="blas"):
         results = list(_executor(workers).map(fn, pieces))
     grouped: list[list] = [[] for _ in arrays]
     for i, r in zip(owner, results):
