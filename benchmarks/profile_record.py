@@ -39,6 +39,24 @@ def host_ms(fn, repeat=20):
     return (t1 - t0) / repeat * 1e3
 
 
+def host_profile(fn, calls=10) -> cProfile.Profile:
+    """A cProfile of ``calls`` calls of ``fn``, the device drained before it stops."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    prof.disable()
+    return prof
+
+
+def by(prof: cProfile.Profile, key: str, top: int) -> str:
+    """The profile's table sorted by ``key``, its ``top`` rows."""
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats(key).print_stats(top)
+    return out.getvalue()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ns", nargs="*", type=int, default=[4096, 8192])
@@ -67,28 +85,14 @@ def main():
         for name, fn in runs.items():
             print(f"N={n} {name:24s} CUDA events {bench(fn):8.2f} ms   host {host_ms(fn):8.2f} ms", flush=True)
         if args.empty:
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(10):
-                no_layer()
-            torch.cuda.synchronize()
-            prof.disable()
-            out = io.StringIO()
-            pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.top)
-            print(f"--- N={n}: cProfile of 10 record(layers=[]) blocks (host), by own time\n{out.getvalue()}", flush=True)
+            prof = host_profile(no_layer)
+            print(f"--- N={n}: cProfile of 10 record(layers=[]) blocks (host), by own time\n{by(prof, 'tottime', args.top)}",
+                  flush=True)
         stats = runs["record(store='stats')"]
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(10):
-            stats()
-        torch.cuda.synchronize()
-        prof.disable()
-        out = io.StringIO()
-        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.top)
-        print(f"--- N={n}: cProfile of 10 store='stats' blocks (host), by own time\n{out.getvalue()}", flush=True)
-        out = io.StringIO()
-        pstats.Stats(prof, stream=out).sort_stats("cumtime").print_stats(args.top)
-        print(f"--- N={n}: the same, by cumulative time\n{out.getvalue()}", flush=True)
+        prof = host_profile(stats)
+        print(f"--- N={n}: cProfile of 10 store='stats' blocks (host), by own time\n{by(prof, 'tottime', args.top)}",
+              flush=True)
+        print(f"--- N={n}: the same, by cumulative time\n{by(prof, 'cumtime', args.top)}", flush=True)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as tp:
             for _ in range(5):
                 stats()

@@ -382,8 +382,8 @@ def _row_sums(x, cnt, trusted):
 
 def _sorted_rows(x: torch.Tensor) -> torch.Tensor:
     """``torch.sort(x, dim=1).values`` (NaN last): on the CPU by numpy, whose vectorised sort of float64 is
-    twice as fast as torch's (one MiniLM layer's 192 × 16,384 table: 87 against 192 ms on one core), its
-    rows shared out over torch's threads."""
+    about twice as fast as torch's, its rows shared out over torch's threads (one MiniLM layer's 192 × 16,384
+    table on 2 cores: 57 against 112 ms, ``benchmarks/threads_cpu.py``)."""
     if x.device.type != "cpu":
         return torch.sort(x, dim=1).values
     rows = x.detach().contiguous().numpy()
