@@ -257,7 +257,7 @@ def _dense_values(p, mask, metrics, max_samples, seed, rec, kernel) -> dict:
     flat_mask = None if m is None else m.reshape(-1, n, n)
     out = {}
     if "entropy" in metrics:  # rows with no valid entry are NaN
-        rows = entropy_of_blocks(checked_blocks(flat, flat_mask), (b, h), n, x.dtype, x.device)
+        rows = entropy_of_blocks(checked_blocks(flat, flat_mask, copy=False), (b, h), n, x.dtype, x.device)
         out["entropy"] = torch.nanmean(rows, -1)
     if "spectral_gap" in metrics and nq == nk:
         if kernel is not None and getattr(kernel, "name", "softmax") != "softmax":
@@ -267,7 +267,10 @@ def _dense_values(p, mask, metrics, max_samples, seed, rec, kernel) -> dict:
     if "moments" in metrics:
         out.update(moment_fields(moments_of_blocks(checked_blocks(flat, flat_mask), (b, h), n, x.dtype, x.device)))
     if "lognormal" in metrics:
-        fit = fit_of_blocks(lambda: checked_blocks(flat, flat_mask), (b, h), n, flat_mask, max_samples, seed, x.device)
+        def blocks():  # the fit only reads them: views, no copies
+            return checked_blocks(flat, flat_mask, copy=False)
+
+        fit = fit_of_blocks(blocks, (b, h), n, flat_mask, max_samples, seed, x.device)
         out.update(lognormal_fields(fit))
     return out
 

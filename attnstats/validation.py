@@ -211,17 +211,18 @@ def probability_blocks(p: torch.Tensor, mask: torch.Tensor | None = None, name: 
             yield i0, i1, r0, r1, x, valid
 
 
-def checked_blocks(x: torch.Tensor, mask: torch.Tensor | None):
+def checked_blocks(x: torch.Tensor, mask: torch.Tensor | None, copy: bool = True):
     """The blocks of :func:`probability_blocks` for probabilities it has already checked: no check again.
 
     ``x: [M, N, N]`` in the compute dtype, masked entries 0 and valid rows summing to 1, and ``mask``
     None or bool expanded to ``x.shape``: what :func:`attnstats.stats.dense.prepare_probs` returns,
     flattened. Several statistics of one matrix then pay for one validation, not one each. Whole
-    matrices at a time, each block a fresh copy (callers may modify theirs), of about the size of
-    :func:`probability_blocks`' blocks.
+    matrices at a time, of about the size of :func:`probability_blocks`' blocks; each block a fresh copy
+    that the caller may modify, or with ``copy=False`` a view of ``x``, for callers that only read it.
     """
     count, n = x.shape[0], x.shape[-1]
     per_block = max(1, _BLOCK_BYTES // (n * n * x.element_size()))
     for i0 in range(0, count, per_block):
         i1 = min(count, i0 + per_block)
-        yield i0, i1, 0, n, x[i0:i1].clone(), None if mask is None else mask[i0:i1]
+        block = x[i0:i1].clone() if copy else x[i0:i1]  # [i1 - i0, N, N]
+        yield i0, i1, 0, n, block, None if mask is None else mask[i0:i1]

@@ -179,3 +179,17 @@ def test_fits_per_matrix_equals_scipy_loop():
             rel, tol = _tolerance(name, int(n[tuple(idx)]))
             assert float(got[(*idx, j)]) == pytest.approx(float(want[(*idx, j)]), rel=rel, abs=tol), (name, idx)
     assert fit.n.tolist() == [[v.numel() for v in values[i * 3 : i * 3 + 3]] for i in range(5)]
+
+
+def test_rows_sorted_on_the_cpu_as_torch_sorts_them():
+    # numpy over threads on the CPU: the same order as torch.sort, NaN (padding past a row's count) last
+    from attnstats.stats.lognormal import _sorted_rows
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 500, generator=g, dtype=torch.float64)
+    x[::3, 200:] = float("nan")
+    x[1, :50] = x[1, 50:100]  # ties
+    want = torch.sort(x, dim=1).values
+    got = _sorted_rows(x)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())

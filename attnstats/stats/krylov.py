@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 import torch
-from threadpoolctl import threadpool_limits
 
 from .arnoldi import first_order_bound
+from .parallel import one_blas_thread
 
 __all__ = ["krylov_gaps", "krylov_bytes_per_head", "KrylovResult", "KRYLOV_BLOCK", "KRYLOV_MIN_TOKENS"]
 
@@ -293,7 +293,7 @@ def largest_eigs(apply, x0: torch.Tensor, *, nev: int, blocks: int, tol: float, 
             if pool and active.size > 1:
                 # one BLAS thread per head: a pool of multi-threaded LAPACK calls oversubscribes the
                 # cores (RESULTS §3: 2.4–7.5× slower on a 16-core host)
-                with threadpool_limits(limits=1, user_api="blas"):
+                with one_blas_thread():
                     found = list(pool.map(one, range(active.size)))
             else:
                 found = [one(a) for a in range(active.size)]

@@ -14,6 +14,7 @@ with BLAS threads inside the pool's, 0.37 s without (0.82 s on one thread).
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,10 +22,12 @@ import numpy as np
 import torch
 from threadpoolctl import ThreadpoolController
 
-__all__ = ["map_each"]
+__all__ = ["map_each", "one_blas_thread"]
 
 _pool: ThreadPoolExecutor | None = None
 _blas: ThreadpoolController | None = None  # the BLAS libraries loaded with numpy and torch, found once
+_blas_limit = None  # the limit in force while any caller of one_blas_thread runs, and how many do
+_blas_users = 0
 _pool_size = 0
 _lock = threading.Lock()
 
@@ -38,6 +41,28 @@ def _executor(workers: int) -> ThreadPoolExecutor:
             _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="attnstats")
             _pool_size = workers
         return _pool
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """numpy's BLAS held to one thread for the ``with`` body, the threads it had put back when the last of
+    the overlapping bodies (in any threads) ends: the limit is process-wide, so bodies that overlap share one
+    limit rather than each restoring what another one set."""
+    global _blas, _blas_limit, _blas_users
+    with _lock:
+        if _blas_users == 0:
+            if _blas is None:
+                _blas = ThreadpoolController()  # finding the libraries costs ~0.6 ms; limiting them ~10 µs
+            _blas_limit = _blas.limit(limits=1, user_api="blas")
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _blas_limit.restore_original_limits()
+                _blas_limit = None
 
 
 def map_each(fn, arrays: list[np.ndarray], cost=lambda a: a.size) -> list[np.ndarray]:
@@ -69,10 +94,7 @@ def map_each(fn, arrays: list[np.ndarray], cost=lambda a: a.size) -> list[np.nda
     # One BLAS thread per piece: numpy's OpenBLAS would start its own threads inside each LAPACK call
     # (its blocked Hessenberg reduction), two per core on top of ours, and they spin between calls;
     # the 192 heads of 128 tokens of one MiniLM layer took 1.2 s that way against 0.37 s (2 cores).
-    global _blas
-    if _blas is None:
-        _blas = ThreadpoolController()  # finding the libraries costs ~0.6 ms; limiting them then ~10 µs
-    with _blas.limit(limits=1, user_api="blas"):
+    with one_blas_thread():
         results = list(_executor(workers).map(fn, pieces))
     grouped: list[list] = [[] for _ in arrays]
     for i, r in zip(owner, results):
