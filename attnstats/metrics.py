@@ -46,7 +46,7 @@ import warnings
 import torch
 
 from . import cuda_graphs
-from .budget import get_memory_budget
+from .budget import check_dense_fits, get_memory_budget
 from .masks import is_key_padding, no_valid_entry
 from .stats.dense import entropy_of_blocks, moments_of_blocks, prepare_probs, row_entropy
 from .stats.lognormal import LogNormalFit, _fit_batched, fit_of_blocks, fits_per_matrix
@@ -263,6 +263,7 @@ def _dense_values(p, mask, metrics, max_samples, seed, rec, kernel) -> dict:
         if kernel is not None and getattr(kernel, "name", "softmax") != "softmax":
             out["spectral_gap"] = kernel_gap(rec, kernel)
         else:
+            check_dense_fits(p.shape, 8, "the float64 copy of p that spectral_gap solves")  # as spectral_gap checks
             out["spectral_gap"] = gap_of_probs(x, m, p.dtype)
     if "moments" in metrics:
         out.update(moment_fields(moments_of_blocks(checked_blocks(flat, flat_mask), (b, h), n, x.dtype, x.device)))
