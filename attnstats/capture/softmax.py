@@ -59,7 +59,6 @@ a P-only record holds ``B·H·Nq·Nk`` float32 numbers (the model built the same
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import warnings
 import weakref
@@ -318,20 +317,33 @@ def _common_module(a: str, b: str) -> str:
     return ".".join(common)
 
 
-@functools.lru_cache(maxsize=256)
-def _mask_position(forward) -> int | None:
-    """Index of ``attention_mask`` among the positional arguments of the method function ``forward``
-    (``self`` not counted), or None when it cannot be passed by position or the signature is unreadable."""
+_SIGNATURES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # forward function -> _positional(...)
+
+
+def _positional(forward) -> tuple[int | None, int]:
+    """``(i, k)`` for the bound method ``forward``: ``attention_mask`` is its positional argument ``i`` (None
+    if it cannot be passed by position), and it takes at most ``k`` positional arguments (a large number
+    with ``*args``). Read once per method function, from the bound method's signature (``self`` left out,
+    a wrapper's ``__wrapped__`` followed), as binding the call to it would read them."""
+    function = forward.__func__
+    if function in _SIGNATURES:
+        return _SIGNATURES[function]
     try:
-        params = list(inspect.signature(forward).parameters.values())[1:]
+        params = list(inspect.signature(forward).parameters.values())
     except (TypeError, ValueError):
-        return None
-    for i, prm in enumerate(params):
+        params = None
+    position, count = None, 0
+    for prm in params or ():
+        if prm.kind == prm.VAR_POSITIONAL:
+            count = 1 << 30
+            break
         if prm.kind not in (prm.POSITIONAL_ONLY, prm.POSITIONAL_OR_KEYWORD):
-            return None
+            break
         if prm.name == "attention_mask":
-            return i
-    return None
+            position = count
+        count += 1
+    _SIGNATURES[function] = (position, count)
+    return position, count
 
 
 def _input_padding(model: nn.Module, args, kwargs) -> torch.Tensor | None:
@@ -339,10 +351,9 @@ def _input_padding(model: nn.Module, args, kwargs) -> torch.Tensor | None:
     mask = kwargs.get("attention_mask")
     if mask is None and args:
         forward = model.forward
-        function = getattr(forward, "__func__", None)
-        if function is not None and getattr(forward, "__self__", None) is model:  # the class's method: cached
-            i = _mask_position(function)
-            mask = args[i] if i is not None and i < len(args) else None
+        if getattr(forward, "__func__", None) is not None and getattr(forward, "__self__", None) is model:
+            i, most = _positional(forward)  # a method bound to the model: its signature read once
+            mask = args[i] if i is not None and i < len(args) <= most else None  # else the call cannot bind
         else:  # an instance-level forward: read its own signature
             try:
                 mask = inspect.signature(forward).bind_partial(*args, **kwargs).arguments.get("attention_mask")
