@@ -244,8 +244,8 @@ def _dense_values(p, mask, metrics, max_samples, seed, rec, kernel) -> dict:
     """The dense statistics of ``p: [B, H, Nq, Nk]`` with the record's stats ``mask``: ``p`` is checked and
     renormalised once (:func:`attnstats.stats.dense.prepare_probs`) and every statistic reads that, where
     the public functions would each check it again (on the CPU the three extra checks of a 16 × 64-token
-    MiniLM batch cost ~0.1 s, about two thirds of its forward). The same numbers as :func:`row_entropy`, :func:`spectral_gap`,
-    :func:`entry_moments` and :func:`lognormal_fit` of ``p`` (tested)."""
+    MiniLM batch cost ~0.1 s, about two thirds of its forward). The same numbers as :func:`row_entropy`,
+    :func:`spectral_gap`, :func:`entry_moments` and :func:`lognormal_fit` of ``p`` (tested)."""
     b, h, nq, nk = p.shape
     if nq != nk:
         p, mask = _square(p, mask)

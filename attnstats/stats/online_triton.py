@@ -443,7 +443,7 @@ def head_sums(x: torch.Tensor) -> torch.Tensor:
     if B * H and N:
         with on_device(x):
             launch(_head_sums_kernel, (B * H, chunks), x, out, H, N, chunks, *x.stride(), D=d,
-                    BLOCK_D=triton.next_power_of_2(d), BLOCK_N=block_n, ROWS=rows)
+                   BLOCK_D=triton.next_power_of_2(d), BLOCK_N=block_n, ROWS=rows)
     return out.sum(1).reshape(B, H, 2)
 
 
