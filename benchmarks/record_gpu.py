@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import attnstats
 from attnstats import cuda_graphs
 from attnstats.metrics import METRICS
-from attnstats.stats.qk import streaming_lognormal_fit, streaming_stats
+from attnstats.stats.qk import log_prob_table, streaming_lognormal_fit, streaming_stats
 from harness import bench, run_parts, timed_shards
 
 DEV = "cuda"
@@ -366,8 +366,15 @@ def part_lognormal(ns):
         q, k, _ = qkv(32, 8, n)
         lse = streaming_stats(q, k, causal=True).lse
         t = bench(lambda: streaming_lognormal_fit(q, k, causal=True, lse=lse))
-        rows.append({"n": n, "heads": 32, "max_samples": 100_000, "ms_per_layer": t})
-        print(f"lognormal fit N={n}: {t:.2f} ms per layer (32 heads, 100k samples each)", flush=True)
+        # the fit's sort of the sampler's table: float32 as the sampler stores it, and widened to float64
+        table, _ = log_prob_table(q, k, None, None, True, lse, 100_000, 0, 0)
+        wide = table.double()
+        t32 = bench(lambda: torch.sort(table, dim=1))
+        t64 = bench(lambda: torch.sort(wide, dim=1))
+        rows.append({"n": n, "heads": 32, "max_samples": 100_000, "ms_per_layer": t, "table_dtype": str(table.dtype),
+                     "sort_ms_table": t32, "sort_ms_float64": t64})
+        print(f"lognormal fit N={n}: {t:.2f} ms per layer (32 heads, 100k samples each); the sort of its "
+              f"{table.dtype} table {t32:.3f} ms, of the same widened to float64 {t64:.3f} ms", flush=True)
     return rows
 
 

@@ -133,6 +133,23 @@ def test_float32_input_runs():
             assert float(getattr(fit, name)[i]) == pytest.approx(getattr(ref, name), rel=rel, abs=tol)
 
 
+def test_float32_table_sorted_as_float32_gives_the_float64_fit_exactly():
+    # A float32 table (the GPU sampler's) is sorted in float32 and summed in float64: widening is exact and
+    # keeps the order, so every field equals the fit of the widened table bit for bit, with counts
+    # (trusted, as record(store="stats") fits it) and without (NaN padding).
+    from attnstats.stats.lognormal import _fit_batched
+
+    rows, padded = _ragged(np.random.default_rng(5))
+    x32 = torch.tensor(padded, dtype=torch.float32)
+    counts = torch.tensor([r.size for r in rows])
+    for cnt, trusted in ((counts, True), (None, False)):
+        got, bad32 = _fit_batched(x32, cnt, trusted=trusted)
+        want, bad64 = _fit_batched(x32.double(), cnt, trusted=trusted)
+        assert torch.equal(bad32, bad64)
+        for name in FIELDS + ["n"]:
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
 def test_bad_input_names_argument():
     with pytest.raises(ValueError, match=r"values: expected finite values, found inf at row 1, column 0"):
         fit_log_values_batched(torch.tensor([[1.0, 2.0, 3.0], [math.inf, 1.0, 2.0]]))

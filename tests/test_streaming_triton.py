@@ -123,6 +123,9 @@ SCRIPT = textwrap.dedent(
     t = torch.arange(8)
     dense_at = s.reshape(8, 7, 9)[t[:, None], i, j]
     worst = max(worst, rel(got, dense_at), rel(got, ref))
+    # stored as float32: the same float64 values rounded once (the kernel casts at its store, as .float())
+    got32 = streaming_triton.sampled_log_probs(q, k, lse, i, j, 0.25, dtype=torch.float32)
+    assert got32.dtype == torch.float32 and torch.equal(got32, got.float())
 
     # The same with the entries drawn inside the kernel: the ranks of sample_ranks, mapped row-major
     # (lower triangle when causal), seen through the values they give.

@@ -297,9 +297,10 @@ if _HAVE_TRITON:
         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, DRAW: tl.constexpr, CAUSAL: tl.constexpr,
         RUNS: tl.constexpr,
     ):
-        # ln P at sampled entries: out[t, s] = scale·q[b, h, i]·k[b, h // GROUP, j] − lse[b, h, i], float64.
+        # ln P at sampled entries: out[t, s] = scale·q[b, h, i]·k[b, h // GROUP, j] − lse[b, h, i], computed
+        # in float64 and stored in OUT's dtype.
         # Q: [B, HQ, Nq, D], K: [B, HQ/GROUP, Nk, D] (any float dtype, strides as given)
-        # LSE: [B, HQ, Nq] (float32 or float64); OUT: [M, S] float64; M = B·HQ matrices, t = b·HQ + h
+        # LSE: [B, HQ, Nq] (float32 or float64); OUT: [M, S] float64 or float32; M = B·HQ matrices, t = b·HQ + h
         # DRAW: the entries are drawn here, as attnstats.stats.sampling.sample_ranks draws them (one
         #   uniform rank in each of S runs of the COUNT valid entries; the matrix keys derive from the
         #   seed's key BASE and the matrix's index FIRST + t, as sampling.matrix_keys),
@@ -346,7 +347,7 @@ if _HAVE_TRITON:
         # float64 products and sum: the same arithmetic as the PyTorch reference, [BLOCK_S, BLOCK_D]
         dot = tl.sum(q.to(tl.float64) * k.to(tl.float64), axis=1)  # [BLOCK_S]
         lse = tl.load(LSE + b * sl_b + h * sl_h + ii * sl_n, mask=ok, other=0.0).to(tl.float64)
-        tl.store(OUT + t * so_m + offs, dot * scale - lse, mask=ok)
+        tl.store(OUT + t * so_m + offs, (dot * scale - lse).to(OUT.dtype.element_ty), mask=ok)
 
 
 if _HAVE_TRITON:
@@ -620,8 +621,9 @@ def attention_row_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scal
 
 
 def sampled_log_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, i: torch.Tensor | None,
-                      j: torch.Tensor | None, scale: float, *, draw=None) -> torch.Tensor:
-    """``ln P_ij = scale·q_i·k_j − LSE_i`` at sampled entries of every matrix, one launch, float64.
+                      j: torch.Tensor | None, scale: float, *, draw=None,
+                      dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``ln P_ij = scale·q_i·k_j − LSE_i`` at sampled entries of every matrix, one launch.
 
     Args:
         q: ``[B, Hq, Nq, d]``; k: ``[B, Hk, Nk, d]`` (``Hq`` a multiple of ``Hk``), any strides.
@@ -632,11 +634,14 @@ def sampled_log_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, i: to
         draw: ``(count, size, seed, first_matrix, causal)`` to draw the entries in the kernel instead,
             as :func:`attnstats.stats.sampling.sample_ranks` does for unmasked matrices of ``count``
             valid entries whose flat batch indices start at ``first_matrix``.
+        dtype: of the result, float64 or float32 (the float64 values rounded once, as ``.float()``).
 
     Returns:
-        ``[B·Hq, S]`` float64: the dot products in float64, as the PyTorch reference computes them,
+        ``[B·Hq, S]`` in ``dtype``: the dot products in float64, as the PyTorch reference computes them,
         without gathering the sampled rows of q and k into memory.
     """
+    if dtype not in (torch.float64, torch.float32):
+        raise ValueError(f"dtype: expected torch.float64 or torch.float32, got {dtype}")
     if not _HAVE_TRITON:
         raise ImportError("the fused sampler needs Triton: pip install 'attnstats[triton]'")
     B, Hq, _, d = q.shape
@@ -651,7 +656,7 @@ def sampled_log_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, i: to
         s = i.shape[1]
         count, causal, base, first = 0, False, 0, 0
         i, j = i.contiguous(), j.contiguous()
-    out = torch.empty(m, s, dtype=torch.float64, device=q.device)  # [M, S]
+    out = torch.empty(m, s, dtype=dtype, device=q.device)  # [M, S]
     interp = interpreting()
     block_s = 16 if interp else 64  # 32–256 rows and 2–8 warps timed within 10 % of each other
     grid = (m, triton.cdiv(s, block_s))

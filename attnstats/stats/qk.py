@@ -223,13 +223,14 @@ def sample_log_probs(
         ValueError: if a matrix has no valid entry (naming its batch index).
     """
     table, counts = log_prob_table(q, k, scale, mask, causal, lse, max_samples, seed, first_matrix)
-    table, counts = table.cpu(), counts.cpu()
+    table, counts = table.cpu().to(torch.float64), counts.cpu()
     return [row[: int(c)] for row, c in zip(table, counts)]
 
 
 def log_prob_table(q, k, scale, mask, causal, lse, max_samples, seed, first_matrix, check_values=True):
-    """:func:`sample_log_probs` as ``(values [M, W] float64, counts [M] int64)`` on q's device: row ``t``
-    holds matrix ``t``'s values in its first ``counts[t]`` entries (NaN after them).
+    """:func:`sample_log_probs` as ``(values [M, W], counts [M] int64)`` on q's device: row ``t`` holds
+    matrix ``t``'s values in its first ``counts[t]`` entries (NaN after them). The values are float64,
+    or float32 where the fused sampler subtracts a float32 LSE (a GPU's; comment in the body).
     ``check_values=False`` leaves the finiteness of q, k to a caller that reads it later."""
     from .sampling import check_sampling, sample_ranks
 
@@ -261,8 +262,13 @@ def log_prob_table(q, k, scale, mask, causal, lse, max_samples, seed, first_matr
         lse_b = lse.reshape(B, Hq, Nq)
     width = min(max(counts, default=0), max_samples)
     fused = dev.type == "cuda" and online_triton.available()
+    # A float32 LSE (the GPU's streaming pass) leaves each value an error of about its float32 rounding
+    # (~5e-7 at |ln P| ~ 10): the fused sampler then stores them as float32, which loses nothing they
+    # hold and lets the fit sort 32-bit keys (32 rows of 100,000: 0.35 against 0.62 ms on an H100,
+    # benchmarks/RESULTS.md §6). The fit itself sums in float64.
+    out_dtype = torch.float32 if lse_b.dtype == torch.float32 else torch.float64
     if fused and m is None and counts[0] > max_samples:  # one launch draws the entries and scores them
-        out = online_triton.sampled_log_probs(qb, kb, lse_b, None, None, scale,
+        out = online_triton.sampled_log_probs(qb, kb, lse_b, None, None, scale, dtype=out_dtype,
                                               draw=(counts[0], max_samples, seed, first_matrix, causal))
         return out, torch.full((M,), max_samples, dtype=torch.int64, device=dev)  # no host copy: no sync
     cnt = torch.tensor([min(c, max_samples) for c in counts], dtype=torch.int64, device=dev)
@@ -277,7 +283,7 @@ def log_prob_table(q, k, scale, mask, causal, lse, max_samples, seed, first_matr
             it, jt = _entries_of_ranks(ranks, mask_bh, Nq, Nk, causal)
             i[t, : it.numel()], j[t, : jt.numel()] = it.to(dev), jt.to(dev)
     if fused:
-        out = online_triton.sampled_log_probs(qb, kb, lse_b, i, j, scale)  # fused: no gathered rows in memory
+        out = online_triton.sampled_log_probs(qb, kb, lse_b, i, j, scale, dtype=out_dtype)  # no gathered rows
     else:
         out = sampled_scores_reference(qb, kb, lse_b, i, j, scale)
     out.masked_fill_(torch.arange(width, device=dev)[None, :] >= cnt[:, None], float("nan"))
