@@ -2,6 +2,8 @@
 
     PYTHONUNBUFFERED=1 python benchmarks/host_lln.py [--n 4096]
 
+The last rows replay non-causal LLN's and SDPA's forward + backward each from one CUDA graph (the calls
+captured whole, as a training step can be), after checking that the replayed gradients equal eager ones.
 For each piece: µs per call with a device sync after each call (host time plus the GPU's when it is
 longer), µs per call of 200 calls queued without syncs (the host's time when the GPU keeps up), and the
 GPU time by do_bench.
@@ -48,6 +50,21 @@ class _Twice(torch.autograd.Function):
         return g * 2
 
 
+def graphed(fn):
+    """``fn`` (a forward + backward on fixed inputs) captured in one CUDA graph after warm-up on a side
+    stream (as torch's whole-network capture does); returns the graph's replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def _fast(on, fn):
     # fn with attnstats' direct kernel launches on or off (triton_launch.FAST_LAUNCH)
     def run():
@@ -71,9 +88,9 @@ def main():
     block = lln_triton._block(d_pad, d_pad)
     split = lln_triton._splits(bh, n, block, q.device)
     sp, zp = lln_triton._states(bh, split, d_pad, d_pad, q.device)
-    state_args = (k, v, st.kmax, sp, zp, *k.stride(), *v.stride(), 16, n, 64, 64, lln_triton._rows(n, split, block),
-                  st.split, 0.5)
-    consts = dict(D_PAD=d_pad, DV_PAD=d_pad, BLOCK=block, PRECISION=precision(q.dtype))
+    state_args = (k, v, st.kmax, sp, zp, None, *k.stride(), *v.stride(), 16, n, 64, 64,
+                  lln_triton._rows(n, split, block), st.split, 0.5)
+    consts = dict(D_PAD=d_pad, DV_PAD=d_pad, BLOCK=block, PRECISION=precision(q.dtype), AB_DEVICE=False)
 
     def jit_launch():
         lln_triton._nc_state_kernel[(bh, split)](*state_args, **consts)
@@ -128,6 +145,21 @@ def main():
             pieces[f"lln forward+backward, {label}"] = _fast(fast, step(lln, q, k, v, g, causal))
             pieces[f"lln_diag forward+backward, {label}"] = _fast(fast, step(lln_diag, q, k, v, g, causal))
         pieces[f"sdpa forward+backward, {'causal' if causal else 'non-causal'}"] = step(sdpa, q, k, v, g, causal)
+    # non-causal LLN (σ and its rule on the device: nothing read back inside capture) and SDPA, each forward +
+    # backward captured whole in a CUDA graph; the replayed gradients against eager ones
+    # (leaves of their own: the graph kept alive above for "backward only" holds q, k, v's gradient nodes,
+    # made on the default stream, which a capture cannot touch)
+    qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    for name, kern in (("lln", lln), ("sdpa", sdpa)):
+        call = step(kern, qg, kg, vg, g, False)
+        call()
+        eager = [t.grad.clone() for t in (qg, kg, vg)]
+        replay = graphed(call)
+        replay()
+        torch.cuda.synchronize()
+        diff = max(float((t.grad.float() - e.float()).abs().max()) for t, e in zip((qg, kg, vg), eager))
+        print(f"{name} forward+backward replayed from a CUDA graph: largest gradient difference to eager {diff:.3g}")
+        pieces[f"{name} forward+backward, non-causal, one CUDA graph"] = replay
     print(f"N = {n}: piece | µs/call synced | µs/call queued | GPU ms (do_bench)")
     for name, fn in pieces.items():
         print(f"{name:55s} {per_call_us(fn, sync_each=True):9.1f} {per_call_us(fn):9.1f} "

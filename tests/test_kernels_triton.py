@@ -203,6 +203,30 @@ SCRIPT = textwrap.dedent(
         except ValueError as e:
             msgs.append(str(e))
     out["errors"] = msgs
+
+    # σ and the curve rule on the device (the non-causal module path) against moments() and the host's rule
+    # on the same q, k: inside the curve's range, past both its ends, another softmax scale, no matching
+    rule = []
+    for n, d, sq_, sk_, scale in ((150, 32, 0.3, 2.0, None), (97, 20, 1.1, 0.9, 0.5), (40, 64, 4.0, 3.0, None),
+                                  (33, 16, 0.05, 0.1, None)):
+        qr = torch.randn(2, 3, n, d, generator=g) * sq_ + 0.3
+        kr = torch.randn(2, 3, n + 7, d, generator=g) * sk_
+        vr = torch.randn(2, 3, n + 7, 8, generator=g)
+        st = lln_triton.moments(qr, kr, vr)
+        for mm in (True, False):
+            _, ab = lln_triton.device_rule(qr, kr, vr, 1.0 if scale is None else scale * d**0.5, curve=mm)
+            a_host, b_host = LLNAttention(moment_matching=mm, scale=scale)._rule(st.sigma_q, st.sigma_k, d)
+            rule.append(max(abs(float(ab[0]) / a_host - 1), abs(float(ab[1]) / b_host - 1),
+                            abs(float(ab[2]) / st.sigma_q - 1), abs(float(ab[3]) / st.sigma_k - 1), float(ab[4])))
+    out["rule"] = rule
+    # a NaN in q makes σ_q NaN, which the rule reads as 1, as on the host; v's non-finite entries are counted
+    qn, vn = qr.clone(), vr.clone()
+    qn[0, 0, 0, 0] = float("nan")
+    vn[1, 2, 3, 4], vn[0, 0, 0, 0] = float("inf"), float("nan")
+    st = lln_triton.moments(qn, kr, vn)
+    _, ab = lln_triton.device_rule(qn, kr, vn, 1.0, curve=True)
+    a_host, _ = LLNAttention()._rule(st.sigma_q, st.sigma_k, qr.shape[-1])
+    out["rule_nan"] = [math.isnan(float(ab[2])), abs(float(ab[0]) / a_host - 1), float(ab[4])]
     print("RESULT" + json.dumps(out))
     """
 )
@@ -253,6 +277,11 @@ def test_fused_lln_kernels_under_interpreter():
     assert "q: expected finite values" in q_msg and "(0, 1, 7, 2)" in q_msg, q_msg
     assert "k: expected finite values" in k_msg and "(0, 0, 3, 5)" in k_msg, k_msg
     assert "v: expected finite values" in v_msg and "(0, 1, 88, 0)" in v_msg, v_msg
+    # the device rule repeats the host's float64 arithmetic on the same float32 partials, in another order of
+    # summation: σ and α, β agree to float64 rounding (a few 1e-16, times the curve's slope); no v entry counted
+    assert max(got["rule"]) < 1e-12, got["rule"]
+    nan_sigma, nan_alpha, v_bad = got["rule_nan"]
+    assert nan_sigma and nan_alpha < 1e-12 and v_bad == 2.0, got["rule_nan"]
 
 
 def test_diag_fusion_rule():

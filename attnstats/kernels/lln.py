@@ -59,8 +59,11 @@ class LLNAttention(LogFeatureAttention):
     and float32 inputs (float64 for float64), except causal bfloat16 with fla installed
     (:func:`attnstats.kernels.linear.linear_attention_causal`). Non-causal in ``O(N·d·d_v)``; causal in
     chunks by matrix products, ``O(N)`` time and memory; key-padding masks supported (padded keys get
-    no attention, padded queries give 0). σ_q and σ_k are read from the device once per call (one
-    small transfer, with the finiteness checks), and the rule is evaluated on the host.
+    no attention, padded queries give 0). On the fused non-causal path with the curve rule (or none),
+    σ_q, σ_k and the rule are computed on the device and read back once, after the kernels are queued,
+    for the finiteness check (skipped inside CUDA-graph capture, which can read nothing: the call can
+    then be captured); elsewhere σ_q and σ_k are read from the device once per call (one small
+    transfer, with the finiteness checks), and the rule is evaluated on the host.
     """
 
     def __init__(self, moment_matching: bool = True, a: float | None = None, b: float | None = None,
@@ -144,6 +147,8 @@ class LLNAttention(LogFeatureAttention):
         """The output ``[B, H, N, d_v]`` by the fused kernels, or None when causal keys are spread too far
         for them (then q, k, v have been checked). ``diag``: LLN+Diag's ``(scale, w_L, w_D)`` to fold its
         block softmax in (:func:`lln_triton.fuses_diag`), or None."""
+        if not causal and (self.matching == "curve" or not self.moment_matching):
+            return self._device_rule_output(q, k, v, checked, diag)
         st = lln_triton.moments(q, k, v, spread=causal)  # the one host sync
         if not checked:
             _check_read(q, k, v, st.sigma_q, st.sigma_k, st.v_finite)
@@ -153,6 +158,20 @@ class LLNAttention(LogFeatureAttention):
         if st.spread * beta <= causal_underflow_limit(torch.float32):
             return lln_triton.lln_causal(q, k, v, alpha, beta, self.eps, st, diag)  # [B, H, N, d_v]
         return None
+
+    def _device_rule_output(self, q, k, v, checked: bool, diag):
+        """Non-causal with the curve rule (or none): σ and the rule on the device
+        (:func:`lln_triton.device_rule`), so no launch waits for the host. The finiteness check then reads
+        σ and v's count of non-finite entries after every kernel is queued (one transfer), and not at all
+        while a CUDA graph is being captured, where nothing can be read (NaN in, NaN out) or when the
+        caller has checked q, k, v."""
+        c = 1.0 if self.scale is None else float(self.scale) * q.shape[-1] ** 0.5
+        st, ab = lln_triton.device_rule(q, k, v, c, curve=self.moment_matching)
+        out = lln_triton.lln_noncausal(q, k, v, ab, None, self.eps, st, diag)  # [B, H, N, d_v]
+        if not checked and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+            sq, sk, v_bad = ab[2:5].tolist()  # the one host transfer
+            _check_read(q, k, v, sq, sk, v_bad == 0)
+        return out
 
     def _checked_features(self, q, k, v, dtype, causal: bool, key_valid, checked: bool):
         """:meth:`LogFeatureAttention._checked_features` with one device transfer for everything: σ_q and

@@ -19,7 +19,10 @@ forward + backward whose arithmetic takes a fraction of a millisecond (benchmark
 1. :func:`moments` (one launch, one small transfer to the host): σ_q, σ_k for moment matching (per
    program mean and sum of squared deviations, combined on the host in float64 by Chan's rule), whether
    v is finite (a NaN or inf in q or k makes its σ NaN), and each program's per-feature maximum and
-   minimum of k (the shift ``m``, and the causal path's spread).
+   minimum of k (the shift ``m``, and the causal path's spread). Non-causal calls with the curve rule
+   (or none) use :func:`device_rule` instead: the same launch, then one program that combines the
+   partials and evaluates the rule on the device, whose α, β the kernels read there, so nothing waits
+   for the host (the call can be captured in a CUDA graph).
 2. non-causal forward: the state ``S = ktᵀ v`` ``[d, d_v]`` and ``z = Σ kt`` (grid: head × split,
    each program a range of keys), then the output ``qt S / (qt·z + eps)``, which also stores the
    denominators for the backward.
@@ -45,7 +48,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["MAX_HEAD_DIM", "available", "applies", "fuses_diag", "moments", "lln_noncausal", "lln_causal"]
+__all__ = ["MAX_HEAD_DIM", "available", "applies", "fuses_diag", "moments", "device_rule", "lln_noncausal", "lln_causal"]
 
 from . import block_diagonal_triton
 from ..triton_launch import interpreting, launch, on_device
@@ -231,12 +234,95 @@ if HAVE_TRITON:
         tl.store(KMIN + (bh * split + sp) * D_PAD + offs_d, kmin)
 
     @triton.jit
+    def _part_mean(PART, idx, at, P, SPLIT, ROWS, N, D):
+        # Partials idx of the moments kernel's P = BH·SPLIT: (the mean at column `at`, its entry count, valid);
+        # program s of a head read min(ROWS, N − s·ROWS) rows of D entries (0 past the end)
+        ok = idx < P
+        c = tl.minimum(tl.maximum(N - (idx % SPLIT) * ROWS, 0), ROWS).to(tl.float64) * D
+        mean = tl.load(PART + idx * 5 + at, mask=ok, other=0.0).to(tl.float64)
+        return mean, tl.where(ok, c, 0.0), ok
+
+    @triton.jit
+    def _combined_std(PART, at, P, SPLIT, ROWS, N, D, BLOCK: tl.constexpr):
+        # The sample standard deviation (divisor n − 1) of all q (at = 0) or k (at = 2) entries from the
+        # moments kernel's partials (mean, squared deviations) by Chan's rule, float64, as _combine on the
+        # host: NaN for fewer than two entries or a non-finite sum.
+        offs = tl.arange(0, BLOCK)
+        tot = tl.zeros([BLOCK], dtype=tl.float64)
+        cnt = tl.zeros([BLOCK], dtype=tl.float64)
+        for p0 in range(0, P, BLOCK):
+            mean, c, _ = _part_mean(PART, p0 + offs, at, P, SPLIT, ROWS, N, D)
+            tot += mean * c
+            cnt += c
+        n = tl.sum(cnt, 0)
+        mu = tl.sum(tot, 0) / tl.maximum(n, 1.0)
+        dev = tl.zeros([BLOCK], dtype=tl.float64)
+        for p0 in range(0, P, BLOCK):
+            mean, c, ok = _part_mean(PART, p0 + offs, at, P, SPLIT, ROWS, N, D)
+            m2 = tl.load(PART + (p0 + offs) * 5 + at + 1, mask=ok, other=0.0).to(tl.float64)
+            dev += m2 + (mean - mu) * (mean - mu) * c
+        total = tl.sum(dev, 0)
+        finite = (total == total) & (tl.abs(total) < float("inf"))
+        return tl.where(finite & (n >= 2.0), tl.sqrt(tl.maximum(total, 0.0) / (n - 1.0)), float("nan"))
+
+    @triton.jit
+    def _rule_kernel(PART, CURVE, GRID, OUT, P, SPLIT, N, M, D, ROWS_Q, ROWS_K, L, c,
+                     CURVE_RULE: tl.constexpr, BLOCK: tl.constexpr, L_PAD: tl.constexpr):
+        # One program: σ_q, σ_k from the moments kernel's partials, then the temperatures of the curve rule
+        # (CURVE_RULE; else α = β = 1, no moment matching), as LLNAttention._rule computes them on the host.
+        # CURVE, GRID [L] float64: ln Var and ln s of the head dim's LLN curve; c: the softmax scale's
+        # factor (scale·√d). OUT [5] float64: α, β, σ_q, σ_k, the count of non-finite v entries.
+        sq = _combined_std(PART, 0, P, SPLIT, ROWS_Q, N, D, BLOCK)
+        sk = _combined_std(PART, 2, P, SPLIT, ROWS_K, M, D, BLOCK)
+        offs = tl.arange(0, BLOCK)
+        bad = tl.zeros([BLOCK], dtype=tl.float64)
+        for p0 in range(0, P, BLOCK):
+            idx = p0 + offs
+            bad += tl.load(PART + idx * 5 + 4, mask=idx < P, other=0.0).to(tl.float64)
+        alpha = tl.where(sq == sq, 1.0, 1.0).to(tl.float64)  # 1 whatever σ (a NaN σ included)
+        beta = alpha
+        if CURVE_RULE:
+            sqr = tl.where(sq > 0.0, sq, 1.0)  # NaN > 0 is False: read as 1, as the host rule
+            skr = tl.where(sk > 0.0, sk, 1.0)
+            x = c * sqr * skr
+            var = x * x
+            target = tl.log(var + var * var / (2.0 * D))  # ln of softmax's Var[ln P] (softmax_log_variance)
+            j = tl.arange(0, L_PAD)
+            inside = j < L
+            curve = tl.load(CURVE + j, mask=inside, other=float("inf"))
+            grid = tl.load(GRID + j, mask=inside, other=0.0)
+            i = tl.sum((curve < target).to(tl.int32), 0)  # bisect_left, then clamped as the host does
+            i = tl.minimum(tl.maximum(i, 1), L - 1)
+            lo = tl.sum(tl.where(j == i - 1, curve, 0.0), 0)
+            hi = tl.sum(tl.where(j == i, curve, 0.0), 0)
+            g0 = tl.sum(tl.where(j == i - 1, grid, 0.0), 0)
+            g1 = tl.sum(tl.where(j == i, grid, 0.0), 0)
+            scale_s = tl.exp(g0 + (target - lo) * (g1 - g0) / (hi - lo))  # the feature scale ασ_q = βσ_k
+            alpha = scale_s / sqr
+            beta = scale_s / skr
+        tl.store(OUT, alpha)
+        tl.store(OUT + 1, beta)
+        tl.store(OUT + 2, sq)
+        tl.store(OUT + 3, sk)
+        tl.store(OUT + 4, tl.sum(bad, 0))
+
+    @triton.jit
     def _key_shift(KMAX, bh, beta, SPLIT_S, offs_d, dmask, D_PAD: tl.constexpr):
         # m_l = β·max_j k_jl over the moments kernel's SPLIT_S partial maxima; 0 in padded columns
         big = tl.full([D_PAD], float("-inf"), dtype=tl.float32)
         for s in range(0, SPLIT_S):
             big = tl.maximum(big, tl.load(KMAX + (bh * SPLIT_S + s) * D_PAD + offs_d))
         return tl.where(dmask, beta * big, 0.0)
+
+    @triton.jit
+    def _temperatures(AB, alpha, beta, AB_DEVICE: tl.constexpr):
+        # (α, β) as float32: read from the device (the rule kernel's AB[0], AB[1], float64) when AB_DEVICE,
+        # else the scalars passed; the same float32 values either way (float64 → float32, as the launch
+        # converts a Python float)
+        if AB_DEVICE:
+            alpha = tl.load(AB).to(tl.float32)
+            beta = tl.load(AB + 1).to(tl.float32)
+        return alpha, beta
 
     @triton.jit
     def _query_features(q, alpha, m, dmask):
@@ -263,12 +349,14 @@ if HAVE_TRITON:
 
     @triton.jit
     def _nc_state_kernel(
-        K, V, KMAX, SP, ZP,
+        K, V, KMAX, SP, ZP, AB,
         sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
         H, M, D, DV, ROWS, SPLIT_S, beta,
         D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+        AB_DEVICE: tl.constexpr,
     ):
         # One program, a range of keys of one head: its share of S = ktᵀ v and z = Σ kt.
+        _, beta = _temperatures(AB, beta, beta, AB_DEVICE)
         bh, b, h, offs_d, offs_e, dmask, emask = _head(H, D, DV, D_PAD, DV_PAD)
         sp = tl.program_id(1)
         split = tl.num_programs(1)
@@ -292,17 +380,18 @@ if HAVE_TRITON:
 
     @triton.jit
     def _nc_out_kernel(
-        Q, K, V, SP, ZP, KMAX, OUT, DEN, OUT_L, WL, WD,
+        Q, K, V, SP, ZP, KMAX, OUT, DEN, OUT_L, WL, WD, AB,
         sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
         H, N, D, DV, ROWS, SPLIT_S, NP, alpha, beta, eps, dscale, wl, wd,
         D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-        DIAG: tl.constexpr, PER_CHANNEL: tl.constexpr,
+        DIAG: tl.constexpr, PER_CHANNEL: tl.constexpr, AB_DEVICE: tl.constexpr,
     ):
         # One program, a range of queries of one head: out = qt S / (qt·z + eps) (S, z: the sum of NP
         # partials at SP, ZP), and the denominators.
         # OUT [BH, N, DV] contiguous in the output dtype; DEN [BH, N] float32. DIAG (LLN+Diag, blocks of
         # BLOCK tokens: the program's tiles are its blocks): OUT = w_L ⊙ LLN + w_D ⊙ block softmax, and
         # OUT_L the LLN part, for the backward.
+        alpha, beta = _temperatures(AB, alpha, beta, AB_DEVICE)
         bh, b, h, offs_d, offs_e, dmask, emask = _head(H, D, DV, D_PAD, DV_PAD)
         sp = tl.program_id(1)
         m = _key_shift(KMAX, bh, beta, SPLIT_S, offs_d, dmask, D_PAD)  # [D_PAD]
@@ -333,11 +422,11 @@ if HAVE_TRITON:
 
     @triton.jit
     def _nc_grad_q_kernel(
-        Q, K, V, G, OUT, DEN, SP, ZP, KMAX, DQ, GSP, GZP, WL, WD, DK, DV_OUT, DWL, DWD,
+        Q, K, V, G, OUT, DEN, SP, ZP, KMAX, DQ, GSP, GZP, WL, WD, DK, DV_OUT, DWL, DWD, AB,
         sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, sg_b, sg_h, sg_n, sg_d,
         H, N, D, DV, ROWS, SPLIT_S, NP, alpha, beta, dscale, wl, wd,
         D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-        DIAG: tl.constexpr, PER_CHANNEL: tl.constexpr, MIXED: tl.constexpr,
+        DIAG: tl.constexpr, PER_CHANNEL: tl.constexpr, MIXED: tl.constexpr, AB_DEVICE: tl.constexpr,
     ):
         # One program, a range of queries of one head: dq, and its share of ∂S = qtᵀ gn, ∂z = qtᵀ gd
         # (S, z: the sum of NP partials at SP, ZP).
@@ -346,6 +435,7 @@ if HAVE_TRITON:
         # gradients (for w_D ⊙ g) add to dq here and are stored at DK, DV_OUT, which the key kernel then
         # adds to; per-channel weights get the program's Σ_rows g ⊙ LLN and Σ_rows g ⊙ Diag at DWL, DWD
         # [BH, SPLIT, DV_PAD].
+        alpha, beta = _temperatures(AB, alpha, beta, AB_DEVICE)
         bh, b, h, offs_d, offs_e, dmask, emask = _head(H, D, DV, D_PAD, DV_PAD)
         sp = tl.program_id(1)
         split = tl.num_programs(1)
@@ -400,14 +490,15 @@ if HAVE_TRITON:
 
     @triton.jit
     def _nc_grad_kv_kernel(
-        K, V, KMAX, GSP, GZP, DK, DV_OUT,
+        K, V, KMAX, GSP, GZP, DK, DV_OUT, AB,
         sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
         H, M, D, DV, ROWS, SPLIT_S, NP, beta,
         D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-        DIAG: tl.constexpr,
+        DIAG: tl.constexpr, AB_DEVICE: tl.constexpr,
     ):
         # One program, a range of keys of one head: dv = kt ∂S, dk = β·(v ∂Sᵀ + ∂z)·kt (DIAG: added to the
         # block softmax's, which the query kernel left at DK, DV_OUT).
+        _, beta = _temperatures(AB, beta, beta, AB_DEVICE)
         bh, b, h, offs_d, offs_e, dmask, emask = _head(H, D, DV, D_PAD, DV_PAD)
         sp = tl.program_id(1)
         m = _key_shift(KMAX, bh, beta, SPLIT_S, offs_d, dmask, D_PAD)
@@ -679,14 +770,9 @@ def _combine(mean: np.ndarray, m2: np.ndarray, counts: np.ndarray) -> tuple:
                  for t, c in zip(total.tolist(), n.tolist()))
 
 
-def moments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spread: bool = False) -> Moments:
-    """σ_q, σ_k, v's finiteness and the per-program key extremes, in one launch and one transfer.
-
-    Args: ``q [B, H, N, d]``, ``k [B, H, M, d]``, ``v [B, H, M, d_v]`` (any strides) on a device where
-    :func:`available`; ``spread``: also read k's spread, the largest ``max_j k_jl − min_j k_jl`` over
-    batch, head and feature (what the causal path needs), in the same transfer. σ is ``torch.std``'s
-    (all entries, divisor ``n − 1``), to float32 rounding.
-    """
+def _moments_launch(q, k, v):
+    """The moments kernel's launch: ``(part [BH·SPLIT·5], kmax, kmin [BH, SPLIT, D_PAD], split, rows_q,
+    rows_k)`` on the device, nothing read back."""
     bsz, h, n, d = q.shape
     m_, dv = k.shape[-2], v.shape[-1]
     d_pad, dv_pad = pad(d), pad(dv)
@@ -703,6 +789,48 @@ def moments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spread: bool = Fa
         launch(_moments_kernel, (bh, split),
                q, k, v, part, kmax, kmin, *q.stride(), *k.stride(), *v.stride(),
                h, n, m_, d, dv, rows_q, rows_k, D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block)
+    return part, kmax, kmin, split, rows_q, rows_k
+
+
+def device_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: float, curve: bool):
+    """σ_q, σ_k and the temperatures of LLN's curve rule, computed on the device: two launches, nothing read
+    back, so a non-causal call never waits for the device (and can be captured in a CUDA graph).
+
+    Args: ``q, k, v`` as :func:`moments`; ``c``: the softmax scale's factor ``scale·√d`` (1 for
+    ``1/√d``); ``curve``: the ``"curve"`` rule (:func:`attnstats.kernels.moment_matching.curve_feature_scale`
+    at softmax's ``Var[ln P]``), else ``α = β = 1``. Returns ``(Moments, ab)``: the key maxima as
+    :func:`moments` gives them (its σ fields None), and ``ab`` float64 ``[5]`` on the device: ``α, β, σ_q,
+    σ_k``, the number of non-finite entries of v — the numbers :meth:`LLNAttention._rule` gives from
+    :func:`moments`' σ (Chan's rule in float64 in another order; tested).
+    """
+    from .moment_matching import _curve_tensors
+
+    bsz, h, n, d = q.shape
+    part, kmax, _, split, rows_q, rows_k = _moments_launch(q, k, v)
+    curve_t, grid_t = _curve_tensors(d, q.device)  # float64 ln Var, ln s, copied to the device once
+    ab = torch.empty(5, dtype=torch.float64, device=q.device)
+    with on_device(q):
+        launch(_rule_kernel, (1,), part, curve_t, grid_t, ab, bsz * h * split, split, n, k.shape[-2], d,
+               rows_q, rows_k, curve_t.numel(), float(c),
+               CURVE_RULE=bool(curve), BLOCK=1024, L_PAD=triton.next_power_of_2(curve_t.numel()))
+    if split > _SUMMED_IN_KERNEL:  # as moments(): one partial of the key maxima, not dozens
+        kmax, split = kmax.amax(1, keepdim=True), 1
+    return Moments(None, None, None, kmax, split), ab
+
+
+def moments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spread: bool = False) -> Moments:
+    """σ_q, σ_k, v's finiteness and the per-program key extremes, in one launch and one transfer.
+
+    Args: ``q [B, H, N, d]``, ``k [B, H, M, d]``, ``v [B, H, M, d_v]`` (any strides) on a device where
+    :func:`available`; ``spread``: also read k's spread, the largest ``max_j k_jl − min_j k_jl`` over
+    batch, head and feature (what the causal path needs), in the same transfer. σ is ``torch.std``'s
+    (all entries, divisor ``n − 1``), to float32 rounding.
+    """
+    bsz, h, n, d = q.shape
+    m_ = k.shape[-2]
+    bh = bsz * h
+    part, kmax, kmin, split, rows_q, rows_k = _moments_launch(q, k, v)
+    cut = bh * split * 5
     if spread:
         width = (kmax.amax(1) - kmin.amin(1))[:, :d].amax()  # 0-dim: the padded columns left out
         part = torch.cat([part, width.reshape(1)])
@@ -738,26 +866,27 @@ class _NonCausalLLN(torch.autograd.Function):
         mix = MixWeights(wl, wd, on=dscale is not None)
         inside = mix.on and dblock is None  # the block softmax in LLN's kernels
         dscale = 1.0 if dscale is None else float(dscale)  # the block softmax's score scale (unused without it)
+        ab, alpha, beta = _temperature_args(alpha, beta)
         split = _splits(bh, max(n, m_), block, q.device)  # programs per head, every kernel
         sp, zp = _states(bh, split, d_pad, dv_pad, q.device)
         launch(_nc_state_kernel, (bh, split),
-            k, v, kmax, sp, zp, *k.stride(), *v.stride(), h, m_, d, dv, _rows(m_, split, block), split_s,
-            beta, D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block, PRECISION=prec,
+            k, v, kmax, sp, zp, ab, *k.stride(), *v.stride(), h, m_, d, dv, _rows(m_, split, block), split_s,
+            beta, D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block, PRECISION=prec, AB_DEVICE=ab is not None,
         )
         (sp, zp), n_parts = _summed((sp, zp))
         out = torch.empty(bsz, h, n, dv, dtype=q.dtype, device=q.device)
         out_l = torch.empty_like(out) if inside else out  # the LLN part, kept for the backward
         den = torch.empty(bsz, h, n, dtype=torch.float32, device=q.device)
         launch(_nc_out_kernel, (bh, split),
-            q, k, v, sp, zp, kmax, out, den, out_l, mix.wl_t, mix.wd_t, *q.stride(), *k.stride(), *v.stride(),
+            q, k, v, sp, zp, kmax, out, den, out_l, mix.wl_t, mix.wd_t, ab, *q.stride(), *k.stride(), *v.stride(),
             h, n, d, dv, _rows(n, split, block), split_s, n_parts, alpha, beta, eps, dscale, mix.wl, mix.wd,
             D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block, PRECISION=prec, DIAG=inside, PER_CHANNEL=mix.per_channel,
-            num_warps=DIAG_WARPS if inside else 4,
+            AB_DEVICE=ab is not None, num_warps=DIAG_WARPS if inside else 4,
         )
         if mix.on and not inside:
             out = block_diagonal_triton.forward_into(q, k, v, out_l, mix, dscale, dblock, False)  # [B, H, N, d_v]
         ctx.save_for_backward(q, k, v, out_l, den, sp, zp, kmax)
-        ctx.consts = (alpha, beta, split_s, mix, dscale, split, dblock)
+        ctx.consts = (alpha, beta, ab, split_s, mix, dscale, split, dblock)
         return out
 
     @staticmethod
@@ -765,7 +894,7 @@ class _NonCausalLLN(torch.autograd.Function):
     @launched_on_device
     def backward(ctx, g):
         q, k, v, out_l, den, sp, zp, kmax = ctx.saved_tensors
-        alpha, beta, split_s, mix, dscale, split, dblock = ctx.consts
+        alpha, beta, ab, split_s, mix, dscale, split, dblock = ctx.consts
         inside = mix.on and dblock is None
         bsz, h, n, d = q.shape
         m_, dv = k.shape[-2], v.shape[-1]
@@ -780,17 +909,17 @@ class _NonCausalLLN(torch.autograd.Function):
         dwl, dwd = (torch.empty(2, bh, split, dv_pad, dtype=torch.float32, device=q.device).unbind(0)
                     if mix.per_channel and inside else (None, None))
         launch(_nc_grad_q_kernel, (bh, split),
-            q, k, v, g, out_l, den, sp, zp, kmax, dq, gsp, gzp, mix.wl_t, mix.wd_t, dk, dvv, dwl, dwd,
+            q, k, v, g, out_l, den, sp, zp, kmax, dq, gsp, gzp, mix.wl_t, mix.wd_t, dk, dvv, dwl, dwd, ab,
             *q.stride(), *k.stride(), *v.stride(), *g.stride(),
             h, n, d, dv, _rows(n, split, block), split_s, n_parts, alpha, beta, dscale, mix.wl, mix.wd,
             D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block, PRECISION=prec, DIAG=inside, PER_CHANNEL=mix.per_channel,
-            MIXED=mix.on, num_warps=DIAG_WARPS if inside else 4,
+            MIXED=mix.on, AB_DEVICE=ab is not None, num_warps=DIAG_WARPS if inside else 4,
         )
         (gsp, gzp), g_parts = _summed((gsp, gzp))
         launch(_nc_grad_kv_kernel, (bh, split),
-            k, v, kmax, gsp, gzp, dk, dvv, *k.stride(), *v.stride(),
+            k, v, kmax, gsp, gzp, dk, dvv, ab, *k.stride(), *v.stride(),
             h, m_, d, dv, _rows(m_, split, block), split_s, g_parts, beta,
-            D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block, PRECISION=prec, DIAG=inside,
+            D_PAD=d_pad, DV_PAD=dv_pad, BLOCK=block, PRECISION=prec, DIAG=inside, AB_DEVICE=ab is not None,
         )
         if mix.on and not inside:  # the block kernel's gradients added to LLN's in place
             dwl, dwd = block_diagonal_triton.backward_into(q, k, v, g, out_l, mix, dscale, dblock, False, dq, dk, dvv)
@@ -831,18 +960,30 @@ def _diag_consts(diag):
     return (None, None) if diag is None else (float(diag[0]), None if diag[3] is None else int(diag[3]))
 
 
-def lln_noncausal(q, k, v, alpha: float, beta: float, eps: float, stats: Moments, diag=None) -> torch.Tensor:
+def _temperature_args(alpha, beta):
+    """``(AB or None, α, β)`` as the non-causal kernels take them: a device tensor ``alpha`` (the rule's
+    output, :func:`device_rule`) is read there (the scalars then unused, 0); else the floats."""
+    if isinstance(alpha, torch.Tensor):
+        return alpha, 0.0, 0.0
+    return None, float(alpha), float(beta)
+
+
+def lln_noncausal(q, k, v, alpha, beta, eps: float, stats: Moments, diag=None) -> torch.Tensor:
     """Non-causal LLN attention ``[B, H, N, d_v]`` in q's dtype, by the fused kernels.
 
     Args: ``q [B, H, N, d]``, ``k [B, H, M, d]``, ``v [B, H, M, d_v]`` (one dtype, any strides, finite);
-    ``alpha, beta``: the temperatures (> 0); ``eps``: added to each denominator (≥ 1); ``stats``: what
+    ``alpha, beta``: the temperatures (> 0), floats; or ``alpha`` the float64 device tensor of
+    :func:`device_rule` (``α, β`` its first two entries, read by the kernels: nothing waits for the
+    device) and ``beta`` None; ``eps``: added to each denominator (≥ 1); ``stats``: what
     :func:`moments` read from these q, k, v; ``diag``: None, or LLN+Diag's ``(scale, w_L, w_D, block)``
     (the block softmax's score scale, weights as floats or ``[H, d_v]`` tensors, and None when
     :func:`fuses_diag` — the block softmax inside LLN's kernels — else the block size for the separate
     kernel, which runs after them in the same node): then the output is ``w_L ⊙ LLN + w_D ⊙ Diag``
     (``N == M``). Differentiable in q, k, v and tensor weights (once).
     """
-    return _NonCausalLLN.apply(q, k, v, *_diag_inputs(diag), float(alpha), float(beta), float(eps), stats.kmax,
+    if not isinstance(alpha, torch.Tensor):
+        alpha, beta = float(alpha), float(beta)
+    return _NonCausalLLN.apply(q, k, v, *_diag_inputs(diag), alpha, beta, float(eps), stats.kmax,
                                stats.split, *_diag_consts(diag))
 
 
