@@ -264,7 +264,7 @@ def log_prob_table(q, k, scale, mask, causal, lse, max_samples, seed, first_matr
     fused = dev.type == "cuda" and online_triton.available()
     # A float32 LSE (the GPU's streaming pass) leaves each value an error of about its float32 rounding
     # (~5e-7 at |ln P| ~ 10): the fused sampler then stores them as float32, which loses nothing they
-    # hold and lets the fit sort 32-bit keys (32 rows of 100,000: 0.35 against 0.62 ms on an H100,
+    # hold and lets the fit sort 32-bit keys (32 rows of 100,000: 0.33 against 0.58 ms on an H100,
     # benchmarks/RESULTS.md §6). The fit itself sums in float64.
     out_dtype = torch.float32 if lse_b.dtype == torch.float32 else torch.float64
     if fused and m is None and counts[0] > max_samples:  # one launch draws the entries and scores them
