@@ -113,8 +113,7 @@ class LLNAttention(LogFeatureAttention):
         if not self.moment_matching:
             return 1.0, 1.0
         sq, sk = (v if v > 0 else 1.0 for v in (sq, sk))  # NaN > 0 is False
-        # a softmax scale c/sqrt(d) gives scores of variance c²·σ_q²σ_k²
-        c = 1.0 if self.scale is None else float(self.scale) * d**0.5
+        c = self._scale_factor(d)
         if self.matching == "curve":
             s = curve_feature_scale((c * sq * sk) ** 2, d)  # the feature scale ασ_q = βσ_k
             return s / sq, s / sk
@@ -159,14 +158,17 @@ class LLNAttention(LogFeatureAttention):
             return lln_triton.lln_causal(q, k, v, alpha, beta, self.eps, st, diag)  # [B, H, N, d_v]
         return None
 
+    def _scale_factor(self, d: int) -> float:
+        """``c`` of the softmax scale ``c/sqrt(d)`` whose scores are matched (variance ``c²·σ_q²σ_k²``)."""
+        return 1.0 if self.scale is None else float(self.scale) * d**0.5
+
     def _device_rule_output(self, q, k, v, checked: bool, diag):
         """Non-causal with the curve rule (or none): σ and the rule on the device
         (:func:`lln_triton.device_rule`), so no launch waits for the host. The finiteness check then reads
         σ and v's count of non-finite entries after every kernel is queued (one transfer), and not at all
         while a CUDA graph is being captured, where nothing can be read (NaN in, NaN out) or when the
         caller has checked q, k, v."""
-        c = 1.0 if self.scale is None else float(self.scale) * q.shape[-1] ** 0.5
-        st, ab = lln_triton.device_rule(q, k, v, c, curve=self.moment_matching)
+        st, ab = lln_triton.device_rule(q, k, v, self._scale_factor(q.shape[-1]), curve=self.moment_matching)
         out = lln_triton.lln_noncausal(q, k, v, ab, None, self.eps, st, diag)  # [B, H, N, d_v]
         if not checked and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
             sq, sk, v_bad = ab[2:5].tolist()  # the one host transfer

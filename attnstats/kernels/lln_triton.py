@@ -793,8 +793,9 @@ def _moments_launch(q, k, v):
 
 
 def device_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: float, curve: bool):
-    """σ_q, σ_k and the temperatures of LLN's curve rule, computed on the device: two launches, nothing read
-    back, so a non-causal call never waits for the device (and can be captured in a CUDA graph).
+    """σ_q, σ_k and the temperatures of LLN's curve rule, computed on the device: two launches (a third
+    reduces a long call's key maxima), nothing read back, so a non-causal call never waits for the device
+    (and can be captured in a CUDA graph).
 
     Args: ``q, k, v`` as :func:`moments`; ``c``: the softmax scale's factor ``scale·√d`` (1 for
     ``1/√d``); ``curve``: the ``"curve"`` rule (:func:`attnstats.kernels.moment_matching.curve_feature_scale`
@@ -981,8 +982,6 @@ def lln_noncausal(q, k, v, alpha, beta, eps: float, stats: Moments, diag=None) -
     kernel, which runs after them in the same node): then the output is ``w_L ⊙ LLN + w_D ⊙ Diag``
     (``N == M``). Differentiable in q, k, v and tensor weights (once).
     """
-    if not isinstance(alpha, torch.Tensor):
-        alpha, beta = float(alpha), float(beta)
     return _NonCausalLLN.apply(q, k, v, *_diag_inputs(diag), alpha, beta, float(eps), stats.kmax,
                                stats.split, *_diag_consts(diag))
 
